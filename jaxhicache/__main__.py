@@ -1,0 +1,5 @@
+import sys
+
+from jaxhicache.cli import main
+
+sys.exit(main())

@@ -1,0 +1,48 @@
+"""The ``('pp', 'tp')`` device mesh and the shardings of cache state.
+
+A sub-pool's device array is ``[pp, max_layers_of_kind, pages, *row]``; its
+leading stage axis is sharded over ``'pp'``. DSV4's single KV head is
+replicated over ``'tp'``; an MHA ``FULL_KV`` row ``(2, page, heads, head_dim)``
+shards its heads over ``'tp'``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from jaxhicache.spec import ModelCacheSpec, PoolKind
+
+__all__ = ["PP", "TP", "make_mesh", "pool_partition_spec", "pool_sharding"]
+
+PP = "pp"
+TP = "tp"
+
+
+def make_mesh(pp: int, tp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ``('pp', 'tp')`` mesh with Auto axes over the first ``pp * tp`` devices."""
+    if pp < 1 or tp < 1:
+        raise ValueError(f"pp and tp must be >= 1, got pp={pp}, tp={tp}")
+    devices = list(jax.devices() if devices is None else devices)
+    if pp * tp > len(devices):
+        raise ValueError(f"pp*tp = {pp * tp} exceeds the {len(devices)} available devices")
+    grid = np.asarray(devices[: pp * tp], dtype=object).reshape(pp, tp)
+    return Mesh(grid, (PP, TP), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def pool_partition_spec(spec: ModelCacheSpec, kind: PoolKind, tp: int = 1) -> PartitionSpec:
+    """``P('pp', None, None, *row)``; MHA heads over ``'tp'`` when ``tp > 1``."""
+    row = [None] * len(spec.row_shape(kind))
+    if kind is PoolKind.FULL_KV and tp > 1:
+        heads = spec.row_shape(kind)[2]
+        if heads % tp:
+            raise ValueError(f"num_kv_heads {heads} is not divisible by tp={tp}")
+        row[2] = TP
+    return PartitionSpec(PP, None, None, *row)
+
+
+def pool_sharding(spec: ModelCacheSpec, mesh: Mesh, kind: PoolKind) -> NamedSharding:
+    return NamedSharding(mesh, pool_partition_spec(spec, kind, mesh.shape[TP]))

@@ -1,0 +1,136 @@
+"""Device (L1) pool state: every sub-pool of a spec as stage-stacked arrays.
+
+``DevicePools.arrays[kind]`` has shape ``[pp, max_layers_of_kind, pages, *row]``
+where ``pages`` is ``num_pages`` for full-page-space kinds and
+``num_swa_pages`` for SWA-space kinds (``PoolKind.page_space``). Stages with
+fewer layers of a kind than the largest stage carry padding rows that no map
+addresses (``StackedLayerMap.subpool_valid``). Arrays are created directly with
+their ``NamedSharding`` (no host round trip): each device holds only its
+stage's slice.
+
+This module is data plane: it holds arrays and sizes them; page ownership
+lives in the allocators and the radix tree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax.sharding import Mesh
+
+from jaxhicache.layer_map import StackedLayerMap, StageLayerMap, stack_layer_maps
+from jaxhicache.mesh import PP, pool_sharding
+from jaxhicache.spec import ModelCacheSpec, PageSpace, PoolKind
+
+__all__ = [
+    "DevicePools",
+    "allocate_device_pools",
+    "device_bytes_per_stage",
+    "pages_of_space",
+    "pool_shape",
+]
+
+
+@struct.dataclass
+class DevicePools:
+    """Device sub-pools of one model, a pytree of ``[pp, layers, pages, *row]`` arrays."""
+
+    arrays: dict[PoolKind, jax.Array]
+    num_pages: int = struct.field(pytree_node=False)
+    num_swa_pages: int = struct.field(pytree_node=False)
+
+    def __getitem__(self, kind: PoolKind) -> jax.Array:
+        try:
+            return self.arrays[kind]
+        except KeyError:
+            raise ValueError(
+                f"no device pool of kind {kind!r}; have {[k.value for k in self.arrays]}"
+            ) from None
+
+    def replace_pool(self, kind: PoolKind, array: jax.Array) -> DevicePools:
+        self[kind]  # raises for an unknown kind
+        return self.replace(arrays={**self.arrays, kind: array})
+
+    def kinds(self) -> tuple[PoolKind, ...]:
+        return tuple(self.arrays)
+
+
+def pages_of_space(kind: PoolKind, num_pages: int, num_swa_pages: int) -> int:
+    return num_pages if kind.page_space is PageSpace.FULL else num_swa_pages
+
+
+def pool_shape(
+    spec: ModelCacheSpec,
+    stacked: StackedLayerMap,
+    kind: PoolKind,
+    num_pages: int,
+    num_swa_pages: int,
+) -> tuple[int, ...]:
+    """Global shape of the device array of sub-pool ``kind``."""
+    pages = pages_of_space(spec.check_kind(kind), num_pages, num_swa_pages)
+    return (stacked.pp_size, stacked.max_layers_of(kind), pages, *spec.row_shape(kind))
+
+
+def _check_counts(spec: ModelCacheSpec, num_pages: int, num_swa_pages: int) -> None:
+    if num_pages < 1:
+        raise ValueError(f"num_pages must be >= 1, got {num_pages}")
+    has_swa = any(k.page_space is PageSpace.SWA for k in spec.kinds())
+    if has_swa and num_swa_pages < 1:
+        raise ValueError(f"num_swa_pages must be >= 1 for spec {spec.name!r}, got {num_swa_pages}")
+
+
+def allocate_device_pools(
+    spec: ModelCacheSpec,
+    mesh: Mesh,
+    layer_maps: Sequence[StageLayerMap] | StackedLayerMap,
+    num_pages: int,
+    num_swa_pages: int = 0,
+) -> DevicePools:
+    """Zero-filled pools, created sharded ``P('pp', ...)`` on ``mesh``."""
+    _check_counts(spec, num_pages, num_swa_pages)
+    stacked = _stacked(layer_maps)
+    if mesh.shape[PP] != stacked.pp_size:
+        raise ValueError(f"mesh has pp={mesh.shape[PP]}, layer maps have pp={stacked.pp_size}")
+    shapes = {k: pool_shape(spec, stacked, k, num_pages, num_swa_pages) for k in spec.kinds()}
+    shardings = {k: pool_sharding(spec, mesh, k) for k in spec.kinds()}
+
+    def zeros():
+        return {k: jnp.zeros(shapes[k], spec.row_dtype(k)) for k in spec.kinds()}
+
+    arrays = jax.jit(zeros, out_shardings=shardings)()
+    return DevicePools(arrays=arrays, num_pages=num_pages, num_swa_pages=num_swa_pages)
+
+
+def device_bytes_per_stage(
+    spec: ModelCacheSpec,
+    layer_maps: Sequence[StageLayerMap],
+    num_pages: int,
+    num_swa_pages: int = 0,
+    *,
+    padded: bool = True,
+) -> list[int]:
+    """Device bytes each stage holds for the given page counts.
+
+    ``padded=True`` counts the stage-padded allocation (what ``allocate_device_pools``
+    reserves per device); ``padded=False`` counts only the stage's real layers.
+    """
+    _check_counts(spec, num_pages, num_swa_pages)
+    stacked = stack_layer_maps(layer_maps)
+    out = []
+    for m in layer_maps:
+        total = 0
+        for kind in spec.kinds():
+            layers = stacked.max_layers_of(kind) if padded else m.num_layers_of(kind)
+            pages = pages_of_space(kind, num_pages, num_swa_pages)
+            total += layers * pages * spec.row_bytes(kind)
+        out.append(total)
+    return out
+
+
+def _stacked(layer_maps: Sequence[StageLayerMap] | StackedLayerMap) -> StackedLayerMap:
+    if isinstance(layer_maps, StackedLayerMap):
+        return layer_maps
+    return stack_layer_maps(layer_maps)
