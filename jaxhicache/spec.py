@@ -53,14 +53,14 @@ __all__ = [
 ]
 
 
-class PageSpace(enum.Enum):
+class PageSpace(enum.StrEnum):
     """Which page-id space addresses a sub-pool's rows."""
 
     FULL = "full"  # one id per token page of the prefix (the anchor's ids)
     SWA = "swa"  # sliding-window pages: only the trailing ones are kept
 
 
-class HitPolicy(enum.Enum):
+class HitPolicy(enum.StrEnum):
     """Which pages of a prefix a restore needs from a sub-pool (DESIGN §4)."""
 
     ALL_PAGES = "all_pages"

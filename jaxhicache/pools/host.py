@@ -1,0 +1,176 @@
+"""Host (L2) pools: preallocated numpy slabs for every sub-pool of every stage.
+
+One controller process drives all PP stages (single-controller JAX), so it holds
+the host slabs of every stage. Per stage and sub-pool the slab is one numpy
+array — never one array per page::
+
+    Layout.PAGE_FIRST  (default, storage friendly)   [host_pages, n_kind_on_stage, *row]
+    Layout.LAYER_FIRST                               [n_kind_on_stage, host_pages, *row]
+
+``host_pages`` is the host capacity of the sub-pool's page space (full pages or
+SWA pages). The full-page id space itself is the logical anchor: it allocates
+ids and holds no bytes. Capacity is the same for every stage (the minimum over
+stages when sized by bytes), so every stage can hold the same token runs.
+
+Invariant: slabs are zero-initialised, so a host page never shows bytes of a
+page written before the slab existed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import final
+
+import numpy as np
+
+from jaxhicache.layer_map import StageLayerMap
+from jaxhicache.spec import ModelCacheSpec, PageSpace, PoolKind
+from kernels_pallas.paged_copy import Layout
+
+__all__ = ["HostPools", "available_host_memory"]
+
+DEFAULT_RESERVE_BYTES = 2 << 30  # keep 2 GiB of the machine's memory for everything else
+
+
+def available_host_memory() -> int:
+    """Bytes of host memory available now (``MemAvailable``), or total if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@final
+class HostPools:
+    """Host slabs of all sub-pools of all stages of one model."""
+
+    def __init__(
+        self,
+        spec: ModelCacheSpec,
+        layer_maps: Sequence[StageLayerMap],
+        num_pages: int,
+        num_swa_pages: int = 0,
+        *,
+        layout: Layout = Layout.PAGE_FIRST,
+        reserve_bytes: int = DEFAULT_RESERVE_BYTES,
+    ):
+        if num_pages < 1:
+            raise ValueError(f"host num_pages must be >= 1, got {num_pages}")
+        has_swa = any(k.page_space is PageSpace.SWA for k in spec.kinds())
+        if has_swa and num_swa_pages < 1:
+            raise ValueError(f"host num_swa_pages must be >= 1, got {num_swa_pages}")
+        self.spec = spec
+        self.layer_maps = tuple(layer_maps)
+        self.num_pages = int(num_pages)
+        self.num_swa_pages = int(num_swa_pages)
+        self.layout = Layout(layout)
+        need = sum(self.nbytes_per_stage())
+        avail = available_host_memory()
+        if need > avail - reserve_bytes:
+            raise ValueError(
+                f"host pools need {need:,} bytes ({need / 2**30:.2f} GiB) but only "
+                f"{max(0, avail - reserve_bytes):,} bytes are available after a reserve of "
+                f"{reserve_bytes:,}; lower the host page counts ({num_pages} full, "
+                f"{num_swa_pages} SWA)"
+            )
+        self._slabs: list[dict[PoolKind, np.ndarray]] = [
+            {k: np.zeros(self._slab_shape(m, k), spec.row_dtype(k)) for k in spec.kinds()}
+            for m in self.layer_maps
+        ]
+
+    # ---------------------------------------------------------------- sizing
+
+    @classmethod
+    def from_ratio(
+        cls,
+        spec: ModelCacheSpec,
+        layer_maps: Sequence[StageLayerMap],
+        device_pages: int,
+        device_swa_pages: int,
+        ratio: float,
+        **kw,
+    ) -> HostPools:
+        """Host capacity = ``ratio`` × the device capacity of each page space."""
+        if not ratio > 0:
+            raise ValueError(f"host ratio must be > 0, got {ratio}")
+        return cls(
+            spec,
+            layer_maps,
+            max(1, int(device_pages * ratio)),
+            max(1, int(device_swa_pages * ratio)) if device_swa_pages else 0,
+            **kw,
+        )
+
+    @classmethod
+    def from_bytes(
+        cls,
+        spec: ModelCacheSpec,
+        layer_maps: Sequence[StageLayerMap],
+        bytes_per_stage: int,
+        **kw,
+    ) -> HostPools:
+        """As many pages as ``bytes_per_stage`` holds on the largest stage.
+
+        A page is sized by ``spec.page_bytes(stage)`` (every real sub-pool, one
+        SWA page per full page); the capacity is the minimum over stages.
+        """
+        per_page = max(spec.page_bytes(m) for m in layer_maps)
+        pages = bytes_per_stage // per_page
+        if pages < 1:
+            raise ValueError(
+                f"{bytes_per_stage:,} bytes per stage hold no page of {per_page:,} bytes"
+            )
+        has_swa = any(k.page_space is PageSpace.SWA for k in spec.kinds())
+        return cls(spec, layer_maps, pages, pages if has_swa else 0, **kw)
+
+    def pages_of(self, space: PageSpace) -> int:
+        return self.num_pages if space is PageSpace.FULL else self.num_swa_pages
+
+    def _slab_shape(self, m: StageLayerMap, kind: PoolKind) -> tuple[int, ...]:
+        n = m.num_layers_of(kind)
+        pages = self.pages_of(kind.page_space)
+        if self.layout is Layout.PAGE_FIRST:
+            return (pages, n, *self.spec.row_shape(kind))
+        return (n, pages, *self.spec.row_shape(kind))
+
+    def nbytes_per_stage(self) -> list[int]:
+        """Bytes of every stage's slabs."""
+        return [
+            sum(
+                math.prod(self._slab_shape(m, k)) * self.spec.row_dtype(k).itemsize
+                for k in self.spec.kinds()
+            )
+            for m in self.layer_maps
+        ]
+
+    # ---------------------------------------------------------------- access
+
+    def slab(self, rank: int, kind: PoolKind) -> np.ndarray:
+        """The slab of sub-pool ``kind`` on stage ``rank`` (layout ``self.layout``)."""
+        return self._slabs[rank][self.spec.check_kind(kind)]
+
+    def read(self, rank: int, kind: PoolKind, host_ids: np.ndarray) -> np.ndarray:
+        """Pages ``host_ids`` of one stage's sub-pool as ``[n, n_kind, *row]``."""
+        s = self.slab(rank, kind)
+        if self.layout is Layout.PAGE_FIRST:
+            return s[host_ids]
+        return np.swapaxes(s[:, host_ids], 0, 1)
+
+    def read_layer(self, rank: int, kind: PoolKind, host_ids: np.ndarray, k: int) -> np.ndarray:
+        """Sub-pool layer ``k`` of pages ``host_ids``: ``[n, *row]``."""
+        s = self.slab(rank, kind)
+        return s[host_ids, k] if self.layout is Layout.PAGE_FIRST else s[k, host_ids]
+
+    def write(self, rank: int, kind: PoolKind, host_ids: np.ndarray, data: np.ndarray) -> None:
+        """Writes ``data [n, n_kind, *row]`` into pages ``host_ids`` of one stage's sub-pool."""
+        s = self.slab(rank, kind)
+        if self.layout is Layout.PAGE_FIRST:
+            s[host_ids] = data
+        else:
+            s[:, host_ids] = np.swapaxes(data, 0, 1)

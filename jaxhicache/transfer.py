@@ -1,0 +1,370 @@
+"""L1 <-> L2 page moves for every PP stage in one dispatch.
+
+Backup (device -> host)::
+
+    pools [pp, Lk, P, *row]  --shard_map: paged_gather per stage-->  staging [pp, nb, Lk, *row]
+        --one device_put(memory_kind="pinned_host")-->  host staging
+        --worker thread: copy rows into the slabs (skipping host pages reallocated since)-->
+    HostPools slab[rank][kind][host_ids]
+
+Load (host -> device), all layers or one stage-local layer::
+
+    slabs --numpy take per stage--> staging [pp, nb, Lk|1, *row] --one device_put-->
+        --shard_map: paged_scatter into the donated pools--> pools'
+
+Rules:
+
+* Sub-pools in the full-page space move the full-page ids, SWA-space sub-pools
+  (SWA KV and the C4 compressor states) move the SWA ids; the logical full-page
+  anchor moves no bytes of its own.
+* Page counts are padded to power-of-two buckets with the out-of-range sentinel
+  id, which the kernels never write: one compile per (bucket, layer-or-all).
+* Ids are validated on the host before any kernel runs.
+* The pools are donated to the load; the worker thread only ever reads the host
+  staging of a backup, never a device pool.
+* Every stage moves its own layers: stage ``r`` gathers/scatters its sub-pools
+  with the ids shared by all stages (one controller takes every decision).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import final
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxhicache.layer_map import StageLayerMap, stack_layer_maps
+from jaxhicache.mesh import PP
+from jaxhicache.pools.device import DevicePools
+from jaxhicache.pools.host import HostPools
+from jaxhicache.spec import PageSpace, PoolKind
+from kernels_pallas.paged_copy import (
+    Backend,
+    Layout,
+    PagedCopyTuning,
+    bucket_size,
+    default_backend,
+    paged_gather,
+    paged_scatter,
+    validate_page_ids,
+)
+
+__all__ = ["BackupHandle", "LoadHandle", "PageMove", "TransferEngine", "TransferStats"]
+
+
+@final
+@dataclasses.dataclass(frozen=True)
+class PageMove:
+    """Which pages move: device and host ids per page space, pairwise."""
+
+    full_device: np.ndarray
+    full_host: np.ndarray
+    swa_device: np.ndarray
+    swa_host: np.ndarray
+
+    @classmethod
+    def of(cls, full_device=(), full_host=(), swa_device=(), swa_host=()) -> PageMove:
+        arrs = [np.asarray(x, np.int32).reshape(-1) for x in (full_device, full_host, swa_device, swa_host)]
+        if arrs[0].size != arrs[1].size:
+            raise ValueError(f"{arrs[0].size} full device ids but {arrs[1].size} full host ids")
+        if arrs[2].size != arrs[3].size:
+            raise ValueError(f"{arrs[2].size} SWA device ids but {arrs[3].size} SWA host ids")
+        return cls(*arrs)
+
+    def ids(self, space: PageSpace) -> tuple[np.ndarray, np.ndarray]:
+        if space is PageSpace.FULL:
+            return self.full_device, self.full_host
+        return self.swa_device, self.swa_host
+
+
+@dataclasses.dataclass
+class TransferStats:
+    """Cumulative transfer counters (bytes are real rows, padding excluded)."""
+
+    backup_bytes: int = 0
+    load_bytes: int = 0
+    backup_seconds: float = 0.0
+    load_seconds: float = 0.0
+    backups: int = 0
+    loads: int = 0
+    stale_rows_skipped: int = 0
+
+
+@final
+class BackupHandle:
+    """An in-flight D2H backup. ``wait()`` returns the bytes written into the slabs."""
+
+    def __init__(self, future: concurrent.futures.Future):
+        self._future = future
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self._future.result(timeout)
+
+
+@final
+class LoadHandle:
+    """An issued H2D load; ``wait(layer)`` blocks until that stage-local layer landed."""
+
+    def __init__(self, tokens: dict[int | None, jax.Array]):
+        self._tokens = tokens
+
+    def wait(self, layer: int | None = None) -> None:
+        """Waits for one stage-local layer (or, with ``None``, for everything)."""
+        if layer is None:
+            jax.block_until_ready(list(self._tokens.values()))
+        elif layer in self._tokens:
+            jax.block_until_ready(self._tokens[layer])
+        elif None in self._tokens:  # an all-layer load covers every layer
+            jax.block_until_ready(self._tokens[None])
+        else:
+            raise ValueError(f"layer {layer} was not part of this load ({sorted(self._tokens)})")
+
+
+@final
+class TransferEngine:
+    """Moves pages of every sub-pool of every stage between ``DevicePools`` and ``HostPools``."""
+
+    def __init__(
+        self,
+        mesh: Mesh,
+        layer_maps: Sequence[StageLayerMap],
+        host: HostPools,
+        *,
+        backend: Backend | None = None,
+        tuning: PagedCopyTuning | None = None,
+        host_is_current: Callable[[PageSpace, np.ndarray, np.ndarray], np.ndarray] | None = None,
+    ):
+        """
+        Args:
+          mesh: the ``('pp', 'tp')`` mesh the device pools live on.
+          layer_maps: every stage's map (rank order).
+          host: the host slabs.
+          backend: kernel backend (``None``: Triton on GPU, XLA on CPU).
+          tuning: Pallas launch parameters.
+          host_is_current: ``(space, host_ids, generations) -> bool mask``; rows whose
+            host page was freed or reallocated since the backup was issued are not
+            written (the allocator's generation check). ``None``: always current.
+        """
+        self.mesh = mesh
+        self.layer_maps = tuple(layer_maps)
+        self.spec = host.spec
+        self.host = host
+        self.stacked = stack_layer_maps(self.layer_maps)
+        if mesh.shape[PP] != len(self.layer_maps):
+            raise ValueError(f"mesh has pp={mesh.shape[PP]}, layer maps have {len(self.layer_maps)} stages")
+        self.backend = default_backend() if backend is None else Backend(backend)
+        self.tuning = tuning or PagedCopyTuning()
+        self.stats = TransferStats()
+        self._host_is_current = host_is_current
+        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxhicache-d2h")
+        self._lock = threading.Lock()
+        self._kinds = tuple(self.spec.kinds())
+        self._gather_all = self._make_gather()
+        self._scatter_all = self._make_scatter(per_layer=False)
+        self._scatter_layer = self._make_scatter(per_layer=True)
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=True)
+
+    # ----------------------------------------------------------------- backup
+
+    def backup(self, pools: DevicePools, move: PageMove, host_generations=None) -> BackupHandle:
+        """Starts a D2H backup of ``move`` for all local layers of every sub-pool.
+
+        ``host_generations``: ``{space: generations of move's host ids}`` taken when
+        the host pages were allocated; rows whose pages changed generation since
+        are skipped when the copy lands.
+        """
+        t0 = time.perf_counter()
+        ids = self._device_ids(pools, move, unique=False)
+        for space in PageSpace:
+            validate_page_ids(move.ids(space)[1], self.host.pages_of(space), unique=True)
+        staging = self._gather_all(pools.arrays, ids)
+        host_sh = {
+            k: NamedSharding(self.mesh, P(PP), memory_kind="pinned_host") for k in staging
+        }
+        host_staging = jax.device_put(staging, host_sh)  # one D2H per sub-pool, async
+        gens = dict(host_generations or {})
+        fut = self._worker.submit(self._land_backup, host_staging, move, gens, t0)
+        return BackupHandle(fut)
+
+    def _land_backup(self, host_staging, move: PageMove, gens, t0: float) -> int:
+        written = 0
+        for space in PageSpace:
+            _, host_ids = move.ids(space)
+            if not host_ids.size:
+                continue
+            keep = np.ones(host_ids.size, bool)
+            if self._host_is_current is not None and space in gens:
+                keep = np.asarray(self._host_is_current(space, host_ids, gens[space]), bool)
+            n = host_ids.size
+            for kind in self._kinds:
+                if kind.page_space is not space:
+                    continue
+                arr = host_staging[kind]
+                for shard in arr.addressable_shards:
+                    if shard.replica_id:  # 'tp' replicas of a stage hold the same bytes
+                        continue
+                    rank = shard.index[0].start or 0
+                    nk = self.layer_maps[rank].num_layers_of(kind)
+                    if nk == 0:
+                        continue
+                    data = np.asarray(shard.data)[0, :n, :nk]
+                    self.host.write(rank, kind, host_ids[keep], data[keep])
+                    written += data[keep].nbytes
+            with self._lock:
+                self.stats.stale_rows_skipped += int((~keep).sum())
+        with self._lock:
+            self.stats.backups += 1
+            self.stats.backup_bytes += written
+            self.stats.backup_seconds += time.perf_counter() - t0
+        return written
+
+    # ------------------------------------------------------------------- load
+
+    def load(
+        self, pools: DevicePools, move: PageMove, layer: int | None = None
+    ) -> tuple[DevicePools, LoadHandle]:
+        """H2D: writes ``move``'s host pages into the (donated) device pools.
+
+        ``layer``: one stage-local layer id (every stage loads its own local layer
+        ``layer``, if it has one), or ``None`` for all layers. Returns the new pools
+        and a handle to wait on.
+        """
+        t0 = time.perf_counter()
+        if layer is not None and not 0 <= layer < self.stacked.max_local_layers:
+            raise ValueError(f"stage-local layer {layer} not in [0, {self.stacked.max_local_layers})")
+        ids = self._device_ids(pools, move, unique=True)
+        for space in PageSpace:
+            validate_page_ids(move.ids(space)[1], self.host.pages_of(space), unique=False)
+        staging, nbytes = self._host_staging(move, ids, layer)
+        scatter = self._scatter_all if layer is None else self._scatter_layer
+        new_arrays, token = scatter(
+            pools.arrays, ids, staging, jnp.int32(-1 if layer is None else layer)
+        )
+        out = pools.replace(arrays=new_arrays)
+        with self._lock:
+            self.stats.loads += 1
+            self.stats.load_bytes += nbytes
+            self.stats.load_seconds += time.perf_counter() - t0
+        return out, LoadHandle({layer: token})
+
+    def load_layerwise(self, pools: DevicePools, move: PageMove) -> tuple[DevicePools, LoadHandle]:
+        """Loads layer by layer (stage-local order), so compute can wait per layer."""
+        tokens = {}
+        for lyr in range(self.stacked.max_local_layers):
+            pools, h = self.load(pools, move, layer=lyr)
+            tokens.update(h._tokens)
+        return pools, LoadHandle(tokens)
+
+    def _host_staging(self, move: PageMove, ids, layer):
+        """Per kind: a device array [pp, nb, Lk|(), *row] built from the slabs."""
+        staging, nbytes = {}, 0
+        for kind in self._kinds:
+            _, host_ids = move.ids(kind.page_space)
+            nb = ids[kind.page_space].shape[0]
+            n = host_ids.size
+            max_k = self.stacked.max_layers_of(kind)
+            row = self.spec.row_shape(kind)
+            per_stage = []
+            for m in self.layer_maps:
+                if layer is None:
+                    buf = np.zeros((nb, max_k, *row), self.spec.row_dtype(kind))
+                    nk = m.num_layers_of(kind)
+                    if n and nk:
+                        buf[:n, :nk] = self.host.read(m.pp_rank, kind, host_ids)
+                else:
+                    buf = np.zeros((nb, *row), self.spec.row_dtype(kind))
+                    k = int(m.local_to_subpool(kind)[layer]) if layer < m.num_local_layers else -1
+                    if n and k >= 0:
+                        buf[:n] = self.host.read_layer(m.pp_rank, kind, host_ids, k)
+                nbytes += buf[:n].nbytes if (layer is not None or m.num_layers_of(kind)) else 0
+                per_stage.append(buf[None])
+            staging[kind] = _stage_sharded(self.mesh, per_stage)
+        return staging, nbytes
+
+    # -------------------------------------------------------------- internals
+
+    def _device_ids(self, pools: DevicePools, move: PageMove, *, unique: bool) -> dict[PageSpace, jax.Array]:
+        out = {}
+        for space in PageSpace:
+            dev, _ = move.ids(space)
+            num = pools.num_pages if space is PageSpace.FULL else pools.num_swa_pages
+            validate_page_ids(dev, num, unique=unique)
+            nb = bucket_size(dev.size)
+            out[space] = jnp.asarray(np.concatenate([dev, np.full(nb - dev.size, num, np.int32)]))
+        return out
+
+    def _make_gather(self):
+        """jit(shard_map): every stage gathers its pages of every sub-pool (one compile per bucket)."""
+        kinds = self._kinds
+
+        def body(arrays, ids):
+            out = {}
+            for kind in kinds:
+                pool = arrays[kind][0]  # [Lk, P, *row]
+                sid = ids[kind.page_space]
+                # Padding layers of a shorter stage gather too; their rows are dropped on landing.
+                out[kind] = paged_gather(
+                    pool, sid, layout=Layout.PAGE_FIRST, backend=self.backend, tuning=self.tuning
+                )[None]
+            return out
+
+        return jax.jit(self._shard_map(body, n_in=2))
+
+    def _make_scatter(self, *, per_layer: bool):
+        """jit(shard_map) with the pools donated: every stage scatters its own pages."""
+        kinds, stacked = self._kinds, self.stacked
+
+        def body(arrays, ids, staging, layer):
+            stage = stacked.stage(PP)
+            out = {}
+            for kind in kinds:
+                pool = arrays[kind][0]
+                sid = ids[kind.page_space]
+                if per_layer:
+                    k = stage.local_to_subpool[kind][jnp.clip(layer, 0, stacked.max_local_layers - 1)]
+                    # A stage without that layer in this sub-pool writes nothing: all ids -> sentinel.
+                    sid = jnp.where(k >= 0, sid, pool.shape[1])
+                    new = paged_scatter(
+                        pool,
+                        sid,
+                        staging[kind][0],
+                        layer=jnp.maximum(k, 0),
+                        backend=self.backend,
+                        tuning=self.tuning,
+                    )
+                else:
+                    new = paged_scatter(
+                        pool, sid, staging[kind][0], backend=self.backend, tuning=self.tuning
+                    )
+                out[kind] = new[None]
+            # Completion token: an output of the same executable, so it is ready exactly
+            # when the scatter is, and it survives the next load's donation of the pools.
+            return out, jnp.zeros((1,), jnp.int32)
+
+        return jax.jit(self._shard_map(body, n_in=4), donate_argnums=(0,))
+
+    def _shard_map(self, body, n_in: int):
+        specs = (P(PP), P(), P(PP), P())[:n_in]
+        return jax.shard_map(
+            body, mesh=self.mesh, in_specs=specs, out_specs=P(PP), check_vma=False
+        )
+
+
+def _stage_sharded(mesh: Mesh, per_stage: list[np.ndarray]) -> jax.Array:
+    """One array ``[pp, ...]`` sharded ``P('pp')`` whose stage ``r`` comes from ``per_stage[r]``."""
+    shape = (len(per_stage), *per_stage[0].shape[1:])
+    sharding = NamedSharding(mesh, P(PP))
+    return jax.make_array_from_callback(shape, sharding, lambda idx: per_stage[idx[0].start or 0])
