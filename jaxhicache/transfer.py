@@ -42,7 +42,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxhicache.layer_map import StageLayerMap, stack_layer_maps
-from jaxhicache.mesh import PP
+from jaxhicache.mesh import PP, TP, pool_partition_spec
 from jaxhicache.pools.device import DevicePools
 from jaxhicache.pools.host import HostPools
 from jaxhicache.spec import PageSpace, PoolKind
@@ -72,7 +72,10 @@ class PageMove:
 
     @classmethod
     def of(cls, full_device=(), full_host=(), swa_device=(), swa_host=()) -> PageMove:
-        arrs = [np.asarray(x, np.int32).reshape(-1) for x in (full_device, full_host, swa_device, swa_host)]
+        arrs = [
+            np.asarray(x, np.int32).reshape(-1)
+            for x in (full_device, full_host, swa_device, swa_host)
+        ]
         if arrs[0].size != arrs[1].size:
             raise ValueError(f"{arrs[0].size} full device ids but {arrs[1].size} full host ids")
         if arrs[2].size != arrs[3].size:
@@ -162,7 +165,9 @@ class TransferEngine:
         self.host = host
         self.stacked = stack_layer_maps(self.layer_maps)
         if mesh.shape[PP] != len(self.layer_maps):
-            raise ValueError(f"mesh has pp={mesh.shape[PP]}, layer maps have {len(self.layer_maps)} stages")
+            raise ValueError(
+                f"mesh has pp={mesh.shape[PP]}, layer maps have {len(self.layer_maps)} stages"
+            )
         self.backend = default_backend() if backend is None else Backend(backend)
         self.tuning = tuning or PagedCopyTuning()
         self.stats = TransferStats()
@@ -170,6 +175,8 @@ class TransferEngine:
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxhicache-d2h")
         self._lock = threading.Lock()
         self._kinds = tuple(self.spec.kinds())
+        tp = mesh.shape[TP]
+        self._pspec = {k: pool_partition_spec(self.spec, k, tp) for k in self._kinds}
         self._gather_all = self._make_gather()
         self._scatter_all = self._make_scatter(per_layer=False)
         self._scatter_layer = self._make_scatter(per_layer=True)
@@ -192,7 +199,7 @@ class TransferEngine:
             validate_page_ids(move.ids(space)[1], self.host.pages_of(space), unique=True)
         staging = self._gather_all(pools.arrays, ids)
         host_sh = {
-            k: NamedSharding(self.mesh, P(PP), memory_kind="pinned_host") for k in staging
+            k: NamedSharding(self.mesh, self._pspec[k], memory_kind="pinned_host") for k in staging
         }
         host_staging = jax.device_put(staging, host_sh)  # one D2H per sub-pool, async
         gens = dict(host_generations or {})
@@ -221,7 +228,8 @@ class TransferEngine:
                     if nk == 0:
                         continue
                     data = np.asarray(shard.data)[0, :n, :nk]
-                    self.host.write(rank, kind, host_ids[keep], data[keep])
+                    row_index = tuple(shard.index[3:])  # heads split over 'tp' (MHA)
+                    self.host.write(rank, kind, host_ids[keep], data[keep], row_index)
                     written += data[keep].nbytes
             with self._lock:
                 self.stats.stale_rows_skipped += int((~keep).sum())
@@ -244,7 +252,9 @@ class TransferEngine:
         """
         t0 = time.perf_counter()
         if layer is not None and not 0 <= layer < self.stacked.max_local_layers:
-            raise ValueError(f"stage-local layer {layer} not in [0, {self.stacked.max_local_layers})")
+            raise ValueError(
+                f"stage-local layer {layer} not in [0, {self.stacked.max_local_layers})"
+            )
         ids = self._device_ids(pools, move, unique=True)
         for space in PageSpace:
             validate_page_ids(move.ids(space)[1], self.host.pages_of(space), unique=False)
@@ -284,19 +294,23 @@ class TransferEngine:
                     nk = m.num_layers_of(kind)
                     if n and nk:
                         buf[:n, :nk] = self.host.read(m.pp_rank, kind, host_ids)
+                        nbytes += buf[:n, :nk].nbytes
                 else:
                     buf = np.zeros((nb, *row), self.spec.row_dtype(kind))
                     k = int(m.local_to_subpool(kind)[layer]) if layer < m.num_local_layers else -1
                     if n and k >= 0:
                         buf[:n] = self.host.read_layer(m.pp_rank, kind, host_ids, k)
-                nbytes += buf[:n].nbytes if (layer is not None or m.num_layers_of(kind)) else 0
+                        nbytes += buf[:n].nbytes
                 per_stage.append(buf[None])
-            staging[kind] = _stage_sharded(self.mesh, per_stage)
+            spec = self._pspec[kind] if layer is None else P(PP, None, *self._pspec[kind][3:])
+            staging[kind] = _stage_sharded(NamedSharding(self.mesh, spec), per_stage)
         return staging, nbytes
 
     # -------------------------------------------------------------- internals
 
-    def _device_ids(self, pools: DevicePools, move: PageMove, *, unique: bool) -> dict[PageSpace, jax.Array]:
+    def _device_ids(
+        self, pools: DevicePools, move: PageMove, *, unique: bool
+    ) -> dict[PageSpace, jax.Array]:
         out = {}
         for space in PageSpace:
             dev, _ = move.ids(space)
@@ -321,7 +335,15 @@ class TransferEngine:
                 )[None]
             return out
 
-        return jax.jit(self._shard_map(body, n_in=2))
+        pools_spec = dict(self._pspec)
+        smap = jax.shard_map(
+            body,
+            mesh=self.mesh,
+            in_specs=(pools_spec, P()),
+            out_specs=pools_spec,
+            check_vma=False,
+        )
+        return jax.jit(smap)
 
     def _make_scatter(self, *, per_layer: bool):
         """jit(shard_map) with the pools donated: every stage scatters its own pages."""
@@ -334,7 +356,9 @@ class TransferEngine:
                 pool = arrays[kind][0]
                 sid = ids[kind.page_space]
                 if per_layer:
-                    k = stage.local_to_subpool[kind][jnp.clip(layer, 0, stacked.max_local_layers - 1)]
+                    k = stage.local_to_subpool[kind][
+                        jnp.clip(layer, 0, stacked.max_local_layers - 1)
+                    ]
                     # A stage without that layer in this sub-pool writes nothing: all ids -> sentinel.
                     sid = jnp.where(k >= 0, sid, pool.shape[1])
                     new = paged_scatter(
@@ -354,17 +378,26 @@ class TransferEngine:
             # when the scatter is, and it survives the next load's donation of the pools.
             return out, jnp.zeros((1,), jnp.int32)
 
-        return jax.jit(self._shard_map(body, n_in=4), donate_argnums=(0,))
-
-    def _shard_map(self, body, n_in: int):
-        specs = (P(PP), P(), P(PP), P())[:n_in]
-        return jax.shard_map(
-            body, mesh=self.mesh, in_specs=specs, out_specs=P(PP), check_vma=False
+        pools_spec = dict(self._pspec)
+        # per-layer staging [pp, nb, *row]: the layer axis is gone, heads stay on 'tp'
+        staging_spec = (
+            pools_spec if not per_layer else {k: P(PP, None, *v[3:]) for k, v in pools_spec.items()}
         )
+        smap = jax.shard_map(
+            body,
+            mesh=self.mesh,
+            in_specs=(pools_spec, P(), staging_spec, P()),
+            out_specs=(pools_spec, P(PP)),
+            check_vma=False,
+        )
+        return jax.jit(smap, donate_argnums=(0,))
 
 
-def _stage_sharded(mesh: Mesh, per_stage: list[np.ndarray]) -> jax.Array:
-    """One array ``[pp, ...]`` sharded ``P('pp')`` whose stage ``r`` comes from ``per_stage[r]``."""
+def _stage_sharded(sharding: NamedSharding, per_stage: list[np.ndarray]) -> jax.Array:
+    """One array ``[pp, ...]`` whose stage ``r`` comes from ``per_stage[r]`` (``[1, ...]``)."""
     shape = (len(per_stage), *per_stage[0].shape[1:])
-    sharding = NamedSharding(mesh, P(PP))
-    return jax.make_array_from_callback(shape, sharding, lambda idx: per_stage[idx[0].start or 0])
+
+    def shard(idx):
+        return per_stage[idx[0].start or 0][(slice(None), *idx[1:])]
+
+    return jax.make_array_from_callback(shape, sharding, shard)

@@ -167,10 +167,21 @@ class HostPools:
         s = self.slab(rank, kind)
         return s[host_ids, k] if self.layout is Layout.PAGE_FIRST else s[k, host_ids]
 
-    def write(self, rank: int, kind: PoolKind, host_ids: np.ndarray, data: np.ndarray) -> None:
-        """Writes ``data [n, n_kind, *row]`` into pages ``host_ids`` of one stage's sub-pool."""
+    def write(
+        self,
+        rank: int,
+        kind: PoolKind,
+        host_ids: np.ndarray,
+        data: np.ndarray,
+        row_index: tuple[slice, ...] = (),
+    ) -> None:
+        """Writes ``data [n, n_kind, *row_part]`` into pages ``host_ids`` of one stage's sub-pool.
+
+        ``row_index`` selects the part of each row ``data`` holds (e.g. the heads of
+        one ``'tp'`` shard); empty means whole rows.
+        """
         s = self.slab(rank, kind)
         if self.layout is Layout.PAGE_FIRST:
-            s[host_ids] = data
+            s[(host_ids, slice(None), *row_index)] = data
         else:
-            s[:, host_ids] = np.swapaxes(data, 0, 1)
+            s[(slice(None), host_ids, *row_index)] = np.swapaxes(data, 0, 1)
