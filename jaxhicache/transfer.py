@@ -45,7 +45,7 @@ from jaxhicache.layer_map import StageLayerMap, stack_layer_maps
 from jaxhicache.mesh import PP, TP, pool_partition_spec
 from jaxhicache.pools.device import DevicePools
 from jaxhicache.pools.host import HostPools
-from jaxhicache.spec import PageSpace, PoolKind
+from jaxhicache.spec import PageSpace
 from kernels_pallas.paged_copy import (
     Backend,
     Layout,
