@@ -2,14 +2,14 @@
 
 Backup (device -> host)::
 
-    pools [pp, Lk, P, *row]  --shard_map: paged_gather per stage-->  staging [pp, nb, Lk, *row]
+    pools [pp, Lk, P, *row]  --shard_map: paged_gather per stage-->  staging [pp, Lk, nb, *row]
         --one device_put(memory_kind="pinned_host")-->  host staging
         --worker thread: copy rows into the slabs (skipping host pages reallocated since)-->
     HostPools slab[rank][kind][host_ids]
 
 Load (host -> device), all layers or one stage-local layer::
 
-    slabs --numpy take per stage--> staging [pp, nb, Lk|1, *row] --one device_put-->
+    slabs --numpy copy per stage--> staging [pp, Lk, nb, *row] (or [pp, nb, *row]) --device_put-->
         --shard_map: paged_scatter into the donated pools--> pools'
 
 Rules:
@@ -45,7 +45,7 @@ from jaxhicache.layer_map import StageLayerMap, stack_layer_maps
 from jaxhicache.mesh import PP, TP, pool_partition_spec
 from jaxhicache.pools.device import DevicePools
 from jaxhicache.pools.host import HostPools
-from jaxhicache.spec import PageSpace
+from jaxhicache.spec import PageSpace, PoolKind
 from kernels_pallas.paged_copy import (
     Backend,
     Layout,
@@ -147,6 +147,7 @@ class TransferEngine:
         backend: Backend | None = None,
         tuning: PagedCopyTuning | None = None,
         host_is_current: Callable[[PageSpace, np.ndarray, np.ndarray], np.ndarray] | None = None,
+        direct_host_copy: bool | None = None,
     ):
         """
         Args:
@@ -158,6 +159,10 @@ class TransferEngine:
           host_is_current: ``(space, host_ids, generations) -> bool mask``; rows whose
             host page was freed or reallocated since the backup was issued are not
             written (the allocator's generation check). ``None``: always current.
+          direct_host_copy: back up by copying page rows straight from the pool buffers
+            (zero-copy views) and load from page-aligned staging aliased by the device
+            arrays. Only valid where device memory is host memory; default: on the CPU
+            backend. Otherwise backups take the gather-kernel + pinned-host path.
         """
         self.mesh = mesh
         self.layer_maps = tuple(layer_maps)
@@ -175,6 +180,12 @@ class TransferEngine:
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxhicache-d2h")
         self._lock = threading.Lock()
         self._kinds = tuple(self.spec.kinds())
+        self.direct_host_copy = (
+            jax.default_backend() == "cpu" if direct_host_copy is None else bool(direct_host_copy)
+        )
+        self._buffers: dict[tuple, np.ndarray] = {}
+        self._busy: dict[tuple, jax.Array] = {}
+        self._pending: list[tuple] = []
         tp = mesh.shape[TP]
         self._pspec = {k: pool_partition_spec(self.spec, k, tp) for k in self._kinds}
         self._gather_all = self._make_gather()
@@ -197,16 +208,30 @@ class TransferEngine:
         ids = self._device_ids(pools, move, unique=False)
         for space in PageSpace:
             validate_page_ids(move.ids(space)[1], self.host.pages_of(space), unique=True)
+        gens = dict(host_generations or {})
+        if self.direct_host_copy:
+            # Device memory is host memory: copy page rows straight from the pool's buffer
+            # into the slabs, in this thread (the pool may be donated right after).
+            fut: concurrent.futures.Future = concurrent.futures.Future()
+            fut.set_result(self._land_backup(_replica0_views(pools.arrays), move, gens, t0, move))
+            return BackupHandle(fut)
         staging = self._gather_all(pools.arrays, ids)
         host_sh = {
             k: NamedSharding(self.mesh, self._pspec[k], memory_kind="pinned_host") for k in staging
         }
         host_staging = jax.device_put(staging, host_sh)  # one D2H per sub-pool, async
-        gens = dict(host_generations or {})
-        fut = self._worker.submit(self._land_backup, host_staging, move, gens, t0)
+        fut = self._worker.submit(
+            self._land_backup, _replica0_views(host_staging), move, gens, t0, None
+        )
         return BackupHandle(fut)
 
-    def _land_backup(self, host_staging, move: PageMove, gens, t0: float) -> int:
+    def _land_backup(self, views, move: PageMove, gens, t0: float, from_pool) -> int:
+        """Copies rows into the slabs.
+
+        ``views[kind][rank] = [(array, row_index)]``: the staging ``[1, Lk, nb, *row]``
+        (``from_pool is None``) or the pool itself ``[1, Lk, P, *row]`` (direct path,
+        rows picked with ``from_pool``'s device ids).
+        """
         written = 0
         for space in PageSpace:
             _, host_ids = move.ids(space)
@@ -215,22 +240,26 @@ class TransferEngine:
             keep = np.ones(host_ids.size, bool)
             if self._host_is_current is not None and space in gens:
                 keep = np.asarray(self._host_is_current(space, host_ids, gens[space]), bool)
+            dev_ids = move.ids(space)[0]
             n = host_ids.size
             for kind in self._kinds:
                 if kind.page_space is not space:
                     continue
-                arr = host_staging[kind]
-                for shard in arr.addressable_shards:
-                    if shard.replica_id:  # 'tp' replicas of a stage hold the same bytes
-                        continue
-                    rank = shard.index[0].start or 0
+                for rank, parts in views[kind].items():
                     nk = self.layer_maps[rank].num_layers_of(kind)
                     if nk == 0:
                         continue
-                    data = np.asarray(shard.data)[0, :n, :nk]
-                    row_index = tuple(shard.index[3:])  # heads split over 'tp' (MHA)
-                    self.host.write(rank, kind, host_ids[keep], data[keep], row_index)
-                    written += data[keep].nbytes
+                    for arr, row_index in parts:
+                        if from_pool is None:
+                            rows = arr[0, :nk, :n][:, keep]  # staging is layer-first
+                            self.host.write(
+                                rank, kind, host_ids[keep], rows, row_index, layer_first=True
+                            )
+                            written += rows.nbytes
+                        else:
+                            written += self.host.write_from_pool(
+                                rank, kind, host_ids[keep], arr[0, :nk], dev_ids[keep], row_index
+                            )
             with self._lock:
                 self.stats.stale_rows_skipped += int((~keep).sum())
         with self._lock:
@@ -263,6 +292,9 @@ class TransferEngine:
         new_arrays, token = scatter(
             pools.arrays, ids, staging, jnp.int32(-1 if layer is None else layer)
         )
+        for key in self._pending:  # the staging buffers are in use until this load lands
+            self._busy[key] = token
+        self._pending.clear()
         out = pools.replace(arrays=new_arrays)
         with self._lock:
             self.stats.loads += 1
@@ -279,7 +311,11 @@ class TransferEngine:
         return pools, LoadHandle(tokens)
 
     def _host_staging(self, move: PageMove, ids, layer):
-        """Per kind: a device array [pp, nb, Lk|(), *row] built from the slabs."""
+        """Per kind: a device array ``[pp, Lk, nb, *row]`` (per layer: ``[pp, nb, *row]``).
+
+        Layer-first, so the XLA scatter needs no transpose; filled from the slabs
+        with one copy per page row into a reused page-aligned buffer.
+        """
         staging, nbytes = {}, 0
         for kind in self._kinds:
             _, host_ids = move.ids(kind.page_space)
@@ -287,24 +323,31 @@ class TransferEngine:
             n = host_ids.size
             max_k = self.stacked.max_layers_of(kind)
             row = self.spec.row_shape(kind)
-            per_stage = []
+            shape = (len(self.layer_maps), *((max_k,) if layer is None else ()), nb, *row)
+            buf = self._staging_buffer(kind, shape)
             for m in self.layer_maps:
+                r = m.pp_rank
                 if layer is None:
-                    buf = np.zeros((nb, max_k, *row), self.spec.row_dtype(kind))
                     nk = m.num_layers_of(kind)
                     if n and nk:
-                        buf[:n, :nk] = self.host.read(m.pp_rank, kind, host_ids)
-                        nbytes += buf[:n, :nk].nbytes
+                        nbytes += self.host.read_into(r, kind, host_ids, buf[r, :nk, :n])
                 else:
-                    buf = np.zeros((nb, *row), self.spec.row_dtype(kind))
                     k = int(m.local_to_subpool(kind)[layer]) if layer < m.num_local_layers else -1
                     if n and k >= 0:
-                        buf[:n] = self.host.read_layer(m.pp_rank, kind, host_ids, k)
-                        nbytes += buf[:n].nbytes
-                per_stage.append(buf[None])
+                        nbytes += self.host.read_into(r, kind, host_ids, buf[r, :n], layer=k)
             spec = self._pspec[kind] if layer is None else P(PP, None, *self._pspec[kind][3:])
-            staging[kind] = _stage_sharded(NamedSharding(self.mesh, spec), per_stage)
+            staging[kind] = _alias_sharded(NamedSharding(self.mesh, spec), buf)
         return staging, nbytes
+
+    def _staging_buffer(self, kind: PoolKind, shape: tuple[int, ...]) -> np.ndarray:
+        """A reusable, page-aligned host staging buffer; waits until its last load consumed it."""
+        key = (kind, shape)
+        if key in self._busy:
+            jax.block_until_ready(self._busy.pop(key))
+        if key not in self._buffers:
+            self._buffers[key] = _aligned_empty(shape, self.spec.row_dtype(kind))
+        self._pending.append(key)
+        return self._buffers[key]
 
     # -------------------------------------------------------------- internals
 
@@ -331,7 +374,7 @@ class TransferEngine:
                 sid = ids[kind.page_space]
                 # Padding layers of a shorter stage gather too; their rows are dropped on landing.
                 out[kind] = paged_gather(
-                    pool, sid, layout=Layout.PAGE_FIRST, backend=self.backend, tuning=self.tuning
+                    pool, sid, layout=Layout.LAYER_FIRST, backend=self.backend, tuning=self.tuning
                 )[None]
             return out
 
@@ -371,7 +414,12 @@ class TransferEngine:
                     )
                 else:
                     new = paged_scatter(
-                        pool, sid, staging[kind][0], backend=self.backend, tuning=self.tuning
+                        pool,
+                        sid,
+                        staging[kind][0],
+                        layout=Layout.LAYER_FIRST,
+                        backend=self.backend,
+                        tuning=self.tuning,
                     )
                 out[kind] = new[None]
             # Completion token: an output of the same executable, so it is ready exactly
@@ -379,7 +427,8 @@ class TransferEngine:
             return out, jnp.zeros((1,), jnp.int32)
 
         pools_spec = dict(self._pspec)
-        # per-layer staging [pp, nb, *row]: the layer axis is gone, heads stay on 'tp'
+        # staging is layer-first [pp, Lk, nb, *row] (same axes as the pool); per layer
+        # [pp, nb, *row]: the layer axis is gone, heads stay on 'tp'
         staging_spec = (
             pools_spec if not per_layer else {k: P(PP, None, *v[3:]) for k, v in pools_spec.items()}
         )
@@ -393,11 +442,43 @@ class TransferEngine:
         return jax.jit(smap, donate_argnums=(0,))
 
 
-def _stage_sharded(sharding: NamedSharding, per_stage: list[np.ndarray]) -> jax.Array:
-    """One array ``[pp, ...]`` whose stage ``r`` comes from ``per_stage[r]`` (``[1, ...]``)."""
-    shape = (len(per_stage), *per_stage[0].shape[1:])
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype, align: int = 4096) -> np.ndarray:
+    """An uninitialised numpy array whose data starts on an ``align``-byte boundary."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    off = (-raw.ctypes.data) % align
+    return raw[off : off + nbytes].view(dtype).reshape(shape)
 
-    def shard(idx):
-        return per_stage[idx[0].start or 0][(slice(None), *idx[1:])]
 
-    return jax.make_array_from_callback(shape, sharding, shard)
+def _alias_sharded(sharding: NamedSharding, buf: np.ndarray) -> jax.Array:
+    """A device array over ``buf [pp, ...]`` sharded by ``sharding``.
+
+    Each device's shard is put with ``may_alias=True``: on the CPU backend an aligned,
+    contiguous shard is used in place (no copy); elsewhere it is one H2D copy.
+    """
+    arrays = [
+        jax.device_put(buf[idx], d, may_alias=True)
+        for d, idx in sharding.addressable_devices_indices_map(buf.shape).items()
+    ]
+    return jax.make_array_from_single_device_arrays(buf.shape, sharding, arrays)
+
+
+def _replica0_views(arrays: dict) -> dict:
+    """``{kind: {rank: (numpy view of the shard, row index)}}`` of replica-0 shards.
+
+    ``'tp'`` replicas of a stage hold the same bytes; MHA shards carry a slice of the
+    heads (the row index beyond the ``[stage, pages|layers, layers|pages]`` axes).
+    """
+    out = {}
+    for kind, arr in arrays.items():
+        views = {}
+        for shard in arr.addressable_shards:
+            if shard.replica_id:
+                continue
+            views.setdefault(shard.index[0].start or 0, [])
+            views[shard.index[0].start or 0].append(
+                (np.asarray(shard.data), tuple(shard.index[3:]))
+            )
+        out[kind] = views
+    return out

@@ -36,15 +36,27 @@ def _check_pages(spec, maps, got, want, dst, src):
             np.testing.assert_array_equal(g[r, :nk, d], w[r, :nk, s], err_msg=f"{kind} stage {r}")
 
 
-@pytest.mark.parametrize("pp", [1, 2, 4])
-@pytest.mark.parametrize("layout", [Layout.PAGE_FIRST, Layout.LAYER_FIRST])
-def test_round_trip_bit_exact_every_subpool(pp, layout):
+@pytest.mark.parametrize(
+    "pp,layout,direct",
+    [
+        (1, Layout.PAGE_FIRST, False),
+        (2, Layout.PAGE_FIRST, False),
+        (4, Layout.PAGE_FIRST, False),
+        (2, Layout.LAYER_FIRST, False),
+        (1, Layout.PAGE_FIRST, True),
+        (2, Layout.LAYER_FIRST, True),
+        (4, Layout.PAGE_FIRST, True),
+    ],
+)
+def test_round_trip_bit_exact_every_subpool(pp, layout, direct):
+    """direct=False: gather kernel -> pinned_host -> slab (the GPU path);
+    direct=True: rows copied straight from the pool buffers (the CPU path)."""
     maps = build_layer_maps(MINI, pp)
     mesh = make_mesh(pp, 8 // pp)
     pools = _random_pools(MINI, mesh, maps, pages=8, swa_pages=6)
     before = {k: np.asarray(a) for k, a in pools.arrays.items()}
     host = HostPools(MINI, maps, num_pages=10, num_swa_pages=7, layout=layout)
-    eng = TransferEngine(mesh, maps, host)
+    eng = TransferEngine(mesh, maps, host, direct_host_copy=direct)
     up = PageMove.of([5, 1, 2], [9, 0, 3], [4, 2], [6, 1])
     assert eng.backup(pools, up).wait() > 0
     # the slabs hold exactly the stage's own layers
@@ -69,14 +81,14 @@ def test_round_trip_bit_exact_every_subpool(pp, layout):
     eng.close()
 
 
-@pytest.mark.parametrize("pp", [2, 4])
-def test_layerwise_load_waits_per_layer(pp):
+@pytest.mark.parametrize("pp,direct", [(2, False), (4, True)])
+def test_layerwise_load_waits_per_layer(pp, direct):
     maps = build_layer_maps(MINI, pp)
     mesh = make_mesh(pp, 1)
     pools = _random_pools(MINI, mesh, maps, 4, 4, seed=1)
     before = {k: np.asarray(a) for k, a in pools.arrays.items()}
     host = HostPools(MINI, maps, 4, 4)
-    eng = TransferEngine(mesh, maps, host)
+    eng = TransferEngine(mesh, maps, host, direct_host_copy=direct)
     eng.backup(pools, PageMove.of([0, 1, 2, 3], [3, 2, 1, 0], [0, 1], [1, 0])).wait()
     fresh = allocate_device_pools(MINI, mesh, maps, 4, 4)
     down = PageMove.of([1, 2], [3, 2], [2], [1])  # host 3,2 hold device pages 0,1
@@ -105,7 +117,8 @@ def test_layerwise_load_waits_per_layer(pp):
         eng.load(single, down, layer=99)
 
 
-def test_mha_round_trip_with_tp_sharded_heads():
+@pytest.mark.parametrize("direct", [False, True])
+def test_mha_round_trip_with_tp_sharded_heads(direct):
     spec = ModelCacheSpec.mha(
         num_layers=5, num_kv_heads=4, head_dim=8, page_size=4, dtype="bfloat16"
     )
@@ -113,7 +126,7 @@ def test_mha_round_trip_with_tp_sharded_heads():
     mesh = make_mesh(2, 4)
     pools = _random_pools(spec, mesh, maps, 6, 0, seed=2)
     before = {k: np.asarray(a) for k, a in pools.arrays.items()}
-    eng = TransferEngine(mesh, maps, HostPools(spec, maps, 5))
+    eng = TransferEngine(mesh, maps, HostPools(spec, maps, 5), direct_host_copy=direct)
     eng.backup(pools, PageMove.of([4, 0], [1, 2])).wait()
     out, h = eng.load(allocate_device_pools(spec, mesh, maps, 6), PageMove.of([2, 3], [1, 2]))
     h.wait()
@@ -121,7 +134,8 @@ def test_mha_round_trip_with_tp_sharded_heads():
     assert out[PoolKind.FULL_KV].sharding == pools[PoolKind.FULL_KV].sharding
 
 
-def test_stale_host_pages_are_not_written():
+@pytest.mark.parametrize("direct", [False, True])
+def test_stale_host_pages_are_not_written(direct):
     maps = build_layer_maps(MINI, 2)
     mesh = make_mesh(2, 1)
     pools = _random_pools(MINI, mesh, maps, 4, 4)
@@ -131,7 +145,7 @@ def test_stale_host_pages_are_not_written():
     def is_current(space, ids, gens):
         return np.array([i not in stale.get(space, set()) for i in ids])
 
-    eng = TransferEngine(mesh, maps, host, host_is_current=is_current)
+    eng = TransferEngine(mesh, maps, host, host_is_current=is_current, direct_host_copy=direct)
     gens = {PageSpace.FULL: np.zeros(2, np.uint32), PageSpace.SWA: np.zeros(1, np.uint32)}
     eng.backup(pools, PageMove.of([0, 1], [1, 2], [3], [0]), host_generations=gens).wait()
     assert eng.stats.stale_rows_skipped == 1

@@ -167,6 +167,50 @@ class HostPools:
         s = self.slab(rank, kind)
         return s[host_ids, k] if self.layout is Layout.PAGE_FIRST else s[k, host_ids]
 
+    def read_into(
+        self,
+        rank: int,
+        kind: PoolKind,
+        host_ids: np.ndarray,
+        out: np.ndarray,
+        layer: int | None = None,
+    ) -> int:
+        """Copies pages ``host_ids`` into ``out`` without temporaries; returns bytes copied.
+
+        ``out`` is layer-first ``[n_kind, n, *row]``, or ``[n, *row]`` for one
+        sub-pool ``layer``.
+        """
+        s = self.slab(rank, kind)
+        if layer is not None:
+            src = s[:, layer] if self.layout is Layout.PAGE_FIRST else s[layer]  # [pages, *row]
+            for i, h in enumerate(host_ids.tolist()):
+                out[i] = src[h]
+        elif self.layout is Layout.LAYER_FIRST and out.flags.c_contiguous:
+            np.take(s, host_ids, axis=1, out=out)
+        else:
+            for i, h in enumerate(host_ids.tolist()):
+                out[:, i] = s[h] if self.layout is Layout.PAGE_FIRST else s[:, h]
+        return out.nbytes
+
+    def write_from_pool(
+        self,
+        rank: int,
+        kind: PoolKind,
+        host_ids: np.ndarray,
+        pool: np.ndarray,
+        device_ids: np.ndarray,
+        row_index: tuple[slice, ...] = (),
+    ) -> int:
+        """Copies device pages ``device_ids`` of a pool view ``[n_kind, P, *row_part]`` into
+        host pages ``host_ids``, one row copy per page (no temporaries); returns bytes."""
+        s = self.slab(rank, kind)
+        for h, d in zip(host_ids.tolist(), device_ids.tolist(), strict=True):
+            if self.layout is Layout.PAGE_FIRST:
+                s[(h, slice(None), *row_index)] = pool[:, d]
+            else:
+                s[(slice(None), h, *row_index)] = pool[:, d]
+        return int(host_ids.size) * pool[:, 0].nbytes
+
     def write(
         self,
         rank: int,
@@ -174,13 +218,18 @@ class HostPools:
         host_ids: np.ndarray,
         data: np.ndarray,
         row_index: tuple[slice, ...] = (),
+        *,
+        layer_first: bool = False,
     ) -> None:
         """Writes ``data [n, n_kind, *row_part]`` into pages ``host_ids`` of one stage's sub-pool.
 
-        ``row_index`` selects the part of each row ``data`` holds (e.g. the heads of
-        one ``'tp'`` shard); empty means whole rows.
+        ``layer_first``: ``data`` is ``[n_kind, n, *row_part]`` instead. ``row_index``
+        selects the part of each row ``data`` holds (e.g. the heads of one ``'tp'``
+        shard); empty means whole rows.
         """
         s = self.slab(rank, kind)
+        if layer_first:
+            data = np.swapaxes(data, 0, 1)
         if self.layout is Layout.PAGE_FIRST:
             s[(host_ids, slice(None), *row_index)] = data
         else:
