@@ -25,7 +25,7 @@ from jaxhicache.layer_map import build_layer_maps
 from jaxhicache.mesh import make_mesh
 from jaxhicache.pools.device import allocate_device_pools
 from jaxhicache.pools.host import HostPools
-from jaxhicache.spec import KVFormat, ModelCacheSpec, PageSpace
+from jaxhicache.spec import KVFormat, ModelCacheSpec
 from jaxhicache.transfer import PageMove, TransferEngine
 from kernels_pallas.paged_copy import Backend, paged_gather, paged_scatter_donated
 
