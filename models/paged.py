@@ -1,0 +1,296 @@
+"""Paged, pipeline-parallel execution of the tiny DSV4 model through the library's device pools.
+
+:class:`PagedModel` splits the layers over the ``'pp'`` axis of a ``('pp', 'tp')``
+mesh with the library's layer maps, keeps per-stage weight stacks sharded
+``P('pp')`` (see :mod:`models.stage`), and runs a chunk of one request inside
+``jax.shard_map``: a loop of ``pp`` steps where step ``s`` runs stage ``s``
+(``lax.cond`` on ``axis_index('pp')``) and ``lax.ppermute`` hands the
+activations to the next stage; the last stage's output comes back to stage 0
+and the logits are replicated with a masked ``psum``.  Each stage reads and
+writes only its own slice of the :class:`~jaxhicache.pools.device.DevicePools`
+arrays ``[pp, max_layers_of_kind, pages, *row]``.
+
+The HCA partial-window state is request-scoped: a :class:`RequestScratch`
+(``[pp, max_hca, r, 2D]``, sharded like the pools) that a request carries from
+its prefill into its decode steps.  It is never cached: restores happen at page
+boundaries, where it is empty.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxhicache.layer_map import build_layer_maps, stack_layer_maps
+from jaxhicache.mesh import PP, make_mesh, pool_sharding
+from jaxhicache.pools.device import DevicePools, allocate_device_pools
+from jaxhicache.spec import ModelCacheSpec, PoolKind
+from models import layers as L
+from models.chunk import PageTables
+from models.config import TinyDSV4Config
+from models.stage import (
+    MATMUL_PRECISION,
+    compiler_options,
+    new_scratch,
+    stack_stage_params,
+    stage_forward,
+)
+from models.streaming import cache_spec, check_hca_scratch, check_page_tables
+
+_HEAD = ("embed", "final_norm", "lm_head")
+
+
+@dataclasses.dataclass
+class RequestScratch:
+    """Request-scoped HCA partial-window rows ``[pp, max_hca, r, 2D]`` (NaN = never written).
+
+    ``start``: the first position this request computed itself (its restore point).
+    """
+
+    rows: jax.Array
+    start: int
+
+
+def check_spec(cfg: TinyDSV4Config, spec: ModelCacheSpec) -> None:
+    """``ValueError`` unless ``spec`` describes the cache of ``cfg`` (FLOAT rows)."""
+    want = cache_spec(cfg, name=spec.name)
+    for f in ("num_layers", "compress_ratios", "page_size", "window", "head_dim", "rope_dim"):
+        if getattr(spec, f) != getattr(want, f):
+            raise ValueError(
+                f"spec.{f}={getattr(spec, f)!r} but the model needs {getattr(want, f)!r}"
+            )
+    if spec.indexer_head_dim != want.indexer_head_dim or spec.c4_ring != want.c4_ring:
+        raise ValueError(
+            f"spec indexer_head_dim/c4_ring = {spec.indexer_head_dim}/{spec.c4_ring}, model needs "
+            f"{want.indexer_head_dim}/{want.c4_ring}"
+        )
+    for kind in spec.kinds():
+        if spec.row_dtype(kind) != np.float32:
+            raise ValueError(
+                f"the tiny model stores float32 rows; {kind.value} is {spec.row_dtype(kind)}"
+            )
+
+
+class PagedModel:
+    """The tiny DSV4 model over stage-sharded paged pools.
+
+    Args:
+      config: the model config.
+      params: plain parameters (:func:`models.dsv4.init_params`), layers by global id.
+      spec: the cache spec (default :func:`models.streaming.cache_spec` of ``config``).
+      mesh: a ``('pp', 'tp')`` mesh (default ``make_mesh(pp)``).
+      pp: pipeline stages when no mesh is given (default 1).
+      partition: explicit layers per stage (default: the reference split rule).
+      fast_compile: compile with :data:`models.stage.FAST_COMPILE_OPTIONS` (default: on CPU).
+    """
+
+    def __init__(
+        self,
+        config: TinyDSV4Config,
+        params: dict,
+        *,
+        spec: ModelCacheSpec | None = None,
+        mesh: Mesh | None = None,
+        pp: int | None = None,
+        partition=None,
+        fast_compile: bool | None = None,
+    ):
+        self.config = config
+        self.spec = spec if spec is not None else cache_spec(config)
+        check_spec(config, self.spec)
+        if mesh is None:
+            mesh = make_mesh(pp or 1)
+        elif pp is not None and mesh.shape[PP] != pp:
+            raise ValueError(f"pp={pp} but the mesh has pp={mesh.shape[PP]}")
+        self.mesh = mesh
+        self.pp = mesh.shape[PP]
+        self.layer_maps = build_layer_maps(self.spec, self.pp, partition)
+        self.stacked = stack_layer_maps(self.layer_maps)
+        sp = stack_stage_params(config, params, self.layer_maps)
+        head = {k: sp.pop(k) for k in _HEAD}
+        rep, staged = NamedSharding(mesh, P()), NamedSharding(mesh, P(PP))
+        self._head = jax.device_put(head, rep)
+        self._stages = jax.device_put(sp, staged)
+        self._compiler_options = compiler_options(fast_compile)
+        self._fns: dict[int, object] = {}
+
+    # ------------------------------------------------------------------ state
+    @property
+    def max_hca_per_stage(self) -> int:
+        if PoolKind.C128_KV not in self.spec.kinds():
+            return 1
+        return self.stacked.max_layers_of(PoolKind.C128_KV)
+
+    def init_pools(self, num_pages: int, num_swa_pages: int) -> DevicePools:
+        """Zeroed device pools for ``num_pages`` full pages and ``num_swa_pages`` SWA pages."""
+        return allocate_device_pools(self.spec, self.mesh, self.stacked, num_pages, num_swa_pages)
+
+    def new_scratch(self, start_pos: int = 0) -> RequestScratch:
+        """A fresh request scratch for a request (re)starting at ``start_pos``."""
+        rows = new_scratch(self.config, self.pp, self.max_hca_per_stage)
+        return RequestScratch(jax.device_put(rows, NamedSharding(self.mesh, P(PP))), start_pos)
+
+    # -------------------------------------------------------------- forward
+    def _fn(self, t: int):
+        if t in self._fns:
+            return self._fns[t]
+        cfg, spec, stacked, pp = self.config, self.spec, self.stacked, self.pp
+        kinds = spec.kinds()
+
+        def body(head, stages, pools, scratch, tokens, start, n_valid, tables):
+            stage = jax.lax.axis_index(PP)
+            view = stacked.stage(PP)
+            sp = dict(jax.tree.map(lambda a: a[0], stages))
+            pools = {k: a[0] for k, a in pools.items()}
+            end = start + n_valid
+
+            def run(h, pools, scr):
+                return stage_forward(cfg, sp, view, kinds, pools, scr, h, start, end, tables)
+
+            def step(s, carry):
+                carry = jax.lax.cond(stage == s, run, lambda *c: c, *carry)
+                if pp == 1:
+                    return carry
+                h = jax.lax.ppermute(carry[0], PP, [(i, (i + 1) % pp) for i in range(pp)])
+                return (h, *carry[1:])
+
+            carry = (L.embed(head, tokens), pools, scratch[0])
+            h, pools, scr = jax.lax.fori_loop(0, pp, step, carry)
+            logits = L.lm_head(head, h, cfg)  # the last stage's output is on stage 0 now
+            logits = jax.lax.psum(jnp.where(stage == 0, logits, 0.0), PP)
+            return logits, {k: a[None] for k, a in pools.items()}, scr[None]
+
+        fn = jax.shard_map(
+            body,
+            mesh=self.mesh,
+            in_specs=(P(), P(PP), P(PP), P(PP), P(), P(), P(), P()),
+            out_specs=(P(), P(PP), P(PP)),
+            check_vma=False,
+        )
+        staged = NamedSharding(self.mesh, P(PP))
+        out_shardings = (
+            NamedSharding(self.mesh, P()),
+            {k: pool_sharding(spec, self.mesh, k) for k in kinds},
+            staged,
+        )
+        jitted = jax.jit(
+            fn,
+            donate_argnums=(2, 3),
+            out_shardings=out_shardings,
+            compiler_options=self._compiler_options,
+        )
+        self._fns[t] = jitted
+        return jitted
+
+    def _run_chunk(self, pools, scratch, tokens, start, n, tables, t):
+        check_page_tables(self.config, start, start + n, tables.full, tables.swa)
+        check_hca_scratch(self.config, start, scratch.start)
+        padded = np.zeros((t,), np.int32)
+        padded[:n] = tokens
+        with jax.default_matmul_precision(MATMUL_PRECISION):
+            logits, arrays, rows = self._fn(t)(
+                self._head,
+                self._stages,
+                dict(pools.arrays),
+                scratch.rows,
+                jnp.asarray(padded),
+                jnp.int32(start),
+                jnp.int32(n),
+                PageTables(jnp.asarray(tables.full), jnp.asarray(tables.swa)),
+            )
+        return logits[:n], pools.replace(arrays=arrays), RequestScratch(rows, scratch.start)
+
+    def prefill(
+        self,
+        pools: DevicePools,
+        tokens,
+        start_pos: int,
+        full_page_ids,
+        swa_page_ids,
+        chunk_size: int | None = None,
+        scratch: RequestScratch | None = None,
+    ):
+        """Run ``tokens`` at positions ``[start_pos, start_pos + len(tokens))`` in chunks.
+
+        ``full_page_ids`` / ``swa_page_ids``: int32 ``[n_pages]`` page table of the
+        request (``-1``: absent / tombstone; pad tables to a bucket with ``-1``).
+        Pages ``< start_pos`` must already hold the prefix (a restore fills them).
+        ``chunk_size`` (default: the page size) is the compiled chunk length;
+        the last chunk is padded.  ``scratch``: the request's HCA scratch (a
+        fresh one starting at ``start_pos`` by default).  The pools and scratch
+        are donated.  Returns ``(logits [T, vocab], pools, scratch)``.
+        """
+        tokens = np.asarray(tokens, np.int32).reshape(-1)
+        chunk = chunk_size or self.config.page_size
+        if chunk < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk}")
+        if start_pos < 0:
+            raise ValueError(f"start_pos must be >= 0, got {start_pos}")
+        tables = _tables(full_page_ids, swa_page_ids)
+        if scratch is None:
+            scratch = self.new_scratch(start_pos)
+        out = []
+        for off in range(0, len(tokens), chunk):
+            part = tokens[off : off + chunk]
+            logits, pools, scratch = self._run_chunk(
+                pools, scratch, part, start_pos + off, len(part), tables, chunk
+            )
+            out.append(logits)
+        if not out:
+            return jnp.zeros((0, self.config.vocab), jnp.float32), pools, scratch
+        return jnp.concatenate(out, axis=0), pools, scratch
+
+    def decode_step(self, pools, token, pos, full_page_ids, swa_page_ids, scratch):
+        """One token at position ``pos``.  Returns ``(logits [vocab], pools, scratch)``."""
+        tables = _tables(full_page_ids, swa_page_ids)
+        tok = np.asarray(token, np.int32).reshape(1)
+        logits, pools, scratch = self._run_chunk(pools, scratch, tok, pos, 1, tables, 1)
+        return logits[0], pools, scratch
+
+    # ------------------------------------------------- global-id addressing
+    def global_layer_rows(self, pools: DevicePools, kind: PoolKind) -> list:
+        """Per global layer: its ``[pages, *row]`` host array of sub-pool ``kind`` (``None`` if none).
+
+        The list is indexed by global id; stage ``r``'s sub-pool row ``k`` is
+        global layer ``subpool_to_global(kind)[k]`` (= ``start_layer + local``).
+        """
+        rows: list = [None] * self.spec.num_layers
+        arr = np.asarray(pools[kind])  # host copy: a transfer-side utility, not the hot path
+        for m in self.layer_maps:
+            for k, g in enumerate(m.subpool_to_global(kind)):
+                rows[int(g)] = arr[m.pp_rank, k]
+        return rows
+
+    def pools_from_global(self, rows_by_kind: dict, num_pages: int, num_swa_pages: int):
+        """Device pools of this model's PP layout from per-global-layer rows.
+
+        ``rows_by_kind[kind][g]`` is layer ``g``'s ``[pages, *row]`` array (as from
+        :meth:`global_layer_rows` of any PP layout).  Each stage's local layer
+        ``l`` reads the global list at ``start_layer + l``.
+        """
+        pools = self.init_pools(num_pages, num_swa_pages)
+        for kind in self.spec.kinds():
+            arr = np.zeros(pools[kind].shape, np.float32)
+            glist = rows_by_kind[kind]
+            for m in self.layer_maps:
+                for local in m.kind_local_ids(kind):
+                    arr[m.pp_rank, m.subpool_id(kind, int(local))] = np.asarray(
+                        glist[m.global_id(int(local))]
+                    )
+            pools = pools.replace_pool(kind, jax.device_put(arr, pools[kind].sharding))
+        return pools
+
+
+def _tables(full, swa) -> PageTables:
+    full = np.asarray(full, np.int32).reshape(-1)
+    swa = np.asarray(swa, np.int32).reshape(-1)
+    if full.shape != swa.shape:
+        raise ValueError(
+            f"full_page_ids {full.shape} and swa_page_ids {swa.shape} differ in length"
+        )
+    return PageTables(full, swa)  # host arrays: checked on the host, sent with each chunk

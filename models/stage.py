@@ -1,0 +1,206 @@
+"""The layers of one pipeline stage over a chunk: a scan over the stage's local
+layers with ``lax.switch`` on the traced attention kind of each layer.
+
+Weights and pools are addressed with the library's stage layer maps
+(:mod:`jaxhicache.layer_map`), in the same three index spaces as the cache:
+
+* common layer weights (attention + MLP): stacked by **stage-local id**
+  (``local_to_global``), ``[pp, max_local, ...]``;
+* C4 compressor + indexer weights: stacked by **C4 sub-pool id**
+  (``subpool_to_global(C4_KV)``), ``[pp, max_c4, ...]``;
+* HCA compressor weights: stacked by **C128 sub-pool id**, ``[pp, max_hca, ...]``;
+* pools ``[pp, max_layers_of_kind, pages, *row]``: the row of local layer ``l``
+  in sub-pool ``K`` is ``local_to_subpool(K)[l]``;
+* the request's HCA scratch ``[pp, max_hca, r, 2D]``, by C128 sub-pool id.
+
+Any list that spans the whole model (``params["layers"]``, a global list of
+per-layer pools) is indexed by the global id ``start_layer + local`` only.
+Stages padded to the largest stage carry zero weights and never-addressed
+pool rows; a padded layer takes the identity branch.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxhicache.layer_map import StageLayerMap, StageView
+from jaxhicache.spec import AttentionKind, PoolKind
+from models.chunk import layer_forward
+from models.config import TinyDSV4Config
+
+_COMPRESSED = ("comp", "idx")
+
+MATMUL_PRECISION = "highest"
+"""fp32 everywhere: no TF32/bf16 passes on GPUs (entry points trace under this precision)."""
+
+FAST_COMPILE_OPTIONS = {
+    "xla_backend_optimization_level": 0,
+    "xla_cpu_use_fusion_emitters": False,
+}
+"""XLA:CPU options that cut compile time ~3x for these small programs (tests, CPU CI)."""
+
+
+def compiler_options(fast: bool | None = None) -> dict | None:
+    """``FAST_COMPILE_OPTIONS`` when ``fast`` (default: when the default backend is CPU).
+
+    Options this XLA build does not know are dropped (probed once).
+    """
+    if fast is None:
+        fast = jax.default_backend() == "cpu"
+    return _supported_fast_options() if fast else None
+
+
+@functools.cache
+def _supported_fast_options() -> dict:
+    ok = {}
+    for key, value in FAST_COMPILE_OPTIONS.items():
+        try:
+            jax.jit(lambda x: x + 1, compiler_options={key: value}).lower(1.0).compile()
+        except Exception:  # an XLA build without this flag: compile normally
+            continue
+        ok[key] = value
+    return ok
+
+
+def _stack(trees, count):
+    """Stack a list of identical pytrees to ``count`` rows on the host (zero rows pad the end)."""
+    pad = [jax.tree.map(np.zeros_like, trees[0])] * (count - len(trees))
+    return jax.tree.map(lambda *xs: np.stack(xs), *trees, *pad)
+
+
+def stack_stage_params(cfg: TinyDSV4Config, params: dict, maps: Sequence[StageLayerMap]) -> dict:
+    """Per-stage weight stacks with a leading ``pp`` axis (see the module docstring), as numpy.
+
+    Returns ``{"embed", "final_norm", "lm_head"}`` (replicated) plus
+    ``"layers"`` / ``"c4"`` / ``"hca"`` stacks ``[pp, max_rows, ...]``
+    (``"c4"``/``"hca"`` are ``None`` when the model has no such layer).
+    """
+    params = jax.device_get(params)
+    layers = params["layers"]
+    if len(layers) != cfg.num_layers:
+        raise ValueError(f"params have {len(layers)} layers, config has {cfg.num_layers}")
+    max_local = max(m.num_local_layers for m in maps)
+    spec = maps[0].spec
+    kinds = spec.kinds()
+    out = {k: params[k] for k in ("embed", "final_norm", "lm_head")}
+    common, c4, hca = [], [], []
+    for m in maps:
+        rows = [
+            {k: v for k, v in layers[m.global_id(local)].items() if k not in _COMPRESSED}
+            for local in range(m.num_local_layers)
+        ]
+        common.append(_stack(rows, max_local))
+        if PoolKind.C4_KV in kinds:
+            ids = m.subpool_to_global(PoolKind.C4_KV)
+            rows = [{"comp": layers[g]["comp"], "idx": layers[g]["idx"]} for g in ids]
+            c4.append(rows)
+        if PoolKind.C128_KV in kinds:
+            hca.append([{"comp": layers[g]["comp"]} for g in m.subpool_to_global(PoolKind.C128_KV)])
+    out["layers"] = _stack(common, len(maps))
+
+    def stack_kind(per_stage, template):
+        n = max(1, max(len(r) for r in per_stage))
+        zero = jax.tree.map(np.zeros_like, template)
+        return _stack([_stack(r or [zero], n) for r in per_stage], len(per_stage))
+
+    g4, gh = cfg.c4_layers, cfg.hca_layers
+    c4_template = {"comp": layers[g4[0]]["comp"], "idx": layers[g4[0]]["idx"]} if g4 else None
+    out["c4"] = stack_kind(c4, c4_template) if g4 else None
+    out["hca"] = stack_kind(hca, {"comp": layers[gh[0]]["comp"]}) if gh else None
+    return out
+
+
+def _take(tree, i):
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), tree)
+
+
+def _put(array, i, value):
+    return jax.lax.dynamic_update_index_in_dim(array, value, i, axis=0)
+
+
+def stage_forward(
+    cfg: TinyDSV4Config,
+    sp: dict,
+    view: StageView,
+    kinds: Sequence[PoolKind],
+    pools: dict,
+    scratch,
+    h,
+    start,
+    end,
+    tables,
+):
+    """Run one stage's layers on ``h`` [T, d] for the chunk ``[start, end)``.
+
+    ``sp``: this stage's weight stacks (no ``pp`` axis); ``view``: its layer
+    maps; ``pools``: ``{kind: [max_layers_of_kind, pages, *row]}``; ``scratch``:
+    ``[max_hca, r, 2D]``.  Returns ``(h, pools, scratch)``.
+    """
+    kinds = tuple(kinds)
+    view = jax.tree.map(jnp.asarray, view)
+    attn_kinds = {
+        AttentionKind.SWA: (PoolKind.SWA_KV,),
+        AttentionKind.CSA: (
+            PoolKind.SWA_KV,
+            PoolKind.C4_KV,
+            PoolKind.C4_INDEXER,
+            PoolKind.C4_STATE,
+            PoolKind.C4_INDEXER_STATE,
+        ),
+        AttentionKind.HCA: (PoolKind.SWA_KV, PoolKind.C128_KV),
+    }
+
+    def branch(kind, li):
+        needed = attn_kinds[kind]
+        if not all(k in kinds for k in needed):
+            return lambda h, pools, scratch: (h, pools, scratch)  # kind absent from the model
+
+        def run(h, pools, scratch):
+            p = _take(sp["layers"], li)
+            sub = {k: view.local_to_subpool[k][li] for k in needed}
+            cp = ip = None
+            s_rows = scratch[0]
+            if kind == AttentionKind.CSA:
+                c4 = _take(sp["c4"], sub[PoolKind.C4_KV])
+                cp, ip = c4["comp"], c4["idx"]
+            elif kind == AttentionKind.HCA:
+                cp = _take(sp["hca"], sub[PoolKind.C128_KV])["comp"]
+                s_rows = _take(scratch, sub[PoolKind.C128_KV])
+            views = {k: _take(pools[k], sub[k]) for k in needed}
+            h, views, s_rows = layer_forward(
+                cfg, kind, p, cp, ip, h, start, end, views, s_rows, tables
+            )
+            pools = dict(pools)
+            for k in needed:
+                pools[k] = _put(pools[k], sub[k], views[k])
+            if kind == AttentionKind.HCA:
+                scratch = _put(scratch, sub[PoolKind.C128_KV], s_rows)
+            return h, pools, scratch
+
+        return run
+
+    def body(carry, li):
+        h, pools, scratch = carry
+        k = view.attention_kind[li]
+        idx = jnp.where(view.layer_valid[li] & (k >= 0), k, 3)
+        fns = [branch(a, li) for a in (AttentionKind.SWA, AttentionKind.CSA, AttentionKind.HCA)]
+        fns.append(lambda h, pools, scratch: (h, pools, scratch))  # padding layer
+        return jax.lax.switch(idx, fns, h, pools, scratch), None
+
+    n = view.attention_kind.shape[0]
+    (h, pools, scratch), _ = jax.lax.scan(body, (h, dict(pools), scratch), jnp.arange(n))
+    return h, pools, scratch
+
+
+def scratch_shape(cfg: TinyDSV4Config, pp: int, max_hca: int) -> tuple[int, ...]:
+    return (pp, max(1, max_hca), cfg.hca_ratio, 2 * cfg.head_dim)
+
+
+def new_scratch(cfg: TinyDSV4Config, pp: int, max_hca: int):
+    """A fresh request scratch: NaN rows, so any read of a never-written row poisons."""
+    return jnp.full(scratch_shape(cfg, pp, max_hca), np.nan, jnp.float32)
