@@ -179,6 +179,8 @@ class HiCache:
         )
         self._stats = CacheStats()
         self._backups: list[_Backup] = []
+        # Device pages handed to requests by allocate() and not yet inserted or freed.
+        self._outstanding = {PageSpace.FULL: 0, PageSpace.SWA: 0}
         self._transfer_seconds = 0.0
 
     # ------------------------------------------------------------------ pools
@@ -249,6 +251,7 @@ class HiCache:
             # Tree bookkeeping (the data is ordered before any later use of the pools).
             swa_for_tree = np.where(need_swa, swa_dev, -1).astype(np.int32) if w else None
             unused_full, unused_swa = self.tree.set_device_value(node, new_full, swa_for_tree)
+            self._release_outstanding(new_full, new_swa)
             self._free("device", PageSpace.FULL, unused_full)
             self._free("device", PageSpace.SWA, unused_swa)
         pages = match.matched_len // self.page_size
@@ -284,12 +287,27 @@ class HiCache:
             raise OutOfPages(swa_alloc.name, num_swa_pages, swa_alloc.num_free)
         full = full_alloc.alloc(num_pages)
         swa = swa_alloc.alloc(num_swa_pages) if num_swa_pages else np.zeros(0, np.int32)
+        self._outstanding[PageSpace.FULL] += full.size
+        self._outstanding[PageSpace.SWA] += swa.size
         return full, swa
 
     def free(self, full_ids=(), swa_ids=()) -> None:
         """Returns a request's device pages that were never inserted (e.g. an aborted request)."""
+        self._release_outstanding(full_ids, swa_ids)
         self._free("device", PageSpace.FULL, full_ids)
         self._free("device", PageSpace.SWA, swa_ids)
+
+    def _release_outstanding(self, full_ids, swa_ids) -> None:
+        """Pages leave the requests' hands (inserted into the tree or freed)."""
+        nf = int((np.asarray(full_ids).ravel() >= 0).sum())
+        ns = int((np.asarray(swa_ids if swa_ids is not None else ()).ravel() >= 0).sum())
+        if nf > self._outstanding[PageSpace.FULL] or ns > self._outstanding[PageSpace.SWA]:
+            raise ValueError(
+                f"{nf} full / {ns} SWA pages returned but only {self._outstanding[PageSpace.FULL]}"
+                f" / {self._outstanding[PageSpace.SWA]} were handed out by allocate()"
+            )
+        self._outstanding[PageSpace.FULL] -= nf
+        self._outstanding[PageSpace.SWA] -= ns
 
     # ----------------------------------------------------------------- insert
 
@@ -308,6 +326,7 @@ class HiCache:
         key = tokens[:aligned]
         full = np.asarray(full_device_ids, np.int32)
         res = self.tree.insert(key, full, swa_device_ids)
+        self._release_outstanding(full, swa_device_ids)
         self._free("device", PageSpace.FULL, res.dup_full_ids)
         self._free("device", PageSpace.SWA, res.free_swa_ids)
         self._stats.inserted_tokens += res.new_len
@@ -441,10 +460,31 @@ class HiCache:
         return s
 
     def check_invariants(self) -> None:
-        """Tree invariants plus allocator accounting (every page owned once)."""
+        """Tree invariants plus page accounting: every allocated page is owned exactly
+        once, by the tree, a request (allocated, not yet inserted) or an in-flight backup."""
         self.tree.check_invariants()
         for a in self.alloc.values():
             assert a.num_free + a.num_used == a.capacity, a
+        t = self.tree
+        dev_full = self.alloc["device", PageSpace.FULL].num_used
+        dev_swa = self.alloc["device", PageSpace.SWA].num_used
+        assert dev_full == t.total_device_pages() + self._outstanding[PageSpace.FULL], (
+            f"device full pages: {dev_full} allocated, {t.total_device_pages()} in the tree, "
+            f"{self._outstanding[PageSpace.FULL]} with requests"
+        )
+        assert dev_swa == t.total_device_swa_pages() + self._outstanding[PageSpace.SWA], (
+            f"device SWA pages: {dev_swa} allocated, {t.total_device_swa_pages()} in the tree, "
+            f"{self._outstanding[PageSpace.SWA]} with requests"
+        )
+        in_flight_full = sum(b.host_full.size for b in self._backups)
+        in_flight_swa = sum(int((b.host_swa >= 0).sum()) for b in self._backups)
+        host_full = self.alloc["host", PageSpace.FULL].num_used
+        host_swa = self.alloc["host", PageSpace.SWA].num_used
+        assert host_full == t.total_host_pages() + in_flight_full, (host_full, t.total_host_pages())
+        assert host_swa == t.total_host_swa_pages() + in_flight_swa, (
+            host_swa,
+            t.total_host_swa_pages(),
+        )
 
     def close(self) -> None:
         self.poll(wait=True)
