@@ -1,0 +1,345 @@
+"""The serving loop end to end: ``PagedModel`` + ``HiCache`` on PP 1, 2 and 4.
+
+Every cached run is compared with the same request recomputed from scratch
+(``ServingLoop.serve_uncached``) within ``TOL``: the logits of each generated
+token and of every computed prompt position. The cached and uncached runs chunk
+the prefix differently (the cached prefix was written by a 13-token chunk and
+decode steps), so they agree to a few 1e-6, not bit for bit; cache errors show
+up orders of magnitude above ``TOL`` (the negative controls below).
+
+The tier counters of each report are asserted, so a test cannot pass by
+silently recomputing (a miss would report ``cached_tokens == 0``). Host-tier
+tests zero every device page after the eviction, so the restored data can only
+have come from the host slabs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from jaxhicache.spec import PageSpace, PoolKind
+from models.config import TinyDSV4Config
+from models.dsv4 import init_params
+from models.paged import PagedModel
+from models.serving import ServingLoop, bucket_pages
+
+TOL = 1e-4  # max |Δlogit| between a cached and an uncached run (observed 2.6e-6 to 4.7e-6)
+PAGE = 16  # mini preset
+DEVICE_PAGES = 8  # one pool size for every loop: the compiled forwards are reused
+TURN1_PROMPT, TURN1_NEW = 45, 6  # KV written for 50 tokens: 3 whole pages + a partial one
+TURN2_USER, TURN2_NEW = 13, 6  # turn 2 = 45 + 6 + 13 = 64 tokens, cached prefix 48
+PREFIX = 48
+# PP 4 uses 9 layers split [3, 2, 2, 2] so that every stage holds a C4 layer
+# (its compressor state is what the reference system restored on the wrong stage).
+LAYOUTS = {1: (6, None), 2: (6, None), 4: (9, [3, 2, 2, 2])}
+
+
+class _Models:
+    def __init__(self):
+        self.models: dict[int, PagedModel] = {}
+        self.oracle: dict[tuple, object] = {}
+
+    def model(self, pp: int) -> PagedModel:
+        if len(jax.devices()) < pp:
+            pytest.skip(f"needs {pp} devices, have {len(jax.devices())}")
+        if pp not in self.models:
+            layers, partition = LAYOUTS[pp]
+            cfg = TinyDSV4Config.mini(num_layers=layers)
+            self.models[pp] = PagedModel(cfg, init_params(cfg, 0), pp=pp, partition=partition)
+        return self.models[pp]
+
+    def loop(self, pp: int, **kw) -> ServingLoop:
+        return ServingLoop.for_model(self.model(pp), device_pages=DEVICE_PAGES, **kw)
+
+    def uncached(self, loop: ServingLoop, pp: int, tokens, max_new: int):
+        key = (pp, tuple(int(t) for t in tokens), max_new)
+        if key not in self.oracle:
+            self.oracle[key] = loop.serve_uncached(tokens, max_new)
+        return self.oracle[key]
+
+
+@pytest.fixture(scope="module")
+def models():
+    return _Models()
+
+
+def _prompt(seed: int, n: int, vocab: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, n).astype(np.int32)
+
+
+def _turn2(loop: ServingLoop, seed: int, r1) -> np.ndarray:
+    vocab = loop.model.config.vocab
+    user = _prompt(seed + 1000, TURN2_USER, vocab)
+    return np.concatenate([_prompt(seed, TURN1_PROMPT, vocab), r1.generated, user])
+
+
+def _diff(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+
+
+def _check_report(loop: ServingLoop, r, prompt, max_new: int) -> None:
+    """Report fields are consistent with each other and with the request."""
+    page, vocab = loop.page, loop.model.config.vocab
+    assert r.prompt_len == len(prompt)
+    assert r.storage_cached_tokens == 0
+    assert r.cached_tokens == (
+        r.device_cached_tokens + r.host_cached_tokens + r.storage_cached_tokens
+    )
+    assert r.cached_tokens + r.prefill_tokens == r.prompt_len
+    assert r.cached_tokens % page == 0 and r.prefill_tokens >= 1
+    assert r.loaded_pages * page == r.host_cached_tokens
+    assert r.generated.shape == (max_new,)
+    assert r.step_logits.shape == (max_new, vocab)
+    assert r.prefill_logits.shape == (r.prefill_tokens, vocab)
+    np.testing.assert_array_equal(np.argmax(r.step_logits, axis=-1), r.generated)  # greedy
+    np.testing.assert_array_equal(r.step_logits[0], r.prefill_logits[-1])
+    assert 0 < r.ttft_s <= r.total_s
+    written = len(prompt) + max_new - 1  # the last generated token is never fed back
+    n_pages = math.ceil(written / page)
+    assert r.full_page_ids.shape == r.swa_page_ids.shape == (n_pages,)
+    assert (r.full_page_ids >= 0).all()
+    if r.used_cache:
+        assert r.inserted_tokens == written // page * page
+        w = r.cached_tokens // page
+        assert (r.swa_page_ids[max(0, w - 1) :] >= 0).all()  # window page + own pages
+        assert (r.swa_page_ids[: max(0, w - 1)] == -1).all()  # tombstones before it
+
+
+def _check_cache(loop: ServingLoop) -> None:
+    """Every page is owned once (no leak, no double free) once requests are done."""
+    cache = loop.cache
+    cache.poll(wait=True)
+    cache.check_invariants()
+    t, a = cache.tree, cache.alloc
+    used = {f"{tier}-{space.value}": al.num_used for (tier, space), al in a.items()}
+    assert used["device-full"] == t.total_device_pages(), used
+    assert used["device-swa"] == t.total_device_swa_pages(), used
+    assert used["host-full"] == t.total_host_pages(), used
+    assert used["host-swa"] == t.total_host_swa_pages(), used
+
+
+def _serve(loop, prompt, max_new, **kw):
+    r = loop.serve(prompt, max_new, **kw)
+    _check_report(loop, r, prompt, max_new)
+    _check_cache(loop)
+    return r
+
+
+def _wipe_device(loop: ServingLoop) -> None:
+    """Zeroes every device page; only valid when the tree holds none of them."""
+    cache = loop.cache
+    assert cache.tree.total_device_pages() == 0
+    assert cache.alloc["device", PageSpace.FULL].num_used == 0
+    pools = cache.pools
+    cache.pools = pools.replace(
+        arrays={
+            k: jax.device_put(np.zeros(a.shape, a.dtype), a.sharding)
+            for k, a in pools.arrays.items()
+        }
+    )
+
+
+def _evict_all_to_host(loop: ServingLoop) -> None:
+    freed = loop.evict_device(DEVICE_PAGES)
+    assert freed >= PREFIX // PAGE
+    assert loop.cache.tree.total_device_pages() == 0
+    assert loop.cache.tree.total_host_pages() >= PREFIX // PAGE
+    _wipe_device(loop)
+
+
+def _assert_matches_oracle(r, oracle) -> float:
+    """Cached run == uncached recompute within TOL; returns the max difference."""
+    d = max(
+        _diff(r.step_logits, oracle.step_logits),
+        _diff(r.prefill_logits, oracle.prefill_logits[r.cached_tokens :]),
+    )
+    assert d <= TOL, f"cached run differs from the recompute by {d:.3g} > {TOL}"
+    np.testing.assert_array_equal(r.generated, oracle.generated)
+    return d
+
+
+def _first_turn(models, loop, pp, seed):
+    vocab = loop.model.config.vocab
+    p1 = _prompt(seed, TURN1_PROMPT, vocab)
+    r1 = _serve(loop, p1, TURN1_NEW)
+    assert r1.cached_tokens == 0  # fresh conversation: a miss
+    _assert_matches_oracle(r1, models.uncached(loop, pp, p1, TURN1_NEW))
+    return r1
+
+
+# ---------------------------------------------------------------- multi-turn
+@pytest.mark.parametrize("tier", ["device", "host", "pressure"])
+@pytest.mark.parametrize("pp", [1, 2, 4])
+def test_multi_turn_equivalence(models, pp, tier):
+    """Turn 2 from a prefix on device, on host (evicted), or pushed out by other traffic."""
+    loop = models.loop(pp)
+    r1 = _first_turn(models, loop, pp, seed=pp)
+    if tier == "host":
+        _evict_all_to_host(loop)
+    elif tier == "pressure":  # two more conversations need the device pages
+        for other in (pp + 100, pp + 200):
+            _first_turn(models, loop, pp, seed=other)
+        assert loop.cache.stats()["device_evicted_pages"] >= PREFIX // PAGE
+    p2 = _turn2(loop, pp, r1)
+    r2 = _serve(loop, p2, TURN2_NEW)
+    assert r2.cached_tokens == PREFIX and r2.prefill_tokens == len(p2) - PREFIX
+    if tier == "device":
+        assert (r2.device_cached_tokens, r2.host_cached_tokens) == (PREFIX, 0)
+    else:
+        assert (r2.device_cached_tokens, r2.host_cached_tokens) == (0, PREFIX)
+        assert r2.loaded_pages == PREFIX // PAGE
+    _assert_matches_oracle(r2, models.uncached(loop, pp, p2, TURN2_NEW))
+    loop.close()
+
+
+# ---------------------------------------------------------- negative control
+def _corrupt(loop, kind, stage, page_pos, ring_slot=None):
+    """A ``before_load`` hook zeroing one restored page (or ring row) of one stage's slab."""
+    cache = loop.cache
+    m = cache.layer_maps[stage]
+    assert m.num_layers_of(kind) > 0, f"stage {stage} has no {kind.value} layer"
+
+    def hook(match):
+        assert match.host_len == PREFIX  # the whole prefix comes from host
+        ids = match.swa_host_ids if kind.page_space is PageSpace.SWA else match.host_full_ids
+        host_id = int(ids[page_pos])
+        assert host_id >= 0
+        slab = cache.host.slab(stage, kind)  # page_first: [pages, layers, *row]
+        assert slab[host_id, 0].any(), "nothing to corrupt: the host copy is empty"
+        if ring_slot is None:
+            slab[host_id, 0] = 0
+        else:
+            slab[host_id, 0, ring_slot] = 0
+
+    return hook
+
+
+CORRUPTIONS = {
+    # C4 compressor state of the restored window page, ring slot 7 (token P-1, an A half)
+    "c4_state_row": (PoolKind.C4_STATE, 1, -1, 7),
+    "c4_indexer_state_row": (PoolKind.C4_INDEXER_STATE, 0, -1, 4),
+    "c4_kv_page": (PoolKind.C4_KV, 0, -1, None),  # C4 entries 8..11 of layer 2
+    "c128_kv_page": (PoolKind.C128_KV, 1, 0, None),  # HCA entries 0..1 of layer 3
+}
+
+
+def test_corrupted_host_copy_is_detected(models):
+    """Corrupting the host copy before the L2 load-back breaks the equivalence."""
+    pp = 2
+    diffs = {}
+    for name, (kind, stage, page_pos, slot) in CORRUPTIONS.items():
+        loop = models.loop(pp)
+        r1 = _first_turn(models, loop, pp, seed=7)
+        _evict_all_to_host(loop)
+        p2 = _turn2(loop, 7, r1)
+        r2 = _serve(loop, p2, TURN2_NEW, before_load=_corrupt(loop, kind, stage, page_pos, slot))
+        assert (r2.device_cached_tokens, r2.host_cached_tokens) == (0, PREFIX)
+        oracle = models.uncached(loop, pp, p2, TURN2_NEW)
+        diffs[name] = max(
+            _diff(r2.step_logits, oracle.step_logits),
+            _diff(r2.prefill_logits, oracle.prefill_logits[PREFIX:]),
+        )
+        loop.close()
+    print("negative-control max |Δlogit| per corruption:", diffs)
+    for name, d in diffs.items():
+        assert d > TOL, f"corrupting {name} went undetected (max diff {d:.3g} <= {TOL})"
+
+
+# ------------------------------------------------- the reference system's bug
+@pytest.mark.parametrize("pp", [2, 4])
+def test_host_restore_on_every_stage(models, pp):
+    """Every stage restores its own C4 state rows from host (not stage 0's, not empty)."""
+    loop = models.loop(pp)
+    cache = loop.cache
+    r1 = _first_turn(models, loop, pp, seed=11)
+    last = PREFIX // PAGE - 1  # the window page of the restore point P = 48
+    old_swa = int(r1.swa_page_ids[last])
+    old_full = r1.full_page_ids[: PREFIX // PAGE]
+    kinds = (PoolKind.C4_STATE, PoolKind.C4_INDEXER_STATE, PoolKind.SWA_KV)
+    before = {k: np.asarray(cache.pools[k])[:, :, old_swa].copy() for k in kinds}
+    before[PoolKind.C4_KV] = np.asarray(cache.pools[PoolKind.C4_KV])[:, :, old_full].copy()
+    _evict_all_to_host(loop)
+    seen = {}
+    p2 = _turn2(loop, 11, r1)
+    r2 = _serve(loop, p2, TURN2_NEW, before_load=lambda m: seen.update(m=m))
+    assert (r2.device_cached_tokens, r2.host_cached_tokens) == (0, PREFIX)
+    assert int(seen["m"].swa_host_ids[-1]) >= 0  # the window page came from host
+    new_swa = int(r2.swa_page_ids[last])
+    new_full = r2.full_page_ids[: PREFIX // PAGE]
+    after = {k: np.asarray(cache.pools[k])[:, :, new_swa] for k in kinds}
+    after[PoolKind.C4_KV] = np.asarray(cache.pools[PoolKind.C4_KV])[:, :, new_full]
+    for m in cache.layer_maps:
+        r = m.pp_rank
+        assert m.num_layers_of(PoolKind.C4_STATE) > 0, f"stage {r} has no C4 layer"
+        for kind in (*kinds, PoolKind.C4_KV):
+            nk = m.num_layers_of(kind)
+            got, want = after[kind][r, :nk], before[kind][r, :nk]
+            for k in range(nk):
+                assert got[k].any(), f"stage {r} {kind.value} layer {k}: restored rows are zero"
+            np.testing.assert_array_equal(got, want, err_msg=f"stage {r} {kind.value}")
+    # the stages' states differ, so a restore from the wrong stage could not pass
+    first = [after[PoolKind.C4_STATE][m.pp_rank, 0] for m in cache.layer_maps]
+    for i in range(pp):
+        for j in range(i + 1, pp):
+            assert not np.array_equal(first[i], first[j]), (i, j)
+    _assert_matches_oracle(r2, models.uncached(loop, pp, p2, TURN2_NEW))
+    loop.close()
+
+
+# -------------------------------------------------------------- write_back
+def test_write_back_backs_up_on_eviction(models):
+    """write_back: nothing reaches host until eviction; the host hit then gives the same logits."""
+    pp = 2
+    loop = models.loop(pp, write_policy="write_back")
+    cache = loop.cache
+    r1 = _first_turn(models, loop, pp, seed=21)
+    p2 = _turn2(loop, 21, r1)
+    dev = _serve(loop, p2, TURN2_NEW)  # from device
+    assert (dev.device_cached_tokens, dev.host_cached_tokens) == (PREFIX, 0)
+    assert cache.stats()["backups_issued"] == 0 and cache.tree.total_host_pages() == 0
+    _evict_all_to_host(loop)  # backs up first, then demotes
+    assert cache.stats()["backups_issued"] >= 1
+    host = _serve(loop, p2, TURN2_NEW)
+    assert (host.device_cached_tokens, host.host_cached_tokens) == (0, PREFIX)
+    # same data, same chunking: the host hit equals the device hit bit for bit
+    np.testing.assert_array_equal(host.step_logits, dev.step_logits)
+    np.testing.assert_array_equal(host.prefill_logits, dev.prefill_logits)
+    _assert_matches_oracle(host, models.uncached(loop, pp, p2, TURN2_NEW))
+    loop.close()
+
+
+# ------------------------------------------------------------------ misc
+def test_report_and_accounting_over_mixed_traffic(models):
+    """Mixed traffic on PP 2 (hits, misses, evictions both tiers, prompts of exact pages)."""
+    pp = 2
+    loop = models.loop(pp)
+    vocab = loop.model.config.vocab
+    base = _prompt(31, 2 * PAGE, vocab)  # exactly two pages: the match keeps the last token
+    r = _serve(loop, base, 1)
+    assert r.cached_tokens == 0 and r.inserted_tokens == 2 * PAGE
+    # The same prompt again: the match stops at P = 16 (the last token is always computed),
+    # whose window page 0 lost its SWA page to the tombstone rule: a miss. The request's
+    # pages duplicate the tree's, so insert frees them (checked by _check_cache).
+    r = _serve(loop, base, 3)
+    assert (r.cached_tokens, r.prefill_tokens) == (0, 2 * PAGE)
+    _assert_matches_oracle(r, models.uncached(loop, pp, base, 3))
+    longer = np.concatenate([base, _prompt(32, 20, vocab)])
+    r = _serve(loop, longer, 2)
+    assert r.device_cached_tokens == 2 * PAGE
+    _assert_matches_oracle(r, models.uncached(loop, pp, longer, 2))
+    assert loop.evict_device(DEVICE_PAGES) > 0
+    assert loop.evict_host(4 * DEVICE_PAGES) > 0  # host-only leaves dropped: a full miss
+    r = _serve(loop, longer, 2)
+    assert r.cached_tokens == 0
+    assert loop.cache.stats()["storage_hit_tokens"] == 0
+    assert bucket_pages(5) == 8 and bucket_pages(9) == 16 and bucket_pages(1, 2) == 2
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        loop.serve(base, 0)
+    with pytest.raises(ValueError, match=r"needs \d+ pages"):
+        loop.serve_uncached(_prompt(33, DEVICE_PAGES * PAGE + 1, vocab), 1)
+    _check_cache(loop)
+    loop.close()
