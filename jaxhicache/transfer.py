@@ -188,6 +188,8 @@ class TransferEngine:
         self._pending: list[tuple] = []
         tp = mesh.shape[TP]
         self._pspec = {k: pool_partition_spec(self.spec, k, tp) for k in self._kinds}
+        self._slab_readers: list[jax.Array] = []  # direct loads still reading the slabs
+        self._direct_load = self._make_direct_load()
         self._gather_all = self._make_gather()
         self._scatter_all = self._make_scatter(per_layer=False)
         self._scatter_layer = self._make_scatter(per_layer=True)
@@ -212,6 +214,8 @@ class TransferEngine:
         if self.direct_host_copy:
             # Device memory is host memory: copy page rows straight from the pool's buffer
             # into the slabs, in this thread (the pool may be donated right after).
+            jax.block_until_ready(self._slab_readers)  # no direct load still reads the slabs
+            self._slab_readers.clear()
             fut: concurrent.futures.Future = concurrent.futures.Future()
             fut.set_result(self._land_backup(_replica0_views(pools.arrays), move, gens, t0, move))
             return BackupHandle(fut)
@@ -287,6 +291,8 @@ class TransferEngine:
         ids = self._device_ids(pools, move, unique=True)
         for space in PageSpace:
             validate_page_ids(move.ids(space)[1], self.host.pages_of(space), unique=False)
+        if self.direct_host_copy and layer is None:
+            return self._load_direct(pools, move, ids, t0)
         staging, nbytes = self._host_staging(move, ids, layer)
         scatter = self._scatter_all if layer is None else self._scatter_layer
         new_arrays, token = scatter(
@@ -303,12 +309,72 @@ class TransferEngine:
         return out, LoadHandle({layer: token})
 
     def load_layerwise(self, pools: DevicePools, move: PageMove) -> tuple[DevicePools, LoadHandle]:
-        """Loads layer by layer (stage-local order), so compute can wait per layer."""
+        """Loads layer by layer (stage-local order), so compute can wait per layer.
+
+        With ``direct_host_copy`` (CPU) there is no link to overlap: one all-layer load,
+        and every layer's wait is that load's completion.
+        """
+        if self.direct_host_copy:
+            pools, handle = self.load(pools, move)
+            token = handle._tokens[None]
+            return pools, LoadHandle({lyr: token for lyr in range(self.stacked.max_local_layers)})
         tokens = {}
         for lyr in range(self.stacked.max_local_layers):
             pools, h = self.load(pools, move, layer=lyr)
             tokens.update(h._tokens)
         return pools, LoadHandle(tokens)
+
+    def _load_direct(self, pools: DevicePools, move: PageMove, ids, t0: float):
+        """CPU: the pools' scatter reads page rows straight from device arrays that alias
+        the host slabs (no staging copy): one copy per page row."""
+        slabs = {
+            k: _alias_sharded(NamedSharding(self.mesh, self._pspec[k]), self.host.stacked(k))
+            for k in self._kinds
+        }
+        host_ids = {}
+        for space in PageSpace:
+            h = move.ids(space)[1]
+            nb = ids[space].shape[0]
+            host_ids[space] = jnp.asarray(np.concatenate([h, np.zeros(nb - h.size, np.int32)]))
+        new_arrays, token = self._direct_load(pools.arrays, slabs, ids, host_ids)
+        self._slab_readers.append(token)
+        nbytes = sum(
+            move.ids(k.page_space)[1].size * m.num_layers_of(k) * self.spec.row_bytes(k)
+            for k in self._kinds
+            for m in self.layer_maps
+        )
+        with self._lock:
+            self.stats.loads += 1
+            self.stats.load_bytes += nbytes
+            self.stats.load_seconds += time.perf_counter() - t0
+        return pools.replace(arrays=new_arrays), LoadHandle({None: token})
+
+    def _make_direct_load(self):
+        """jit(shard_map), pools donated: per stage, copy slab rows into pool pages."""
+        kinds = self._kinds
+        page_first = self.host.layout is Layout.PAGE_FIRST
+
+        def body(arrays, slabs, dev_ids, host_ids):
+            out = {}
+            for kind in kinds:
+                out[kind] = _copy_host_rows(
+                    arrays[kind][0],
+                    slabs[kind][0],
+                    dev_ids[kind.page_space],
+                    host_ids[kind.page_space],
+                    page_first=page_first,
+                )[None]
+            return out, jnp.zeros((1,), jnp.int32)
+
+        pools_spec = dict(self._pspec)
+        smap = jax.shard_map(
+            body,
+            mesh=self.mesh,
+            in_specs=(pools_spec, pools_spec, P(), P()),
+            out_specs=(pools_spec, P(PP)),
+            check_vma=False,
+        )
+        return jax.jit(smap, donate_argnums=(0,))
 
     def _host_staging(self, move: PageMove, ids, layer):
         """Per kind: a device array ``[pp, Lk, nb, *row]`` (per layer: ``[pp, nb, *row]``).
@@ -440,6 +506,33 @@ class TransferEngine:
             check_vma=False,
         )
         return jax.jit(smap, donate_argnums=(0,))
+
+
+def _copy_host_rows(pool, slab, dev_ids, host_ids, *, page_first: bool):
+    """``pool [K, P, *row]`` with page ``dev_ids[j]`` := host page ``host_ids[j]`` of
+    ``slab`` (``[pages, K, *row]`` page-first, else ``[K, pages, *row]``); ids ``>= P``
+    (bucket padding) write nothing. One ``dynamic_update_slice`` per page, in place."""
+    num_layers, num_pages = pool.shape[:2]
+    zeros = (0,) * (pool.ndim - 2)
+
+    def body(j, pool):
+        pid, hid = dev_ids[j], host_ids[j]
+
+        def write(pool):
+            if page_first:
+                rows = jax.lax.dynamic_slice(
+                    slab, (hid, 0, *zeros), (1, num_layers, *pool.shape[2:])
+                )
+                rows = jnp.swapaxes(rows, 0, 1)  # [K, 1, *row]: a bitcast
+            else:
+                rows = jax.lax.dynamic_slice(
+                    slab, (0, hid, *zeros), (num_layers, 1, *pool.shape[2:])
+                )
+            return jax.lax.dynamic_update_slice(pool, rows, (0, pid, *zeros))
+
+        return jax.lax.cond(pid < num_pages, write, lambda p: p, pool)
+
+    return jax.lax.fori_loop(0, dev_ids.shape[0], body, pool)
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype, align: int = 4096) -> np.ndarray:

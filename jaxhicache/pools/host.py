@@ -46,6 +46,15 @@ def available_host_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def _aligned_zeros(shape: tuple[int, ...], dtype: np.dtype, align: int = 4096) -> np.ndarray:
+    """A zeroed numpy array whose data starts on an ``align``-byte boundary (lazily backed)."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.zeros(nbytes + align, np.uint8)
+    off = (-raw.ctypes.data) % align
+    return raw[off : off + nbytes].view(dtype).reshape(shape)
+
+
 @final
 class HostPools:
     """Host slabs of all sub-pools of all stages of one model."""
@@ -79,10 +88,13 @@ class HostPools:
                 f"{reserve_bytes:,}; lower the host page counts ({num_pages} full, "
                 f"{num_swa_pages} SWA)"
             )
-        self._slabs: list[dict[PoolKind, np.ndarray]] = [
-            {k: np.zeros(self._slab_shape(m, k), spec.row_dtype(k)) for k in spec.kinds()}
-            for m in self.layer_maps
-        ]
+        # One zeroed, page-aligned array per sub-pool holding every stage, padded to the
+        # largest stage (the rows of padding layers are never touched, so the OS never
+        # backs them with memory); ``slab(rank, kind)`` is a view of the stage's part.
+        # A device array can alias it without a copy where device memory is host memory.
+        self._stacked = {
+            k: _aligned_zeros(self._stacked_shape(k), spec.row_dtype(k)) for k in spec.kinds()
+        }
 
     # ---------------------------------------------------------------- sizing
 
@@ -132,6 +144,19 @@ class HostPools:
     def pages_of(self, space: PageSpace) -> int:
         return self.num_pages if space is PageSpace.FULL else self.num_swa_pages
 
+    def _stacked_shape(self, kind: PoolKind) -> tuple[int, ...]:
+        pp = len(self.layer_maps)
+        max_k = max(1, max(m.num_layers_of(kind) for m in self.layer_maps))
+        pages = self.pages_of(kind.page_space)
+        if self.layout is Layout.PAGE_FIRST:
+            return (pp, pages, max_k, *self.spec.row_shape(kind))
+        return (pp, max_k, pages, *self.spec.row_shape(kind))
+
+    def stacked(self, kind: PoolKind) -> np.ndarray:
+        """All stages' slabs of ``kind`` as one page-aligned array, padded to the largest
+        stage: ``[pp, pages, max_k, *row]`` (page_first) or ``[pp, max_k, pages, *row]``."""
+        return self._stacked[self.spec.check_kind(kind)]
+
     def _slab_shape(self, m: StageLayerMap, kind: PoolKind) -> tuple[int, ...]:
         n = m.num_layers_of(kind)
         pages = self.pages_of(kind.page_space)
@@ -140,7 +165,7 @@ class HostPools:
         return (n, pages, *self.spec.row_shape(kind))
 
     def nbytes_per_stage(self) -> list[int]:
-        """Bytes of every stage's slabs."""
+        """Bytes of every stage's slabs (its real layers; padding rows are never touched)."""
         return [
             sum(
                 math.prod(self._slab_shape(m, k)) * self.spec.row_dtype(k).itemsize
@@ -153,7 +178,9 @@ class HostPools:
 
     def slab(self, rank: int, kind: PoolKind) -> np.ndarray:
         """The slab of sub-pool ``kind`` on stage ``rank`` (layout ``self.layout``)."""
-        return self._slabs[rank][self.spec.check_kind(kind)]
+        big = self.stacked(kind)
+        nk = self.layer_maps[rank].num_layers_of(kind)
+        return big[rank, :, :nk] if self.layout is Layout.PAGE_FIRST else big[rank, :nk]
 
     def read(self, rank: int, kind: PoolKind, host_ids: np.ndarray) -> np.ndarray:
         """Pages ``host_ids`` of one stage's sub-pool as ``[n, n_kind, *row]``."""
