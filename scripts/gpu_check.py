@@ -25,10 +25,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 
-from transfer_bench import bench_case, flash_shaped  # noqa: E402
+from transfer_bench import bench_case, flash_shaped
 
-from jaxhicache.spec import ModelCacheSpec  # noqa: E402
-from kernels_pallas.paged_copy import (  # noqa: E402
+from jaxhicache.spec import ModelCacheSpec
+from kernels_pallas.paged_copy import (
     Backend,
     Layout,
     paged_gather,
@@ -50,7 +50,9 @@ def _rand(rng, shape, dtype):
 def kernel_checks(backend: Backend, log) -> list[dict]:
     rng = np.random.default_rng(0)
     cases = [((b,), "uint8") for b in DSV4_ROW_BYTES]
-    cases += [((2, 16, 4, 64), d) for d in ("bfloat16", "float16", "float32", "float8_e4m3fn", "uint8")]
+    cases += [
+        ((2, 16, 4, 64), d) for d in ("bfloat16", "float16", "float32", "float8_e4m3fn", "uint8")
+    ]
     results = []
     for row, dtype in cases:
         for layout in (Layout.PAGE_FIRST, Layout.LAYER_FIRST):
@@ -60,17 +62,29 @@ def kernel_checks(backend: Backend, log) -> list[dict]:
             try:
                 got = paged_gather(pool, ids, layout=layout, backend=backend)
                 want = paged_gather_reference(pool, ids, layout=layout)
-                ok &= bool(np.array_equal(np.asarray(got).view(np.uint8), np.asarray(want).view(np.uint8)))
+                ok &= bool(
+                    np.array_equal(np.asarray(got).view(np.uint8), np.asarray(want).view(np.uint8))
+                )
                 staging = jnp.asarray(_rand(rng, want.shape, dtype))
                 poisoned = jnp.asarray(_rand(rng, pool.shape, dtype))  # every page differs
                 got = paged_scatter(poisoned, ids, staging, layout=layout, backend=backend)
                 want = paged_scatter_reference(poisoned, ids, staging, layout=layout)
-                ok &= bool(np.array_equal(np.asarray(got).view(np.uint8), np.asarray(want).view(np.uint8)))
+                ok &= bool(
+                    np.array_equal(np.asarray(got).view(np.uint8), np.asarray(want).view(np.uint8))
+                )
                 err = ""
             except Exception as e:  # record, keep going: this is a report
                 ok, err = False, f"{type(e).__name__}: {e}"
                 log.write(traceback.format_exc())
-            results.append({"row": list(row), "dtype": dtype, "layout": layout.name, "ok": ok, "error": err[:300]})
+            results.append(
+                {
+                    "row": list(row),
+                    "dtype": dtype,
+                    "layout": layout.name,
+                    "ok": ok,
+                    "error": err[:300],
+                }
+            )
     return results
 
 
@@ -106,7 +120,9 @@ def pinned_feeds_triton(backend: Backend) -> str:
     dev = jax.devices()[0]
     pool = jnp.asarray(np.arange(4 * 16 * 256, dtype=np.float32).reshape(4, 16, 256))
     try:
-        host = jax.device_put(pool, jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host"))
+        host = jax.device_put(
+            pool, jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host")
+        )
     except Exception as e:
         return f"no pinned_host memory: {type(e).__name__}: {e}"[:300]
     ids = np.array([3, 1, 7], np.int32)
@@ -139,10 +155,14 @@ def main(argv=None) -> int:
     layers = 4 if args.quick or platform != "gpu" else 6
     pages = max(counts)
     dsv4 = flash_shaped(layers)
-    mha = ModelCacheSpec.mha(num_layers=8, num_kv_heads=8, head_dim=128, page_size=64, dtype="bfloat16")
+    mha = ModelCacheSpec.mha(
+        num_layers=8, num_kv_heads=8, head_dim=128, page_size=64, dtype="bfloat16"
+    )
     rows = bench_case(dsv4.name, dsv4, pages, counts, 5, backend)
     rows += bench_case("mha-l8-h8-d128-p64-bf16", mha, pages, counts, 5, backend)
-    d2d, d2h, h2d = (ceil.get(k, float("nan")) for k in ("d2d_copy_GBps", "d2h_pinned_GBps", "h2d_pinned_GBps"))
+    d2d, d2h, h2d = (
+        ceil.get(k, float("nan")) for k in ("d2d_copy_GBps", "d2h_pinned_GBps", "h2d_pinned_GBps")
+    )
     for r in rows:
         r["gather_frac"] = r["gather_GBps"] / d2d
         r["scatter_frac"] = r["scatter_GBps"] / d2d
@@ -163,15 +183,32 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
         json.dump(report, f, indent=1)
     # ---- the table, last
-    print(f"\n== jaxhicache GPU check {report['date']}  {report['device']}  jax {report['jax']}  backend {backend.name}")
-    print(f"kernels vs reference: {report['kernel_checks_passed']}/{report['kernel_checks_total']} bit-exact")
-    print("ceilings GB/s: " + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in ceil.items()))
+    print(
+        f"\n== jaxhicache GPU check {report['date']}  {report['device']}  jax {report['jax']}  backend {backend.name}"
+    )
+    print(
+        f"kernels vs reference: {report['kernel_checks_passed']}/{report['kernel_checks_total']} bit-exact"
+    )
+    print(
+        "ceilings GB/s: "
+        + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in ceil.items())
+    )
     print(f"pinned_host array into the Triton kernel: {pinned}")
-    print(f"{'case':<26} {'pages':>5} {'MiB':>8} {'gather':>14} {'scatter':>14} {'backup(D2H)':>14} {'load(H2D)':>14}")
+    print(
+        f"{'case':<26} {'pages':>5} {'MiB':>8} {'gather':>14} {'scatter':>14} {'backup(D2H)':>14} {'load(H2D)':>14}"
+    )
     for r in rows:
-        cells = [f"{r[k + '_GBps']:6.1f} {r[k + '_frac']:5.0%}" for k in ("gather", "scatter", "backup", "load")]
-        print(f"{r['case']:<26} {r['pages']:>5} {r['bytes'] / 2**20:>8.1f} " + " ".join(f"{c:>14}" for c in cells))
-    print("(GB/s and fraction of ceiling: gather/scatter vs d2d copy, backup vs pinned D2H, load vs pinned H2D)")
+        cells = [
+            f"{r[k + '_GBps']:6.1f} {r[k + '_frac']:5.0%}"
+            for k in ("gather", "scatter", "backup", "load")
+        ]
+        print(
+            f"{r['case']:<26} {r['pages']:>5} {r['bytes'] / 2**20:>8.1f} "
+            + " ".join(f"{c:>14}" for c in cells)
+        )
+    print(
+        "(GB/s and fraction of ceiling: gather/scatter vs d2d copy, backup vs pinned D2H, load vs pinned H2D)"
+    )
     return 0 if report["kernel_checks_passed"] == report["kernel_checks_total"] else 1
 
 
