@@ -50,6 +50,7 @@ __all__ = [
     "ModelCacheSpec",
     "PageSpace",
     "PoolKind",
+    "pool_kinds_of",
 ]
 
 
@@ -119,6 +120,12 @@ _KINDS_OF_ATTENTION: dict[AttentionKind, tuple[PoolKind, ...]] = {
     AttentionKind.HCA: (PoolKind.SWA_KV, PoolKind.C128_KV),
     AttentionKind.FULL: (PoolKind.FULL_KV,),
 }
+
+
+def pool_kinds_of(attention: AttentionKind) -> tuple[PoolKind, ...]:
+    """Sub-pools a layer of attention kind ``attention`` has a row in."""
+    return _KINDS_OF_ATTENTION[AttentionKind(attention)]
+
 
 C4_RATIO = 4
 _FP8_ROW_ALIGN = 576  # DSV4 KV rows are padded to a multiple of 576 bytes

@@ -44,7 +44,7 @@ from jax.sharding import PartitionSpec as P
 from jaxhicache.layer_map import StageLayerMap, stack_layer_maps
 from jaxhicache.mesh import PP, TP, pool_partition_spec
 from jaxhicache.pools.device import DevicePools
-from jaxhicache.pools.host import HostPools
+from jaxhicache.pools.host import HostPools, aligned_zeros
 from jaxhicache.spec import PageSpace, PoolKind
 from kernels_pallas.paged_copy import (
     Backend,
@@ -411,7 +411,7 @@ class TransferEngine:
         if key in self._busy:
             jax.block_until_ready(self._busy.pop(key))
         if key not in self._buffers:
-            self._buffers[key] = _aligned_empty(shape, self.spec.row_dtype(kind))
+            self._buffers[key] = aligned_zeros(shape, self.spec.row_dtype(kind))
         self._pending.append(key)
         return self._buffers[key]
 
@@ -533,15 +533,6 @@ def _copy_host_rows(pool, slab, dev_ids, host_ids, *, page_first: bool):
         return jax.lax.cond(pid < num_pages, write, lambda p: p, pool)
 
     return jax.lax.fori_loop(0, dev_ids.shape[0], body, pool)
-
-
-def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype, align: int = 4096) -> np.ndarray:
-    """An uninitialised numpy array whose data starts on an ``align``-byte boundary."""
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    raw = np.empty(nbytes + align, np.uint8)
-    off = (-raw.ctypes.data) % align
-    return raw[off : off + nbytes].view(dtype).reshape(shape)
 
 
 def _alias_sharded(sharding: NamedSharding, buf: np.ndarray) -> jax.Array:

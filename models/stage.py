@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxhicache.layer_map import StageLayerMap, StageView
-from jaxhicache.spec import AttentionKind, PoolKind
+from jaxhicache.spec import AttentionKind, PoolKind, pool_kinds_of
 from models.chunk import layer_forward
 from models.config import TinyDSV4Config
 
@@ -143,20 +143,9 @@ def stage_forward(
     """
     kinds = tuple(kinds)
     view = jax.tree.map(jnp.asarray, view)
-    attn_kinds = {
-        AttentionKind.SWA: (PoolKind.SWA_KV,),
-        AttentionKind.CSA: (
-            PoolKind.SWA_KV,
-            PoolKind.C4_KV,
-            PoolKind.C4_INDEXER,
-            PoolKind.C4_STATE,
-            PoolKind.C4_INDEXER_STATE,
-        ),
-        AttentionKind.HCA: (PoolKind.SWA_KV, PoolKind.C128_KV),
-    }
 
     def branch(kind, li):
-        needed = attn_kinds[kind]
+        needed = pool_kinds_of(kind)
         if not all(k in kinds for k in needed):
             return lambda h, pools, scratch: (h, pools, scratch)  # kind absent from the model
 

@@ -29,7 +29,7 @@ from jaxhicache.layer_map import StageLayerMap
 from jaxhicache.spec import ModelCacheSpec, PageSpace, PoolKind
 from kernels_pallas.paged_copy import Layout
 
-__all__ = ["HostPools", "available_host_memory"]
+__all__ = ["HostPools", "aligned_zeros", "available_host_memory"]
 
 DEFAULT_RESERVE_BYTES = 2 << 30  # keep 2 GiB of the machine's memory for everything else
 
@@ -46,7 +46,7 @@ def available_host_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _aligned_zeros(shape: tuple[int, ...], dtype: np.dtype, align: int = 4096) -> np.ndarray:
+def aligned_zeros(shape: tuple[int, ...], dtype: np.dtype, align: int = 4096) -> np.ndarray:
     """A zeroed numpy array whose data starts on an ``align``-byte boundary (lazily backed)."""
     dtype = np.dtype(dtype)
     nbytes = math.prod(shape) * dtype.itemsize
@@ -93,7 +93,7 @@ class HostPools:
         # backs them with memory); ``slab(rank, kind)`` is a view of the stage's part.
         # A device array can alias it without a copy where device memory is host memory.
         self._stacked = {
-            k: _aligned_zeros(self._stacked_shape(k), spec.row_dtype(k)) for k in spec.kinds()
+            k: aligned_zeros(self._stacked_shape(k), spec.row_dtype(k)) for k in spec.kinds()
         }
 
     # ---------------------------------------------------------------- sizing
