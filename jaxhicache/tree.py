@@ -61,11 +61,15 @@ __all__ = [
 ]
 
 _I32 = np.int32
+_I32_DT = np.dtype(np.int32)
 _EMPTY = np.zeros(0, dtype=_I32)
 _EMPTY.setflags(write=False)
 _TOK = np.int64
 _TOK_DT = np.dtype(np.int64)
 _TOK_BYTES = 8
+# np.concatenate without the __array_function__ dispatch layer (all inputs here are
+# plain int32 ndarrays); falls back to the public function if numpy lacks it.
+_concat = getattr(np.concatenate, "_implementation", np.concatenate)
 
 
 # --------------------------------------------------------------------------- policies
@@ -239,7 +243,7 @@ class InsertResult:
             return self.dup_swa_ids
         if not self.dup_swa_ids.size:
             return self.tombstoned_swa_ids
-        return np.concatenate([self.dup_swa_ids, self.tombstoned_swa_ids])
+        return _concat([self.dup_swa_ids, self.tombstoned_swa_ids])
 
 
 @dataclass(slots=True)
@@ -270,11 +274,11 @@ def _cat(parts: list[np.ndarray]) -> np.ndarray:
         return _EMPTY
     if len(parts) == 1:
         return parts[0].copy()
-    return np.concatenate(parts)
+    return _concat(parts)
 
 
 def _ids(x, what: str) -> np.ndarray:
-    if type(x) is np.ndarray and x.dtype == _I32 and x.ndim == 1:
+    if type(x) is np.ndarray and x.dtype is _I32_DT and x.ndim == 1:
         return x
     arr = np.asarray(x)
     if arr.ndim != 1:
@@ -331,6 +335,7 @@ class RadixTree:
         self._dev_leaves: set[TreeNode] = set()
         self._host_leaves: set[TreeNode] = set()
         self._neg_buf = _EMPTY
+        self._neg_swa = self._neg(self.swa_pages)  # read-only: shared by every match
 
     # ------------------------------------------------------------------ counters (O(1))
     @property
@@ -417,7 +422,7 @@ class RadixTree:
         if part is None or not part.size:
             return np.full(k, -1, dtype=_I32), 0, k, 0
         q = part.size
-        arr = np.concatenate((self._neg(k - q), part)) if q < k else part.copy()
+        arr = _concat((self._neg(k - q), part)) if q < k else part.copy()
         if part[part.argmin()] >= 0:
             return arr, q, k - q, k
         live = np.flatnonzero(part >= 0)
@@ -619,7 +624,13 @@ class RadixTree:
         Splits a node where the match ends inside it, bumps ``last_access`` and
         ``hit_count`` along the usable path.
         """
-        kb, _ = self._key_bytes(key, aligned=False)
+        if type(key) is np.ndarray and key.dtype is _TOK_DT and key.ndim == 1:  # fast path
+            ps = self.page_size
+            n = len(key)
+            r = n % ps
+            kb = key.tobytes() if not r else key[: n - r].tobytes()
+        else:
+            kb, _ = self._key_bytes(key, aligned=False)
         pb = self._pb
         end = len(kb)
         node = self._root
@@ -676,11 +687,27 @@ class RadixTree:
         if len(dev_parts) == 1:
             dev_ids = dev_parts[0].copy()
         else:
-            dev_ids = np.concatenate(dev_parts) if dev_parts else _EMPTY
+            dev_ids = _concat(dev_parts) if dev_parts else _EMPTY
         host_ids = _cat(host_parts) if host_parts else _EMPTY
         if swa and usable:
-            w = min(swa, usable)
-            swa_dev, swa_host = self._window(path, w)
+            n = path[-1]
+            k = n.num_pages
+            if usable >= swa and n.host_swa is None:
+                # Fast paths of _window: the window lies in the last one or two
+                # nodes and nothing is on host.
+                w = swa
+                swa_host = self._neg_swa
+                if k >= w:
+                    swa_dev = n.device_swa[k - w :].copy()
+                else:
+                    p = path[-2] if len(path) > 1 else None
+                    if p is not None and p.host_swa is None and p.num_pages + k >= w:
+                        swa_dev = _concat((p.device_swa[p.num_pages + k - w :], n.device_swa))
+                    else:
+                        swa_dev, swa_host = self._window(path, w)
+            else:
+                w = swa if swa < usable else usable
+                swa_dev, swa_host = self._window(path, w)
         else:
             w = 0
             swa_dev = swa_host = _EMPTY
@@ -699,7 +726,7 @@ class RadixTree:
 
     def _usable_boundary(self, path: list[TreeNode], full_pages: int) -> int:
         """Largest page boundary b <= full_pages whose trailing window has SWA values."""
-        avail = np.concatenate([self._avail(n) for n in path])
+        avail = _concat([self._avail(n) for n in path])
         bad = np.flatnonzero(~avail)
         if bad.size == 0 or full_pages - 1 - int(bad[-1]) >= self.swa_pages:
             return full_pages
@@ -722,17 +749,25 @@ class RadixTree:
 
     def _neg(self, k: int) -> np.ndarray:
         """Read-only view of ``k`` entries of -1."""
-        if self._neg_buf.size < k:
-            buf = np.full(max(k, 2 * self._neg_buf.size), -1, dtype=_I32)
+        buf = self._neg_buf
+        if buf.size < k:
+            buf = np.full(max(k, 2 * buf.size), -1, dtype=_I32)
             buf.setflags(write=False)
             self._neg_buf = buf
-        return self._neg_buf[:k]
+        return buf[:k]
 
     def _window(self, path: list[TreeNode], w: int) -> tuple[np.ndarray, np.ndarray]:
         n = path[-1]
         k = n.num_pages
-        if k >= w and n.host_swa is None:  # common case: one node, nothing on host
-            return n.device_swa[k - w :].copy(), self._neg(w)
+        neg = self._neg_swa if w == self.swa_pages else self._neg(w)
+        if n.host_swa is None:
+            if k >= w:  # common case: one node, nothing on host
+                return n.device_swa[k - w :].copy(), neg
+            if len(path) > 1:  # next common case: two nodes, nothing on host
+                p = path[-2]
+                pk = p.num_pages
+                if pk + k >= w and p.host_swa is None:
+                    return _concat((p.device_swa[pk + k - w :], n.device_swa)), neg
         dev_parts = []
         nodes = []
         need = w
@@ -746,10 +781,10 @@ class RadixTree:
             need -= take
             if not need:
                 break
-        dev = np.concatenate(dev_parts[::-1]) if len(dev_parts) > 1 else dev_parts[0].copy()
+        dev = _concat(dev_parts[::-1]) if len(dev_parts) > 1 else dev_parts[0].copy()
         if not any_host:
-            return dev, self._neg(w)
-        host = np.concatenate(
+            return dev, neg
+        host = _concat(
             [
                 n.host_swa[lo:] if n.host_swa is not None else self._neg(n.num_pages - lo)
                 for n, lo in nodes[::-1]
@@ -792,8 +827,17 @@ class RadixTree:
         device ids. New pages get the caller's ids. Then the SWA tombstone rule
         runs over the path.
         """
-        kb, P = self._key_bytes(key, aligned=True)
-        full = _ids(full_device_ids, "full_device_ids")
+        ps = self.page_size
+        if (
+            type(key) is np.ndarray and key.dtype is _TOK_DT and key.ndim == 1 and not len(key) % ps
+        ):  # fast path
+            kb = key.tobytes()
+            P = len(key) // ps
+        else:
+            kb, P = self._key_bytes(key, aligned=True)
+        full = full_device_ids
+        if not (type(full) is np.ndarray and full.dtype is _I32_DT and full.ndim == 1):
+            full = _ids(full, "full_device_ids")
         nf = full.size
         if nf > P:
             raise ValueError(f"full_device_ids has {nf} ids but the key has only {P} pages")
@@ -804,7 +848,9 @@ class RadixTree:
         own = P - nf
         swa = self.swa_pages
         if swa and swa_device_ids is not None:
-            sw = _ids(swa_device_ids, "swa_device_ids")
+            sw = swa_device_ids
+            if not (type(sw) is np.ndarray and sw.dtype is _I32_DT and sw.ndim == 1):
+                sw = _ids(sw, "swa_device_ids")
             if sw.size > P:
                 raise ValueError(f"swa_device_ids has {sw.size} ids but the key has only {P} pages")
             sw_start = P - sw.size
@@ -866,17 +912,42 @@ class RadixTree:
                 self._set_device(child, full[s0 - own : e - own].copy(), s)
                 adopted += child.num_pages
         if pos < P:
-            new = self._new_node(kb[pos * pb :], P - pos, pos, node)
-            node.children[new.key[:pb]] = new
-            if swa and P - pos < swa:
-                if node.short is None:
-                    node.short = set()
-                node.short.add(new)
-            s = None
-            if sw is not None:
-                s = self._swa_array(P - pos, sw[max(pos, sw_start) - sw_start :])
-            self._set_device(new, full[pos - own :].copy(), s)
+            # New leaf: _new_node + _set_device inlined (a fresh node is unlocked,
+            # host-less, childless, and its parent is on device by now).
+            k = P - pos
+            off = pos * pb
+            new = TreeNode(self._next_id, kb[off:], k, pos, node)
+            self._next_id += 1
+            self._num_nodes += 1
+            node.children[kb[off : off + pb]] = new
             new.last_access = tick
+            new.device_full = full.copy() if pos == own else full[pos - own :].copy()
+            self._dev_pages += k
+            self._evict_dev += k
+            if swa:
+                if k < swa:
+                    if node.short is None:
+                        node.short = {new}
+                    else:
+                        node.short.add(new)
+                if sw is not None:
+                    part = sw if sw_start >= pos else sw[pos - sw_start :]
+                    arr, live, lo, hi = self._swa_array(k, part)
+                else:
+                    arr, live, lo, hi = self._swa_array(k, None)
+                new.device_swa = arr
+                new.swa_live = live
+                new.swa_lo = lo
+                new.swa_hi = hi
+                self._dev_swa += live
+                if live == 0 or (hi == k and live == k - lo):
+                    new.swa_tail = live  # the live pages are exactly the trailing ones
+                else:
+                    self._recompute_tail(new)
+            node.n_dev_children += 1
+            if node.n_dev_children == 1:
+                self._dev_leaves.discard(node)
+            self._dev_leaves.add(new)
             path.append(new)
         tomb = self._tombstone(path, P - swa) if swa else _EMPTY
         ps = self.page_size
@@ -939,6 +1010,7 @@ class RadixTree:
         swa = self.swa_pages
         if cand_end <= 0:
             return _EMPTY
+        pbp = self.protect_branch_points
         freed = []
         for n in path:
             if not n.swa_live:
@@ -947,21 +1019,42 @@ class RadixTree:
             if s >= cand_end:
                 break
             k = n.num_pages
-            hi = min(k, cand_end - s)
+            hi = cand_end - s
+            if hi > k:
+                hi = k
             lo = n.swa_lo
             if lo >= hi:
                 continue
             ch = n.children
-            if n.own_locks or not ch or (len(ch) > 1 and self.protect_branch_points):
+            if n.own_locks or not ch or (len(ch) > 1 and pbp):
                 d = 0
             elif n.short:
-                d = self._min_prot_dist(n, swa)
+                # _min_prot_dist(n, swa), walking chains of only children iteratively.
+                d = 0
+                c = n
+                while True:
+                    if len(c.children) != 1:
+                        d += self._min_prot_dist(c, swa - d)
+                        break
+                    (c,) = c.short  # the only child, shorter than swa_pages
+                    d += c.num_pages
+                    if d >= swa:
+                        d = swa
+                        break
+                    cc = c.children
+                    if c.own_locks or not cc or (len(cc) > 1 and pbp):
+                        break
+                    if not c.short:
+                        d = swa
+                        break
             else:
                 d = swa
             if d < swa:
-                hi = min(hi, k - (swa - d))
-                if lo >= hi:
-                    continue
+                t = k - (swa - d)
+                if t < hi:
+                    hi = t
+                    if lo >= hi:
+                        continue
             if n.swa_hi - lo == n.swa_live:  # dense: every page in [lo, swa_hi) is live
                 if n.swa_hi < hi:
                     hi = n.swa_hi
@@ -987,7 +1080,7 @@ class RadixTree:
                 n.swa_lo, n.swa_hi = k, 0
         if not freed:
             return _EMPTY
-        return freed[0] if len(freed) == 1 else np.concatenate(freed)
+        return freed[0] if len(freed) == 1 else _concat(freed)
 
     def tombstone_swa(self, node: TreeNode) -> np.ndarray:
         """Apply the tombstone rule to the path ending at ``node``: free every device SWA
@@ -1409,7 +1502,7 @@ class RadixTree:
             (hswa, "host SWA"),
         ):
             if parts:
-                allids = np.concatenate(parts)
+                allids = _concat(parts)
                 u, c = np.unique(allids, return_counts=True)
                 if (c > 1).any():
                     fail(f"{what} page ids owned twice: {u[c > 1][:8].tolist()}")
