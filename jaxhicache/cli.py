@@ -83,9 +83,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, argparse.ArgumentTypeError) as e:
         print(f"jaxhicache: error: {e}", file=sys.stderr)
         return 2
-    if not args.json:
-        _print_table(info)
-    print(json.dumps(info))
+    try:
+        if not args.json:
+            _print_table(info)
+        print(json.dumps(info))
+    except BrokenPipeError:  # e.g. piped into `head`
+        sys.stdout = None
     return 0
 
 
