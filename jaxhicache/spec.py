@@ -50,6 +50,7 @@ __all__ = [
     "ModelCacheSpec",
     "PageSpace",
     "PoolKind",
+    "Tier",
     "pool_kinds_of",
 ]
 
@@ -59,6 +60,14 @@ class PageSpace(enum.StrEnum):
 
     FULL = "full"  # one id per token page of the prefix (the anchor's ids)
     SWA = "swa"  # sliding-window pages: only the trailing ones are kept
+
+
+class Tier(enum.StrEnum):
+    """Where a cached page lives: device pools (L1), host slabs (L2), shared storage (L3)."""
+
+    DEVICE = "device"
+    HOST = "host"
+    STORAGE = "storage"
 
 
 class HitPolicy(enum.StrEnum):
