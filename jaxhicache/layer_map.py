@@ -46,12 +46,30 @@ __all__ = [
     "StackedLayerMap",
     "StageLayerMap",
     "StageView",
+    "as_index",
     "build_layer_maps",
     "build_stage_layer_map",
     "check_stage_view",
     "pp_partition",
     "stack_layer_maps",
 ]
+
+
+def as_index(name: str, value) -> int:
+    """``value`` as a Python ``int`` if it is an exact integer, else ``ValueError`` naming it.
+
+    Accepted: ``int``, numpy integer scalars and 0-d integer numpy arrays.
+    Rejected: ``bool`` (and ``numpy.bool_``), floats (even ``11.0``), strings,
+    ``None`` and anything else. Layer ids, ranks and counts are never truncated.
+    """
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]  # a 0-d array -> its numpy scalar
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
+        raise ValueError(
+            f"{name} must be an integer (int or numpy integer), got {value!r} "
+            f"of type {type(value).__name__}"
+        )
+    return int(value)
 
 
 def pp_partition(
@@ -62,11 +80,12 @@ def pp_partition(
     Default rule (the reference's): ``base = L // pp``, ``rem = L % pp``; the
     last ``rem`` stages get one extra layer. An explicit ``partition`` (layer
     count per stage, summing to ``num_layers``) overrides it.
+
+    Every count must be an exact integer (:func:`as_index`): ``ValueError``
+    naming the value otherwise, never a silent ``int()`` truncation.
     """
-    if isinstance(num_layers, bool) or not isinstance(num_layers, int | np.integer):
-        raise ValueError(f"num_layers must be an int, got {num_layers!r}")
-    if isinstance(pp_size, bool) or not isinstance(pp_size, int | np.integer):
-        raise ValueError(f"pp_size must be an int, got {pp_size!r}")
+    num_layers = as_index("num_layers", num_layers)
+    pp_size = as_index("pp_size", pp_size)
     if num_layers < 1:
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
     if pp_size < 1:
@@ -79,7 +98,11 @@ def pp_partition(
         base, rem = divmod(num_layers, pp_size)
         counts = [base + (1 if r >= pp_size - rem else 0) for r in range(pp_size)]
     else:
-        counts = [int(c) for c in partition]
+        if isinstance(partition, str | bytes) or not isinstance(partition, Sequence | np.ndarray):
+            raise ValueError(
+                f"partition must be a sequence of per-stage layer counts, got {partition!r}"
+            )
+        counts = [as_index(f"partition[{i}]", c) for i, c in enumerate(partition)]
         if len(counts) != pp_size:
             raise ValueError(
                 f"partition {list(partition)} has {len(counts)} stages, pp_size is {pp_size}"
@@ -144,6 +167,7 @@ class StageLayerMap:
 
     def global_to_local(self, global_layer: int) -> int:
         """Stage-local id of ``global_layer``; ``ValueError`` if another stage owns it."""
+        global_layer = as_index("global layer", global_layer)
         if not self.start_layer <= global_layer < self.end_layer:
             raise ValueError(
                 f"global layer {global_layer} is not on stage {self.pp_rank} "
@@ -153,12 +177,11 @@ class StageLayerMap:
 
     def global_id(self, local_layer: int) -> int:
         """Global id of a stage-local layer: the index into any global-length list."""
-        self._check_local(local_layer)
-        return self.start_layer + int(local_layer)
+        return self.start_layer + self._check_local(local_layer)
 
     def subpool_id(self, kind: PoolKind, local_layer: int) -> int:
         """Sub-pool row of a stage-local layer; ``ValueError`` if it has no row in ``kind``."""
-        self._check_local(local_layer)
+        local_layer = self._check_local(local_layer)
         k = int(self.local_to_subpool(kind)[local_layer])
         if k < 0:
             raise ValueError(
@@ -167,11 +190,13 @@ class StageLayerMap:
             )
         return k
 
-    def _check_local(self, local_layer: int) -> None:
+    def _check_local(self, local_layer: int) -> int:
+        local_layer = as_index("local layer", local_layer)
         if not 0 <= local_layer < self.num_local_layers:
             raise ValueError(
                 f"local layer {local_layer} not in [0, {self.num_local_layers}) on stage {self.pp_rank}"
             )
+        return local_layer
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{k.value}={self.num_layers_of(k)}" for k in self.kinds())
@@ -189,7 +214,8 @@ def build_stage_layer_map(
 ) -> StageLayerMap:
     """The layer map of stage ``pp_rank`` of ``pp_size``; checked before it is returned."""
     bounds = pp_partition(spec.num_layers, pp_size, partition)
-    if isinstance(pp_rank, bool) or not 0 <= pp_rank < pp_size:
+    pp_rank, pp_size = as_index("pp_rank", pp_rank), as_index("pp_size", pp_size)
+    if not 0 <= pp_rank < pp_size:
         raise ValueError(f"pp_rank {pp_rank} not in [0, {pp_size})")
     start, end = bounds[pp_rank]
     subpool_of_local = {}
@@ -202,7 +228,7 @@ def build_stage_layer_map(
             else:
                 ids.append(-1)
         subpool_of_local[kind] = tuple(ids)
-    m = StageLayerMap(spec, int(pp_rank), int(pp_size), start, end, subpool_of_local)
+    m = StageLayerMap(spec, pp_rank, pp_size, start, end, subpool_of_local)
     check_stage_layer_map(m)
     return m
 
@@ -283,10 +309,23 @@ class StackedLayerMap:
         return int(self.subpool_to_global[kind].shape[1])
 
     def stage_at(self, rank: jax.Array | int) -> StageView:
-        """The view of stage ``rank`` (``rank`` may be traced)."""
+        """The view of stage ``rank`` (``rank`` may be traced).
+
+        A host ``rank`` must be an exact integer in ``[0, pp_size)``; a jax
+        ``rank`` must be an integer scalar (its value is not checked when traced).
+        """
+        if isinstance(rank, jax.Array):
+            if rank.shape != () or not jnp.issubdtype(rank.dtype, jnp.integer):
+                raise ValueError(
+                    f"rank must be an integer scalar, got a {rank.dtype} array of shape {rank.shape}"
+                )
+        else:
+            rank = as_index("rank", rank)
+            if not 0 <= rank < self.pp_size:
+                raise ValueError(f"rank {rank} not in [0, {self.pp_size})")
 
         def pick(x):
-            if isinstance(rank, int | np.integer) and isinstance(x, np.ndarray):
+            if isinstance(rank, int) and isinstance(x, np.ndarray):
                 return x[rank]
             return jnp.asarray(x)[rank]
 

@@ -2,6 +2,7 @@
 
 import functools
 import itertools
+import re
 
 import chex
 import jax
@@ -258,3 +259,120 @@ def test_chexified_stage_view_check():
     with pytest.raises(AssertionError):
         bad(jnp.int32(2))
         chex.block_until_chexify_assertions_complete()
+
+
+# ----------------------------------------------------- exact-integer inputs only
+
+NOT_INTEGERS = [1.5, 11.0, True, False, np.bool_(True), "1", None, np.float32(1.0)]
+
+
+def _bad_int(value):
+    """The ``match`` pattern of the error for a rejected non-integer ``value``."""
+    return rf"must be an integer.*got {re.escape(repr(value))} "
+
+
+@pytest.mark.parametrize(
+    "partition,bad",
+    [
+        ([10.7, 11, 11, 11], 10.7),  # the issue's example: int() would truncate it to 10
+        ([11.0, 11, 11, 10], 11.0),  # integral floats are floats too
+        (["11", 11, 11, 10], "11"),
+        ([True, 14, 14, 14], True),
+        ([11, 11, 11, None], None),
+        ([11, 11, 11, np.float64(10)], np.float64(10)),
+    ],
+)
+def test_partition_rejects_non_integer_counts(partition, bad):
+    with pytest.raises(ValueError, match=_bad_int(bad)):
+        pp_partition(43, 4, partition)
+    with pytest.raises(ValueError, match=_bad_int(bad)):
+        build_layer_maps(FLASH, 4, partition)
+    with pytest.raises(ValueError, match=_bad_int(bad)):
+        build_stage_layer_map(FLASH, 0, 4, partition)
+
+
+@pytest.mark.parametrize("partition", ["11111111", b"\x0b\x0b", 43, 43.0])
+def test_partition_must_be_a_sequence_of_counts(partition):
+    with pytest.raises(ValueError, match=re.escape(repr(partition))):
+        pp_partition(43, 4, partition)
+
+
+@pytest.mark.parametrize("bad", NOT_INTEGERS)
+def test_counts_and_ranks_reject_non_integers(bad):
+    with pytest.raises(ValueError, match=_bad_int(bad)):
+        pp_partition(bad, 1)
+    with pytest.raises(ValueError, match=_bad_int(bad)):
+        pp_partition(43, bad)
+    with pytest.raises(ValueError, match=_bad_int(bad)):
+        build_layer_maps(FLASH, bad)
+    with pytest.raises(ValueError, match=_bad_int(bad)):
+        build_stage_layer_map(FLASH, bad, 2)
+    with pytest.raises(ValueError, match=_bad_int(bad)):
+        build_stage_layer_map(FLASH, 0, bad)
+
+
+def test_pp_rank_float_is_a_value_error():
+    """The issue's example: ``pp_rank=1.5`` used to raise ``TypeError`` (list index)."""
+    with pytest.raises(ValueError, match=r"pp_rank must be an integer.*got 1\.5 "):
+        build_stage_layer_map(FLASH, pp_rank=1.5, pp_size=2)
+    with pytest.raises(ValueError, match=r"pp_rank must be an integer.*got 1\.0 "):
+        build_stage_layer_map(FLASH, pp_rank=1.0, pp_size=2)
+
+
+@pytest.mark.parametrize("bad", NOT_INTEGERS)
+def test_layer_ids_reject_non_integers(bad):
+    """``global_id(1.5)`` / ``global_id(True)`` used to return an id."""
+    m = build_stage_layer_map(FLASH, 1, 2)
+    with pytest.raises(ValueError, match=_bad_int(bad)):
+        m.global_id(bad)
+    with pytest.raises(ValueError, match=_bad_int(bad)):
+        m.subpool_id(PoolKind.SWA_KV, bad)
+    with pytest.raises(ValueError, match=_bad_int(bad)):
+        m.global_to_local(bad)
+    stacked = stack_layer_maps(build_layer_maps(FLASH, 2))
+    with pytest.raises(ValueError, match=_bad_int(bad)):
+        stacked.stage_at(bad)
+
+
+def test_issue_examples_global_id():
+    m = build_stage_layer_map(FLASH, 0, 2)
+    with pytest.raises(ValueError, match=r"local layer must be an integer.*got 1\.5 "):
+        m.global_id(1.5)
+    with pytest.raises(ValueError, match=r"local layer must be an integer.*got True "):
+        m.global_id(True)
+
+
+def test_numpy_integers_are_accepted():
+    """numpy integer scalars and 0-d integer arrays are exact integers: accepted, same result."""
+    want = build_layer_maps(FLASH, 4, [11, 11, 11, 10])
+    for conv in (np.int32, np.int64, np.uint8, lambda x: np.array(x, np.int64)):
+        got = build_layer_maps(FLASH, conv(4), [conv(c) for c in (11, 11, 11, 10)])
+        assert [(m.start_layer, m.end_layer) for m in got] == [
+            (m.start_layer, m.end_layer) for m in want
+        ]
+        assert all(type(m.pp_rank) is int and type(m.pp_size) is int for m in got)
+        m = build_stage_layer_map(FLASH, conv(1), conv(2))
+        assert m.start_layer == 21 and type(m.pp_rank) is int
+        assert m.global_id(conv(3)) == 24 and type(m.global_id(conv(3))) is int
+        assert m.global_to_local(conv(24)) == 3
+        assert m.subpool_id(PoolKind.C4_STATE, conv(1)) == 0
+        stacked = stack_layer_maps(build_layer_maps(FLASH, 2))
+        assert int(stacked.stage_at(conv(1)).start_layer) == 21
+    assert pp_partition(43, 4, np.array([11, 11, 11, 10])) == pp_partition(43, 4, [11, 11, 11, 10])
+    # local_to_subpool / kind_local_ids give int32 arrays whose elements index back in
+    m = build_stage_layer_map(FLASH, 1, 2)
+    for lid in m.kind_local_ids(PoolKind.C4_STATE):
+        assert m.subpool_id(PoolKind.C4_STATE, lid) == m.local_to_subpool(PoolKind.C4_STATE)[lid]
+
+
+def test_stage_at_checks_rank():
+    stacked = stack_layer_maps(build_layer_maps(FLASH, 2))
+    with pytest.raises(ValueError, match=r"rank 2 not in \[0, 2\)"):
+        stacked.stage_at(2)
+    with pytest.raises(ValueError, match=r"rank -1 not in \[0, 2\)"):
+        stacked.stage_at(-1)  # numpy would silently pick the last stage
+    with pytest.raises(ValueError, match="integer scalar, got a float32"):
+        stacked.stage_at(jnp.float32(1.0))
+    with pytest.raises(ValueError, match="integer scalar, got a int32 array of shape"):
+        stacked.stage_at(jnp.array([1], jnp.int32))
+    assert int(jax.jit(lambda r: stacked.stage_at(r).start_layer)(jnp.int32(1))) == 21
