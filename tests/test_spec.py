@@ -119,35 +119,58 @@ def _dsv4(**kw):
 
 
 @pytest.mark.parametrize(
-    "kw,needle",
+    "kw,match",
     [
-        (dict(compress_ratios=(0, 0, 4, 8, 4, 8)), "7"),  # missing MTP slot
-        (dict(compress_ratios=(0, 0, 4, 8, 4, 8, 4)), "MTP"),
-        (dict(compress_ratios=(0, 0, 2, 8, 4, 8, 0)), "[2]"),
-        (dict(compress_ratios=(0, 0, 4, 8, 4, 16, 0), page_size=32), "[8, 16]"),
-        (dict(page_size=18), "18"),
-        (dict(page_size=12, compress_ratios=dsv4_ratios(6, hca_ratio=12), window=8), "12"),
-        (dict(window=32), "32"),
-        (dict(page_size=24, compress_ratios=dsv4_ratios(6, hca_ratio=16)), "16"),
-        (dict(num_layers=0, compress_ratios=(0,)), "0"),
-        (dict(rope_dim=32), "32"),
-        (dict(num_kv_heads=2), "2"),
-        (dict(dtype="notadtype"), "notadtype"),
+        # each pattern names the field and the bad value, so a message about another
+        # field (or one that drops the value) cannot satisfy it
+        (
+            dict(compress_ratios=(0, 0, 4, 8, 4, 8)),  # missing MTP slot
+            r"compress_ratios must have num_layers \+ 1 = 7 entries .*got 6$",
+        ),
+        (
+            dict(compress_ratios=(0, 0, 4, 8, 4, 8, 4)),
+            r"trailing MTP entry of compress_ratios must be 0, got 4$",
+        ),
+        (
+            dict(compress_ratios=(0, 0, 2, 8, 4, 8, 0)),
+            r"compress ratios must be 0, 4 or one HCA ratio > 4; got \[2\]$",
+        ),
+        (
+            dict(compress_ratios=(0, 0, 4, 8, 4, 16, 0), page_size=32),
+            r"at most one HCA ratio, got \[8, 16\]$",
+        ),
+        (dict(page_size=18), r"page_size must be a multiple of 4, got 18$"),
+        (
+            dict(page_size=12, compress_ratios=dsv4_ratios(6, hca_ratio=12), window=8),
+            r"page_size 12 must be a multiple of the C4 ring 8$",
+        ),
+        (dict(window=32), r"window must be in \[4, page_size=16\], got 32$"),
+        (
+            dict(page_size=24, compress_ratios=dsv4_ratios(6, hca_ratio=16)),
+            r"page_size 24 must be a multiple of the HCA ratio 16$",
+        ),
+        (dict(num_layers=0, compress_ratios=(0,)), r"num_layers must be >= 1, got 0$"),
+        (dict(rope_dim=32), r"rope_dim must be even and in \(0, head_dim=32\), got 32$"),
+        (dict(rope_dim=7), r"rope_dim must be even .*got 7$"),
+        (dict(num_kv_heads=2), r"\(num_kv_heads=1\), got 2$"),
+        (dict(page_size=0), r"page_size must be >= 1, got 0$"),
+        (dict(head_dim=0), r"head_dim must be >= 1, got 0$"),
+        (dict(indexer_head_dim=0), r"indexer_head_dim must be >= 1, got 0$"),
+        (dict(dtype="notadtype"), r"unknown dtype 'notadtype'$"),
     ],
 )
-def test_invalid_specs_name_the_value(kw, needle):
-    with pytest.raises(ValueError) as e:
+def test_invalid_specs_name_the_value(kw, match):
+    with pytest.raises(ValueError, match=match):
         _dsv4(**kw)
-    assert needle in str(e.value)
 
 
 def test_unknown_pool_kind_for_spec():
     mha = ModelCacheSpec.mha(2, 2, 8, 4)
-    with pytest.raises(ValueError, match="c4_state"):
+    with pytest.raises(ValueError, match=r"pool kind 'c4_state' is not cached by spec 'mha-"):
         mha.row_bytes(PoolKind.C4_STATE)
-    with pytest.raises(ValueError, match="full_kv"):
+    with pytest.raises(ValueError, match=r"pool kind 'full_kv' is not cached by spec 'tiny-dsv4"):
         ModelCacheSpec.tiny_dsv4().row_shape(PoolKind.FULL_KV)
-    with pytest.raises(ValueError, match="not a PoolKind"):
+    with pytest.raises(ValueError, match=r"not a PoolKind: 'swa_kv_typo'"):
         ModelCacheSpec.tiny_dsv4().row_shape("swa_kv_typo")
 
 
