@@ -6,7 +6,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxhicache.layer_map import build_layer_maps, stack_layer_maps
-from jaxhicache.mesh import make_mesh, pool_partition_spec
+from jaxhicache.mesh import make_mesh, pool_partition_spec, pool_sharding
 from jaxhicache.pools.device import (
     DevicePools,
     allocate_device_pools,
@@ -63,14 +63,33 @@ def test_dsv4_kv_replicated_over_tp():
 
 
 def test_pools_are_created_on_device_without_host_roundtrip():
+    """Allocation makes no host->device or device->device copy: the zeros are produced
+    by one compiled program directly into their ``P('pp', ...)`` shards.
+
+    ``jax.transfer_guard("disallow_explicit")`` turns every such transfer into an
+    error, explicit ``device_put`` included, so building the zeros on the host (or on
+    one device) and moving them fails here.
+    """
     maps = build_layer_maps(MINI, 2)
-    mesh = make_mesh(2, 1)
-    lowered = jax.jit(
-        lambda: allocate_device_pools(MINI, mesh, maps, 4, 2).arrays
-    ).lower()  # allocation traces to XLA zeros with output shardings
-    assert "broadcast" in lowered.as_text() or "constant" in lowered.as_text()
-    pools = allocate_device_pools(MINI, mesh, maps, 4, 2)
-    assert all(a.committed for a in pools.arrays.values())
+    mesh = make_mesh(2, 4)
+    # the guard really detects a host round trip in this environment (the control)
+    kind = PoolKind.SWA_KV
+    host_zeros = np.zeros(pool_shape(MINI, stack_layer_maps(maps), kind, 4, 2), np.float32)
+    with (
+        jax.transfer_guard("disallow_explicit"),
+        pytest.raises(jax.errors.JaxRuntimeError, match="Disallowed host-to-device transfer"),
+    ):
+        jax.block_until_ready(jax.device_put(host_zeros, pool_sharding(MINI, mesh, kind)))
+    for _ in range(2):  # first call (trace + compile) and a cached call
+        with jax.transfer_guard("disallow_explicit"):
+            pools = allocate_device_pools(MINI, mesh, maps, 4, 2)
+            jax.block_until_ready(pools.arrays)
+    for kind, arr in pools.arrays.items():
+        assert arr.committed
+        assert arr.sharding == pool_sharding(MINI, mesh, kind), kind
+        assert len(arr.addressable_shards) == 8
+        for shard in arr.addressable_shards:
+            assert not np.asarray(shard.data).any()
 
 
 def test_flash_device_budget_per_stage():
