@@ -1,4 +1,11 @@
-"""Transfer engine and host slabs: D2H/H2D round trips for every sub-pool on PP 1, 2, 4."""
+"""Transfer engine and host slabs: D2H/H2D round trips for every sub-pool on PP 1, 2, 4.
+
+Every round-trip, stale-generation and per-layer test runs on both copy paths:
+STAGED (gather kernel -> pinned host -> slab, the GPU path, run here on CPU) and
+DIRECT (rows copied straight between pool buffers and slabs, CPU only).
+"""
+
+import types
 
 import jax
 import jax.numpy as jnp
@@ -10,10 +17,12 @@ from jaxhicache.mesh import make_mesh
 from jaxhicache.pools.device import allocate_device_pools
 from jaxhicache.pools.host import HostPools
 from jaxhicache.spec import ModelCacheSpec, PageSpace, PoolKind
-from jaxhicache.transfer import PageMove, TransferEngine
+from jaxhicache.transfer import CopyPath, PageMove, TransferEngine
+from jaxhicache.transfer.strategy import resolve_copy_path
 from kernels_pallas.paged_copy import Layout
 
 MINI = ModelCacheSpec.tiny_dsv4(num_layers=7)  # 7 layers: uneven stages on PP 2 and 4
+PATHS = [CopyPath.STAGED, CopyPath.DIRECT]
 
 
 def _random_pools(spec, mesh, maps, pages, swa_pages, seed=0):
@@ -36,27 +45,24 @@ def _check_pages(spec, maps, got, want, dst, src):
             np.testing.assert_array_equal(g[r, :nk, d], w[r, :nk, s], err_msg=f"{kind} stage {r}")
 
 
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.value)
 @pytest.mark.parametrize(
-    "pp,layout,direct",
+    "pp,layout",
     [
-        (1, Layout.PAGE_FIRST, False),
-        (2, Layout.PAGE_FIRST, False),
-        (4, Layout.PAGE_FIRST, False),
-        (2, Layout.LAYER_FIRST, False),
-        (1, Layout.PAGE_FIRST, True),
-        (2, Layout.LAYER_FIRST, True),
-        (4, Layout.PAGE_FIRST, True),
+        (1, Layout.PAGE_FIRST),
+        (2, Layout.PAGE_FIRST),
+        (4, Layout.PAGE_FIRST),
+        (2, Layout.LAYER_FIRST),
     ],
 )
-def test_round_trip_bit_exact_every_subpool(pp, layout, direct):
-    """direct=False: gather kernel -> pinned_host -> slab (the GPU path);
-    direct=True: rows copied straight from the pool buffers (the CPU path)."""
+def test_round_trip_bit_exact_every_subpool(pp, layout, path):
     maps = build_layer_maps(MINI, pp)
     mesh = make_mesh(pp, 8 // pp)
     pools = _random_pools(MINI, mesh, maps, pages=8, swa_pages=6)
     before = {k: np.asarray(a) for k, a in pools.arrays.items()}
     host = HostPools(MINI, maps, num_pages=10, num_swa_pages=7, layout=layout)
-    eng = TransferEngine(mesh, maps, host, direct_host_copy=direct)
+    eng = TransferEngine(mesh, maps, host, copy_path=path)
+    assert eng.copy_path is path
     up = PageMove.of([5, 1, 2], [9, 0, 3], [4, 2], [6, 1])
     assert eng.backup(pools, up).wait() > 0
     # the slabs hold exactly the stage's own layers
@@ -81,14 +87,15 @@ def test_round_trip_bit_exact_every_subpool(pp, layout, direct):
     eng.close()
 
 
-@pytest.mark.parametrize("pp,direct", [(2, False), (4, True)])
-def test_layerwise_load_waits_per_layer(pp, direct):
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.value)
+@pytest.mark.parametrize("pp", [2, 4])
+def test_layerwise_load_waits_per_layer(pp, path):
     maps = build_layer_maps(MINI, pp)
     mesh = make_mesh(pp, 1)
     pools = _random_pools(MINI, mesh, maps, 4, 4, seed=1)
     before = {k: np.asarray(a) for k, a in pools.arrays.items()}
     host = HostPools(MINI, maps, 4, 4)
-    eng = TransferEngine(mesh, maps, host, direct_host_copy=direct)
+    eng = TransferEngine(mesh, maps, host, copy_path=path)
     eng.backup(pools, PageMove.of([0, 1, 2, 3], [3, 2, 1, 0], [0, 1], [1, 0])).wait()
     fresh = allocate_device_pools(MINI, mesh, maps, 4, 4)
     down = PageMove.of([1, 2], [3, 2], [2], [1])  # host 3,2 hold device pages 0,1
@@ -117,8 +124,8 @@ def test_layerwise_load_waits_per_layer(pp, direct):
         eng.load(single, down, layer=99)
 
 
-@pytest.mark.parametrize("direct", [False, True])
-def test_mha_round_trip_with_tp_sharded_heads(direct):
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.value)
+def test_mha_round_trip_with_tp_sharded_heads(path):
     spec = ModelCacheSpec.mha(
         num_layers=5, num_kv_heads=4, head_dim=8, page_size=4, dtype="bfloat16"
     )
@@ -126,7 +133,7 @@ def test_mha_round_trip_with_tp_sharded_heads(direct):
     mesh = make_mesh(2, 4)
     pools = _random_pools(spec, mesh, maps, 6, 0, seed=2)
     before = {k: np.asarray(a) for k, a in pools.arrays.items()}
-    eng = TransferEngine(mesh, maps, HostPools(spec, maps, 5), direct_host_copy=direct)
+    eng = TransferEngine(mesh, maps, HostPools(spec, maps, 5), copy_path=path)
     eng.backup(pools, PageMove.of([4, 0], [1, 2])).wait()
     out, h = eng.load(allocate_device_pools(spec, mesh, maps, 6), PageMove.of([2, 3], [1, 2]))
     h.wait()
@@ -134,8 +141,8 @@ def test_mha_round_trip_with_tp_sharded_heads(direct):
     assert out[PoolKind.FULL_KV].sharding == pools[PoolKind.FULL_KV].sharding
 
 
-@pytest.mark.parametrize("direct", [False, True])
-def test_stale_host_pages_are_not_written(direct):
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.value)
+def test_stale_host_pages_are_not_written(path):
     maps = build_layer_maps(MINI, 2)
     mesh = make_mesh(2, 1)
     pools = _random_pools(MINI, mesh, maps, 4, 4)
@@ -145,7 +152,7 @@ def test_stale_host_pages_are_not_written(direct):
     def is_current(space, ids, gens):
         return np.array([i not in stale.get(space, set()) for i in ids])
 
-    eng = TransferEngine(mesh, maps, host, host_is_current=is_current, direct_host_copy=direct)
+    eng = TransferEngine(mesh, maps, host, host_is_current=is_current, copy_path=path)
     gens = {PageSpace.FULL: np.zeros(2, np.uint32), PageSpace.SWA: np.zeros(1, np.uint32)}
     eng.backup(pools, PageMove.of([0, 1], [1, 2], [3], [0]), host_generations=gens).wait()
     assert eng.stats.stale_rows_skipped == 1
@@ -153,19 +160,25 @@ def test_stale_host_pages_are_not_written(direct):
     assert host.slab(0, PoolKind.C4_KV)[1].any()
 
 
-def test_invalid_ids_raise_before_any_kernel():
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.value)
+def test_invalid_ids_raise_before_any_kernel(path):
     maps = build_layer_maps(MINI, 2)
     mesh = make_mesh(2, 1)
     pools = allocate_device_pools(MINI, mesh, maps, 4, 4)
-    eng = TransferEngine(mesh, maps, HostPools(MINI, maps, 4, 4))
+    eng = TransferEngine(mesh, maps, HostPools(MINI, maps, 4, 4), copy_path=path)
     with pytest.raises(ValueError, match=r"out of range \[0, 4\): \[4\]"):
         eng.backup(pools, PageMove.of([4], [0]))
     with pytest.raises(ValueError, match=r"out of range \[0, 4\): \[7\]"):
         eng.backup(pools, PageMove.of([0], [7]))
     with pytest.raises(ValueError, match=r"duplicate page ids in scatter: \[1\]"):
         eng.load(pools, PageMove.of([1, 1], [0, 2]))
+    with pytest.raises(ValueError, match=r"duplicate page ids in scatter: \[1\]"):
+        eng.prepare_layerwise(pools, PageMove.of([1, 1], [0, 2]))
+    with pytest.raises(ValueError, match=r"out of range \[0, 4\): \[9\]"):
+        eng.load(pools, PageMove.of([1], [9]), layer=0)
     with pytest.raises(ValueError, match="2 full device ids but 1 full host ids"):
         PageMove.of([1, 2], [0])
+    assert eng.prepare_layerwise(pools, PageMove.of()) is None
 
 
 def test_host_pool_sizing():
@@ -194,25 +207,106 @@ def test_host_pool_sizing():
     ids=["dsv4-mini", "mha-bf16"],
 )
 def test_engine_programs_lower_for_cuda_with_triton(spec):
-    """The engine's shard_map gather / scatter / per-layer scatter with the Triton
-    backend go through the real Pallas -> Triton lowering (no GPU needed)."""
+    """The engine's shard_map gather / scatter / per-layer load (pinned-host rows moved
+    to the device inside the program) with the Triton backend go through the real
+    Pallas -> Triton lowering (no GPU needed)."""
     from kernels_pallas.paged_copy import Backend
 
     maps = build_layer_maps(spec, 2)
     mesh = make_mesh(2, 2)
-    pools = allocate_device_pools(spec, mesh, maps, 8, 4 if spec.is_dsv4 else 0)
-    host = HostPools(spec, maps, 8, 4 if spec.is_dsv4 else 0)
-    eng = TransferEngine(mesh, maps, host, backend=Backend.TRITON, direct_host_copy=False)
+    swa = 4 if spec.is_dsv4 else 0
+    pools = allocate_device_pools(spec, mesh, maps, 8, swa)
+    host = HostPools(spec, maps, 8, swa)
+    eng = TransferEngine(mesh, maps, host, backend=Backend.TRITON, copy_path=CopyPath.STAGED)
     ids = {PageSpace.FULL: jnp.zeros(4, jnp.int32), PageSpace.SWA: jnp.zeros(2, jnp.int32)}
-    staging = jax.eval_shape(eng._gather_all, pools.arrays, ids)
-    per_layer = {
-        k: jax.ShapeDtypeStruct((v.shape[0], *v.shape[2:]), v.dtype) for k, v in staging.items()
-    }
+    progs = eng.programs
+    staging = jax.eval_shape(progs.gather_all, pools.arrays, ids)
+    lw = eng.prepare_layerwise(
+        pools, PageMove.of([1, 2], [3, 4], [0] if swa else (), [1] if swa else ())
+    )
+    assert all(a.sharding.memory_kind == "pinned_host" for a in lw.rows.values())
     lowered = [
-        eng._gather_all.trace(pools.arrays, ids),
-        eng._scatter_all.trace(pools.arrays, ids, staging, jnp.int32(-1)),
-        eng._scatter_layer.trace(pools.arrays, ids, per_layer, jnp.int32(1)),
+        progs.gather_all.trace(pools.arrays, ids),
+        progs.scatter_all.trace(pools.arrays, ids, staging),
+        progs.layer_load.trace(pools.arrays, lw, jnp.int32(1)),
     ]
     for traced in lowered:
         text = traced.lower(lowering_platforms=("cuda",)).as_text()
         assert "triton" in text.lower()
+    assert (
+        'mhlo.memory_kind = "pinned_host"'
+        in lowered[-1].lower(lowering_platforms=("cuda",)).as_text()
+    )
+    eng.close()
+
+
+def _rows_where_loaded(spec, maps, out, before, dst, src, layer):
+    """Per stage and kind: sub-pool row ``k = local_to_subpool[kind][layer]`` holds the
+    loaded pages, every other row of the pool is untouched (zero)."""
+    checked = 0
+    for kind in spec.kinds():
+        got, want = np.asarray(out[kind]), before[kind]
+        d, s_ = dst[kind.page_space], src[kind.page_space]
+        for r, m in enumerate(maps):
+            k = int(m.local_to_subpool(kind)[layer]) if layer < m.num_local_layers else -1
+            other = [j for j in range(got.shape[1]) if j != k]
+            assert not got[r, other].any(), f"{kind} stage {r}: rows {other} written"
+            if k >= 0:
+                np.testing.assert_array_equal(
+                    got[r, k][d], want[r, k][s_], err_msg=f"{kind} stage {r} layer {layer}"
+                )
+                untouched = np.setdiff1d(np.arange(got.shape[2]), d)
+                assert not got[r, k][untouched].any()
+                checked += 1
+    return checked
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.value)
+@pytest.mark.parametrize("pp,partition", [(2, [2, 5]), (4, [1, 3, 2, 1])], ids=["pp2", "pp4"])
+def test_per_layer_load_writes_the_subpool_row_of_that_layer(pp, partition, path):
+    """``load(layer=l)`` writes, on every stage, row ``k = local_to_subpool[kind][l]``
+    of each sub-pool (the sub-pool id, never the stage-local id ``l``), and nothing
+    else. Uneven partitions make ``k != l`` on most stages and kinds."""
+    maps = build_layer_maps(MINI, pp, partition)
+    mesh = make_mesh(pp, 1)
+    pools = _random_pools(MINI, mesh, maps, 6, 4, seed=3)
+    before = {k: np.asarray(a) for k, a in pools.arrays.items()}
+    host = HostPools(MINI, maps, 6, 4)
+    eng = TransferEngine(mesh, maps, host, copy_path=path)
+    eng.backup(
+        pools, PageMove.of([0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0], [0, 1, 2], [2, 1, 0])
+    ).wait()
+    down = PageMove.of([2, 4], [5, 3], [3], [1])  # host 5, 3 hold device pages 0, 2; SWA 1 <- 1
+    dst = {PageSpace.FULL: [2, 4], PageSpace.SWA: [3]}
+    src = {PageSpace.FULL: [0, 2], PageSpace.SWA: [1]}
+    differs = 0
+    for layer in range(max(m.num_local_layers for m in maps)):
+        out, h = eng.load(allocate_device_pools(MINI, mesh, maps, 6, 4), down, layer=layer)
+        h.wait(layer)
+        differs += _rows_where_loaded(MINI, maps, out.arrays, before, dst, src, layer)
+    assert differs > 0
+    # the partition really separates the index spaces: some (stage, kind, layer) has k != l
+    assert any(
+        0 <= m.local_to_subpool(k)[lyr] != lyr
+        for m in maps
+        for k in MINI.kinds()
+        for lyr in range(m.num_local_layers)
+    )
+    eng.close()
+
+
+def test_copy_path_follows_the_mesh_platform():
+    maps = build_layer_maps(MINI, 2)
+    mesh = make_mesh(2, 1)
+    host = HostPools(MINI, maps, 4, 4)
+    assert TransferEngine(mesh, maps, host).copy_path is CopyPath.DIRECT  # CPU mesh
+    assert TransferEngine(mesh, maps, host, copy_path="staged").copy_path is CopyPath.STAGED
+
+    gpu = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H200")
+    fake = types.SimpleNamespace(devices=np.array([gpu, gpu]))
+    assert resolve_copy_path(fake, None) is CopyPath.STAGED
+    assert resolve_copy_path(fake, CopyPath.STAGED) is CopyPath.STAGED
+    with pytest.raises(ValueError, match=r"DIRECT needs a CPU mesh.*gpu \(NVIDIA H200\)"):
+        resolve_copy_path(fake, CopyPath.DIRECT)
+    with pytest.raises(TypeError, match="direct_host_copy"):  # the boolean is gone
+        TransferEngine(mesh, maps, host, direct_host_copy=True)

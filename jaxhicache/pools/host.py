@@ -189,30 +189,11 @@ class HostPools:
             return s[host_ids]
         return np.swapaxes(s[:, host_ids], 0, 1)
 
-    def read_layer(self, rank: int, kind: PoolKind, host_ids: np.ndarray, k: int) -> np.ndarray:
-        """Sub-pool layer ``k`` of pages ``host_ids``: ``[n, *row]``."""
+    def read_into(self, rank: int, kind: PoolKind, host_ids: np.ndarray, out: np.ndarray) -> int:
+        """Copies pages ``host_ids`` into layer-first ``out [n_kind, n, *row]`` without
+        temporaries; returns bytes copied."""
         s = self.slab(rank, kind)
-        return s[host_ids, k] if self.layout is Layout.PAGE_FIRST else s[k, host_ids]
-
-    def read_into(
-        self,
-        rank: int,
-        kind: PoolKind,
-        host_ids: np.ndarray,
-        out: np.ndarray,
-        layer: int | None = None,
-    ) -> int:
-        """Copies pages ``host_ids`` into ``out`` without temporaries; returns bytes copied.
-
-        ``out`` is layer-first ``[n_kind, n, *row]``, or ``[n, *row]`` for one
-        sub-pool ``layer``.
-        """
-        s = self.slab(rank, kind)
-        if layer is not None:
-            src = s[:, layer] if self.layout is Layout.PAGE_FIRST else s[layer]  # [pages, *row]
-            for i, h in enumerate(host_ids.tolist()):
-                out[i] = src[h]
-        elif self.layout is Layout.LAYER_FIRST and out.flags.c_contiguous:
+        if self.layout is Layout.LAYER_FIRST and out.flags.c_contiguous:
             np.take(s, host_ids, axis=1, out=out)
         else:
             for i, h in enumerate(host_ids.tolist()):
@@ -245,19 +226,12 @@ class HostPools:
         host_ids: np.ndarray,
         data: np.ndarray,
         row_index: tuple[slice, ...] = (),
-        *,
-        layer_first: bool = False,
     ) -> None:
-        """Writes ``data [n, n_kind, *row_part]`` into pages ``host_ids`` of one stage's sub-pool.
-
-        ``layer_first``: ``data`` is ``[n_kind, n, *row_part]`` instead. ``row_index``
-        selects the part of each row ``data`` holds (e.g. the heads of one ``'tp'``
-        shard); empty means whole rows.
-        """
+        """Writes layer-first ``data [n_kind, n, *row_part]`` into pages ``host_ids`` of one
+        stage's sub-pool. ``row_index`` selects the part of each row ``data`` holds (e.g.
+        the heads of one ``'tp'`` shard); empty means whole rows."""
         s = self.slab(rank, kind)
-        if layer_first:
-            data = np.swapaxes(data, 0, 1)
         if self.layout is Layout.PAGE_FIRST:
-            s[(host_ids, slice(None), *row_index)] = data
+            s[(host_ids, slice(None), *row_index)] = np.swapaxes(data, 0, 1)
         else:
-            s[(slice(None), host_ids, *row_index)] = np.swapaxes(data, 0, 1)
+            s[(slice(None), host_ids, *row_index)] = data

@@ -1,0 +1,127 @@
+"""What a transfer moves and what it hands back: page moves, bucketed ids, handles, counters.
+
+Control-plane values only (numpy and Python): no program is built here.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+from typing import final
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxhicache.spec import PageSpace
+from kernels_pallas.paged_copy import bucket_size, validate_page_ids
+
+__all__ = [
+    "BackupHandle",
+    "LoadHandle",
+    "PageMove",
+    "TransferStats",
+    "bucketed_ids",
+]
+
+
+@final
+@dataclasses.dataclass(frozen=True)
+class PageMove:
+    """Which pages move: device and host ids per page space, pairwise.
+
+    ``full_device[i]`` pairs with ``full_host[i]`` and ``swa_device[j]`` with
+    ``swa_host[j]``. One move may carry the pages of several requests (a batch of
+    load-backs): the ids only need to be distinct where a write lands (device ids
+    of a load, host ids of a backup).
+    """
+
+    full_device: np.ndarray
+    full_host: np.ndarray
+    swa_device: np.ndarray
+    swa_host: np.ndarray
+
+    @classmethod
+    def of(cls, full_device=(), full_host=(), swa_device=(), swa_host=()) -> PageMove:
+        arrs = [
+            np.asarray(x, np.int32).reshape(-1)
+            for x in (full_device, full_host, swa_device, swa_host)
+        ]
+        if arrs[0].size != arrs[1].size:
+            raise ValueError(f"{arrs[0].size} full device ids but {arrs[1].size} full host ids")
+        if arrs[2].size != arrs[3].size:
+            raise ValueError(f"{arrs[2].size} SWA device ids but {arrs[3].size} SWA host ids")
+        return cls(*arrs)
+
+    def ids(self, space: PageSpace) -> tuple[np.ndarray, np.ndarray]:
+        """``(device_ids, host_ids)`` of one page space."""
+        if space is PageSpace.FULL:
+            return self.full_device, self.full_host
+        return self.swa_device, self.swa_host
+
+    @property
+    def empty(self) -> bool:
+        return not (self.full_device.size or self.swa_device.size)
+
+
+def bucketed_ids(ids: np.ndarray, num_pages: int, *, unique: bool, pad: int | None = None):
+    """Validates ``ids`` against ``[0, num_pages)`` and pads them to ``bucket_size(n)``.
+
+    The padding is ``pad`` (default: the sentinel ``num_pages``, which no kernel
+    writes). Returns a device int32 array ``[bucket_size(n)]``; ``ValueError``
+    names out-of-range (and, with ``unique``, duplicate) ids.
+    """
+    ids = validate_page_ids(ids, num_pages, unique=unique)
+    nb = bucket_size(ids.size)
+    fill = num_pages if pad is None else pad
+    return jnp.asarray(np.concatenate([ids, np.full(nb - ids.size, fill, np.int32)]))
+
+
+@dataclasses.dataclass
+class TransferStats:
+    """Cumulative transfer counters (bytes are real rows, padding excluded)."""
+
+    backup_bytes: int = 0
+    load_bytes: int = 0
+    backup_seconds: float = 0.0
+    load_seconds: float = 0.0
+    backups: int = 0
+    loads: int = 0
+    stale_rows_skipped: int = 0
+
+
+@final
+class BackupHandle:
+    """An in-flight D2H backup. ``wait()`` returns the bytes written into the slabs."""
+
+    def __init__(self, future: concurrent.futures.Future):
+        self._future = future
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self._future.result(timeout)
+
+
+@final
+class LoadHandle:
+    """An issued H2D load; ``wait(layer)`` blocks until that stage-local layer landed.
+
+    ``tokens`` maps a stage-local layer (or ``None``: every layer) to an output
+    of the program that wrote it; an output is ready exactly when its program is.
+    """
+
+    def __init__(self, tokens: dict[int | None, jax.Array]):
+        self._tokens = dict(tokens)
+
+    def wait(self, layer: int | None = None) -> None:
+        """Waits for one stage-local layer (or, with ``None``, for everything)."""
+        if layer is None:
+            jax.block_until_ready(list(self._tokens.values()))
+        elif layer in self._tokens:
+            jax.block_until_ready(self._tokens[layer])
+        elif None in self._tokens:  # an all-layer load covers every layer
+            jax.block_until_ready(self._tokens[None])
+        else:
+            raise ValueError(f"layer {layer} was not part of this load ({sorted(self._tokens)})")
