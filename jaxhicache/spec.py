@@ -36,6 +36,7 @@ import dataclasses
 import enum
 import functools
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, final
 
 import numpy as np
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
     from jaxhicache.layer_map import StageLayerMap
 
 __all__ = [
+    "C4_RATIO",
+    "C4_RING",
     "AttentionKind",
     "HitPolicy",
     "KVFormat",
@@ -51,6 +54,7 @@ __all__ = [
     "PageSpace",
     "PoolKind",
     "Tier",
+    "dsv4_ratios",
     "pool_kinds_of",
 ]
 
@@ -137,6 +141,9 @@ def pool_kinds_of(attention: AttentionKind) -> tuple[PoolKind, ...]:
 
 
 C4_RATIO = 4
+"""Compression ratio of CSA (C4) layers; fixed by DSV4 (it carries the A/B overlap)."""
+C4_RING = 8
+"""Default C4 compressor-state ring: slots per SWA page (2 x the ratio)."""
 _FP8_ROW_ALIGN = 576  # DSV4 KV rows are padded to a multiple of 576 bytes
 _FP8_SCALE_GROUP = 64  # one UE8M0 scale per 64 fp8 "nope" values
 
@@ -171,7 +178,7 @@ class ModelCacheSpec:
     rope_dim: int
     indexer_head_dim: int
     num_kv_heads: int = 1
-    c4_ring: int = 8
+    c4_ring: int = C4_RING
     kv_format: KVFormat = KVFormat.FLOAT
     dtype: str = "float32"
 
@@ -266,16 +273,36 @@ class ModelCacheSpec:
         indexer_head_dim: int = 16,
         kv_format: KVFormat = KVFormat.FLOAT,
         name: str | None = None,
+        compress_ratios: Sequence[int] | None = None,
     ) -> ModelCacheSpec:
-        """A small DSV4-shaped spec with the DSV4 ratio pattern.
+        """A small DSV4-shaped spec, by default with the DSV4 ratio pattern.
 
         Defaults give the fast "mini" spec (window 8, page 16, ratios 4/8); pass
         ``window=128, page_size=256, hca_ratio=128`` for the structure-faithful one.
+        ``compress_ratios``: per-layer ratios (``num_layers`` entries, no MTP slot;
+        the trailing MTP 0 is appended here) instead of :func:`dsv4_ratios`; its
+        HCA layers must use ``hca_ratio``.  The tiny test model derives its spec
+        with this preset (``models.config.TinyDSV4Config.cache_spec``).
         """
+        if compress_ratios is None:
+            ratios = dsv4_ratios(num_layers, hca_ratio=hca_ratio)
+        else:
+            body = tuple(compress_ratios)
+            if len(body) != num_layers:
+                raise ValueError(
+                    f"compress_ratios {body} has {len(body)} layers, num_layers is {num_layers} "
+                    "(give the layers only; the MTP slot is appended)"
+                )
+            other = sorted({r for r in body if r > C4_RATIO} - {hca_ratio})
+            if other:
+                raise ValueError(
+                    f"compress_ratios has HCA ratios {other}, hca_ratio is {hca_ratio}"
+                )
+            ratios = (*body, 0)
         return cls(
             name=name or f"tiny-dsv4-l{num_layers}-w{window}-p{page_size}-h{hca_ratio}",
             num_layers=num_layers,
-            compress_ratios=dsv4_ratios(num_layers, hca_ratio=hca_ratio),
+            compress_ratios=ratios,
             page_size=page_size,
             window=window,
             head_dim=head_dim,

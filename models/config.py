@@ -10,24 +10,26 @@ Two presets:
   (window 128, page 256, C4 ratio 4, HCA ratio 128, C4 ring 8) at width 64.
 * :meth:`TinyDSV4Config.mini` scales them down for fast tests (window 8, page 16,
   HCA ratio 8) while keeping DSV4's proportions (page = 2W, HCA ratio = W).
+
+The cache geometry is derived in one place: :meth:`TinyDSV4Config.cache_spec`,
+the :class:`~jaxhicache.spec.ModelCacheSpec` built with
+:meth:`~jaxhicache.spec.ModelCacheSpec.tiny_dsv4` when the config is
+constructed.  The ratio list with its MTP slot, the C4 ratio and ring, the
+trailing SWA pages of a restore and the C4/HCA layer ids are all read from it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 
-C4_RATIO = 4
-"""Compression ratio of CSA ("C4") layers; fixed, it carries the A/B overlap."""
-C4_RING = 8
-"""Compressor-state ring size of C4 layers (2 x ratio); fixed by DSV4."""
+from jaxhicache.spec import C4_RATIO, C4_RING, AttentionKind, ModelCacheSpec, dsv4_ratios
+
+__all__ = ["C4_RATIO", "C4_RING", "TinyDSV4Config", "dsv4_ratio_pattern"]
 
 
 def dsv4_ratio_pattern(num_layers: int, hca_ratio: int) -> tuple[int, ...]:
-    """DSV4's layer pattern: layers 0-1 ratio 0, then even layers C4, odd layers HCA."""
-    if num_layers < 1:
-        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-    return tuple(0 if i < 2 else (C4_RATIO if i % 2 == 0 else hca_ratio) for i in range(num_layers))
+    """DSV4's layer pattern without the MTP slot (:func:`jaxhicache.spec.dsv4_ratios`)."""
+    return dsv4_ratios(num_layers, hca_ratio=hca_ratio)[:-1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,8 +37,10 @@ class TinyDSV4Config:
     """Hyper-parameters of the tiny DSV4 model (all fp32).
 
     ``compress_ratios`` has one entry per transformer layer (no trailing MTP
-    slot; :meth:`cache_compress_ratios` appends it for cache specs that expect
-    DSV4's ``num_layers + 1`` convention).
+    slot).  Everything the cache depends on (ratios with the MTP slot, window,
+    page, ring, trailing SWA pages, C4/HCA layer ids) is read from the one
+    :class:`~jaxhicache.spec.ModelCacheSpec` that :meth:`cache_spec` derives,
+    built when the config is constructed.
     """
 
     compress_ratios: tuple[int, ...]
@@ -172,12 +176,35 @@ class TinyDSV4Config:
             bad("page_size", self.page_size, f"must be a multiple of the C4 ring size {C4_RING}")
         if self.window < C4_RATIO:  # 4
             bad("window", self.window, f"must be >= {C4_RATIO}")
-        # 5 (page >= W) is allowed to fail: restores then keep ceil((W-1)/page) SWA pages.
         # 7 (K << n_4(t)) depends on sequence length: see ``sparse_indexer_from``.
         if self.eps <= 0:
             bad("eps", self.eps, "must be > 0")
+        # the cache spec (the one derivation); it also enforces 5 (W <= page)
+        try:
+            spec = ModelCacheSpec.tiny_dsv4(
+                self.num_layers,
+                window=self.window,
+                page_size=self.page_size,
+                hca_ratio=self.hca_ratio,
+                head_dim=self.head_dim,
+                rope_dim=self.rope_dim,
+                indexer_head_dim=self.index_head_dim,
+                compress_ratios=self.compress_ratios,
+            )
+        except ValueError as e:
+            raise ValueError(f"TinyDSV4Config: no valid cache spec: {e}") from e
+        object.__setattr__(self, "_spec", spec)
 
     # ---------------------------------------------------------------- derived
+    def cache_spec(self, name: str | None = None) -> ModelCacheSpec:
+        """The library's :class:`ModelCacheSpec` (FLOAT rows) of this config.
+
+        Built once, in ``__post_init__``, with :meth:`ModelCacheSpec.tiny_dsv4`;
+        ``name`` only renames it (the storage-key namespace).
+        """
+        spec = self._spec
+        return spec if name is None or name == spec.name else dataclasses.replace(spec, name=name)
+
     @property
     def num_layers(self) -> int:
         return len(self.compress_ratios)
@@ -188,27 +215,30 @@ class TinyDSV4Config:
 
     @property
     def c4_ring(self) -> int:
-        return C4_RING
+        return self._spec.c4_ring
 
     def cache_compress_ratios(self) -> tuple[int, ...]:
         """DSV4's ``compress_ratios`` convention: one entry per layer plus the MTP slot (0)."""
-        return (*self.compress_ratios, 0)
+        return self._spec.compress_ratios
 
     def layer_theta(self, layer: int) -> float:
         return self.compress_rope_theta if self.compress_ratios[layer] else self.rope_theta
 
     @property
     def c4_layers(self) -> tuple[int, ...]:
-        return tuple(i for i, r in enumerate(self.compress_ratios) if r == C4_RATIO)
+        return self._layers_of(AttentionKind.CSA)
 
     @property
     def hca_layers(self) -> tuple[int, ...]:
-        return tuple(i for i, r in enumerate(self.compress_ratios) if r == self.hca_ratio)
+        return self._layers_of(AttentionKind.HCA)
+
+    def _layers_of(self, kind: AttentionKind) -> tuple[int, ...]:
+        return tuple(g for g, a in enumerate(self._spec.attention_kinds) if a is kind)
 
     @property
     def swa_trailing_pages(self) -> int:
-        """SWA pages before a restore point P that a restore needs: ceil((W-1)/page)."""
-        return max(1, math.ceil((self.window - 1) / self.page_size))
+        """SWA pages before a restore point that a restore needs (the spec's rule)."""
+        return self._spec.swa_trailing_pages
 
     @property
     def sparse_indexer_from(self) -> int:

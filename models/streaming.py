@@ -25,7 +25,7 @@ from jaxhicache.layer_map import build_layer_maps, stack_layer_maps
 from jaxhicache.spec import ModelCacheSpec, PoolKind
 from models import layers as L
 from models.chunk import PageTables
-from models.config import TinyDSV4Config
+from models.config import C4_RATIO, TinyDSV4Config
 from models.stage import (
     MATMUL_PRECISION,
     compiler_options,
@@ -36,17 +36,8 @@ from models.stage import (
 
 
 def cache_spec(cfg: TinyDSV4Config, name: str | None = None) -> ModelCacheSpec:
-    """The library's :class:`ModelCacheSpec` (FLOAT rows) of a tiny model config."""
-    return ModelCacheSpec(
-        name=name or f"tiny-dsv4-l{cfg.num_layers}-w{cfg.window}-p{cfg.page_size}-h{cfg.hca_ratio}",
-        num_layers=cfg.num_layers,
-        compress_ratios=cfg.cache_compress_ratios(),
-        page_size=cfg.page_size,
-        window=cfg.window,
-        head_dim=cfg.head_dim,
-        rope_dim=cfg.rope_dim,
-        indexer_head_dim=cfg.index_head_dim,
-    )
+    """The library's :class:`ModelCacheSpec` of a tiny model config: ``cfg.cache_spec(name)``."""
+    return cfg.cache_spec(name)
 
 
 def check_page_tables(cfg: TinyDSV4Config, start: int, end: int, full, swa) -> None:
@@ -71,7 +62,7 @@ def check_page_tables(cfg: TinyDSV4Config, start: int, end: int, full, swa) -> N
         raise ValueError(f"full pages {missing} are absent (-1) but needed for tokens < {end}")
     lo = start - cfg.window + 1
     if cfg.c4_layers:
-        lo = min(lo, 4 * (start // 4) - 4)
+        lo = min(lo, C4_RATIO * (start // C4_RATIO) - C4_RATIO)
     first = max(0, lo) // page
     missing = [i for i in range(first, n_pages) if swa[i] < 0]
     if missing:

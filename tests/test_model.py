@@ -17,13 +17,14 @@ Comparisons (``DSV4_MODEL.md`` §8.4):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import numpy as np
 import pytest
 
-from jaxhicache.spec import PoolKind
+from jaxhicache.spec import AttentionKind, ModelCacheSpec, PoolKind
 from models.config import TinyDSV4Config
 from models.dsv4 import TinyDSV4, init_params
 from models.reference import reference_with_margins
@@ -120,6 +121,45 @@ def test_presets():
         m.window = 4
 
 
+def test_cache_spec_is_derived_once():
+    """The config derives its one ModelCacheSpec (``ModelCacheSpec.tiny_dsv4``); every other
+    cache fact of the model (ratios with the MTP slot, ring, trailing SWA pages, C4/HCA
+    layers, ``streaming.cache_spec``) is read from it, never computed a second time."""
+    configs = (
+        TinyDSV4Config.mini(),
+        TinyDSV4Config.mini(num_layers=9),
+        TinyDSV4Config.mini(compress_ratios=(0, 0, 4)),  # no HCA layer
+        TinyDSV4Config.mini(window=16),  # window == page
+        TinyDSV4Config.tiny_faithful(),
+    )
+    for cfg in configs:
+        spec = cfg.cache_spec()
+        assert cache_spec(cfg) is spec and cfg.cache_spec() is spec  # built once, aliased
+        assert spec.compress_ratios == (*cfg.compress_ratios, 0) == cfg.cache_compress_ratios()
+        assert (spec.num_layers, spec.window, spec.page_size) == (
+            cfg.num_layers,
+            cfg.window,
+            cfg.page_size,
+        )
+        assert (spec.head_dim, spec.rope_dim, spec.indexer_head_dim, spec.c4_ring) == (
+            cfg.head_dim,
+            cfg.rope_dim,
+            cfg.index_head_dim,
+            cfg.c4_ring,
+        )
+        assert cfg.swa_trailing_pages == spec.swa_trailing_pages == 1
+        kinds = spec.attention_kinds
+        assert cfg.c4_layers == tuple(g for g, a in enumerate(kinds) if a is AttentionKind.CSA)
+        assert cfg.hca_layers == tuple(g for g, a in enumerate(kinds) if a is AttentionKind.HCA)
+        renamed = cache_spec(cfg, name="other")
+        assert renamed.name == "other" and dataclasses.replace(renamed, name=spec.name) == spec
+    # the model's spec is the library's preset (``jaxhicache`` CLI "tiny-faithful")
+    assert TinyDSV4Config.tiny_faithful().cache_spec() == ModelCacheSpec.tiny_dsv4(
+        window=128, page_size=256, hca_ratio=128
+    )
+    assert TinyDSV4Config.mini(compress_ratios=(0, 0, 4)).cache_spec().hca_ratio is None
+
+
 def dataclasses_frozen_error():
     import dataclasses
 
@@ -133,6 +173,7 @@ def dataclasses_frozen_error():
         ({"hca_ratio": 32}, "page_size=16"),  # page % HCA ratio != 0
         ({"hca_ratio": 4, "compress_ratios": (0, 0, 4)}, "hca_ratio=4"),
         ({"window": 3}, "window=3"),
+        ({"window": 32}, r"no valid cache spec: window must be in \[4, page_size=16\], got 32"),
         ({"compress_ratios": (0, 2, 4)}, "ratio 2"),
         ({"rope_dim": 7}, "rope_dim=7"),
         ({"rope_dim": 16}, "rope_dim=16"),

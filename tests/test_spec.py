@@ -179,3 +179,18 @@ def test_fp8_format_tiny_is_bytes():
     assert s.row_dtype(PoolKind.SWA_KV) == np.uint8
     assert s.row_bytes(PoolKind.SWA_KV) % 576 == 0
     assert s.row_dtype(PoolKind.C4_STATE) == np.float32
+
+
+def test_tiny_preset_with_explicit_layer_ratios():
+    s = ModelCacheSpec.tiny_dsv4(3, compress_ratios=(0, 0, 4))
+    assert s.compress_ratios == (0, 0, 4, 0)  # the MTP slot is appended
+    assert s.hca_ratio is None and PoolKind.C128_KV not in s.kinds()
+    assert ModelCacheSpec.tiny_dsv4(6, compress_ratios=dsv4_ratios(6, hca_ratio=8)[:-1]) == (
+        ModelCacheSpec.tiny_dsv4(6)
+    )
+    with pytest.raises(
+        ValueError, match=r"compress_ratios \(0, 0, 4, 0\) has 4 layers, num_layers is 3"
+    ):
+        ModelCacheSpec.tiny_dsv4(3, compress_ratios=(0, 0, 4, 0))
+    with pytest.raises(ValueError, match=r"compress_ratios has HCA ratios \[16\], hca_ratio is 8"):
+        ModelCacheSpec.tiny_dsv4(4, compress_ratios=(0, 0, 4, 16))
