@@ -262,7 +262,7 @@ def _rows_where_loaded(spec, maps, out, before, dst, src, layer):
 
 
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: p.value)
-@pytest.mark.parametrize("pp,partition", [(2, [2, 5]), (4, [1, 3, 2, 1])], ids=["pp2", "pp4"])
+@pytest.mark.parametrize("pp,partition", [(2, [2, 5]), (4, [1, 2, 3, 1])], ids=["pp2", "pp4"])
 def test_per_layer_load_writes_the_subpool_row_of_that_layer(pp, partition, path):
     """``load(layer=l)`` writes, on every stage, row ``k = local_to_subpool[kind][l]``
     of each sub-pool (the sub-pool id, never the stage-local id ``l``), and nothing

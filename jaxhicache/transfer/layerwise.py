@@ -187,8 +187,9 @@ def copy_slab_rows(pool, slab, dev_ids, host_ids, *, layout: Layout, layer=None)
     """``pool [K, P, *row]`` with page ``dev_ids[j]`` := host page ``host_ids[j]`` of ``slab``.
 
     ``slab`` is ``[pages, K, *row]`` (page-first) or ``[K, pages, *row]``. With
-    ``layer`` (a traced sub-pool id) only that row of the pool is written, else
-    all ``K``. Ids ``>= P`` (bucket padding) write nothing. One
+    ``layer`` (a traced sub-pool id) only that row of the pool is written (none if
+    it is outside ``[0, K)``), else all ``K``. Ids ``>= P`` (bucket padding) write
+    nothing. One
     ``dynamic_update_slice`` per page, in place on a donated pool.
     """
     num_layers, num_pages = pool.shape[:2]
@@ -208,6 +209,9 @@ def copy_slab_rows(pool, slab, dev_ids, host_ids, *, layout: Layout, layer=None)
                 rows = jax.lax.dynamic_slice(slab, (first, hid, *zeros), (width, 1, *row_shape))
             return jax.lax.dynamic_update_slice(pool, rows, (first, pid, *zeros))
 
-        return jax.lax.cond(pid < num_pages, write, lambda p: p, pool)
+        ok = pid < num_pages
+        if layer is not None:  # dynamic slices clamp: an out-of-range row must write nothing
+            ok &= (first >= 0) & (first < num_layers)
+        return jax.lax.cond(ok, write, lambda p: p, pool)
 
     return jax.lax.fori_loop(0, dev_ids.shape[0], body, pool)
