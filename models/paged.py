@@ -10,6 +10,13 @@ and the logits are replicated with a masked ``psum``.  Each stage reads and
 writes only its own slice of the :class:`~jaxhicache.pools.device.DevicePools`
 arrays ``[pp, max_layers_of_kind, pages, *row]``.
 
+A load-back can ride on the first chunk of a prefill: ``prefill(..., load=...)``
+takes a :class:`~jaxhicache.transfer.LayerwiseLoad` (from
+``TransferEngine.prepare_layerwise``) and the first chunk's program applies it
+layer by layer inside each stage's scan (a separate compiled variant), so
+layer ``l`` computes as soon as its own rows landed.  The result is bit-identical
+to ``engine.load`` followed by ``prefill``.
+
 The HCA partial-window state is request-scoped: a :class:`RequestScratch`
 (``[pp, max_hca, r, 2D]``, sharded like the pools) that a request carries from
 its prefill into its decode steps.  It is never cached: restores happen at page
@@ -30,6 +37,7 @@ from jaxhicache.layer_map import build_layer_maps, stack_layer_maps
 from jaxhicache.mesh import PP, make_mesh, pool_sharding
 from jaxhicache.pools.device import DevicePools, allocate_device_pools
 from jaxhicache.spec import ModelCacheSpec, PoolKind
+from jaxhicache.transfer import LayerwiseLoad
 from models import layers as L
 from models.chunk import PageTables
 from models.config import TinyDSV4Config
@@ -117,7 +125,7 @@ class PagedModel:
         self._head = jax.device_put(head, rep)
         self._stages = jax.device_put(sp, staged)
         self._compiler_options = compiler_options(fast_compile)
-        self._fns: dict[int, object] = {}
+        self._fns: dict[tuple, object] = {}
 
     # ------------------------------------------------------------------ state
     @property
@@ -136,21 +144,27 @@ class PagedModel:
         return RequestScratch(jax.device_put(rows, NamedSharding(self.mesh, P(PP))), start_pos)
 
     # -------------------------------------------------------------- forward
-    def _fn(self, t: int):
-        if t in self._fns:
-            return self._fns[t]
+    def _fn(self, t: int, load: LayerwiseLoad | None = None):
+        """The chunk program for chunk length ``t`` (with a fused load: one variant per
+        load structure; shapes of the same structure retrace inside the jit)."""
+        key = (t, None if load is None else jax.tree.structure(load))
+        if key in self._fns:
+            return self._fns[key]
         cfg, spec, stacked, pp = self.config, self.spec, self.stacked, self.pp
         kinds = spec.kinds()
 
-        def body(head, stages, pools, scratch, tokens, start, n_valid, tables):
+        def body(head, stages, pools, scratch, tokens, start, n_valid, tables, *load):
             stage = jax.lax.axis_index(PP)
             view = stacked.stage(PP)
             sp = dict(jax.tree.map(lambda a: a[0], stages))
             pools = {k: a[0] for k, a in pools.items()}
             end = start + n_valid
+            ld = load[0].stage_local() if load else None
 
             def run(h, pools, scr):
-                return stage_forward(cfg, sp, view, kinds, pools, scr, h, start, end, tables)
+                return stage_forward(
+                    cfg, sp, view, kinds, pools, scr, h, start, end, tables, load=ld
+                )
 
             def step(s, carry):
                 carry = jax.lax.cond(stage == s, run, lambda *c: c, *carry)
@@ -165,10 +179,13 @@ class PagedModel:
             logits = jax.lax.psum(jnp.where(stage == 0, logits, 0.0), PP)
             return logits, {k: a[None] for k, a in pools.items()}, scr[None]
 
+        in_specs = (P(), P(PP), P(PP), P(PP), P(), P(), P(), P())
+        if load is not None:
+            in_specs += (load.specs(),)
         fn = jax.shard_map(
             body,
             mesh=self.mesh,
-            in_specs=(P(), P(PP), P(PP), P(PP), P(), P(), P(), P()),
+            in_specs=in_specs,
             out_specs=(P(), P(PP), P(PP)),
             check_vma=False,
         )
@@ -184,26 +201,71 @@ class PagedModel:
             out_shardings=out_shardings,
             compiler_options=self._compiler_options,
         )
-        self._fns[t] = jitted
+        self._fns[key] = jitted
         return jitted
 
-    def _run_chunk(self, pools, scratch, tokens, start, n, tables, t):
+    def _check_load(self, pools: DevicePools, load: LayerwiseLoad) -> None:
+        if (load.num_pages, load.num_swa_pages) != (pools.num_pages, pools.num_swa_pages):
+            raise ValueError(
+                f"the load was prepared for pools of {load.num_pages}/{load.num_swa_pages} "
+                f"full/SWA pages, these have {pools.num_pages}/{pools.num_swa_pages}"
+            )
+        extra = set(load.kinds) - set(pools.kinds())
+        if extra:
+            raise ValueError(f"the load has kinds the pools lack: {sorted(k.value for k in extra)}")
+        for kind, arr in load.rows.items():
+            mesh = getattr(arr.sharding, "mesh", None)
+            if mesh is not None and mesh != self.mesh:
+                raise ValueError(f"the load's {kind.value} rows live on another mesh: {mesh}")
+
+    def _chunk(self, pools, scratch, tokens, start, n, tables, t, load=None):
+        """``(program, args)`` of one chunk, checked on the host."""
         check_page_tables(self.config, start, start + n, tables.full, tables.swa)
         check_hca_scratch(self.config, start, scratch.start)
         padded = np.zeros((t,), np.int32)
         padded[:n] = tokens
+        args = (
+            self._head,
+            self._stages,
+            dict(pools.arrays),
+            scratch.rows,
+            jnp.asarray(padded),
+            jnp.int32(start),
+            jnp.int32(n),
+            PageTables(jnp.asarray(tables.full), jnp.asarray(tables.swa)),
+        )
+        if load is not None:
+            self._check_load(pools, load)
+            args += (load,)
+        return self._fn(t, load), args
+
+    def _run_chunk(self, pools, scratch, tokens, start, n, tables, t, load=None):
+        fn, args = self._chunk(pools, scratch, tokens, start, n, tables, t, load)
         with jax.default_matmul_precision(MATMUL_PRECISION):
-            logits, arrays, rows = self._fn(t)(
-                self._head,
-                self._stages,
-                dict(pools.arrays),
-                scratch.rows,
-                jnp.asarray(padded),
-                jnp.int32(start),
-                jnp.int32(n),
-                PageTables(jnp.asarray(tables.full), jnp.asarray(tables.swa)),
-            )
+            logits, arrays, rows = fn(*args)
         return logits[:n], pools.replace(arrays=arrays), RequestScratch(rows, scratch.start)
+
+    def trace_first_chunk(
+        self,
+        pools: DevicePools,
+        tokens,
+        start_pos: int,
+        full_page_ids,
+        swa_page_ids,
+        chunk_size: int | None = None,
+        load: LayerwiseLoad | None = None,
+    ) -> jax.stages.Traced:
+        """The traced program of ``prefill``'s first chunk (nothing runs, nothing is
+        donated): inspect its ``.jaxpr`` or ``.lower(lowering_platforms=(...))``."""
+        tokens = np.asarray(tokens, np.int32).reshape(-1)
+        chunk = chunk_size or self.config.page_size
+        tables = _tables(full_page_ids, swa_page_ids)
+        part = tokens[:chunk]
+        fn, args = self._chunk(
+            pools, self.new_scratch(start_pos), part, start_pos, len(part), tables, chunk, load
+        )
+        with jax.default_matmul_precision(MATMUL_PRECISION):
+            return fn.trace(*args)
 
     def prefill(
         self,
@@ -214,12 +276,17 @@ class PagedModel:
         swa_page_ids,
         chunk_size: int | None = None,
         scratch: RequestScratch | None = None,
+        load: LayerwiseLoad | None = None,
     ):
         """Run ``tokens`` at positions ``[start_pos, start_pos + len(tokens))`` in chunks.
 
         ``full_page_ids`` / ``swa_page_ids``: int32 ``[n_pages]`` page table of the
         request (``-1``: absent / tombstone; pad tables to a bucket with ``-1``).
-        Pages ``< start_pos`` must already hold the prefix (a restore fills them).
+        Pages ``< start_pos`` must already hold the prefix (a restore fills them),
+        or arrive with ``load``: a layer-wise load-back
+        (``TransferEngine.prepare_layerwise``) that the first chunk applies layer by
+        layer, right before each layer runs (bit-identical to ``engine.load`` then
+        ``prefill``; it may carry other requests' pages too).
         ``chunk_size`` (default: the page size) is the compiled chunk length;
         the last chunk is padded.  ``scratch``: the request's HCA scratch (a
         fresh one starting at ``start_pos`` by default).  The pools and scratch
@@ -231,6 +298,8 @@ class PagedModel:
             raise ValueError(f"chunk_size must be >= 1, got {chunk}")
         if start_pos < 0:
             raise ValueError(f"start_pos must be >= 0, got {start_pos}")
+        if load is not None and not len(tokens):
+            raise ValueError("a fused load needs at least one token to compute")
         tables = _tables(full_page_ids, swa_page_ids)
         if scratch is None:
             scratch = self.new_scratch(start_pos)
@@ -238,8 +307,9 @@ class PagedModel:
         for off in range(0, len(tokens), chunk):
             part = tokens[off : off + chunk]
             logits, pools, scratch = self._run_chunk(
-                pools, scratch, part, start_pos + off, len(part), tables, chunk
+                pools, scratch, part, start_pos + off, len(part), tables, chunk, load
             )
+            load = None  # only the first chunk carries the load
             out.append(logits)
         if not out:
             return jnp.zeros((0, self.config.vocab), jnp.float32), pools, scratch

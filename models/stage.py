@@ -15,6 +15,13 @@ Weights and pools are addressed with the library's stage layer maps
 
 Any list that spans the whole model (``params["layers"]``, a global list of
 per-layer pools) is indexed by the global id ``start_layer + local`` only.
+
+With a :class:`~jaxhicache.transfer.LayerwiseLoad` (a load-back fused into the
+chunk), iteration ``l`` of the scan first writes layer ``l``'s loaded rows into
+its sub-pool rows and issues the host->device copy of layer ``l + 1`` (carried to
+the next iteration), then computes layer ``l``: the forward of layer ``l``
+depends only on the load of layer ``l``, and the next layer's copy can run
+under this layer's compute.
 Stages padded to the largest stage carry zero weights and never-addressed
 pool rows; a padded layer takes the identity branch.
 """
@@ -30,6 +37,7 @@ import numpy as np
 
 from jaxhicache.layer_map import StageLayerMap, StageView
 from jaxhicache.spec import AttentionKind, PoolKind, pool_kinds_of
+from jaxhicache.transfer import LayerwiseLoad, apply_layer, fetch_layer
 from models.chunk import layer_forward
 from models.config import TinyDSV4Config
 
@@ -134,12 +142,14 @@ def stage_forward(
     start,
     end,
     tables,
+    load: LayerwiseLoad | None = None,
 ):
     """Run one stage's layers on ``h`` [T, d] for the chunk ``[start, end)``.
 
     ``sp``: this stage's weight stacks (no ``pp`` axis); ``view``: its layer
     maps; ``pools``: ``{kind: [max_layers_of_kind, pages, *row]}``; ``scratch``:
-    ``[max_hca, r, 2D]``.  Returns ``(h, pools, scratch)``.
+    ``[max_hca, r, 2D]``; ``load``: a stage-local layer-wise load applied layer
+    by layer (see the module docstring), or ``None``.  Returns ``(h, pools, scratch)``.
     """
     kinds = tuple(kinds)
     view = jax.tree.map(jnp.asarray, view)
@@ -174,15 +184,22 @@ def stage_forward(
         return run
 
     def body(carry, li):
-        h, pools, scratch = carry
-        k = view.attention_kind[li]
-        idx = jnp.where(view.layer_valid[li] & (k >= 0), k, 3)
-        fns = [branch(a, li) for a in (AttentionKind.SWA, AttentionKind.CSA, AttentionKind.HCA)]
-        fns.append(lambda h, pools, scratch: (h, pools, scratch))  # padding layer
-        return jax.lax.switch(idx, fns, h, pools, scratch), None
+        h, pools, scratch, fetched = carry
+        with jax.named_scope("stage_layer"):
+            if load is not None:  # layer li's rows land now; layer li + 1's start moving
+                pools = apply_layer(pools, load, fetched, view, li)
+                fetched = fetch_layer(load, view, li + 1)
+            k = view.attention_kind[li]
+            idx = jnp.where(view.layer_valid[li] & (k >= 0), k, 3)
+            fns = [branch(a, li) for a in (AttentionKind.SWA, AttentionKind.CSA, AttentionKind.HCA)]
+            fns.append(lambda h, pools, scratch: (h, pools, scratch))  # padding layer
+            h, pools, scratch = jax.lax.switch(idx, fns, h, pools, scratch)
+        return (h, pools, scratch, fetched), None
 
     n = view.attention_kind.shape[0]
-    (h, pools, scratch), _ = jax.lax.scan(body, (h, dict(pools), scratch), jnp.arange(n))
+    fetched = {} if load is None else fetch_layer(load, view, 0)
+    carry = (h, dict(pools), scratch, fetched)
+    (h, pools, scratch, _), _ = jax.lax.scan(body, carry, jnp.arange(n))
     return h, pools, scratch
 
 
