@@ -1,0 +1,38 @@
+"""L3 storage: page hash keys, the object format, and backends (see README.md here)."""
+
+from .backend import ObjectRead, Pending, StorageBackend, StorageStats
+from .faults import FaultInjectionBackend
+from .format import IntegrityError
+from .keys import (
+    LAYOUT_VERSION,
+    Namespace,
+    cache_format,
+    check_page_hash,
+    object_key,
+    page_hashes,
+    tp_sharded_kinds,
+)
+from .layout import ObjectLayout, plan_units, stored_bytes_per_page
+from .tensorstore_backend import TensorStoreBackend, default_cache_dir, parse_kvstore_spec
+
+__all__ = [
+    "LAYOUT_VERSION",
+    "FaultInjectionBackend",
+    "IntegrityError",
+    "Namespace",
+    "ObjectLayout",
+    "ObjectRead",
+    "Pending",
+    "StorageBackend",
+    "StorageStats",
+    "TensorStoreBackend",
+    "cache_format",
+    "check_page_hash",
+    "default_cache_dir",
+    "object_key",
+    "page_hashes",
+    "parse_kvstore_spec",
+    "plan_units",
+    "stored_bytes_per_page",
+    "tp_sharded_kinds",
+]

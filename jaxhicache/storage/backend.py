@@ -1,0 +1,475 @@
+"""The L3 interface: ``StorageBackend`` (page operations on host slabs) and ``StorageStats``.
+
+A backend moves pages straight between one stage's host slabs
+(:class:`~jaxhicache.pools.host.HostPools`) and storage objects. Subclasses
+implement five object primitives that start an operation and return something
+with ``.result()`` (a future); this class runs them pipelined, at most
+``max_in_flight`` objects at a time, verifies every object it reads, and keeps
+the counters.
+
+Fault model: an I/O error, a missing object, or an object that fails a check
+(:mod:`jaxhicache.storage.format`) makes its page fail — ``False`` in the
+returned mask, the host slot untouched, a counter incremented — and never raises.
+A corrupt object is deleted (conditionally on the generation that was read, so
+a good object written meanwhile is kept). Only caller bugs (bad ids, a
+namespace that does not match the slabs) raise ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple, Protocol
+
+import numpy as np
+
+from jaxhicache.pools.host import HostPools
+from jaxhicache.spec import PageSpace, PoolKind
+
+from .format import IntegrityError, decode, encode
+from .keys import Namespace, check_page_hash, object_key
+from .layout import ObjectLayout, Unit, check_host_ids, plan_units, source_buffers, write_payload
+
+__all__ = ["ObjectRead", "Pending", "StorageBackend", "StorageStats"]
+
+
+@dataclasses.dataclass
+class StorageStats:
+    """Monotonic counters of one backend; ``as_prometheus()`` gives the metric names.
+
+    Pages and tokens count *stage pages*: one page of one page space on one
+    stage (tokens = pages × page size). A PP-4 restore of ``n`` pages of both
+    spaces therefore adds ``8 n`` pages; label by stage / space upstream if needed.
+
+    * ``hit_*`` / ``miss_*``: :meth:`StorageBackend.exists_prefix` lookups (the
+      prefix found / the queried pages after it);
+    * ``prefetched_*``: pages :meth:`StorageBackend.get` loaded into host slabs;
+      ``prefetch_failed_pages_total``: pages it could not load (missing object,
+      I/O error or integrity failure);
+    * ``backed_up_*``: pages :meth:`StorageBackend.put` wrote;
+      ``backup_failed_pages_total``: pages it could not write;
+    * bytes / seconds / objects per direction (read = storage → host); seconds
+      are wall time of the calls;
+    * ``integrity_failures_total``: objects that failed a check (each one is then
+      deleted); ``read_errors_total`` / ``write_errors_total`` /
+      ``delete_errors_total``: I/O errors (unreachable store, disk full, ...);
+      ``missing_objects_total``: objects ``get`` found absent.
+    """
+
+    hit_pages_total: int = 0
+    hit_tokens_total: int = 0
+    miss_pages_total: int = 0
+    miss_tokens_total: int = 0
+    prefetched_pages_total: int = 0
+    prefetched_tokens_total: int = 0
+    prefetch_failed_pages_total: int = 0
+    backed_up_pages_total: int = 0
+    backed_up_tokens_total: int = 0
+    backup_failed_pages_total: int = 0
+    read_bytes_total: int = 0
+    write_bytes_total: int = 0
+    read_seconds_total: float = 0.0
+    write_seconds_total: float = 0.0
+    read_objects_total: int = 0
+    write_objects_total: int = 0
+    missing_objects_total: int = 0
+    integrity_failures_total: int = 0
+    read_errors_total: int = 0
+    write_errors_total: int = 0
+    delete_errors_total: int = 0
+    deleted_objects_total: int = 0
+
+    def as_prometheus(self, prefix: str = "jaxhicache_storage_") -> dict[str, float]:
+        """``{prefix + field: value}``, one Prometheus counter per field."""
+        return {prefix + f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def __sub__(self, other: StorageStats) -> StorageStats:
+        return StorageStats(
+            **{
+                f.name: getattr(self, f.name) - getattr(other, f.name)
+                for f in dataclasses.fields(self)
+            }
+        )
+
+    def add(self, other: StorageStats) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+class Pending(Protocol):
+    """A started object operation (a future)."""
+
+    def result(self) -> Any: ...
+
+
+class ObjectRead(NamedTuple):
+    """Result of reading one object: ``value is None`` means missing."""
+
+    value: bytes | None
+    generation: bytes | None = None
+
+
+class _Failed:
+    """A pending operation that failed when it was started."""
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+    def result(self):
+        raise self.exc
+
+
+class StorageBackend(abc.ABC):
+    """Abstract L3 backend: page operations on host slabs over object primitives.
+
+    Args:
+      max_in_flight: objects started but not yet finished, at most (bounds memory
+        to about ``max_in_flight`` objects).
+      object_layout: one object per (page, stage, page space) (default) or per
+        (page, stage, sub-pool).
+
+    Calls are thread-safe (counters are merged under a lock); one call runs its
+    objects pipelined on the calling thread.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_in_flight: int = 16,
+        object_layout: ObjectLayout = ObjectLayout.PER_SPACE,
+    ):
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+        self.max_in_flight = int(max_in_flight)
+        self.object_layout = ObjectLayout(object_layout)
+        self._stats = StorageStats()
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------ primitives
+
+    @abc.abstractmethod
+    def _start_read(self, key: str) -> Pending:
+        """Start reading object ``key``; ``result()`` -> :class:`ObjectRead`, raises on I/O error."""
+
+    @abc.abstractmethod
+    def _start_stat(self, key: str) -> Pending:
+        """Start an existence check; ``result()`` -> ``bool``, raises on I/O error."""
+
+    @abc.abstractmethod
+    def _start_write(self, key: str, value: bytes) -> Pending:
+        """Start an atomic write of a whole object; ``result()`` raises on I/O error."""
+
+    @abc.abstractmethod
+    def _start_delete(self, key: str, generation: bytes | None = None) -> Pending:
+        """Start deleting ``key`` (only if still at ``generation`` when given);
+        ``result()`` -> ``False`` if the condition did not hold, raises on I/O error."""
+
+    @abc.abstractmethod
+    def _clear(self, prefix: str) -> None:
+        """Delete every object whose key starts with ``prefix``."""
+
+    # ------------------------------------------------------------- page API
+
+    def exists(self, ns: Namespace, space: PageSpace, hashes: Sequence[str]) -> np.ndarray:
+        """bool ``[n]``: whether every object of each page is present (no integrity check)."""
+        units = self._unit_names(ns, space)
+        keys = self._keys(ns, units, hashes)
+        flat = [(i, k) for i, ks in enumerate(keys) for k in ks]
+        present = np.ones(len(keys), bool)
+        errors = 0
+
+        def finish(item, pend):
+            nonlocal errors
+            try:
+                if not pend.result():
+                    present[item[0]] = False
+            except Exception:
+                errors += 1
+                present[item[0]] = False
+
+        self._pipelined(flat, lambda it: self._start_stat(it[1]), finish)
+        self._merge(StorageStats(read_errors_total=errors))
+        return present
+
+    def exists_prefix(self, ns: Namespace, space: PageSpace, hashes: Sequence[str]) -> int:
+        """Number of consecutive pages, from the first, whose objects are all present.
+
+        Stops issuing requests after the first absent page. Counts ``hit_*`` for
+        the prefix and ``miss_*`` for the rest of ``hashes``.
+        """
+        units = self._unit_names(ns, space)
+        keys = self._keys(ns, units, hashes)
+        n = len(keys)
+        first_absent = n
+        errors = 0
+
+        def items():
+            for i, ks in enumerate(keys):
+                if i > first_absent:
+                    return
+                for k in ks:
+                    yield i, k
+
+        def finish(item, pend):
+            nonlocal first_absent, errors
+            try:
+                ok = bool(pend.result())
+            except Exception:
+                errors += 1
+                ok = False
+            if not ok:
+                first_absent = min(first_absent, item[0])
+
+        self._pipelined(items(), lambda it: self._start_stat(it[1]), finish)
+        hit = first_absent
+        self._merge(
+            StorageStats(
+                hit_pages_total=hit,
+                hit_tokens_total=hit * ns.page_size,
+                miss_pages_total=n - hit,
+                miss_tokens_total=(n - hit) * ns.page_size,
+                read_errors_total=errors,
+            )
+        )
+        return hit
+
+    def put(
+        self,
+        ns: Namespace,
+        space: PageSpace,
+        hashes: Sequence[str],
+        host: HostPools,
+        rank: int,
+        host_ids,
+    ) -> np.ndarray:
+        """Write host pages ``host_ids`` of stage ``rank`` as pages ``hashes``.
+
+        One object per page (and per sub-pool with ``PER_SUBPOOL``), serialised
+        straight from the slab rows into the object bytes. Returns bool ``[n]``:
+        ``True`` where every object of the page was written. Existing objects are
+        overwritten (callers skip pages :meth:`exists` reports).
+        """
+        t0 = time.perf_counter()
+        units = self._plan(ns, space, host, rank)
+        ids = check_host_ids(host, space, host_ids, len(hashes), unique=False)
+        keys = self._keys(ns, [u.unit for u in units], hashes)
+        n = len(keys)
+        ok = np.ones(n, bool)
+        sizes: dict[tuple[int, int], int] = {}
+        st = StorageStats()
+
+        def start(item):
+            i, j = item
+            if not ok[i]:
+                return None
+            blob = encode(keys[i][j], source_buffers(host, rank, units[j], int(ids[i])))
+            sizes[item] = len(blob)
+            return self._start_write(keys[i][j], blob)
+
+        def finish(item, pend):
+            i = item[0]
+            if pend is None:
+                return
+            try:
+                pend.result()
+                st.write_objects_total += 1
+                st.write_bytes_total += sizes.pop(item)
+            except Exception:
+                st.write_errors_total += 1
+                ok[i] = False
+
+        self._pipelined(_jobs(n, len(units)), start, finish)
+        done = int(ok.sum())
+        st.backed_up_pages_total = done
+        st.backed_up_tokens_total = done * ns.page_size
+        st.backup_failed_pages_total = n - done
+        st.write_seconds_total = time.perf_counter() - t0
+        self._merge(st)
+        return ok
+
+    def get(
+        self,
+        ns: Namespace,
+        space: PageSpace,
+        hashes: Sequence[str],
+        host: HostPools,
+        rank: int,
+        host_ids,
+    ) -> np.ndarray:
+        """Load pages ``hashes`` into host pages ``host_ids`` of stage ``rank``.
+
+        Every object is verified before any byte of its page reaches the slab; a
+        page is copied only when all its objects passed. Returns bool ``[n]``;
+        ``False`` pages leave their slot untouched.
+        """
+        t0 = time.perf_counter()
+        units = self._plan(ns, space, host, rank)
+        ids = check_host_ids(host, space, host_ids, len(hashes), unique=True)
+        keys = self._keys(ns, [u.unit for u in units], hashes)
+        n, m = len(keys), len(units)
+        ok = np.ones(n, bool)
+        got: dict[int, list[memoryview]] = {}
+        deletes: list[Pending] = []
+        st = StorageStats()
+
+        def start(item):
+            i, j = item
+            return self._start_read(keys[i][j]) if ok[i] else None
+
+        def finish(item, pend):
+            i, j = item
+            if pend is None:
+                return
+            key = keys[i][j]
+            try:
+                r = pend.result()
+            except Exception:
+                st.read_errors_total += 1
+                ok[i] = False
+                got.pop(i, None)
+                return
+            if r.value is None:
+                st.missing_objects_total += 1
+                ok[i] = False
+            else:
+                st.read_objects_total += 1
+                st.read_bytes_total += len(r.value)
+                try:
+                    payload = decode(key, r.value, units[j].nbytes)
+                except IntegrityError:
+                    st.integrity_failures_total += 1
+                    ok[i] = False
+                    deletes.append(_safe(lambda: self._start_delete(key, r.generation)))
+                else:
+                    if ok[i]:
+                        got.setdefault(i, []).append(payload)
+            if not ok[i]:
+                got.pop(i, None)
+            elif j == m - 1:
+                for u, payload in zip(units, got.pop(i), strict=True):
+                    write_payload(host, rank, u, int(ids[i]), payload)
+
+        self._pipelined(_jobs(n, m), start, finish)
+        for d in deletes:
+            try:
+                if d.result() is not False:
+                    st.deleted_objects_total += 1
+            except Exception:
+                st.delete_errors_total += 1
+        done = int(ok.sum())
+        st.prefetched_pages_total = done
+        st.prefetched_tokens_total = done * ns.page_size
+        st.prefetch_failed_pages_total = n - done
+        st.read_seconds_total = time.perf_counter() - t0
+        self._merge(st)
+        return ok
+
+    def delete(self, ns: Namespace, space: PageSpace, hashes: Sequence[str]) -> int:
+        """Delete every object of pages ``hashes``; returns objects whose delete succeeded."""
+        keys = self._keys(ns, self._unit_names(ns, space), hashes)
+        st = StorageStats()
+
+        def finish(_item, pend):
+            try:
+                if pend.result() is not False:
+                    st.deleted_objects_total += 1
+            except Exception:
+                st.delete_errors_total += 1
+
+        self._pipelined([k for ks in keys for k in ks], self._start_delete, finish)
+        self._merge(st)
+        return st.deleted_objects_total
+
+    def clear(self, ns: Namespace | None = None) -> bool:
+        """Delete all jaxhicache objects (or only those of namespace ``ns``).
+
+        Returns ``False`` (and counts a delete error) if the store failed.
+        """
+        prefix = "jaxhicache/" if ns is None else ns.prefix + "/"
+        try:
+            self._clear(prefix)
+            return True
+        except Exception:
+            self._merge(StorageStats(delete_errors_total=1))
+            return False
+
+    def stats(self) -> StorageStats:
+        """A snapshot of the counters."""
+        with self._lock:
+            return dataclasses.replace(self._stats)
+
+    def close(self) -> None:  # noqa: B027 (optional hook, not abstract)
+        """Release resources (nothing by default)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------- internals
+
+    def _unit_names(self, ns: Namespace, space: PageSpace) -> list[PageSpace | PoolKind]:
+        space = PageSpace(space)
+        kinds = [k for k in ns.stage_kinds if k.page_space is space]
+        if not kinds:
+            return []
+        return [space] if self.object_layout is ObjectLayout.PER_SPACE else kinds
+
+    def _plan(
+        self, ns: Namespace, space: PageSpace, host: HostPools, rank: int
+    ) -> tuple[Unit, ...]:
+        if not 0 <= rank < len(host.layer_maps):
+            raise ValueError(f"stage rank {rank} not in [0, {len(host.layer_maps)})")
+        m = host.layer_maps[rank]
+        if not ns.matches(host.spec, m):
+            raise ValueError(
+                f"namespace {ns.prefix!r} does not describe stage {rank} "
+                f"[{m.start_layer}, {m.end_layer}) of spec {host.spec.name!r}"
+            )
+        units = plan_units(host.spec, m, ns, PageSpace(space), self.object_layout)
+        assert [u.unit for u in units] == self._unit_names(ns, space)
+        return units
+
+    @staticmethod
+    def _keys(
+        ns: Namespace, units: Sequence[PageSpace | PoolKind], hashes: Sequence[str]
+    ) -> list[list[str]]:
+        if isinstance(hashes, str):
+            raise ValueError("hashes must be a sequence of page hashes, not one string")
+        return [[object_key(ns, u, check_page_hash(h)) for u in units] for h in hashes]
+
+    def _pipelined(
+        self,
+        items: Iterable,
+        start: Callable[[Any], Pending | None],
+        finish: Callable[[Any, Pending | None], None],
+    ) -> None:
+        """``finish(item, start(item))`` for every item, in order, with at most
+        ``max_in_flight`` started and not finished. ``start`` may return ``None``."""
+        window: deque = deque()
+        for item in items:
+            if len(window) >= self.max_in_flight:
+                finish(*window.popleft())
+            window.append((item, _safe(lambda item=item: start(item))))
+        while window:
+            finish(*window.popleft())
+
+    def _merge(self, st: StorageStats) -> None:
+        with self._lock:
+            self._stats.add(st)
+
+
+def _jobs(n: int, m: int):
+    return ((i, j) for i in range(n) for j in range(m))
+
+
+def _safe(fn: Callable[[], Pending | None]) -> Pending | None:
+    try:
+        return fn()
+    except Exception as e:  # a failure when starting becomes a failed result
+        return _Failed(e)

@@ -1,0 +1,118 @@
+"""The byte format of one L3 object: a small header, then the payload.
+
+::
+
+    offset  size  field
+    0       4     magic b"JHC3"
+    4       2     format version (little-endian u16) = FORMAT_VERSION
+    6       2     checksum algorithm (u16): 1 = xxh3_64 (package ``xxhash``)
+    8       4     key length K in bytes (u32)
+    12      4     header length H (u32) = round_up(32 + K, 64)
+    16      8     payload length N (u64)
+    24      8     checksum (u64) of key || payload
+    32      K     the object's own key (utf-8)
+    32+K    ...   zero padding up to H
+    H       N     payload
+
+An object is accepted only if the magic, version and algorithm are known, the
+header length is the one its key length gives, the key inside equals the key it
+was read under (so an object copied under another key — another page, pool kind
+or stage — is rejected), the total length is exactly ``H + N`` (no truncation, no
+trailing bytes), ``N`` is the length the reader expects, and the checksum
+matches. Anything else raises :class:`IntegrityError` with a short reason.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+import xxhash
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MAGIC",
+    "IntegrityError",
+    "checksum",
+    "decode",
+    "encode",
+    "header_length",
+]
+
+MAGIC = b"JHC3"
+FORMAT_VERSION = 1
+_ALGO_XXH3_64 = 1
+_FIXED = struct.Struct("<4sHHIIQQ")  # 32 bytes
+_ALIGN = 64
+
+Buffer = bytes | bytearray | memoryview
+
+
+class IntegrityError(ValueError):
+    """An object failed a check; ``reason`` is one short word for counters and logs."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def header_length(key: str) -> int:
+    """Bytes before the payload of the object stored under ``key``."""
+    return -(-(_FIXED.size + len(key.encode("utf-8"))) // _ALIGN) * _ALIGN
+
+
+def checksum(key: bytes, parts: Sequence[Buffer]) -> int:
+    """xxh3_64 of ``key || parts[0] || parts[1] ...`` (streamed, no concatenation)."""
+    h = xxhash.xxh3_64()
+    h.update(key)
+    for p in parts:
+        h.update(p)
+    return h.intdigest()
+
+
+def encode(key: str, parts: Sequence[Buffer]) -> bytes:
+    """Header + payload as one ``bytes`` (the only copy of the payload: one join).
+
+    ``parts`` are contiguous byte buffers (e.g. ``memoryview`` of slab rows); the
+    payload is their concatenation.
+    """
+    kb = key.encode("utf-8")
+    n = sum(memoryview(p).nbytes for p in parts)
+    hlen = header_length(key)
+    head = _FIXED.pack(MAGIC, FORMAT_VERSION, _ALGO_XXH3_64, len(kb), hlen, n, checksum(kb, parts))
+    pad = b"\x00" * (hlen - len(head) - len(kb))
+    return b"".join([head, kb, pad, *parts])
+
+
+def decode(key: str, blob: Buffer, expected_payload: int | None = None) -> memoryview:
+    """The payload of ``blob`` read under ``key``, or :class:`IntegrityError`.
+
+    Returns a zero-copy ``memoryview`` into ``blob``.
+    """
+    mv = memoryview(blob).cast("B")
+    if mv.nbytes < _FIXED.size:
+        raise IntegrityError("truncated", f"{mv.nbytes} bytes, shorter than a header")
+    magic, version, algo, klen, hlen, n, digest = _FIXED.unpack_from(mv, 0)
+    if magic != MAGIC:
+        raise IntegrityError("bad_magic", repr(bytes(magic)))
+    if version != FORMAT_VERSION:
+        raise IntegrityError("bad_version", str(version))
+    if algo != _ALGO_XXH3_64:
+        raise IntegrityError("bad_checksum_algorithm", str(algo))
+    kb = key.encode("utf-8")
+    if klen != len(kb) or hlen != header_length(key):
+        raise IntegrityError("key_mismatch", f"key length {klen}, header length {hlen}")
+    if mv.nbytes < hlen:
+        raise IntegrityError("truncated", f"{mv.nbytes} bytes, header needs {hlen}")
+    if mv[_FIXED.size : _FIXED.size + klen] != kb:
+        stored = bytes(mv[_FIXED.size : _FIXED.size + klen]).decode("utf-8", "replace")
+        raise IntegrityError("key_mismatch", f"object holds {stored!r}")
+    if expected_payload is not None and n != expected_payload:
+        raise IntegrityError("length_mismatch", f"payload {n} bytes, expected {expected_payload}")
+    if mv.nbytes != hlen + n:
+        reason = "truncated" if mv.nbytes < hlen + n else "trailing_bytes"
+        raise IntegrityError(reason, f"{mv.nbytes} bytes, header says {hlen + n}")
+    payload = mv[hlen:]
+    if checksum(kb, [payload]) != digest:
+        raise IntegrityError("checksum_mismatch")
+    return payload
