@@ -368,11 +368,13 @@ class Env:
         after = live_swa(snapshot(tree), Tier.DEVICE)
         for p, v in before.items():  # insert never frees nor changes an SWA page
             assert after.get(p) == v, "insert dropped or replaced a live SWA page"
-        if sw is not None:
-            mine = set(sw[sw >= 0].tolist())
-            kept = {v for p, v in after.items() if p not in before}
-            assert kept <= mine and kept.isdisjoint(r.free_swa_ids.tolist())
-            assert kept | set(r.free_swa_ids.tolist()) == mine, "an SWA id was lost"
+        if sw is not None:  # each id given lands on its page unless that page had one
+            pres = prefixes(ps, k)[pages - sw.size :]
+            dups = [v for p, v in zip(pres, sw.tolist(), strict=True) if v >= 0 and p in before]
+            assert sorted(r.free_swa_ids.tolist()) == sorted(dups)
+            for p, v in zip(pres, sw.tolist(), strict=True):
+                if v >= 0 and p not in before:
+                    assert after[p] == v, "insert did not keep an SWA page it was given"
         self.free_device(r.dup_full_ids, r.free_swa_ids)
         assert r.prefix_len + r.new_len == pages * ps
         self.present |= set(prefixes(ps, k))

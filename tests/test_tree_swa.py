@@ -136,17 +136,19 @@ def test_reclaim_never_takes_leaf_or_lock_windows():
     e = Env(ps=2, swa=2, policy=WB)
     e.request(key(2, 1, 2, 3, 4, 5, 6))
     e.request(key(2, 1, 2, 3, 7, 8))  # branch point after page 3
+    e.request(key(2, 1, 2, 3, 9))  # a 1-page leaf: its window reaches into the branch's node
     locked = key(2, 1, 2, 3, 4, 5)
     n = e.tree.match_prefix(locked).node  # splits the first leaf after page 5
     e.tree.inc_lock(n)
     e.held.append(n)
     e._record_window(n)
-    assert e.tree.reclaimable_swa_pages(DEV) == 3  # page 0: no window; 1, 2: the branch's
+    assert e.tree.reclaimable_swa_pages(DEV) == 2  # page 0: no window; 1: the branch's
     e.reclaim(100, DEV)
     assert e.tree.reclaimable_swa_pages(DEV) == 0
     keep = {
         *prefixes(2, key(2, 1, 2, 3, 4, 5, 6))[4:],  # first leaf's window
         *prefixes(2, key(2, 1, 2, 3, 7, 8))[3:],  # second leaf's window
+        *prefixes(2, key(2, 1, 2, 3, 9))[2:],  # third leaf's window
         *prefixes(2, locked)[3:],  # the lock's window
     }
     assert set(live_swa(snapshot(e.tree), DEV)) == keep
