@@ -13,7 +13,18 @@ from .keys import (
     tp_sharded_kinds,
 )
 from .layout import ObjectLayout, plan_units, stored_bytes_per_page
-from .tensorstore_backend import TensorStoreBackend, default_cache_dir, parse_kvstore_spec
+
+_LAZY = {"TensorStoreBackend", "default_cache_dir", "parse_kvstore_spec"}
+
+
+def __getattr__(name: str):
+    # tensorstore is an optional dependency (extra ``storage``): import it on first use
+    if name in _LAZY:
+        from . import tensorstore_backend
+
+        return getattr(tensorstore_backend, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "LAYOUT_VERSION",

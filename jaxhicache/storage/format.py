@@ -27,7 +27,10 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
-import xxhash
+try:
+    import xxhash
+except ImportError:  # pragma: no cover - the storage extra is not installed
+    xxhash = None
 
 __all__ = [
     "FORMAT_VERSION",
@@ -63,6 +66,8 @@ def header_length(key: str) -> int:
 
 def checksum(key: bytes, parts: Sequence[Buffer]) -> int:
     """xxh3_64 of ``key || parts[0] || parts[1] ...`` (streamed, no concatenation)."""
+    if xxhash is None:  # pragma: no cover
+        raise ImportError("L3 checksums need the xxhash package: pip install 'jaxhicache[storage]'")
     h = xxhash.xxh3_64()
     h.update(key)
     for p in parts:
