@@ -26,7 +26,7 @@ from jaxhicache.mesh import make_mesh
 from jaxhicache.pools.device import allocate_device_pools
 from jaxhicache.pools.host import HostPools
 from jaxhicache.spec import KVFormat, ModelCacheSpec
-from jaxhicache.transfer import PageMove, TransferEngine
+from jaxhicache.transfer import CopyPath, PageMove, TransferEngine
 from kernels_pallas.paged_copy import Backend, paged_gather, paged_scatter_donated
 
 
@@ -55,7 +55,7 @@ def _time(fn, reps: int) -> float:
     return statistics.median(ts)
 
 
-def bench_case(name, spec, pool_pages, counts, reps, backend):
+def bench_case(name, spec, pool_pages, counts, reps, backend, copy_path=None):
     maps = build_layer_maps(spec, 1)
     mesh = make_mesh(1, 1)
     pools = allocate_device_pools(spec, mesh, maps, pool_pages, pool_pages)
@@ -72,7 +72,7 @@ def bench_case(name, spec, pool_pages, counts, reps, backend):
         }
     )
     host = HostPools(spec, maps, pool_pages, pool_pages)
-    eng = TransferEngine(mesh, maps, host, backend=backend)
+    eng = TransferEngine(mesh, maps, host, backend=backend, copy_path=copy_path)
     rows = []
     live = {"pools": pools}  # H2D loads donate the pools: always use the newest
     for n in counts:
@@ -127,6 +127,12 @@ def main(argv=None) -> int:
     p.add_argument("--backend", choices=[b.name for b in Backend], default=None)
     p.add_argument("--reps", type=int, default=None)
     p.add_argument(
+        "--copy-path",
+        choices=[c.value for c in CopyPath],
+        default=None,
+        help="engine copy path (default: direct on a CPU mesh, else staged)",
+    )
+    p.add_argument(
         "--mha-dtype",
         default=None,
         help="dtype of the MHA case (default: bfloat16 on GPU, float32 on CPU)",
@@ -145,14 +151,16 @@ def main(argv=None) -> int:
     mha = ModelCacheSpec.mha(
         num_layers=8, num_kv_heads=8, head_dim=128, page_size=16, dtype=args.mha_dtype
     )
-    rows = bench_case(dsv4.name, dsv4, pool_pages, counts, reps, backend)
+    path = CopyPath(args.copy_path) if args.copy_path else None
+    rows = bench_case(dsv4.name, dsv4, pool_pages, counts, reps, backend, path)
     rows += bench_case(
-        f"mha-l8-h8-d128-p16-{args.mha_dtype}", mha, pool_pages, counts, reps, backend
+        f"mha-l8-h8-d128-p16-{args.mha_dtype}", mha, pool_pages, counts, reps, backend, path
     )
 
     cols = ["memcpy", "gather", "scatter", "backup", "load"]
     print(
-        f"platform={jax.default_backend()} backend={(backend or 'default')} cpus={os.cpu_count()}"
+        f"platform={jax.default_backend()} backend={(backend or 'default')} "
+        f"copy_path={args.copy_path or 'default'} cpus={os.cpu_count()}"
     )
     print(
         f"{'case':<28} {'pages':>6} {'MiB':>9} "
