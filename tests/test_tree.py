@@ -3,6 +3,7 @@ reclaim rules: test_tree_swa.py; random traffic: test_tree_machine.py)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -310,3 +311,13 @@ def test_check_invariants_catches_corruption():
         e.tree.check_invariants()
     b.host_full = saved
     e.tree.check_invariants()
+
+
+def test_tree_readme_python_blocks_run():
+    """The imports and the serving step of jaxhicache/tree/README.md run as written."""
+    blocks = re.findall(r"```python\n(.*?)```", TREE_README.read_text(), flags=re.S)
+    assert len(blocks) >= 2
+    namespace: dict = {"__name__": "tree_readme"}
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"tree/README.md block {i}", "exec"), namespace)
+    assert namespace["tree"].num_nodes >= 2
