@@ -141,10 +141,9 @@ def _parse(argv: list[str]):
     cfg = workload.config_from_args(args, argv)
     if args.workload == "reuse":
         base = dataclasses.replace(workload.WorkloadConfig(), **REUSE)
-        explicit = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
         explicit = {
             k: v
-            for k, v in explicit.items()
+            for k, v in dataclasses.asdict(cfg).items()
             if any(a.startswith("--" + k.replace("_", "-")) for a in argv)
         }
         cfg = dataclasses.replace(base, **explicit)
