@@ -7,6 +7,8 @@ tombstone); token keys are ``int64`` bytes. :data:`EMPTY` and the views that
 
 from __future__ import annotations
 
+from typing import final
+
 import numpy as np
 
 __all__ = [
@@ -57,6 +59,7 @@ def ids(x, what: str) -> np.ndarray:
     return arr
 
 
+@final
 class NegOnes:
     """Read-only views of ``k`` entries of ``-1`` from one growing buffer."""
 
