@@ -1,41 +1,27 @@
 """A small single-controller serving loop: :class:`PagedModel` driven by a :class:`HiCache`.
 
-One request (a prompt and ``max_new_tokens``) goes through::
+A batch of requests (prompts and ``max_new_tokens``) goes through::
 
-    match_prefix(prompt[:-1])     page-aligned cached prefix P (device | host | miss);
-       |                          the last prompt token is always computed (its logits)
-    load_back(match)              device pages for host-only pages, H2D layer by layer
-       |                          (page table of the prefix; SWA -1 = tombstone)
-    allocate(n, n)                fresh full + SWA pages for [P, end of prompt + decode)
-       |
-    prefill(prompt[P:], start=P)  chunked; pools donated, handed back to the cache
-    decode_step x (max_new - 1)   greedy, into the same pages
-       |
-    insert(computed tokens, own pages)  the tree takes the whole pages after P; a
-       |                                trailing partial page is freed here, and the
-       |                                pages insert refuses (duplicates, tombstones)
-       |                                are freed by insert itself
-    release(prefix node)
+    admit(pools, prompts)        per request: the cached prefix of prompt[:-1] (device |
+       |                         host | miss), locked; device pages for host-only prefix
+       |                         pages, window SWA pages and its own new tokens; all
+       |                         requests' host→device moves merged into ONE dispatch
+       |                         (or, layerwise, applied by the first forward chunk
+       |                         layer by layer, overlapping copy and compute)
+    per request:
+      prefill(prompt[P:], start=P)   chunked; the loop owns the pools and threads them
+      decode_step x (max_new - 1)    greedy, into the same pages
+      insert(pools, request, computed tokens)   whole pages to the tree; backups
+      release(request)                          the partial tail page freed, prefix unlocked
 
 Only tokens whose KV was written are inserted: the prompt and every generated
 token but the last (the last one was never fed back). The core library
 (``jaxhicache``) never imports ``models``; this module is the glue.
 
-The core is the only owner of page ids. Every id this loop allocates ends in
-exactly one of: the tree (via ``insert``), ``insert``'s own frees, or
-:meth:`HiCache.free` for the trailing partial page (or on an error).
-
-Page tables are padded with ``-1`` to power-of-two buckets (at least
-``min_table_pages``), so each ``(chunk length, bucket)`` compiles once.
-
-Layer-wise load overlap: :meth:`LoadBack.wait` takes a stage-local layer id.
-A runner whose forward is split per layer (or a GPU runner that makes each
-layer's kernel depend on the load's per-layer token) would wait for layer
-``l`` right before computing it, overlapping the H2D copy of later layers with
-compute. The forward here is one jitted program over all layers, so a wait
-cannot be placed inside it; the loop calls ``wait()`` for all layers before the
-prefill (on CPU the copy is synchronous anyway, and the data dependency on the
-returned pools already orders the reads after the writes).
+Requests the cache defers (no device pages now) are admitted again after the
+admitted ones have finished. Page tables are padded with ``-1`` to power-of-two
+buckets (at least ``min_table_pages``), so each ``(chunk length, bucket)``
+compiles once.
 """
 
 from __future__ import annotations
@@ -43,14 +29,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
-from jaxhicache.cache import HiCache
+from jaxhicache.cache import HiCache, HiCacheConfig, Request
 from jaxhicache.pools.device import DevicePools
-from jaxhicache.tree import MatchResult
 from models.paged import PagedModel
 
 __all__ = ["RequestReport", "ServingLoop", "bucket_pages"]
@@ -65,8 +50,7 @@ def bucket_pages(n: int, minimum: int = 8) -> int:
 class RequestReport:
     """What one request did. Token counts are per tier of the cached prefix.
 
-    ``cached_tokens = device_cached_tokens + host_cached_tokens +
-    storage_cached_tokens`` (storage is always 0: this loop has no L3), and
+    ``cached_tokens = device_cached_tokens + host_cached_tokens`` and
     ``cached_tokens + prefill_tokens == prompt_len``.
 
     ``step_logits[i]`` is the distribution ``generated[i]`` was picked from
@@ -79,10 +63,9 @@ class RequestReport:
     cached_tokens: int
     device_cached_tokens: int
     host_cached_tokens: int
-    storage_cached_tokens: int
     prefill_tokens: int
     generated: np.ndarray  # int32 [max_new_tokens]
-    ttft_s: float  # request start -> first token known on the host
+    ttft_s: float  # batch start -> first token known on the host
     total_s: float
     loaded_pages: int  # full pages brought back from host
     inserted_tokens: int  # page-aligned tokens the tree holds for this request afterwards
@@ -94,7 +77,7 @@ class RequestReport:
 
 
 class ServingLoop:
-    """Drives ``model`` with prefix caching through ``cache`` (one request at a time).
+    """Drives ``model`` with prefix caching through ``cache``; the loop owns the device pools.
 
     Args:
       model: the paged, pipeline-parallel model.
@@ -102,6 +85,8 @@ class ServingLoop:
         (see :meth:`for_model`).
       chunk_size: prefill chunk length (default: the page size).
       min_table_pages: smallest page-table bucket.
+      layerwise: apply the prefix load inside the first prefill chunk, layer by
+        layer (default), instead of one separate load dispatch before it.
     """
 
     def __init__(
@@ -111,6 +96,7 @@ class ServingLoop:
         *,
         chunk_size: int | None = None,
         min_table_pages: int = 8,
+        layerwise: bool = True,
     ):
         _check_compatible(model, cache)
         self.model = model
@@ -118,85 +104,101 @@ class ServingLoop:
         self.page = model.config.page_size
         self.chunk_size = chunk_size or self.page
         self.min_table_pages = min_table_pages
+        self.layerwise = bool(layerwise)
+        self.pools: DevicePools = cache.new_device_pools()
         self._oracle_pools: DevicePools | None = None
 
     @classmethod
     def for_model(
         cls,
         model: PagedModel,
+        config: HiCacheConfig | None = None,
         *,
-        device_pages: int,
         chunk_size: int | None = None,
         min_table_pages: int = 8,
-        **cache_kwargs,
+        layerwise: bool = True,
+        **config_fields,
     ) -> ServingLoop:
         """A loop with a fresh :class:`HiCache` matching ``model`` (spec, mesh, partition).
 
-        ``cache_kwargs`` go to :class:`HiCache` (``device_swa_pages``,
-        ``host_pages``, ``write_policy``, ...).
+        Either a ``config`` or its fields (``device_pages=...``, ``write_policy=...``);
+        the partition is always the model's.
         """
-        partition = [m.num_local_layers for m in model.layer_maps]
-        cache = HiCache(
-            model.spec, model.mesh, device_pages=device_pages, partition=partition, **cache_kwargs
+        partition = tuple(m.num_local_layers for m in model.layer_maps)
+        if config is None:
+            config = HiCacheConfig(partition=partition, **config_fields)
+        elif config_fields:
+            raise ValueError(f"pass a config or its fields, not both ({sorted(config_fields)})")
+        else:
+            config = dataclasses.replace(config, partition=partition)
+        cache = HiCache(model.spec, model.mesh, config)
+        return cls(
+            model,
+            cache,
+            chunk_size=chunk_size,
+            min_table_pages=min_table_pages,
+            layerwise=layerwise,
         )
-        return cls(model, cache, chunk_size=chunk_size, min_table_pages=min_table_pages)
 
     # ------------------------------------------------------------- requests
-    def serve(
-        self,
-        tokens: Sequence[int] | np.ndarray,
-        max_new_tokens: int,
-        *,
-        before_load: Callable[[MatchResult], None] | None = None,
-    ) -> RequestReport:
-        """Runs one request with prefix caching; inserts its computed pages afterwards.
+    def serve(self, tokens: Sequence[int] | np.ndarray, max_new_tokens: int) -> RequestReport:
+        """Runs one request with prefix caching; inserts its computed pages afterwards."""
+        return self.serve_batch([tokens], [max_new_tokens])[0]
 
-        ``before_load(match)`` is called between the match and the load-back
-        (tests use it to inspect or corrupt the host copy being restored).
+    def serve_batch(self, prompts: Sequence, max_new_tokens: Sequence[int]) -> list[RequestReport]:
+        """Runs a batch: one admission (merged prefix loads), then each request in order.
+
+        Requests the cache defers are admitted again once the others finished;
+        ``OutOfPages`` only when a request cannot fit on its own.
         """
-        tokens = _prompt(tokens, max_new_tokens)
-        t0 = time.perf_counter()
-        cache, page = self.cache, self.page
-        n_prompt = tokens.size
-        match = cache.match_prefix(tokens[:-1])  # keep >= 1 token to compute
-        if before_load is not None:
-            before_load(match)
-        lb = cache.load_back(match)
-        p = match.matched_len
-        new_full = new_swa = np.zeros(0, np.int32)
-        try:
-            # KV is written for positions [0, written_end): prompt + all generated but the last.
-            written_end = n_prompt + max_new_tokens - 1
-            n_new = math.ceil(written_end / page) - p // page
-            new_full, new_swa = cache.allocate(n_new, n_new)
-            full = np.concatenate([lb.full_page_ids, new_full]).astype(np.int32)
-            swa = np.concatenate([lb.swa_page_ids, new_swa]).astype(np.int32)
-            lb.wait()  # all layers; see the module docstring for per-layer waiting
-            _, prefill_logits, step_logits, generated, ttft = self._generate(
-                cache.pools, tokens, p, full, swa, max_new_tokens, t0, cache=True
+        prompts = [_prompt(p, n) for p, n in zip(prompts, max_new_tokens, strict=True)]
+        new = [int(n) for n in max_new_tokens]
+        reports: dict[int, RequestReport] = {}
+        todo = list(range(len(prompts)))
+        while todo:
+            t0 = time.perf_counter()
+            self.pools, batch = self.cache.admit(
+                self.pools,
+                [prompts[i] for i in todo],
+                [new[i] for i in todo],
+                layerwise=self.layerwise,
             )
-        except BaseException:
-            cache.free(new_full, new_swa)
-            cache.release(lb.node)
-            raise
-        # Insert the whole pages after P that this request wrote; free the partial tail.
-        own = written_end // page - p // page
+            admitted = todo[: len(batch.requests)]
+            assert admitted, "admit raises OutOfPages rather than admitting nothing"
+            load = batch.layerwise
+            for j, (i, req) in enumerate(zip(admitted, batch.requests, strict=True)):
+                try:
+                    reports[i] = self._run(req, load, t0)
+                except BaseException:
+                    for rest in batch.requests[j:]:
+                        self.cache.release(rest)
+                    raise
+                load = None  # the first request's first chunk applied everyone's load
+            todo = [todo[k] for k in batch.deferred]
+        return [reports[i] for i in range(len(prompts))]
+
+    def _run(self, req: Request, load, t0: float) -> RequestReport:
+        cache = self.cache
+        tokens = req.prompt
+        p = req.cached_tokens
+        full, swa = req.full_page_ids, req.swa_page_ids
+        self.pools, prefill_logits, step_logits, generated, ttft = self._generate(
+            self.pools, tokens, p, full, swa, req.max_new_tokens, t0, load=load
+        )
         computed = np.concatenate([tokens, generated[:-1]])
-        cache.insert(computed[: written_end // page * page], new_full[:own], new_swa[:own])
-        cache.free(new_full[own:], new_swa[own:])
-        cache.release(lb.node)
+        cache.insert(self.pools, req, computed)
+        cache.release(req)
         return RequestReport(
-            prompt_len=n_prompt,
+            prompt_len=tokens.size,
             cached_tokens=p,
-            device_cached_tokens=match.device_len,
-            host_cached_tokens=match.host_len,
-            storage_cached_tokens=0,
-            prefill_tokens=n_prompt - p,
+            device_cached_tokens=req.device_hit_tokens,
+            host_cached_tokens=req.host_hit_tokens,
+            prefill_tokens=tokens.size - p,
             generated=generated,
             ttft_s=ttft,
             total_s=time.perf_counter() - t0,
-            loaded_pages=int(match.host_full_ids.size),
-            inserted_tokens=written_end // page * page,
+            loaded_pages=req.host_hit_tokens // self.page,
+            inserted_tokens=computed.size // self.page * self.page,
             used_cache=True,
             full_page_ids=full,
             swa_page_ids=swa,
@@ -215,7 +217,7 @@ class ServingLoop:
         tokens = _prompt(tokens, max_new_tokens)
         t0 = time.perf_counter()
         n_pages = math.ceil((tokens.size + max_new_tokens - 1) / self.page)
-        shape = self.cache.pools
+        shape = self.pools
         if n_pages > min(shape.num_pages, shape.num_swa_pages):
             raise ValueError(
                 f"the request needs {n_pages} pages; the oracle pools hold {shape.num_pages}"
@@ -224,7 +226,7 @@ class ServingLoop:
             self._oracle_pools = self.model.init_pools(shape.num_pages, shape.num_swa_pages)
         ids = np.arange(n_pages, dtype=np.int32)
         pools, prefill_logits, step_logits, generated, ttft = self._generate(
-            self._oracle_pools, tokens, 0, ids, ids, max_new_tokens, t0, cache=False
+            self._oracle_pools, tokens, 0, ids, ids, max_new_tokens, t0, load=None
         )
         self._oracle_pools = pools
         return RequestReport(
@@ -232,7 +234,6 @@ class ServingLoop:
             cached_tokens=0,
             device_cached_tokens=0,
             host_cached_tokens=0,
-            storage_cached_tokens=0,
             prefill_tokens=tokens.size,
             generated=generated,
             ttft_s=ttft,
@@ -246,16 +247,15 @@ class ServingLoop:
             step_logits=step_logits,
         )
 
-    def _generate(self, pools, tokens, start, full, swa, max_new_tokens, t0, *, cache: bool):
+    def _generate(self, pools, tokens, start, full, swa, max_new_tokens, t0, *, load):
         """Prefill ``tokens[start:]`` then greedy-decode; returns pools, logits, tokens, TTFT."""
         n = bucket_pages(full.size, self.min_table_pages)
         full_t, swa_t = _pad(full, n), _pad(swa, n)
         model = self.model
+        kw = {} if load is None else {"load": load}
         logits, pools, scratch = model.prefill(
-            pools, tokens[start:], start, full_t, swa_t, chunk_size=self.chunk_size
+            pools, tokens[start:], start, full_t, swa_t, chunk_size=self.chunk_size, **kw
         )
-        if cache:
-            self.cache.pools = pools  # donated: the old arrays are gone from here on
         last = logits[-1]
         tok = int(jnp.argmax(last))
         ttft = time.perf_counter() - t0
@@ -264,8 +264,6 @@ class ServingLoop:
             last, pools, scratch = model.decode_step(
                 pools, tok, tokens.size + i - 1, full_t, swa_t, scratch
             )
-            if cache:
-                self.cache.pools = pools
             tok = int(jnp.argmax(last))
             generated.append(tok)
             steps.append(last)
@@ -280,7 +278,7 @@ class ServingLoop:
     # ----------------------------------------------------------- passthroughs
     def evict_device(self, num_pages: int) -> int:
         """Frees ``num_pages`` device pages (LRU); backed-up nodes are demoted to host."""
-        return self.cache.evict(num_pages)
+        return self.cache.evict(self.pools, num_pages)
 
     def evict_host(self, num_pages: int) -> int:
         """Frees ``num_pages`` host pages (host-only leaves, LRU)."""

@@ -21,7 +21,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxhicache.spec import PageSpace, PoolKind
+from jaxhicache.cache import WritePolicy
+from jaxhicache.spec import PageSpace, PoolKind, Tier
+from jaxhicache.transfer import CopyPath
 from models.config import TinyDSV4Config
 from models.dsv4 import init_params
 from models.paged import PagedModel
@@ -52,8 +54,9 @@ class _Models:
             self.models[pp] = PagedModel(cfg, init_params(cfg, 0), pp=pp, partition=partition)
         return self.models[pp]
 
-    def loop(self, pp: int, **kw) -> ServingLoop:
-        return ServingLoop.for_model(self.model(pp), device_pages=DEVICE_PAGES, **kw)
+    def loop(self, pp: int, path: CopyPath = CopyPath.DIRECT, **kw) -> ServingLoop:
+        kw.setdefault("device_pages", DEVICE_PAGES)
+        return ServingLoop.for_model(self.model(pp), copy_path=path, **kw)
 
     def uncached(self, loop: ServingLoop, pp: int, tokens, max_new: int):
         key = (pp, tuple(int(t) for t in tokens), max_new)
@@ -85,10 +88,7 @@ def _check_report(loop: ServingLoop, r, prompt, max_new: int) -> None:
     """Report fields are consistent with each other and with the request."""
     page, vocab = loop.page, loop.model.config.vocab
     assert r.prompt_len == len(prompt)
-    assert r.storage_cached_tokens == 0
-    assert r.cached_tokens == (
-        r.device_cached_tokens + r.host_cached_tokens + r.storage_cached_tokens
-    )
+    assert r.cached_tokens == r.device_cached_tokens + r.host_cached_tokens
     assert r.cached_tokens + r.prefill_tokens == r.prompt_len
     assert r.cached_tokens % page == 0 and r.prefill_tokens >= 1
     assert r.loaded_pages * page == r.host_cached_tokens
@@ -114,16 +114,18 @@ def _check_cache(loop: ServingLoop) -> None:
     cache = loop.cache
     cache.poll(wait=True)
     cache.check_invariants()
-    t, a = cache.tree, cache.alloc
-    used = {f"{tier}-{space.value}": al.num_used for (tier, space), al in a.items()}
+    t = cache.tree
+    used = {
+        f"{tier.value}-{space.value}": al.num_used for (tier, space), al in cache.ledger.items()
+    }
     assert used["device-full"] == t.total_device_pages(), used
     assert used["device-swa"] == t.total_device_swa_pages(), used
     assert used["host-full"] == t.total_host_pages(), used
     assert used["host-swa"] == t.total_host_swa_pages(), used
 
 
-def _serve(loop, prompt, max_new, **kw):
-    r = loop.serve(prompt, max_new, **kw)
+def _serve(loop, prompt, max_new):
+    r = loop.serve(prompt, max_new)
     _check_report(loop, r, prompt, max_new)
     _check_cache(loop)
     return r
@@ -133,9 +135,9 @@ def _wipe_device(loop: ServingLoop) -> None:
     """Zeroes every device page; only valid when the tree holds none of them."""
     cache = loop.cache
     assert cache.tree.total_device_pages() == 0
-    assert cache.alloc["device", PageSpace.FULL].num_used == 0
-    pools = cache.pools
-    cache.pools = pools.replace(
+    assert cache.ledger[Tier.DEVICE, PageSpace.FULL].num_used == 0
+    pools = loop.pools
+    loop.pools = pools.replace(
         arrays={
             k: jax.device_put(np.zeros(a.shape, a.dtype), a.sharding)
             for k, a in pools.arrays.items()
@@ -143,11 +145,11 @@ def _wipe_device(loop: ServingLoop) -> None:
     )
 
 
-def _evict_all_to_host(loop: ServingLoop) -> None:
-    freed = loop.evict_device(DEVICE_PAGES)
-    assert freed >= PREFIX // PAGE
+def _evict_all_to_host(loop: ServingLoop, min_pages: int = PREFIX // PAGE) -> None:
+    freed = loop.evict_device(loop.cache.config.device_pages)
+    assert freed >= min_pages
     assert loop.cache.tree.total_device_pages() == 0
-    assert loop.cache.tree.total_host_pages() >= PREFIX // PAGE
+    assert loop.cache.tree.total_host_pages() >= min_pages
     _wipe_device(loop)
 
 
@@ -172,11 +174,16 @@ def _first_turn(models, loop, pp, seed):
 
 
 # ---------------------------------------------------------------- multi-turn
+PATHS = [CopyPath.DIRECT, CopyPath.STAGED]
+
+
+@pytest.mark.parametrize("path", PATHS, ids=["direct", "staged"])
 @pytest.mark.parametrize("tier", ["device", "host", "pressure"])
 @pytest.mark.parametrize("pp", [1, 2, 4])
-def test_multi_turn_equivalence(models, pp, tier):
-    """Turn 2 from a prefix on device, on host (evicted), or pushed out by other traffic."""
-    loop = models.loop(pp)
+def test_multi_turn_equivalence(models, pp, tier, path):
+    """Turn 2 from a prefix on device, on host (evicted), or pushed out by other traffic,
+    on both transfer paths (staged: the GPU's gather/staging/scatter path, run on CPU)."""
+    loop = models.loop(pp, path)
     r1 = _first_turn(models, loop, pp, seed=pp)
     if tier == "host":
         _evict_all_to_host(loop)
@@ -196,26 +203,102 @@ def test_multi_turn_equivalence(models, pp, tier):
     loop.close()
 
 
+@pytest.mark.parametrize("layerwise", [True, False], ids=["layerwise", "one-load"])
+@pytest.mark.parametrize("path", PATHS, ids=["direct", "staged"])
+def test_three_turns_of_unaligned_lengths(models, path, layerwise):
+    """The issue's reproduction: turns of 16 -> 42 -> 60 tokens on PP 2 (sequences that do
+    not end on a page boundary) equal recomputation at every turn, from device and host."""
+    pp = 2
+    loop = models.loop(pp, path, layerwise=layerwise)
+    vocab = loop.model.config.vocab
+    prompt, max_new = _prompt(5, 16, vocab), 3
+    prev_kv = 0  # KV positions the previous turn wrote (prompt + generated but the last)
+    for turn, total in enumerate((16, 42, 60)):
+        if turn:
+            user = _prompt(500 + turn, total - prompt.size, vocab)
+            prompt = np.concatenate([prompt, user])
+        if turn == 2:
+            _evict_all_to_host(loop, min_pages=2)
+        r = _serve(loop, prompt, max_new)
+        assert r.prompt_len == total
+        if turn:  # the previous turn's whole pages are served
+            assert r.cached_tokens == prev_kv // PAGE * PAGE > 0
+        _assert_matches_oracle(r, models.uncached(loop, pp, prompt, max_new))
+        prev_kv = r.prompt_len + max_new - 1
+        prompt = np.concatenate([prompt, r.generated])
+    assert loop.cache.stats()["host_hit_tokens"] > 0
+    loop.close()
+
+
+@pytest.mark.parametrize("path", PATHS, ids=["direct", "staged"])
+def test_chunks_longer_than_a_page(models, path):
+    """chunk_size 40 > page 16: the pages a long chunk finishes carry their compressor
+    state (the per-page ring write), so turn 2 restores at 48 inside turn 1's chunk."""
+    pp = 2
+    loop = models.loop(pp, path, chunk_size=40)
+    r1 = _first_turn(models, loop, pp, seed=41)
+    _evict_all_to_host(loop)
+    p2 = _turn2(loop, 41, r1)
+    r2 = _serve(loop, p2, TURN2_NEW)
+    assert (r2.device_cached_tokens, r2.host_cached_tokens) == (0, PREFIX)
+    _assert_matches_oracle(r2, models.uncached(loop, pp, p2, TURN2_NEW))
+    loop.close()
+
+
+@pytest.mark.parametrize("path", PATHS, ids=["direct", "staged"])
+def test_batch_with_host_hits_shares_one_load(models, path):
+    """Two conversations' second turns admitted together: one merged load, both equal
+    recomputation."""
+    pp = 2
+    loop = models.loop(pp, path, device_pages=16)
+    firsts = [_first_turn(models, loop, pp, seed=s) for s in (51, 52)]
+    _evict_all_to_host(loop, min_pages=2 * PREFIX // PAGE)
+    loads = loop.cache.stats()["load_dispatches"]
+    prompts = [_turn2(loop, s, r) for s, r in zip((51, 52), firsts, strict=True)]
+    reports = loop.serve_batch(prompts, [TURN2_NEW, TURN2_NEW])
+    assert loop.cache.stats()["load_dispatches"] == loads + 1
+    for p2, r2 in zip(prompts, reports, strict=True):
+        _check_report(loop, r2, p2, TURN2_NEW)
+        assert (r2.device_cached_tokens, r2.host_cached_tokens) == (0, PREFIX)
+        _assert_matches_oracle(r2, models.uncached(loop, pp, p2, TURN2_NEW))
+    _check_cache(loop)
+    loop.close()
+
+
+def test_second_conversation_hits_a_shared_system_prompt(models):
+    """Two conversations that share a 3-page system prompt: the second is served all three
+    pages from the cache (SWA windows outside a sequence's end are kept, not freed)."""
+    pp = 2
+    loop = models.loop(pp, device_pages=16)
+    vocab = loop.model.config.vocab
+    system = _prompt(60, 3 * PAGE, vocab)
+    a = np.concatenate([system, _prompt(61, 20, vocab)])
+    b = np.concatenate([system, _prompt(62, 9, vocab)])
+    ra = _serve(loop, a, 2)
+    assert ra.cached_tokens == 0
+    rb = _serve(loop, b, 2)
+    assert (rb.cached_tokens, rb.device_cached_tokens) == (3 * PAGE, 3 * PAGE)
+    _assert_matches_oracle(rb, models.uncached(loop, pp, b, 2))
+    loop.close()
+
+
 # ---------------------------------------------------------- negative control
-def _corrupt(loop, kind, stage, page_pos, ring_slot=None):
-    """A ``before_load`` hook zeroing one restored page (or ring row) of one stage's slab."""
+def _corrupt(loop, prompt, kind, stage, page_pos, ring_slot=None):
+    """Zeroes one restored page (or ring row) of one stage's slab before the load-back."""
     cache = loop.cache
     m = cache.layer_maps[stage]
     assert m.num_layers_of(kind) > 0, f"stage {stage} has no {kind.value} layer"
-
-    def hook(match):
-        assert match.host_len == PREFIX  # the whole prefix comes from host
-        ids = match.swa_host_ids if kind.page_space is PageSpace.SWA else match.host_full_ids
-        host_id = int(ids[page_pos])
-        assert host_id >= 0
-        slab = cache.host.slab(stage, kind)  # page_first: [pages, layers, *row]
-        assert slab[host_id, 0].any(), "nothing to corrupt: the host copy is empty"
-        if ring_slot is None:
-            slab[host_id, 0] = 0
-        else:
-            slab[host_id, 0, ring_slot] = 0
-
-    return hook
+    match = cache.lookup(prompt[:-1])
+    assert match.host_len == PREFIX  # the whole prefix comes from host
+    ids = match.swa_host_ids if kind.page_space is PageSpace.SWA else match.host_full_ids
+    host_id = int(ids[page_pos])
+    assert host_id >= 0
+    slab = cache.host.slab(stage, kind)  # page_first: [pages, layers, *row]
+    assert slab[host_id, 0].any(), "nothing to corrupt: the host copy is empty"
+    if ring_slot is None:
+        slab[host_id, 0] = 0
+    else:
+        slab[host_id, 0, ring_slot] = 0
 
 
 CORRUPTIONS = {
@@ -227,16 +310,18 @@ CORRUPTIONS = {
 }
 
 
-def test_corrupted_host_copy_is_detected(models):
+@pytest.mark.parametrize("path", PATHS, ids=["direct", "staged"])
+def test_corrupted_host_copy_is_detected(models, path):
     """Corrupting the host copy before the L2 load-back breaks the equivalence."""
     pp = 2
     diffs = {}
     for name, (kind, stage, page_pos, slot) in CORRUPTIONS.items():
-        loop = models.loop(pp)
+        loop = models.loop(pp, path)
         r1 = _first_turn(models, loop, pp, seed=7)
         _evict_all_to_host(loop)
         p2 = _turn2(loop, 7, r1)
-        r2 = _serve(loop, p2, TURN2_NEW, before_load=_corrupt(loop, kind, stage, page_pos, slot))
+        _corrupt(loop, p2, kind, stage, page_pos, slot)
+        r2 = _serve(loop, p2, TURN2_NEW)
         assert (r2.device_cached_tokens, r2.host_cached_tokens) == (0, PREFIX)
         oracle = models.uncached(loop, pp, p2, TURN2_NEW)
         diffs[name] = max(
@@ -253,25 +338,24 @@ def test_corrupted_host_copy_is_detected(models):
 @pytest.mark.parametrize("pp", [2, 4])
 def test_host_restore_on_every_stage(models, pp):
     """Every stage restores its own C4 state rows from host (not stage 0's, not empty)."""
-    loop = models.loop(pp)
+    loop = models.loop(pp, CopyPath.STAGED)
     cache = loop.cache
     r1 = _first_turn(models, loop, pp, seed=11)
     last = PREFIX // PAGE - 1  # the window page of the restore point P = 48
     old_swa = int(r1.swa_page_ids[last])
     old_full = r1.full_page_ids[: PREFIX // PAGE]
     kinds = (PoolKind.C4_STATE, PoolKind.C4_INDEXER_STATE, PoolKind.SWA_KV)
-    before = {k: np.asarray(cache.pools[k])[:, :, old_swa].copy() for k in kinds}
-    before[PoolKind.C4_KV] = np.asarray(cache.pools[PoolKind.C4_KV])[:, :, old_full].copy()
+    before = {k: np.asarray(loop.pools[k])[:, :, old_swa].copy() for k in kinds}
+    before[PoolKind.C4_KV] = np.asarray(loop.pools[PoolKind.C4_KV])[:, :, old_full].copy()
     _evict_all_to_host(loop)
-    seen = {}
     p2 = _turn2(loop, 11, r1)
-    r2 = _serve(loop, p2, TURN2_NEW, before_load=lambda m: seen.update(m=m))
+    assert int(cache.lookup(p2[:-1]).swa_host_ids[-1]) >= 0  # the window page is on host
+    r2 = _serve(loop, p2, TURN2_NEW)
     assert (r2.device_cached_tokens, r2.host_cached_tokens) == (0, PREFIX)
-    assert int(seen["m"].swa_host_ids[-1]) >= 0  # the window page came from host
     new_swa = int(r2.swa_page_ids[last])
     new_full = r2.full_page_ids[: PREFIX // PAGE]
-    after = {k: np.asarray(cache.pools[k])[:, :, new_swa] for k in kinds}
-    after[PoolKind.C4_KV] = np.asarray(cache.pools[PoolKind.C4_KV])[:, :, new_full]
+    after = {k: np.asarray(loop.pools[k])[:, :, new_swa] for k in kinds}
+    after[PoolKind.C4_KV] = np.asarray(loop.pools[PoolKind.C4_KV])[:, :, new_full]
     for m in cache.layer_maps:
         r = m.pp_rank
         assert m.num_layers_of(PoolKind.C4_STATE) > 0, f"stage {r} has no C4 layer"
@@ -294,7 +378,7 @@ def test_host_restore_on_every_stage(models, pp):
 def test_write_back_backs_up_on_eviction(models):
     """write_back: nothing reaches host until eviction; the host hit then gives the same logits."""
     pp = 2
-    loop = models.loop(pp, write_policy="write_back")
+    loop = models.loop(pp, write_policy=WritePolicy.WRITE_BACK)
     cache = loop.cache
     r1 = _first_turn(models, loop, pp, seed=21)
     p2 = _turn2(loop, 21, r1)
@@ -321,11 +405,11 @@ def test_report_and_accounting_over_mixed_traffic(models):
     base = _prompt(31, 2 * PAGE, vocab)  # exactly two pages: the match keeps the last token
     r = _serve(loop, base, 1)
     assert r.cached_tokens == 0 and r.inserted_tokens == 2 * PAGE
-    # The same prompt again: the match stops at P = 16 (the last token is always computed),
-    # whose window page 0 lost its SWA page to the tombstone rule: a miss. The request's
+    # The same prompt again: the match stops at P = 16 (the last token is always computed);
+    # the window page 0 was kept (reclaimable, not freed at insert): a hit. The request's
     # pages duplicate the tree's, so insert frees them (checked by _check_cache).
     r = _serve(loop, base, 3)
-    assert (r.cached_tokens, r.prefill_tokens) == (0, 2 * PAGE)
+    assert (r.cached_tokens, r.prefill_tokens) == (PAGE, PAGE)
     _assert_matches_oracle(r, models.uncached(loop, pp, base, 3))
     longer = np.concatenate([base, _prompt(32, 20, vocab)])
     r = _serve(loop, longer, 2)
@@ -335,7 +419,6 @@ def test_report_and_accounting_over_mixed_traffic(models):
     assert loop.evict_host(4 * DEVICE_PAGES) > 0  # host-only leaves dropped: a full miss
     r = _serve(loop, longer, 2)
     assert r.cached_tokens == 0
-    assert loop.cache.stats()["storage_hit_tokens"] == 0
     assert bucket_pages(5) == 8 and bucket_pages(9) == 16 and bucket_pages(1, 2) == 2
     with pytest.raises(ValueError, match="max_new_tokens"):
         loop.serve(base, 0)

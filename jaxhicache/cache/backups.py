@@ -1,0 +1,117 @@
+"""In-flight D2H backups: issue, land, record.
+
+A backup copies the not-yet-backed-up pages of a node's path to host pages
+allocated here. The node stays locked from issue until :meth:`Backups.poll`
+records the landed copy in the tree, and the host pages are counted as
+in flight until then (:meth:`Backups.in_flight`). Completions change the tree
+only at poll points, so the tree evolves the same way in every process that
+runs the same request stream.
+
+Host pages are allocated with their generations; a row whose host page was
+freed or reallocated before the copy lands is skipped by the transfer engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import final
+
+import numpy as np
+
+from jaxhicache.cache.ledger import PageLedger
+from jaxhicache.cache.stats import CacheStats
+from jaxhicache.pools.allocator import OutOfPages
+from jaxhicache.pools.device import DevicePools
+from jaxhicache.spec import PageSpace, Tier
+from jaxhicache.transfer import BackupHandle, PageMove, TransferEngine
+from jaxhicache.tree import RadixTree, TreeNode
+
+__all__ = ["Backups"]
+
+
+@dataclasses.dataclass
+class _Backup:
+    node: TreeNode
+    handle: BackupHandle
+    host_full: np.ndarray
+    host_swa: np.ndarray  # aligned with host_full, -1 = no SWA page copied
+
+
+@final
+class Backups:
+    """The cache's in-flight backups over one engine, tree and ledger."""
+
+    def __init__(
+        self,
+        engine: TransferEngine,
+        tree: RadixTree,
+        ledger: PageLedger,
+        stats: CacheStats,
+        make_room_on_host: Callable[[PageSpace, int], None],
+    ):
+        self._engine = engine
+        self._tree = tree
+        self._ledger = ledger
+        self._stats = stats
+        self._make_room = make_room_on_host
+        self._pending: list[_Backup] = []
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def in_flight(self) -> dict[PageSpace, int]:
+        """Host pages per space held by backups that have not been recorded yet."""
+        return {
+            PageSpace.FULL: sum(b.host_full.size for b in self._pending),
+            PageSpace.SWA: sum(int((b.host_swa >= 0).sum()) for b in self._pending),
+        }
+
+    def issue(self, pools: DevicePools, node: TreeNode) -> None:
+        """Starts copying the unbacked pages of ``node``'s path out of ``pools``."""
+        plan = self._tree.backup_plan(node)
+        if plan.num_pages == 0 or any(b.node is node for b in self._pending):
+            return
+        swa_src = plan.device_swa_ids if self._tree.swa_pages else np.zeros(0, np.int32)
+        has_swa = swa_src >= 0
+        host_full = self._alloc_host(PageSpace.FULL, plan.num_pages)
+        try:
+            host_swa_live = self._alloc_host(PageSpace.SWA, int(has_swa.sum()))
+        except OutOfPages:
+            self._ledger.free(Tier.HOST, PageSpace.FULL, host_full)
+            raise
+        host_swa = np.full(plan.num_pages, -1, np.int32)
+        if swa_src.size:
+            host_swa[has_swa] = host_swa_live
+        move = PageMove.of(plan.device_full_ids, host_full, swa_src[has_swa], host_swa_live)
+        gens = {
+            PageSpace.FULL: self._ledger[Tier.HOST, PageSpace.FULL].generation(host_full),
+            PageSpace.SWA: self._ledger[Tier.HOST, PageSpace.SWA].generation(host_swa_live),
+        }
+        self._tree.inc_lock(node)
+        handle = self._engine.backup(pools, move, host_generations=gens)
+        self._pending.append(_Backup(node, handle, host_full, host_swa))
+        self._stats.backups_issued += 1
+
+    def poll(self, wait: bool = False) -> int:
+        """Records landed backups in the tree (all of them with ``wait``); returns how many."""
+        done, still = 0, []
+        for b in self._pending:
+            if not (wait or b.handle.done()):
+                still.append(b)
+                continue
+            b.handle.wait()
+            self._tree.dec_lock(b.node)
+            unused_full, unused_swa = self._tree.mark_backed_up(b.node, b.host_full, b.host_swa)
+            self._ledger.free(Tier.HOST, PageSpace.FULL, unused_full)
+            self._ledger.free(Tier.HOST, PageSpace.SWA, unused_swa)
+            self._stats.backed_up_pages += b.host_full.size - unused_full.size
+            done += 1
+        self._pending = still
+        return done
+
+    def _alloc_host(self, space: PageSpace, n: int) -> np.ndarray:
+        if n > self._ledger.num_free(Tier.HOST, space):
+            self.poll(wait=True)  # landed backups make their host leaves evictable
+            self._make_room(space, n)
+        return self._ledger.alloc(Tier.HOST, space, n)

@@ -1,0 +1,107 @@
+"""``HiCacheConfig``: the frozen, validated knobs of a :class:`~jaxhicache.cache.HiCache`.
+
+Every field is checked in ``__post_init__``; a bad value raises ``ValueError``
+naming the field and the value. Enums are required where a field takes one of
+a few choices (no strings rewritten into enums behind the caller's back).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import final
+
+from jaxhicache.spec import ModelCacheSpec
+from jaxhicache.transfer import CopyPath
+from jaxhicache.tree import WritePolicy
+from kernels_pallas.paged_copy import Backend, Layout, PagedCopyTuning
+
+__all__ = ["HiCacheConfig"]
+
+
+def _positive_int(name: str, value, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if type(value) is bool or not isinstance(value, int) or value < 1:
+        raise ValueError(f"HiCacheConfig.{name} must be a positive int, got {value!r}")
+
+
+def _enum(name: str, value, cls, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, cls):
+        choices = ", ".join(f"{cls.__name__}.{m.name}" for m in cls)
+        raise ValueError(f"HiCacheConfig.{name} must be one of {choices}; got {value!r}")
+
+
+@final
+@dataclasses.dataclass(frozen=True)
+class HiCacheConfig:
+    """Capacities, policies and transfer settings of one cache.
+
+    Attributes:
+      device_pages: device (L1) capacity of the full-page space, in pages.
+      device_swa_pages: device capacity of the SWA-page space (default:
+        ``device_pages``; ignored for models without an SWA component).
+      host_pages / host_swa_pages: host (L2) capacity per page space (default:
+        ``host_ratio`` × the device capacity).
+      host_ratio: host capacity relative to device when ``host_pages`` is unset.
+      write_policy: when device pages are backed up to host.
+      host_layout: host slab layout (``PAGE_FIRST``: storage friendly, default).
+      backend / tuning: paged-copy kernel backend and launch parameters
+        (``None``: Triton on GPU, XLA on CPU; default tuning).
+      copy_path: ``STAGED`` (gather kernel → pinned-host staging; GPUs) or
+        ``DIRECT`` (rows copied between pool buffers and slabs; CPU meshes only).
+        ``None`` follows the mesh's device platform.
+      partition: explicit per-stage layer counts (default: the reference split).
+    """
+
+    device_pages: int
+    device_swa_pages: int | None = None
+    host_pages: int | None = None
+    host_swa_pages: int | None = None
+    host_ratio: float = 2.0
+    write_policy: WritePolicy = WritePolicy.WRITE_THROUGH
+    host_layout: Layout = Layout.PAGE_FIRST
+    backend: Backend | None = None
+    tuning: PagedCopyTuning | None = None
+    copy_path: CopyPath | None = None
+    partition: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        _positive_int("device_pages", self.device_pages)
+        for name in ("device_swa_pages", "host_pages", "host_swa_pages"):
+            _positive_int(name, getattr(self, name), allow_none=True)
+        r = self.host_ratio
+        if type(r) is bool or not isinstance(r, int | float) or not math.isfinite(r) or r <= 0:
+            raise ValueError(f"HiCacheConfig.host_ratio must be a finite number > 0, got {r!r}")
+        _enum("write_policy", self.write_policy, WritePolicy)
+        _enum("host_layout", self.host_layout, Layout)
+        _enum("backend", self.backend, Backend, allow_none=True)
+        _enum("copy_path", self.copy_path, CopyPath, allow_none=True)
+        if self.tuning is not None and not isinstance(self.tuning, PagedCopyTuning):
+            raise ValueError(f"HiCacheConfig.tuning must be a PagedCopyTuning, got {self.tuning!r}")
+        if self.partition is not None:
+            if not isinstance(self.partition, tuple):
+                raise ValueError(
+                    f"HiCacheConfig.partition must be a tuple of ints, got {self.partition!r}"
+                )
+            for c in self.partition:
+                _positive_int("partition entry", c)
+
+    # ------------------------------------------------------------- capacities
+    def device_swa_capacity(self, spec: ModelCacheSpec) -> int:
+        """Device SWA pages (0 for a model without an SWA component)."""
+        if not spec.swa_trailing_pages:
+            return 0
+        return self.device_swa_pages or self.device_pages
+
+    def host_capacity(self) -> int:
+        """Host full pages."""
+        return self.host_pages or max(1, int(self.device_pages * self.host_ratio))
+
+    def host_swa_capacity(self, spec: ModelCacheSpec) -> int:
+        """Host SWA pages (0 for a model without an SWA component)."""
+        if not spec.swa_trailing_pages:
+            return 0
+        return self.host_swa_pages or max(1, int(self.device_swa_capacity(spec) * self.host_ratio))

@@ -1,0 +1,132 @@
+"""What :meth:`HiCache.admit` hands a serving engine: requests and their batch page tables.
+
+A :class:`Request` is the only way to name pages to the cache. It holds the
+request's prompt, the locked prefix node, and its page table: the cached
+prefix's device pages (shared, owned by the tree) followed by the request's
+own pages (allocated by ``admit``, owned by the request until
+:meth:`HiCache.insert` hands whole pages to the tree or :meth:`HiCache.release`
+frees them). Its lifecycle is ``OPEN → INSERTED → RELEASED`` (or
+``OPEN → RELEASED`` for an aborted request); any other order raises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import TYPE_CHECKING, final
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from jaxhicache.transfer import LayerwiseLoad, LoadHandle
+    from jaxhicache.tree import TreeNode
+
+__all__ = ["Batch", "Request", "RequestState"]
+
+
+class RequestState(enum.Enum):
+    OPEN = "open"
+    INSERTED = "inserted"
+    RELEASED = "released"
+
+
+@final
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One admitted request (read its fields; change it only through the cache).
+
+    Token counts: ``cached_tokens = device_hit_tokens + host_hit_tokens`` is the
+    page-aligned prefix the forward starts after.
+    ``full_page_ids`` / ``swa_page_ids`` cover every page the request may write
+    KV into: positions ``[0, prompt_len + max_new_tokens - 1)``; SWA ids of the
+    prefix are ``-1`` outside its trailing window.
+    """
+
+    cache_id: int
+    prompt: np.ndarray  # int32
+    max_new_tokens: int
+    node: TreeNode
+    cached_tokens: int
+    device_hit_tokens: int
+    host_hit_tokens: int
+    full_page_ids: np.ndarray
+    swa_page_ids: np.ndarray
+    page_size: int
+    state: RequestState = RequestState.OPEN
+    inserted_pages: int = 0  # own pages handed to the tree by insert
+
+    @property
+    def prefill_tokens(self) -> int:
+        """Prompt tokens the forward computes (the last one always is)."""
+        return self.prompt.size - self.cached_tokens
+
+    @property
+    def kv_tokens(self) -> int:
+        """Positions whose KV the request may write: prompt + generated tokens but the last."""
+        return self.prompt.size + self.max_new_tokens - 1
+
+    @property
+    def num_pages(self) -> int:
+        return self.full_page_ids.size
+
+    @property
+    def own_start(self) -> int:
+        """Index of the request's first own page in its page table."""
+        return self.cached_tokens // self.page_size
+
+
+@final
+@dataclasses.dataclass(eq=False)
+class Batch:
+    """The admitted requests of one :meth:`HiCache.admit` call, with padded page tables.
+
+    ``full_table`` / ``swa_table``: ``int32[B, max_pages]`` padded with ``-1``,
+    row ``i`` is ``requests[i]``'s page table; ``num_pages[i]`` its length and
+    ``cached_tokens[i]`` where its forward starts. ``deferred``: indices (into
+    the prompts given to ``admit``) of requests that did not fit now and were
+    not admitted; nothing was taken for them. The prefix load of all requests
+    is one dispatch (``handle``), or, with ``layerwise=True``, a
+    :class:`~jaxhicache.transfer.LayerwiseLoad` the first forward chunk applies
+    layer by layer (``layerwise``).
+    """
+
+    requests: tuple[Request, ...]
+    deferred: tuple[int, ...]
+    full_table: np.ndarray
+    swa_table: np.ndarray
+    num_pages: np.ndarray
+    cached_tokens: np.ndarray
+    handle: LoadHandle | None = None
+    layerwise: LayerwiseLoad | None = None
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def wait(self, layer: int | None = None) -> None:
+        """Blocks until stage-local layer ``layer`` (or all layers) of the load landed."""
+        if self.handle is not None:
+            self.handle.wait(layer)
+
+    def tables(self, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """The page tables padded with ``-1`` to ``width`` pages (``>= max_pages``)."""
+        if width < self.full_table.shape[1]:
+            raise ValueError(
+                f"width {width} is shorter than the longest page table "
+                f"({self.full_table.shape[1]} pages)"
+            )
+        pad = ((0, 0), (0, width - self.full_table.shape[1]))
+        return (
+            np.pad(self.full_table, pad, constant_values=-1),
+            np.pad(self.swa_table, pad, constant_values=-1),
+        )
+
+
+def stack_tables(requests: tuple[Request, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """``int32[B, max_pages]`` full and SWA page tables padded with ``-1``."""
+    width = max((r.num_pages for r in requests), default=0)
+    full = np.full((len(requests), width), -1, np.int32)
+    swa = np.full((len(requests), width), -1, np.int32)
+    for i, r in enumerate(requests):
+        full[i, : r.num_pages] = r.full_page_ids
+        swa[i, : r.num_pages] = r.swa_page_ids
+    return full, swa

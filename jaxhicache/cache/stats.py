@@ -1,0 +1,36 @@
+"""``CacheStats``: the counters of one cache (all O(1) to update)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import final
+
+__all__ = ["CacheStats"]
+
+
+@final
+@dataclasses.dataclass
+class CacheStats:
+    """Counters of one :class:`~jaxhicache.cache.HiCache`.
+
+    Hit counters count what was *served* (requests admitted with their
+    prefix), never what a match found for a request that was then deferred.
+    Tokens are page-aligned prefix tokens.
+    """
+
+    requests: int = 0  # admitted requests
+    deferred_requests: int = 0  # not admitted for lack of device pages (retry later)
+    query_tokens: int = 0  # whole-page tokens of admitted prompts (minus the last token)
+    device_hit_tokens: int = 0
+    host_hit_tokens: int = 0
+    storage_hit_tokens: int = 0
+    inserted_tokens: int = 0
+    backups_issued: int = 0
+    backed_up_pages: int = 0
+    load_dispatches: int = 0  # merged H2D loads (one per admitted batch with host hits)
+    loaded_pages: int = 0  # full pages brought back from host
+    loaded_swa_pages: int = 0
+    device_evicted_pages: int = 0
+    host_evicted_pages: int = 0
+    device_swa_reclaimed_pages: int = 0
+    host_swa_reclaimed_pages: int = 0

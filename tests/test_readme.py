@@ -1,0 +1,22 @@
+"""Every Python block of README.md runs, in order, in one namespace: the documented
+usage is the tested usage."""
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_readme_has_python_blocks():
+    assert len(_blocks()) >= 2
+
+
+def test_readme_python_blocks_run():
+    namespace: dict = {"__name__": "readme"}
+    for i, block in enumerate(_blocks()):
+        code = compile(block, f"README.md block {i}", "exec")
+        exec(code, namespace)  # noqa: S102 - the README is ours
