@@ -19,4 +19,4 @@ def test_readme_python_blocks_run():
     namespace: dict = {"__name__": "readme"}
     for i, block in enumerate(_blocks()):
         code = compile(block, f"README.md block {i}", "exec")
-        exec(code, namespace)  # noqa: S102 - the README is ours
+        exec(code, namespace)
