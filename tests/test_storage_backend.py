@@ -321,7 +321,8 @@ class _CountingStore(StorageBackend):
     def _start_stat(self, key):
         return self._op(lambda: key in self.data)
 
-    def _start_write(self, key, value):
+    def _start_write(self, key, parts):
+        value = b"".join(parts)
         return self._op(lambda: self.data.__setitem__(key, value))
 
     def _start_delete(self, key, generation=None):

@@ -2,6 +2,7 @@
 
 from .backend import ObjectRead, Pending, StorageBackend, StorageStats
 from .faults import FaultInjectionBackend
+from .file_backend import FileBackend
 from .format import IntegrityError
 from .keys import (
     LAYOUT_VERSION,
@@ -29,6 +30,7 @@ def __getattr__(name: str):
 __all__ = [
     "LAYOUT_VERSION",
     "FaultInjectionBackend",
+    "FileBackend",
     "IntegrityError",
     "Namespace",
     "ObjectLayout",

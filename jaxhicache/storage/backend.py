@@ -30,9 +30,17 @@ import numpy as np
 from jaxhicache.pools.host import HostPools
 from jaxhicache.spec import PageSpace, PoolKind
 
-from .format import IntegrityError, decode, encode
+from .format import (
+    Buffer,
+    IntegrityError,
+    decode,
+    encode_parts,
+    header_length,
+    verify_header,
+    verify_payload,
+)
 from .keys import Namespace, check_page_hash, object_key
-from .layout import ObjectLayout, Unit, check_host_ids, plan_units, source_buffers, write_payload
+from .layout import ObjectLayout, StagePages, Unit, check_host_ids, plan_units
 
 __all__ = ["ObjectRead", "Pending", "StorageBackend", "StorageStats"]
 
@@ -107,10 +115,16 @@ class Pending(Protocol):
 
 
 class ObjectRead(NamedTuple):
-    """Result of reading one object: ``value is None`` means missing."""
+    """Result of reading one object: ``value is None`` means missing.
 
-    value: bytes | None
+    ``value`` may be a view of a backend-owned buffer; the caller calls
+    ``release()`` (when given) once it no longer needs the bytes.
+    """
+
+    value: bytes | memoryview | None
     generation: bytes | None = None
+    release: Callable[[], None] | None = None
+    size: int = 0  # object bytes (direct reads: ``value`` is then the header)
 
 
 class _Failed:
@@ -160,8 +174,10 @@ class StorageBackend(abc.ABC):
         """Start an existence check; ``result()`` -> ``bool``, raises on I/O error."""
 
     @abc.abstractmethod
-    def _start_write(self, key: str, value: bytes) -> Pending:
-        """Start an atomic write of a whole object; ``result()`` raises on I/O error."""
+    def _start_write(self, key: str, parts: Sequence[Buffer]) -> Pending:
+        """Start an atomic write of a whole object, the concatenation of ``parts``
+        (views of the host slab: used before the call returns, never kept);
+        ``result()`` raises on I/O error."""
 
     @abc.abstractmethod
     def _start_delete(self, key: str, generation: bytes | None = None) -> Pending:
@@ -171,6 +187,15 @@ class StorageBackend(abc.ABC):
     @abc.abstractmethod
     def _clear(self, prefix: str) -> None:
         """Delete every object whose key starts with ``prefix``."""
+
+    _reads_into = False  # whether _start_read_into is implemented
+
+    def _start_read_into(self, key: str, header: bytearray, views: list[memoryview]) -> Pending:
+        """Optional scatter read: the object's first ``len(header)`` bytes into
+        ``header``, the next ones into ``views`` in order (nothing past them);
+        ``result()`` -> :class:`ObjectRead` with ``value`` the header (``None`` if
+        missing) and ``size`` the object's full length. Set ``_reads_into = True``."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------- page API
 
@@ -258,6 +283,7 @@ class StorageBackend(abc.ABC):
         ids = check_host_ids(host, space, host_ids, len(hashes), unique=False)
         keys = self._keys(ns, [u.unit for u in units], hashes)
         n = len(keys)
+        pages = StagePages(host, rank, units)
         ok = np.ones(n, bool)
         sizes: dict[tuple[int, int], int] = {}
         st = StorageStats()
@@ -266,9 +292,9 @@ class StorageBackend(abc.ABC):
             i, j = item
             if not ok[i]:
                 return None
-            blob = encode(keys[i][j], source_buffers(host, rank, units[j], int(ids[i])))
-            sizes[item] = len(blob)
-            return self._start_write(keys[i][j], blob)
+            parts = encode_parts(keys[i][j], pages.source(j, int(ids[i])))
+            sizes[item] = sum(memoryview(b).nbytes for b in parts)
+            return self._start_write(keys[i][j], parts)
 
         def finish(item, pend):
             i = item[0]
@@ -302,58 +328,101 @@ class StorageBackend(abc.ABC):
     ) -> np.ndarray:
         """Load pages ``hashes`` into host pages ``host_ids`` of stage ``rank``.
 
-        Every object is verified before any byte of its page reaches the slab; a
-        page is copied only when all its objects passed. Returns bool ``[n]``;
-        ``False`` pages leave their slot untouched.
+        Returns bool ``[n]``; a ``True`` page passed every check of every one of
+        its objects. What a ``False`` page's slot holds afterwards:
+
+        * staged reads (backends without :meth:`_start_read_into`, or rows that are
+          not contiguous in the slab): the slot is untouched — objects are
+          verified in a staging buffer before one copy into the slab;
+        * direct reads (:class:`~jaxhicache.storage.FileBackend`, page_first
+          slabs): the object is read straight into the slot's rows and verified
+          there; a failed page's rows are zeroed, so the slot never keeps
+          unverified bytes. Slots given to ``get`` are the load's own fresh
+          slots; callers free the failed ones.
         """
         t0 = time.perf_counter()
         units = self._plan(ns, space, host, rank)
         ids = check_host_ids(host, space, host_ids, len(hashes), unique=True)
         keys = self._keys(ns, [u.unit for u in units], hashes)
         n, m = len(keys), len(units)
+        pages = StagePages(host, rank, units)
+        direct = self._reads_into and pages.contiguous
         ok = np.ones(n, bool)
-        got: dict[int, list[memoryview]] = {}
+        touched = np.zeros(n, bool)  # direct reads wrote into the slot
+        got: dict[int, list[tuple[memoryview, ObjectRead]]] = {}
+        held: dict[tuple[int, int], tuple[bytearray, list[memoryview]]] = {}
         deletes: list[Pending] = []
         st = StorageStats()
 
         def start(item):
             i, j = item
-            return self._start_read(keys[i][j]) if ok[i] else None
+            if not ok[i]:
+                return None
+            if not direct:
+                return self._start_read(keys[i][j])
+            header = bytearray(header_length(keys[i][j]))
+            views = pages.direct(j, int(ids[i]))
+            held[item] = (header, views)
+            touched[i] = True
+            return self._start_read_into(keys[i][j], header, views)
+
+        def drop(i):
+            for _payload, r in got.pop(i, ()):
+                _release(r)
+
+        def corrupt(key, generation):
+            st.integrity_failures_total += 1
+            deletes.append(_safe(lambda: self._start_delete(key, generation)))
 
         def finish(item, pend):
             i, j = item
             if pend is None:
                 return
             key = keys[i][j]
+            header, views = held.pop(item, (None, None))
             try:
                 r = pend.result()
             except Exception:
                 st.read_errors_total += 1
                 ok[i] = False
-                got.pop(i, None)
+                drop(i)
                 return
             if r.value is None:
                 st.missing_objects_total += 1
                 ok[i] = False
+            elif direct:
+                st.read_objects_total += 1
+                st.read_bytes_total += r.size
+                try:
+                    _, _, digest = verify_header(key, header, r.size, units[j].nbytes)
+                    verify_payload(key, views, digest)
+                except IntegrityError:
+                    corrupt(key, r.generation)
+                    ok[i] = False
             else:
                 st.read_objects_total += 1
-                st.read_bytes_total += len(r.value)
+                st.read_bytes_total += memoryview(r.value).nbytes
                 try:
                     payload = decode(key, r.value, units[j].nbytes)
                 except IntegrityError:
-                    st.integrity_failures_total += 1
+                    corrupt(key, r.generation)
                     ok[i] = False
-                    deletes.append(_safe(lambda: self._start_delete(key, r.generation)))
+                    _release(r)
                 else:
                     if ok[i]:
-                        got.setdefault(i, []).append(payload)
+                        got.setdefault(i, []).append((payload, r))
+                    else:
+                        _release(r)
             if not ok[i]:
-                got.pop(i, None)
-            elif j == m - 1:
-                for u, payload in zip(units, got.pop(i), strict=True):
-                    write_payload(host, rank, u, int(ids[i]), payload)
+                drop(i)
+            elif j == m - 1 and not direct:
+                for jj, (payload, r) in enumerate(got.pop(i)):
+                    pages.write(jj, int(ids[i]), payload)
+                    _release(r)
 
         self._pipelined(_jobs(n, m), start, finish)
+        for i in np.flatnonzero(touched & ~ok).tolist():
+            pages.scrub(int(ids[i]))  # never leave unverified bytes in a slot
         for d in deletes:
             try:
                 if d.result() is not False:
@@ -452,16 +521,27 @@ class StorageBackend(abc.ABC):
         """``finish(item, start(item))`` for every item, in order, with at most
         ``max_in_flight`` started and not finished. ``start`` may return ``None``."""
         window: deque = deque()
+        limit = self._window()
         for item in items:
-            if len(window) >= self.max_in_flight:
+            if len(window) >= limit:
                 finish(*window.popleft())
             window.append((item, _safe(lambda item=item: start(item))))
         while window:
             finish(*window.popleft())
 
+    def _window(self) -> int:
+        """Objects started ahead of the one being finished (``max_in_flight`` unless a
+        backend whose operations complete when started says otherwise)."""
+        return self.max_in_flight
+
     def _merge(self, st: StorageStats) -> None:
         with self._lock:
             self._stats.add(st)
+
+
+def _release(r: ObjectRead) -> None:
+    if r.release is not None:
+        r.release()
 
 
 def _jobs(n: int, m: int):

@@ -64,10 +64,10 @@ class FaultInjectionBackend(StorageBackend):
     def _start_stat(self, key):
         return self._fail(key) if _hits(self.fail_stat, key) else self.inner._start_stat(key)
 
-    def _start_write(self, key, value):
+    def _start_write(self, key, parts):
         if _hits(self.fail_write, key):
             return self._fail(key)
-        return self.inner._start_write(key, value)
+        return self.inner._start_write(key, parts)
 
     def _start_delete(self, key, generation=None):
         if _hits(self.fail_delete, key):

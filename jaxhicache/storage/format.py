@@ -39,7 +39,10 @@ __all__ = [
     "checksum",
     "decode",
     "encode",
+    "encode_parts",
     "header_length",
+    "verify_header",
+    "verify_payload",
 ]
 
 MAGIC = b"JHC3"
@@ -75,28 +78,37 @@ def checksum(key: bytes, parts: Sequence[Buffer]) -> int:
     return h.intdigest()
 
 
-def encode(key: str, parts: Sequence[Buffer]) -> bytes:
-    """Header + payload as one ``bytes`` (the only copy of the payload: one join).
+def encode_parts(key: str, parts: Sequence[Buffer]) -> list[Buffer]:
+    """The object as buffers: ``[header + key + padding, *parts]`` (no payload copy).
 
     ``parts`` are contiguous byte buffers (e.g. ``memoryview`` of slab rows); the
-    payload is their concatenation.
+    payload is their concatenation. Write them in order (``writev``) or join them.
     """
     kb = key.encode("utf-8")
     n = sum(memoryview(p).nbytes for p in parts)
     hlen = header_length(key)
     head = _FIXED.pack(MAGIC, FORMAT_VERSION, _ALGO_XXH3_64, len(kb), hlen, n, checksum(kb, parts))
-    pad = b"\x00" * (hlen - len(head) - len(kb))
-    return b"".join([head, kb, pad, *parts])
+    return [head + kb + b"\x00" * (hlen - len(head) - len(kb)), *parts]
 
 
-def decode(key: str, blob: Buffer, expected_payload: int | None = None) -> memoryview:
-    """The payload of ``blob`` read under ``key``, or :class:`IntegrityError`.
+def encode(key: str, parts: Sequence[Buffer]) -> bytes:
+    """Header + payload as one ``bytes`` (one copy of the payload)."""
+    return b"".join(encode_parts(key, parts))
 
-    Returns a zero-copy ``memoryview`` into ``blob``.
+
+def verify_header(
+    key: str, header: Buffer, total: int, expected_payload: int | None = None
+) -> tuple[int, int, int]:
+    """Checks the header of an object of ``total`` bytes read under ``key``.
+
+    ``header`` holds (at least) the object's first ``min(total, header_length(key))``
+    bytes. Returns ``(header length, payload length, checksum)``; raises
+    :class:`IntegrityError` on any mismatch except the checksum (the caller hashes
+    the payload wherever it was read to).
     """
-    mv = memoryview(blob).cast("B")
-    if mv.nbytes < _FIXED.size:
-        raise IntegrityError("truncated", f"{mv.nbytes} bytes, shorter than a header")
+    mv = memoryview(header).cast("B")
+    if total < _FIXED.size or mv.nbytes < _FIXED.size:
+        raise IntegrityError("truncated", f"{total} bytes, shorter than a header")
     magic, version, algo, klen, hlen, n, digest = _FIXED.unpack_from(mv, 0)
     if magic != MAGIC:
         raise IntegrityError("bad_magic", repr(bytes(magic)))
@@ -107,17 +119,32 @@ def decode(key: str, blob: Buffer, expected_payload: int | None = None) -> memor
     kb = key.encode("utf-8")
     if klen != len(kb) or hlen != header_length(key):
         raise IntegrityError("key_mismatch", f"key length {klen}, header length {hlen}")
-    if mv.nbytes < hlen:
-        raise IntegrityError("truncated", f"{mv.nbytes} bytes, header needs {hlen}")
+    if total < hlen or mv.nbytes < _FIXED.size + klen:
+        raise IntegrityError("truncated", f"{total} bytes, header needs {hlen}")
     if mv[_FIXED.size : _FIXED.size + klen] != kb:
         stored = bytes(mv[_FIXED.size : _FIXED.size + klen]).decode("utf-8", "replace")
         raise IntegrityError("key_mismatch", f"object holds {stored!r}")
     if expected_payload is not None and n != expected_payload:
         raise IntegrityError("length_mismatch", f"payload {n} bytes, expected {expected_payload}")
-    if mv.nbytes != hlen + n:
-        reason = "truncated" if mv.nbytes < hlen + n else "trailing_bytes"
-        raise IntegrityError(reason, f"{mv.nbytes} bytes, header says {hlen + n}")
-    payload = mv[hlen:]
-    if checksum(kb, [payload]) != digest:
+    if total != hlen + n:
+        reason = "truncated" if total < hlen + n else "trailing_bytes"
+        raise IntegrityError(reason, f"{total} bytes, header says {hlen + n}")
+    return hlen, n, digest
+
+
+def verify_payload(key: str, parts: Sequence[Buffer], digest: int) -> None:
+    """Raises :class:`IntegrityError` unless ``key || parts`` hashes to ``digest``."""
+    if checksum(key.encode("utf-8"), parts) != digest:
         raise IntegrityError("checksum_mismatch")
+
+
+def decode(key: str, blob: Buffer, expected_payload: int | None = None) -> memoryview:
+    """The payload of ``blob`` read under ``key``, or :class:`IntegrityError`.
+
+    Returns a zero-copy ``memoryview`` into ``blob``.
+    """
+    mv = memoryview(blob).cast("B")
+    hlen, _n, digest = verify_header(key, mv, mv.nbytes, expected_payload)
+    payload = mv[hlen:]
+    verify_payload(key, [payload], digest)
     return payload

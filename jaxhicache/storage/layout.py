@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Sequence
 from typing import final
 
 import numpy as np
@@ -30,7 +31,15 @@ from kernels_pallas.paged_copy import Layout
 
 from .keys import Namespace
 
-__all__ = ["ObjectLayout", "Part", "Unit", "plan_units", "stored_bytes_per_page"]
+__all__ = [
+    "ObjectLayout",
+    "Part",
+    "StagePages",
+    "Unit",
+    "check_host_ids",
+    "plan_units",
+    "stored_bytes_per_page",
+]
 
 
 class ObjectLayout(enum.StrEnum):
@@ -116,40 +125,63 @@ def stored_bytes_per_page(
     return total
 
 
-def _page_view(host: HostPools, rank: int, part: Part, host_id: int) -> np.ndarray:
-    """``[n_kind, *row_part]`` view of one page's rows of ``part`` in the slab."""
-    slab = host.slab(rank, part.kind)
-    page = slab[host_id] if host.layout is Layout.PAGE_FIRST else slab[:, host_id]
-    return page[(slice(None), *part.index)] if part.index else page
+class StagePages:
+    """Byte views of one stage's host pages for the objects ``units`` (slabs looked up once)."""
 
+    def __init__(self, host: HostPools, rank: int, units: Sequence[Unit]):
+        self.units = tuple(units)
+        self._slabs = {p.kind: host.slab(rank, p.kind) for u in self.units for p in u.parts}
+        self._page_first = host.layout is Layout.PAGE_FIRST
+        # contiguity of a page's rows depends on the layout and the part, not on the page
+        self.contiguous = all(
+            self.view(p, 0).flags.c_contiguous for u in self.units for p in u.parts
+        )
 
-def source_buffers(host: HostPools, rank: int, unit: Unit, host_id: int) -> list[memoryview]:
-    """The payload of ``unit`` for host page ``host_id`` as contiguous byte buffers.
+    def view(self, part: Part, host_id: int) -> np.ndarray:
+        """``[n_kind, *row_part]`` view of one page's rows of ``part`` in its slab."""
+        slab = self._slabs[part.kind]
+        page = slab[host_id] if self._page_first else slab[:, host_id]
+        return page[(slice(None), *part.index)] if part.index else page
 
-    Zero-copy views of the slab where the rows are contiguous (page_first, whole
-    rows); a gathered copy otherwise.
-    """
-    out = []
-    for p in unit.parts:
-        v = _page_view(host, rank, p, host_id)
-        if not v.flags.c_contiguous:
-            v = np.ascontiguousarray(v)
-        out.append(memoryview(v.reshape(-1).view(np.uint8)))
-    return out
+    def direct(self, j: int, host_id: int) -> list[memoryview]:
+        """Writable byte views of unit ``j``'s rows of page ``host_id`` (needs ``contiguous``)."""
+        return [
+            memoryview(self.view(p, host_id).reshape(-1).view(np.uint8))
+            for p in self.units[j].parts
+        ]
 
+    def source(self, j: int, host_id: int) -> list[memoryview]:
+        """Unit ``j``'s payload of page ``host_id`` as contiguous byte buffers.
 
-def write_payload(host: HostPools, rank: int, unit: Unit, host_id: int, payload: memoryview):
-    """Copies a verified payload of ``unit`` into host page ``host_id`` (one copy per part)."""
-    off = 0
-    for p in unit.parts:
-        v = _page_view(host, rank, p, host_id)
-        src = np.frombuffer(payload, np.uint8, count=p.nbytes, offset=off)
-        if v.flags.c_contiguous:
-            np.copyto(v.reshape(-1).view(np.uint8), src)
-        else:
-            v[...] = src.view(v.dtype).reshape(v.shape)
-        off += p.nbytes
-    assert off == payload.nbytes, (off, payload.nbytes)
+        Zero-copy views of the slab where the rows are contiguous (page_first, whole
+        rows); a gathered copy otherwise.
+        """
+        out = []
+        for p in self.units[j].parts:
+            v = self.view(p, host_id)
+            if not v.flags.c_contiguous:
+                v = np.ascontiguousarray(v)
+            out.append(memoryview(v.reshape(-1).view(np.uint8)))
+        return out
+
+    def write(self, j: int, host_id: int, payload: memoryview) -> None:
+        """Copies a verified payload of unit ``j`` into page ``host_id`` (one copy per part)."""
+        off = 0
+        for p in self.units[j].parts:
+            v = self.view(p, host_id)
+            src = np.frombuffer(payload, np.uint8, count=p.nbytes, offset=off)
+            if v.flags.c_contiguous:
+                np.copyto(v.reshape(-1).view(np.uint8), src)
+            else:
+                v[...] = src.view(v.dtype).reshape(v.shape)
+            off += p.nbytes
+        assert off == payload.nbytes, (off, payload.nbytes)
+
+    def scrub(self, host_id: int) -> None:
+        """Zeroes every row of page ``host_id`` these units cover."""
+        for u in self.units:
+            for p in u.parts:
+                self.view(p, host_id)[...] = 0
 
 
 def check_host_ids(host: HostPools, space: PageSpace, host_ids, n: int, *, unique: bool):

@@ -164,8 +164,10 @@ class TensorStoreBackend(StorageBackend):
             self.kvstore.read(self._k(key), byte_range=slice(0, 0)), _exists, self.timeout_s
         )
 
-    def _start_write(self, key: str, value: bytes):
-        return _Mapped(self.kvstore.write(self._k(key), value), _none, self.timeout_s)
+    def _start_write(self, key: str, parts):
+        # the kvstore API takes one bytes object: the one copy of the payload
+        blob = b"".join(parts)
+        return _Mapped(self.kvstore.write(self._k(key), blob), _none, self.timeout_s)
 
     def _start_delete(self, key: str, generation: bytes | None = None):
         if generation:
