@@ -12,6 +12,7 @@ from jaxhicache.layer_map import build_layer_maps
 from jaxhicache.pools.host import HostPools
 from jaxhicache.spec import KVFormat, ModelCacheSpec, PageSpace, PoolKind
 from jaxhicache.storage import (
+    FileBackend,
     Namespace,
     ObjectLayout,
     ObjectRead,
@@ -59,20 +60,35 @@ def _rows(h, rank, space, ids):
     return np.concatenate(out, axis=1)
 
 
+BACKENDS = ["ts-memory", "ts-file", "file", "file-threads"]
+
+
+def _make(kind, tmp_path, **kw):
+    """A backend of kind ``kind`` on a fresh store."""
+    if kind == "ts-memory":
+        return TensorStoreBackend("memory://", **kw)
+    if kind == "ts-file":
+        return TensorStoreBackend(str(tmp_path / "ts"), **kw)
+    if kind == "file":
+        return FileBackend(tmp_path / "file", **kw)
+    return FileBackend(tmp_path / "file-threads", io_threads=2, **kw)
+
+
 def _hashes(spec, n, seed=0, salt=None):
     toks = np.random.default_rng(seed).integers(0, 50_000, n * spec.page_size)
     return page_hashes(toks, spec.page_size, salt=salt)
 
 
+@pytest.mark.parametrize("kind", BACKENDS)
 @pytest.mark.parametrize("object_layout", list(ObjectLayout))
 @pytest.mark.parametrize(
     ("pp", "fmt"), [(1, KVFormat.FLOAT), (2, KVFormat.FP8_DSV4), (3, KVFormat.FLOAT)]
 )
-def test_round_trip_every_stage_and_space(object_layout, pp, fmt):
+def test_round_trip_every_stage_and_space(kind, object_layout, pp, fmt, tmp_path):
     spec = _spec(fmt)
     maps = build_layer_maps(spec, pp)
     src, dst = _filled(spec, maps), _poisoned(spec, maps)
-    be = TensorStoreBackend("memory://", object_layout=object_layout, max_in_flight=3)
+    be = _make(kind, tmp_path, object_layout=object_layout, max_in_flight=3)
     hs = _hashes(spec, 5)
     put_ids, get_ids = np.array([0, 1, 2, 3, 4]), np.array([7, 5, 3, 1, 6])
     for r, m in enumerate(maps):
@@ -101,13 +117,14 @@ def test_round_trip_every_stage_and_space(object_layout, pp, fmt):
     assert st.integrity_failures_total == st.read_errors_total == st.write_errors_total == 0
 
 
-def test_layer_first_slabs_interoperate_with_page_first():
+@pytest.mark.parametrize("kind", ["ts-memory", "file"])
+def test_layer_first_slabs_interoperate_with_page_first(kind, tmp_path):
     spec = _spec()
     maps = build_layer_maps(spec, 2)
     src = _filled(spec, maps, layout=Layout.LAYER_FIRST)
     dst = _poisoned(spec, maps, layout=Layout.PAGE_FIRST)
     back = _poisoned(spec, maps, layout=Layout.LAYER_FIRST)
-    be = TensorStoreBackend("memory://")
+    be = _make(kind, tmp_path)
     hs = _hashes(spec, 3)
     for r, m in enumerate(maps):
         ns = Namespace.for_stage(spec, m)
@@ -123,12 +140,13 @@ def test_layer_first_slabs_interoperate_with_page_first():
             )
 
 
-def test_exists_prefix_stops_at_the_first_absent_page_and_counts():
+@pytest.mark.parametrize("kind", ["ts-memory", "file"])
+def test_exists_prefix_stops_at_the_first_absent_page_and_counts(kind, tmp_path):
     spec = _spec()
     maps = build_layer_maps(spec, 1)
     src = _filled(spec, maps)
     ns = Namespace.for_stage(spec, maps[0])
-    be = TensorStoreBackend("memory://", object_layout=ObjectLayout.PER_SUBPOOL)
+    be = _make(kind, tmp_path, object_layout=ObjectLayout.PER_SUBPOOL)
     hs = _hashes(spec, 6)
     assert be.put(ns, PageSpace.FULL, hs[:2] + hs[3:], src, 0, [0, 1, 3, 4, 5]).all()
     assert be.exists_prefix(ns, PageSpace.FULL, hs) == 2
@@ -144,12 +162,13 @@ def test_exists_prefix_stops_at_the_first_absent_page_and_counts():
     assert be.exists_prefix(ns, PageSpace.FULL, []) == 0
 
 
-def test_get_of_absent_pages_fails_them_and_leaves_their_slots():
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_get_of_absent_pages_fails_them_and_leaves_their_slots(kind, tmp_path):
     spec = _spec()
     maps = build_layer_maps(spec, 1)
     src, dst = _filled(spec, maps), _poisoned(spec, maps)
     ns = Namespace.for_stage(spec, maps[0])
-    be = TensorStoreBackend("memory://")
+    be = _make(kind, tmp_path)
     hs = _hashes(spec, 3)
     assert be.put(ns, PageSpace.SWA, [hs[1]], src, 0, [5]).all()
     ok = be.get(ns, PageSpace.SWA, hs, dst, 0, [0, 1, 2])
@@ -176,18 +195,32 @@ def test_salted_pages_are_never_shared():
     assert be.exists_prefix(ns, PageSpace.FULL, _hashes(spec, 3)) == 0
 
 
-def test_two_instances_with_one_partition_share_objects_other_partitions_do_not(tmp_path):
+@pytest.mark.parametrize(
+    ("writer_kind", "reader_kind"), [("ts", "ts"), ("file", "ts"), ("ts", "file")]
+)
+def test_two_instances_with_one_partition_share_objects_other_partitions_do_not(
+    writer_kind, reader_kind, tmp_path
+):
+    """Also: FileBackend and tensorstore's file driver read each other's directories."""
     spec = _spec()
     hs = _hashes(spec, 4)
     pp2 = build_layer_maps(spec, 2)
-    writer = TensorStoreBackend(str(tmp_path))
+    open_dir = {
+        "ts": lambda: TensorStoreBackend(str(tmp_path)),
+        "file": lambda: FileBackend(tmp_path),
+    }
+    writer = open_dir[writer_kind]()
     src = _filled(spec, pp2)
     for r, m in enumerate(pp2):
         assert writer.put(
             Namespace.for_stage(spec, m), PageSpace.FULL, hs, src, r, [0, 1, 2, 3]
         ).all()
     # another instance (new backend, new slabs, maps rebuilt) reads them
-    reader = TensorStoreBackend({"driver": "file", "path": str(tmp_path)})
+    reader = (
+        TensorStoreBackend({"driver": "file", "path": str(tmp_path)})
+        if reader_kind == "ts"
+        else FileBackend(str(tmp_path))
+    )
     again = build_layer_maps(_spec(), 2)
     dst = _poisoned(spec, again)
     for r, m in enumerate(again):
@@ -253,11 +286,12 @@ def test_caller_bugs_raise_value_error():
         TensorStoreBackend("memory://", max_in_flight=0)
 
 
-def test_delete_and_clear_by_namespace():
+@pytest.mark.parametrize("kind", ["ts-memory", "ts-file", "file"])
+def test_delete_and_clear_by_namespace(kind, tmp_path):
     spec = _spec()
     maps = build_layer_maps(spec, 2)
     src = _filled(spec, maps)
-    be = TensorStoreBackend("memory://")
+    be = _make(kind, tmp_path)
     hs = _hashes(spec, 3)
     ns = [Namespace.for_stage(spec, m) for m in maps]
     for r in range(2):

@@ -18,6 +18,7 @@ from jaxhicache.pools.host import HostPools
 from jaxhicache.spec import ModelCacheSpec, PageSpace, PoolKind
 from jaxhicache.storage import (
     FaultInjectionBackend,
+    FileBackend,
     Namespace,
     ObjectLayout,
     TensorStoreBackend,
@@ -56,15 +57,24 @@ def _hashes(spec, n, seed=0):
 
 
 class Setup:
-    """One PP-2 model with a written file store: pages 0..3 of both spaces on both stages."""
+    """One PP-2 model with a written file store: pages 0..3 of both spaces on both stages.
 
-    def __init__(self, root, layout=ObjectLayout.PER_SPACE):
+    ``kind``: ``"ts"`` (tensorstore file driver: staged reads, a failed slot stays
+    untouched) or ``"file"`` (FileBackend: direct reads, a slot that received
+    bytes of a failed page is zeroed).
+    """
+
+    def __init__(self, root, layout=ObjectLayout.PER_SPACE, kind="ts"):
         self.spec = _spec()
         self.maps = build_layer_maps(self.spec, 2)
         self.src = _pools(self.spec, self.maps)
         self.dst = _pools(self.spec, self.maps, fill=0xEE)
         self.root = root
-        self.be = TensorStoreBackend(str(root), object_layout=layout)
+        if kind == "ts":
+            self.be = TensorStoreBackend(str(root), object_layout=layout)
+        else:
+            self.be = FileBackend(root, object_layout=layout)
+        self.failed_fill = 0xEE if kind == "ts" else 0x00
         self.ns = [Namespace.for_stage(self.spec, m) for m in self.maps]
         self.hs = _hashes(self.spec, 4)
         for r in range(2):
@@ -77,17 +87,18 @@ class Setup:
     def get(self, rank, space, ids=(4, 5, 6, 7)):
         return self.be.get(self.ns[rank], space, self.hs, self.dst, rank, list(ids))
 
-    def check_loaded(self, rank, space, ok, ids=(4, 5, 6, 7)):
-        """Loaded pages equal the source; failed ones keep their poison."""
+    def check_loaded(self, rank, space, ok, ids=(4, 5, 6, 7), failed_fill=None):
+        """Loaded pages equal the source; failed ones keep their poison (or are zeroed)."""
         ids = np.asarray(ids)
+        fill = self.failed_fill if failed_fill is None else failed_fill
         got = _bytes(self.dst, rank, space, ids[ok])
         np.testing.assert_array_equal(got, _bytes(self.src, rank, space, np.arange(4)[ok]))
-        assert (_bytes(self.dst, rank, space, ids[~ok]) == 0xEE).all()
+        assert (_bytes(self.dst, rank, space, ids[~ok]) == fill).all()
 
 
-@pytest.fixture
-def setup(tmp_path):
-    return Setup(tmp_path)
+@pytest.fixture(params=["ts", "file"])
+def setup(request, tmp_path):
+    return Setup(tmp_path, kind=request.param)
 
 
 def _corrupt_case(setup, mutate, reason_counter="integrity_failures_total"):
@@ -142,8 +153,9 @@ def test_object_of_another_page_space_copied_under_this_key_is_rejected(setup):
     _corrupt_case(setup, lambda p: shutil.copyfile(setup.path(1, PageSpace.FULL, 2), p))
 
 
-def test_object_of_another_sub_pool_copied_under_this_key_is_rejected(tmp_path):
-    s = Setup(tmp_path, ObjectLayout.PER_SUBPOOL)
+@pytest.mark.parametrize("kind", ["ts", "file"])
+def test_object_of_another_sub_pool_copied_under_this_key_is_rejected(tmp_path, kind):
+    s = Setup(tmp_path, ObjectLayout.PER_SUBPOOL, kind)
     src = tmp_path / object_key(s.ns[1], PoolKind.C4_STATE, s.hs[0])
     dst = tmp_path / object_key(s.ns[1], PoolKind.C4_INDEXER_STATE, s.hs[0])
     shutil.copyfile(src, dst)
@@ -176,11 +188,12 @@ def test_read_io_error_is_a_counted_miss_and_the_object_stays(setup):
     assert setup.be.stats().read_errors_total == 2
 
 
-def test_write_io_error_fails_that_page_only(tmp_path):
+@pytest.mark.parametrize("kind", ["ts", "file"])
+def test_write_io_error_fails_that_page_only(tmp_path, kind):
     spec = _spec()
     maps = build_layer_maps(spec, 1)
     src = _pools(spec, maps)
-    be = TensorStoreBackend(str(tmp_path))
+    be = TensorStoreBackend(str(tmp_path)) if kind == "ts" else FileBackend(tmp_path)
     ns = Namespace.for_stage(spec, maps[0])
     hs = _hashes(spec, 3)
     fan_out = (tmp_path / object_key(ns, PageSpace.FULL, hs[1])).parent
@@ -280,7 +293,8 @@ def small_disk(request, tmp_path):
         yield mnt, "injected"
 
 
-def test_disk_full_fails_puts_without_partial_objects(small_disk):
+@pytest.mark.parametrize("kind", ["ts", "file"])
+def test_disk_full_fails_puts_without_partial_objects(small_disk, kind):
     root, method = small_disk
     spec = _spec(head_dim=64, rope_dim=8, indexer_head_dim=32)
     maps = build_layer_maps(spec, 1)
@@ -290,7 +304,10 @@ def test_disk_full_fails_puts_without_partial_objects(small_disk):
     ns = Namespace.for_stage(spec, maps[0])
     page = spec.page_bytes(maps[0])
     assert n * page > 3 * 2**20  # more than the disk holds
-    inner = TensorStoreBackend(str(root), max_in_flight=4)
+    if kind == "ts":
+        inner = TensorStoreBackend(str(root), max_in_flight=4)
+    else:
+        inner = FileBackend(root, max_in_flight=4)
     if method == "tmpfs":
         be = inner
     else:  # no mount allowed: the same calls with ENOSPC injected after 2 MiB
@@ -316,3 +333,5 @@ def test_disk_full_fails_puts_without_partial_objects(small_disk):
         np.testing.assert_array_equal(_bytes(dst, 0, s, ids[got]), _bytes(src, 0, s, ids[got]))
         assert (_bytes(dst, 0, s, ids[~got]) == 0xEE).all()
     assert be.stats().integrity_failures_total == 0
+    if method == "tmpfs":  # failed writes left no temporary files behind
+        assert not [p for p in root.rglob("*.tmp")]

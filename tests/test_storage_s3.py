@@ -45,6 +45,17 @@ def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> 
     raise RuntimeError(f"moto server did not listen on port {port} within {timeout} s")
 
 
+def _die_with_parent() -> None:
+    """Linux: the server gets SIGTERM if pytest dies without running the teardown."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class MotoServer:
     def __init__(self):
         self.port = _free_port()
@@ -53,6 +64,7 @@ class MotoServer:
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
         try:
             _wait_for_port(self.port, self.proc)

@@ -336,9 +336,10 @@ class StorageBackend(abc.ABC):
           verified in a staging buffer before one copy into the slab;
         * direct reads (:class:`~jaxhicache.storage.FileBackend`, page_first
           slabs): the object is read straight into the slot's rows and verified
-          there; a failed page's rows are zeroed, so the slot never keeps
-          unverified bytes. Slots given to ``get`` are the load's own fresh
-          slots; callers free the failed ones.
+          there; a page that failed after bytes arrived (corrupt object, I/O
+          error mid-read) has its rows zeroed, so the slot never keeps unverified
+          bytes; a page whose objects are absent is untouched. Slots given to
+          ``get`` are the load's own fresh slots; callers free the failed ones.
         """
         t0 = time.perf_counter()
         units = self._plan(ns, space, host, rank)
@@ -348,7 +349,7 @@ class StorageBackend(abc.ABC):
         pages = StagePages(host, rank, units)
         direct = self._reads_into and pages.contiguous
         ok = np.ones(n, bool)
-        touched = np.zeros(n, bool)  # direct reads wrote into the slot
+        touched = np.zeros(n, bool)  # a direct read wrote (or may have) into the slot
         got: dict[int, list[tuple[memoryview, ObjectRead]]] = {}
         held: dict[tuple[int, int], tuple[bytearray, list[memoryview]]] = {}
         deletes: list[Pending] = []
@@ -363,7 +364,6 @@ class StorageBackend(abc.ABC):
             header = bytearray(header_length(keys[i][j]))
             views = pages.direct(j, int(ids[i]))
             held[item] = (header, views)
-            touched[i] = True
             return self._start_read_into(keys[i][j], header, views)
 
         def drop(i):
@@ -385,12 +385,14 @@ class StorageBackend(abc.ABC):
             except Exception:
                 st.read_errors_total += 1
                 ok[i] = False
+                touched[i] |= direct  # a direct read may have written part of the rows
                 drop(i)
                 return
             if r.value is None:
                 st.missing_objects_total += 1
                 ok[i] = False
             elif direct:
+                touched[i] = True
                 st.read_objects_total += 1
                 st.read_bytes_total += r.size
                 try:

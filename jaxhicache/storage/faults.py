@@ -53,6 +53,7 @@ class FaultInjectionBackend(StorageBackend):
         self.fail_write, self.fail_delete = fail_write, fail_delete
         self.errno = errno
         self.injected = 0
+        self._reads_into = inner._reads_into
 
     def _fail(self, key: str):
         self.injected += 1
@@ -60,6 +61,11 @@ class FaultInjectionBackend(StorageBackend):
 
     def _start_read(self, key):
         return self._fail(key) if _hits(self.fail_read, key) else self.inner._start_read(key)
+
+    def _start_read_into(self, key, header, views):
+        if _hits(self.fail_read, key):
+            return self._fail(key)
+        return self.inner._start_read_into(key, header, views)
 
     def _start_stat(self, key):
         return self._fail(key) if _hits(self.fail_stat, key) else self.inner._start_stat(key)
