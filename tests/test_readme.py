@@ -20,3 +20,7 @@ def test_readme_python_blocks_run():
     for i, block in enumerate(_blocks()):
         code = compile(block, f"README.md block {i}", "exec")
         exec(code, namespace)
+    # what the blocks claim in their comments, checked once more from outside
+    assert namespace["spec"].page_bytes() == 9_158_208
+    stats = namespace["cache"].stats()
+    assert stats["requests"] == 2 and stats["device_hit_tokens"] == 48
