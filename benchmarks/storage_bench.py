@@ -66,14 +66,18 @@ def _jobs(spec, maps, layout, hashes):
 
 
 def _baseline_write(root, src, jobs, hashes, ids):
-    paths = []
+    """``tofile`` of the same bytes into the same files (directories made once)."""
+    paths, made = [], set()
     t0 = time.perf_counter()
     for r, _s, ns, units in jobs:
         pages = StagePages(src, r, units)
         for j, u in enumerate(units):
             for h, i in zip(hashes, ids, strict=True):
                 p = os.path.join(root, object_key(ns, u.unit, h))
-                os.makedirs(os.path.dirname(p), exist_ok=True)
+                d = os.path.dirname(p)
+                if d not in made:
+                    os.makedirs(d, exist_ok=True)
+                    made.add(d)
                 with open(p, "wb") as f:
                     for buf in pages.source(j, int(i)):
                         np.frombuffer(buf, np.uint8).tofile(f)
@@ -95,7 +99,9 @@ def _backend(kind, path, layout, max_in_flight):
     return TensorStoreBackend(path, object_layout=layout, max_in_flight=max_in_flight)
 
 
-def bench_layout(spec, maps, src, dst, kind, layout, pages, reps, root, max_in_flight):
+def bench_layout(spec, maps, src, dst, kind, layout, pages, reps, root, max_in_flight, rounds=3):
+    """Best-of timings; each rep writes both ways (order alternating per rep), then
+    reads ``rounds`` times each way, alternating (reads leave the files unchanged)."""
     hashes = page_hashes(np.arange(pages * spec.page_size) % 50_000, spec.page_size)
     ids = np.arange(pages)
     jobs = _jobs(spec, maps, layout, hashes)
@@ -103,25 +109,46 @@ def bench_layout(spec, maps, src, dst, kind, layout, pages, reps, root, max_in_f
     objects = pages * sum(len(units) for *_, units in jobs)
     best = {"w": np.inf, "r": np.inf, "tofile": np.inf, "fromfile": np.inf}
     stored = 0
+    for k in host_kinds(dst):
+        dst.stacked(k).view(np.uint8)[...] = 0  # poison: every restored byte must be loaded
     for rep in range(reps):
         ours_dir = os.path.join(root, f"ours-{rep}")
         base_dir = os.path.join(root, f"base-{rep}")
         be = _backend(kind, ours_dir, layout, max_in_flight)
-        t0 = time.perf_counter()
-        for r, s, ns, _units in jobs:
-            assert be.put(ns, s, hashes, src, r, ids).all()
-        best["w"] = min(best["w"], time.perf_counter() - t0)
-        tw, paths = _baseline_write(base_dir, src, jobs, hashes, ids)
-        best["tofile"] = min(best["tofile"], tw)
-        t0 = time.perf_counter()
-        for r, s, ns, _units in jobs:
-            assert be.get(ns, s, hashes, dst, r, ids).all()
-        best["r"] = min(best["r"], time.perf_counter() - t0)
-        tr, nread = _baseline_read(paths)
-        assert nread == payload
-        best["fromfile"] = min(best["fromfile"], tr)
-        stored = be.stats().write_bytes_total
+
+        def write_ours(be=be):
+            t0 = time.perf_counter()
+            for r, s, ns, _units in jobs:
+                assert be.put(ns, s, hashes, src, r, ids).all()
+            best["w"] = min(best["w"], time.perf_counter() - t0)
+
+        def read_ours(be=be):
+            t0 = time.perf_counter()
+            for r, s, ns, _units in jobs:
+                assert be.get(ns, s, hashes, dst, r, ids).all()
+            best["r"] = min(best["r"], time.perf_counter() - t0)
+
+        paths = []
+
+        def write_base(base_dir=base_dir):
+            tw, ps = _baseline_write(base_dir, src, jobs, hashes, ids)
+            paths[:] = ps
+            best["tofile"] = min(best["tofile"], tw)
+
+        def read_base():
+            tr, nread = _baseline_read(paths)
+            assert nread == payload
+            best["fromfile"] = min(best["fromfile"], tr)
+
+        first, second = (write_ours, write_base) if rep % 2 == 0 else (write_base, write_ours)
+        first()
+        second()
+        for i in range(rounds):
+            a, b = (read_ours, read_base) if (rep + i) % 2 == 0 else (read_base, read_ours)
+            a()
+            b()
         st = be.stats()
+        stored = st.write_bytes_total
         assert st.integrity_failures_total == st.read_errors_total == st.write_errors_total == 0
         be.close()
         shutil.rmtree(ours_dir)
@@ -145,6 +172,10 @@ def bench_layout(spec, maps, src, dst, kind, layout, pages, reps, root, max_in_f
         "write_vs_tofile": best["tofile"] / best["w"],
         "read_vs_fromfile": best["fromfile"] / best["r"],
     }
+
+
+def host_kinds(host: HostPools):
+    return host.spec.kinds()
 
 
 def flash_bytes(pp: int) -> dict:
@@ -174,13 +205,13 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="8 pages, 2 reps (CI smoke)")
     p.add_argument("--pages", type=int, default=None, help="pages per run (default 24; quick 8)")
-    p.add_argument("--reps", type=int, default=None, help="repetitions (default 3; quick 2)")
+    p.add_argument("--reps", type=int, default=None, help="repetitions (default 5; quick 2)")
     p.add_argument("--pp", type=int, default=4)
     p.add_argument("--max-in-flight", type=int, default=16)
     p.add_argument("--dir", default=None, help="directory to write in (default: a temp dir)")
     args = p.parse_args(argv)
     pages = args.pages or (8 if args.quick else 24)
-    reps = args.reps or (2 if args.quick else 3)
+    reps = args.reps or (2 if args.quick else 5)
     spec = ModelCacheSpec.deepseek_v4_flash()
     maps = build_layer_maps(spec, args.pp)
     src = HostPools(spec, maps, pages, pages, reserve_bytes=1 << 30)

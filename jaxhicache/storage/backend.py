@@ -40,7 +40,7 @@ from .format import (
     verify_payload,
 )
 from .keys import Namespace, check_page_hash, object_key
-from .layout import ObjectLayout, StagePages, Unit, check_host_ids, plan_units
+from .layout import ObjectLayout, StagePages, check_host_ids, plan_units
 
 __all__ = ["ObjectRead", "Pending", "StorageBackend", "StorageStats"]
 
@@ -162,6 +162,7 @@ class StorageBackend(abc.ABC):
         self.object_layout = ObjectLayout(object_layout)
         self._stats = StorageStats()
         self._lock = threading.Lock()
+        self._plans: dict[tuple, tuple[Namespace, HostPools, StagePages]] = {}
 
     # ------------------------------------------------------------ primitives
 
@@ -279,11 +280,11 @@ class StorageBackend(abc.ABC):
         overwritten (callers skip pages :meth:`exists` reports).
         """
         t0 = time.perf_counter()
-        units = self._plan(ns, space, host, rank)
+        pages = self._plan(ns, space, host, rank)
+        units = pages.units
         ids = check_host_ids(host, space, host_ids, len(hashes), unique=False)
         keys = self._keys(ns, [u.unit for u in units], hashes)
         n = len(keys)
-        pages = StagePages(host, rank, units)
         ok = np.ones(n, bool)
         sizes: dict[tuple[int, int], int] = {}
         st = StorageStats()
@@ -342,11 +343,11 @@ class StorageBackend(abc.ABC):
           ``get`` are the load's own fresh slots; callers free the failed ones.
         """
         t0 = time.perf_counter()
-        units = self._plan(ns, space, host, rank)
+        pages = self._plan(ns, space, host, rank)
+        units = pages.units
         ids = check_host_ids(host, space, host_ids, len(hashes), unique=True)
         keys = self._keys(ns, [u.unit for u in units], hashes)
         n, m = len(keys), len(units)
-        pages = StagePages(host, rank, units)
         direct = self._reads_into and pages.contiguous
         ok = np.ones(n, bool)
         touched = np.zeros(n, bool)  # a direct read wrote (or may have) into the slot
@@ -422,7 +423,10 @@ class StorageBackend(abc.ABC):
                     pages.write(jj, int(ids[i]), payload)
                     _release(r)
 
-        self._pipelined(_jobs(n, m), start, finish)
+        if direct and self._window() == 1:
+            self._get_direct_sync(keys, pages, ids.tolist(), ok, touched, st, corrupt)
+        else:
+            self._pipelined(_jobs(n, m), start, finish)
         for i in np.flatnonzero(touched & ~ok).tolist():
             pages.scrub(int(ids[i]))  # never leave unverified bytes in a slot
         for d in deletes:
@@ -438,6 +442,43 @@ class StorageBackend(abc.ABC):
         st.read_seconds_total = time.perf_counter() - t0
         self._merge(st)
         return ok
+
+    def _get_direct_sync(self, keys, pages: StagePages, ids, ok, touched, st, corrupt) -> None:
+        """The direct-read path of :meth:`get` when operations complete as they start:
+        one tight loop, and a page stops at its first failed object."""
+        units = pages.units
+        if not keys:
+            return
+        hlens = [header_length(k) for k in keys[0]]  # same length for every page of a unit
+        for i, hid in enumerate(ids):
+            for j, u in enumerate(units):
+                key = keys[i][j]
+                header = bytearray(hlens[j])
+                views = pages.direct(j, hid)
+                try:
+                    r = self._read_into_sync(key, header, views)
+                except Exception:
+                    st.read_errors_total += 1
+                    ok[i] = False
+                    touched[i] = True
+                    break
+                if r.value is None:
+                    st.missing_objects_total += 1
+                    ok[i] = False
+                    break
+                touched[i] = True
+                st.read_objects_total += 1
+                st.read_bytes_total += r.size
+                try:
+                    _, _, digest = verify_header(key, header, r.size, u.nbytes)
+                    verify_payload(key, views, digest)
+                except IntegrityError:
+                    corrupt(key, r.generation)
+                    ok[i] = False
+                    break
+
+    def _read_into_sync(self, key: str, header: bytearray, views: list[memoryview]) -> ObjectRead:
+        return self._start_read_into(key, header, views).result()
 
     def delete(self, ns: Namespace, space: PageSpace, hashes: Sequence[str]) -> int:
         """Delete every object of pages ``hashes``; returns objects whose delete succeeded."""
@@ -491,9 +532,17 @@ class StorageBackend(abc.ABC):
             return []
         return [space] if self.object_layout is ObjectLayout.PER_SPACE else kinds
 
-    def _plan(
-        self, ns: Namespace, space: PageSpace, host: HostPools, rank: int
-    ) -> tuple[Unit, ...]:
+    def _plan(self, ns: Namespace, space: PageSpace, host: HostPools, rank: int) -> StagePages:
+        """The objects of one page of ``space`` on stage ``rank`` and their slab views.
+
+        Validated once per (namespace, slabs, stage, space) and cached (by object
+        identity, holding the objects, so an id is never reused while cached).
+        """
+        space = PageSpace(space)
+        ck = (id(ns), id(host), rank, space)
+        hit = self._plans.get(ck)
+        if hit is not None and hit[0] is ns and hit[1] is host:
+            return hit[2]
         if not 0 <= rank < len(host.layer_maps):
             raise ValueError(f"stage rank {rank} not in [0, {len(host.layer_maps)})")
         m = host.layer_maps[rank]
@@ -502,9 +551,14 @@ class StorageBackend(abc.ABC):
                 f"namespace {ns.prefix!r} does not describe stage {rank} "
                 f"[{m.start_layer}, {m.end_layer}) of spec {host.spec.name!r}"
             )
-        units = plan_units(host.spec, m, ns, PageSpace(space), self.object_layout)
+        units = plan_units(host.spec, m, ns, space, self.object_layout)
         assert [u.unit for u in units] == self._unit_names(ns, space)
-        return units
+        pages = StagePages(host, rank, units)
+        with self._lock:
+            if len(self._plans) >= 256:
+                self._plans.clear()
+            self._plans[ck] = (ns, host, pages)
+        return pages
 
     @staticmethod
     def _keys(

@@ -67,6 +67,14 @@ class FaultInjectionBackend(StorageBackend):
             return self._fail(key)
         return self.inner._start_read_into(key, header, views)
 
+    def _read_into_sync(self, key, header, views):
+        if _hits(self.fail_read, key):
+            return self._fail(key).result()
+        return self.inner._read_into_sync(key, header, views)
+
+    def _window(self):
+        return self.inner._window()
+
     def _start_stat(self, key):
         return self._fail(key) if _hits(self.fail_stat, key) else self.inner._start_stat(key)
 

@@ -128,6 +128,7 @@ class FileBackend(StorageBackend):
             root = default_cache_dir()
         self.root = os.path.abspath(os.fspath(root))
         os.makedirs(self.root, exist_ok=True)
+        self._prefix = self.root.rstrip(os.sep) + os.sep
         if io_threads < 0:
             raise ValueError(f"io_threads must be >= 0, got {io_threads}")
         self.sync = bool(sync)
@@ -148,7 +149,7 @@ class FileBackend(StorageBackend):
         return self.max_in_flight if self._pool is not None else 1
 
     def _path(self, key: str) -> str:
-        return os.path.join(self.root, key)
+        return self._prefix + key
 
     def _run(self, fn: Callable[[], object]):
         if self._pool is not None:
@@ -187,6 +188,9 @@ class FileBackend(StorageBackend):
 
     def _start_read_into(self, key: str, header: bytearray, views: list[memoryview]):
         return self._run(lambda: self._read_into(self._path(key), header, views))
+
+    def _read_into_sync(self, key: str, header: bytearray, views: list[memoryview]):
+        return self._read_into(self._prefix + key, header, views)
 
     def _read_into(self, path: str, header: bytearray, views: list[memoryview]) -> ObjectRead:
         try:
@@ -279,32 +283,33 @@ def _read_fully(fd: int, mv: memoryview) -> int:
     return got
 
 
+def _advance(bufs: list[memoryview], k: int) -> None:
+    """Drops the first ``k`` bytes of the buffer list ``bufs`` (in place)."""
+    while k:
+        if k >= bufs[0].nbytes:
+            k -= bufs.pop(0).nbytes
+        else:
+            bufs[0] = bufs[0][k:]
+            k = 0
+
+
 def _readv_fully(fd: int, bufs: list[memoryview], limit: int) -> None:
-    """Scatter-reads up to ``limit`` bytes into ``bufs`` (stops early at end of file)."""
+    """Scatter-reads up to ``limit`` bytes into ``bufs`` (stops early at end of file).
+
+    One ``readv`` reads a whole object on local file systems; the loop handles
+    short reads (network file systems, signals)."""
     bufs = [b.cast("B") for b in bufs if b.nbytes]
-    todo = limit
-    while bufs and todo > 0:
+    todo = min(limit, sum(b.nbytes for b in bufs))
+    while todo > 0:
         k = os.readv(fd, bufs[:1024])
         if k == 0:
             return
         todo -= k
-        while k:
-            if k >= bufs[0].nbytes:
-                k -= bufs[0].nbytes
-                bufs.pop(0)
-            else:
-                bufs[0] = bufs[0][k:]
-                k = 0
+        if todo > 0:
+            _advance(bufs, k)
 
 
 def _write_fully(fd: int, bufs: list[memoryview]) -> None:
     bufs = [b for b in bufs if b.nbytes]
     while bufs:
-        k = os.writev(fd, bufs[:1024])
-        while k:
-            if k >= bufs[0].nbytes:
-                k -= bufs[0].nbytes
-                bufs.pop(0)
-            else:
-                bufs[0] = bufs[0][k:]
-                k = 0
+        _advance(bufs, os.writev(fd, bufs[:1024]))

@@ -34,6 +34,7 @@ Object keys (path-like, valid for files, S3 and GCS)::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import re
@@ -218,7 +219,7 @@ class Namespace:
             and self.stage_kinds == tuple(k for k in spec.kinds() if layer_map.num_layers_of(k) > 0)
         )
 
-    @property
+    @functools.cached_property
     def prefix(self) -> str:
         """Key prefix shared by all this stage's objects (no TP segment)."""
         model = urllib.parse.quote(self.model_id, safe="")

@@ -136,6 +136,22 @@ class StagePages:
         self.contiguous = all(
             self.view(p, 0).flags.c_contiguous for u in self.units for p in u.parts
         )
+        # fast byte views: page h of a page_first stage is row h of a 2-D uint8 view of
+        # the stage's (contiguous) part of the stacked array; its first nbytes are ours
+        self._rows: list[list[tuple[np.ndarray, int]]] | None = None
+        if (
+            self.contiguous
+            and self._page_first
+            and not any(p.index for u in self.units for p in u.parts)
+        ):
+            rows = []
+            for u in self.units:
+                per = []
+                for p in u.parts:
+                    stage = host.stacked(p.kind)[rank]  # [pages, max_k, *row], contiguous
+                    per.append((stage.reshape(stage.shape[0], -1).view(np.uint8), p.nbytes))
+                rows.append(per)
+            self._rows = rows
 
     def view(self, part: Part, host_id: int) -> np.ndarray:
         """``[n_kind, *row_part]`` view of one page's rows of ``part`` in its slab."""
@@ -145,6 +161,8 @@ class StagePages:
 
     def direct(self, j: int, host_id: int) -> list[memoryview]:
         """Writable byte views of unit ``j``'s rows of page ``host_id`` (needs ``contiguous``)."""
+        if self._rows is not None:
+            return [memoryview(u8[host_id, :n]) for u8, n in self._rows[j]]
         return [
             memoryview(self.view(p, host_id).reshape(-1).view(np.uint8))
             for p in self.units[j].parts
