@@ -23,7 +23,7 @@ from jaxhicache.storage import (
     parse_kvstore_spec,
     plan_units,
 )
-from kernels_pallas.paged_copy import Layout
+from kernels_pallas.common import Layout
 
 RESERVE = 0  # tiny slabs: no memory reserve needed
 
@@ -392,3 +392,57 @@ def test_stats_map_to_prometheus_counters():
     assert len(names) >= 20
     assert all(n.startswith("jaxhicache_storage_") and n.endswith("_total") for n in names)
     assert all(v == 0 for v in names.values())
+
+
+def test_cached_stage_plans_do_not_keep_host_slabs_alive():
+    import gc
+    import weakref
+
+    spec = _spec()
+    maps = build_layer_maps(spec, 1)
+    be = TensorStoreBackend("memory://")
+    host = _filled(spec, maps, pages=2)
+    slab = weakref.ref(host.stacked(PoolKind.SWA_KV))
+    ns = Namespace.for_stage(spec, maps[0])
+    assert be.put(ns, PageSpace.SWA, _hashes(spec, 1), host, 0, [0]).all()
+    del host
+    gc.collect()
+    assert slab() is None
+
+
+def test_the_documented_lookup_and_restore_flow_across_two_instances(tmp_path):
+    """README 'For the cache integration': instance A backs up a prefix (SWA objects
+    only at its last page); instance B finds the longest restorable prefix on every
+    stage and loads it into fresh slots."""
+    spec = _spec()
+    maps = build_layer_maps(spec, 2)
+    t = spec.swa_trailing_pages
+    hs = _hashes(spec, 5)
+    a_host = _filled(spec, maps)
+    a = FileBackend(tmp_path)
+    for r, m in enumerate(maps):
+        ns = Namespace.for_stage(spec, m)
+        assert a.put(ns, PageSpace.FULL, hs, a_host, r, np.arange(5)).all()
+        assert a.put(ns, PageSpace.SWA, hs[4 - t : 4], a_host, r, np.arange(4 - t, 4)).all()
+
+    b = FileBackend(tmp_path)
+    b_host = _poisoned(spec, maps)
+    nss = [Namespace.for_stage(spec, m) for m in maps]
+    n = min(b.exists_prefix(ns, PageSpace.FULL, hs) for ns in nss)
+    assert n == 5
+    p = next(
+        p
+        for p in range(n, t - 1, -1)
+        if all(b.exists(ns, PageSpace.SWA, hs[p - t : p]).all() for ns in nss)
+    )
+    assert p == 4  # the SWA objects exist for a hit ending at page 4, not 5
+    loaded = []
+    for r, ns in enumerate(nss):
+        full = b.get(ns, PageSpace.FULL, hs[:p], b_host, r, np.arange(p))
+        swa = b.get(ns, PageSpace.SWA, hs[p - t : p], b_host, r, np.arange(p - t, p))
+        loaded.append(bool(full.all() and swa.all()))
+        for space, ids in [(PageSpace.FULL, np.arange(p)), (PageSpace.SWA, np.arange(p - t, p))]:
+            np.testing.assert_array_equal(
+                _rows(b_host, r, space, ids), _rows(a_host, r, space, ids)
+            )
+    assert all(loaded)

@@ -21,6 +21,7 @@ import abc
 import dataclasses
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple, Protocol
@@ -162,7 +163,7 @@ class StorageBackend(abc.ABC):
         self.object_layout = ObjectLayout(object_layout)
         self._stats = StorageStats()
         self._lock = threading.Lock()
-        self._plans: dict[tuple, tuple[Namespace, HostPools, StagePages]] = {}
+        self._plans: weakref.WeakKeyDictionary[HostPools, dict] = weakref.WeakKeyDictionary()
 
     # ------------------------------------------------------------ primitives
 
@@ -535,14 +536,15 @@ class StorageBackend(abc.ABC):
     def _plan(self, ns: Namespace, space: PageSpace, host: HostPools, rank: int) -> StagePages:
         """The objects of one page of ``space`` on stage ``rank`` and their slab views.
 
-        Validated once per (namespace, slabs, stage, space) and cached (by object
-        identity, holding the objects, so an id is never reused while cached).
+        Validated once per (slabs, stage, space, namespace) and cached while ``host``
+        lives (a weak key: dropping the host pools drops the entry).
         """
         space = PageSpace(space)
-        ck = (id(ns), id(host), rank, space)
-        hit = self._plans.get(ck)
-        if hit is not None and hit[0] is ns and hit[1] is host:
-            return hit[2]
+        with self._lock:
+            per_host = self._plans.setdefault(host, {})
+            hit = per_host.get((rank, space))
+        if hit is not None and hit[0] == ns:
+            return hit[1]
         if not 0 <= rank < len(host.layer_maps):
             raise ValueError(f"stage rank {rank} not in [0, {len(host.layer_maps)})")
         m = host.layer_maps[rank]
@@ -555,9 +557,7 @@ class StorageBackend(abc.ABC):
         assert [u.unit for u in units] == self._unit_names(ns, space)
         pages = StagePages(host, rank, units)
         with self._lock:
-            if len(self._plans) >= 256:
-                self._plans.clear()
-            self._plans[ck] = (ns, host, pages)
+            per_host[(rank, space)] = (ns, pages)
         return pages
 
     @staticmethod
