@@ -2,7 +2,7 @@
 
 from .backend import ObjectRead, Pending, StorageBackend, StorageStats
 from .faults import FaultInjectionBackend
-from .file_backend import FileBackend
+from .file_backend import FileBackend, default_cache_dir
 from .format import IntegrityError
 from .keys import (
     LAYOUT_VERSION,
@@ -15,7 +15,7 @@ from .keys import (
 )
 from .layout import ObjectLayout, plan_units, stored_bytes_per_page
 
-_LAZY = {"TensorStoreBackend", "default_cache_dir", "parse_kvstore_spec"}
+_LAZY = {"TensorStoreBackend", "parse_kvstore_spec"}
 
 
 def __getattr__(name: str):

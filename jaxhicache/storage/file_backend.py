@@ -36,10 +36,19 @@ import numpy as np
 from .backend import ObjectRead, StorageBackend
 from .layout import ObjectLayout
 
-__all__ = ["FileBackend"]
+__all__ = ["FileBackend", "default_cache_dir"]
 
 _MISSING = (errno.ENOENT, errno.ENOTDIR)
 _GEN = struct.Struct("<QQq")  # inode, size, mtime_ns
+
+
+def default_cache_dir() -> str:
+    """``$JAXHICACHE_L3_DIR``, else ``$XDG_CACHE_HOME/jaxhicache/l3`` (``~/.cache/...``)."""
+    env = os.environ.get("JAXHICACHE_L3_DIR")
+    if env:
+        return env
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "jaxhicache", "l3")
 
 
 class _Done:
@@ -105,8 +114,7 @@ class FileBackend(StorageBackend):
     """L3 backend on a directory with plain POSIX calls.
 
     Args:
-      root: directory (created if missing); default
-        :func:`~jaxhicache.storage.default_cache_dir`.
+      root: directory (created if missing); default :func:`default_cache_dir`.
       max_in_flight, object_layout: see :class:`~jaxhicache.storage.StorageBackend`.
       io_threads: worker threads (0: operations run on the calling thread).
       sync: ``fsync`` every object before it is renamed into place.
@@ -123,8 +131,6 @@ class FileBackend(StorageBackend):
     ):
         super().__init__(max_in_flight=max_in_flight, object_layout=object_layout)
         if root is None:
-            from .tensorstore_backend import default_cache_dir
-
             root = default_cache_dir()
         self.root = os.path.abspath(os.fspath(root))
         os.makedirs(self.root, exist_ok=True)

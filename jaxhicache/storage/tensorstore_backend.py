@@ -12,24 +12,15 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import tensorstore as ts
 
 from .backend import ObjectRead, StorageBackend
+from .file_backend import default_cache_dir
 from .layout import ObjectLayout
 
 __all__ = ["TensorStoreBackend", "default_cache_dir", "parse_kvstore_spec"]
-
-
-def default_cache_dir() -> str:
-    """``$JAXHICACHE_L3_DIR``, else ``$XDG_CACHE_HOME/jaxhicache/l3`` (``~/.cache/...``)."""
-    env = os.environ.get("JAXHICACHE_L3_DIR")
-    if env:
-        return env
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return str(Path(base) / "jaxhicache" / "l3")
 
 
 def parse_kvstore_spec(spec_or_url: dict | str | os.PathLike | None) -> dict | str:
