@@ -207,7 +207,11 @@ class FileBackend(StorageBackend):
             raise
         try:
             st = os.fstat(fd)
-            _readv_fully(fd, [memoryview(header), *views], st.st_size)
+            bufs = [header, *views]
+            want = min(st.st_size, len(header) + sum(v.nbytes for v in views))
+            if os.readv(fd, bufs) < want:  # one call reads a whole local object
+                os.lseek(fd, 0, os.SEEK_SET)
+                _readv_fully(fd, bufs, st.st_size)
         finally:
             os.close(fd)
         return ObjectRead(memoryview(header), _generation(st), None, st.st_size)
