@@ -39,7 +39,7 @@ import numpy as np
 
 from jaxhicache.pools.host import HostPools
 from jaxhicache.transfer import CopyPath, PageMove, TransferEngine
-from kernels_pallas.paged_copy import Backend
+from kernels_pallas.common import Backend
 from models.config import TinyDSV4Config
 from models.dsv4 import init_params
 from models.paged import PagedModel

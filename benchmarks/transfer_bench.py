@@ -27,7 +27,9 @@ from jaxhicache.pools.device import allocate_device_pools
 from jaxhicache.pools.host import HostPools
 from jaxhicache.spec import KVFormat, ModelCacheSpec
 from jaxhicache.transfer import CopyPath, PageMove, TransferEngine
-from kernels_pallas.paged_copy import Backend, paged_gather, paged_scatter_donated
+from kernels_pallas.common import Backend
+from kernels_pallas.paged_gather import paged_gather
+from kernels_pallas.paged_scatter import paged_scatter_donated
 
 
 def flash_shaped(num_layers: int) -> ModelCacheSpec:

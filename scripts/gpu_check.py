@@ -36,14 +36,9 @@ from transfer_bench import bench_case, flash_shaped
 
 from jaxhicache.spec import ModelCacheSpec
 from jaxhicache.transfer import CopyPath
-from kernels_pallas.paged_copy import (
-    Backend,
-    Layout,
-    paged_gather,
-    paged_gather_reference,
-    paged_scatter,
-    paged_scatter_reference,
-)
+from kernels_pallas.common import Backend, Layout
+from kernels_pallas.paged_gather import paged_gather, paged_gather_reference
+from kernels_pallas.paged_scatter import paged_scatter, paged_scatter_reference
 
 DSV4_ROW_BYTES = (149_760, 37_440, 8_448, 1_728, 65_536, 16_384)
 

@@ -21,7 +21,7 @@ from jaxhicache.pools.host import HostPools
 from jaxhicache.spec import PoolKind
 from jaxhicache.transfer import CopyPath, PageMove, TransferEngine
 from jaxhicache.transfer import layerwise as layerwise_mod
-from kernels_pallas.paged_copy import Backend
+from kernels_pallas.common import Backend
 from models.config import TinyDSV4Config
 from models.dsv4 import init_params
 from models.paged import PagedModel

@@ -19,7 +19,7 @@ from jaxhicache.pools.host import HostPools
 from jaxhicache.spec import ModelCacheSpec, PageSpace, PoolKind
 from jaxhicache.transfer import CopyPath, PageMove, TransferEngine
 from jaxhicache.transfer.strategy import resolve_copy_path
-from kernels_pallas.paged_copy import Layout
+from kernels_pallas.common import Layout
 
 MINI = ModelCacheSpec.tiny_dsv4(num_layers=7)  # 7 layers: uneven stages on PP 2 and 4
 PATHS = [CopyPath.STAGED, CopyPath.DIRECT]
@@ -210,7 +210,7 @@ def test_engine_programs_lower_for_cuda_with_triton(spec):
     """The engine's shard_map gather / scatter / per-layer load (pinned-host rows moved
     to the device inside the program) with the Triton backend go through the real
     Pallas -> Triton lowering (no GPU needed)."""
-    from kernels_pallas.paged_copy import Backend
+    from kernels_pallas.common import Backend
 
     maps = build_layer_maps(spec, 2)
     mesh = make_mesh(2, 2)

@@ -14,7 +14,7 @@ from typing import final
 from jaxhicache.spec import ModelCacheSpec
 from jaxhicache.transfer import CopyPath
 from jaxhicache.tree import WritePolicy
-from kernels_pallas.paged_copy import Backend, Layout, PagedCopyTuning
+from kernels_pallas.common import Backend, Layout, PagedCopyTuning
 
 __all__ = ["HiCacheConfig"]
 

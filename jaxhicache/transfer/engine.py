@@ -44,7 +44,7 @@ from jaxhicache.transfer.strategy import (
     mesh_platform,
     resolve_copy_path,
 )
-from kernels_pallas.paged_copy import Backend, PagedCopyTuning, validate_page_ids
+from kernels_pallas.common import Backend, PagedCopyTuning, validate_page_ids
 
 __all__ = ["TransferEngine"]
 

@@ -31,7 +31,8 @@ from jax.sharding import PartitionSpec as P
 
 from jaxhicache.layer_map import StageView
 from jaxhicache.spec import PageSpace, PoolKind
-from kernels_pallas.paged_copy import Backend, Layout, PagedCopyTuning, paged_scatter
+from kernels_pallas.common import Backend, Layout, PagedCopyTuning
+from kernels_pallas.paged_scatter import paged_scatter
 
 __all__ = ["LayerwiseLoad", "apply_layer", "fetch_layer", "load_layer"]
 

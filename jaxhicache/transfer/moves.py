@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxhicache.spec import PageSpace
-from kernels_pallas.paged_copy import bucket_size, validate_page_ids
+from kernels_pallas.common import bucket_size, validate_page_ids
 
 __all__ = [
     "BackupHandle",

@@ -30,7 +30,9 @@ from jaxhicache.layer_map import StackedLayerMap
 from jaxhicache.mesh import PP
 from jaxhicache.spec import PoolKind
 from jaxhicache.transfer.layerwise import LayerwiseLoad, copy_slab_rows, load_layer
-from kernels_pallas.paged_copy import Backend, Layout, PagedCopyTuning, paged_gather, paged_scatter
+from kernels_pallas.common import Backend, Layout, PagedCopyTuning
+from kernels_pallas.paged_gather import paged_gather
+from kernels_pallas.paged_scatter import paged_scatter
 
 __all__ = ["TransferPrograms"]
 
