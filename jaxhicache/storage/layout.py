@@ -27,7 +27,7 @@ import numpy as np
 from jaxhicache.layer_map import StageLayerMap
 from jaxhicache.pools.host import HostPools
 from jaxhicache.spec import ModelCacheSpec, PageSpace, PoolKind
-from kernels_pallas.paged_copy import Layout
+from kernels_pallas.common import Layout
 
 from .keys import Namespace
 
