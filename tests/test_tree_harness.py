@@ -1,6 +1,10 @@
 """Test harness for the radix tree: a tree with its four allocators driven like a
 serving loop, and a reference model (from the tree's shape and the page arrays,
-never from its summaries) that every step is checked against. No tests here."""
+never from its summaries) that every step is checked against. No tests here.
+
+A page is named by its *prefix*: ``(salt, token, token, ...)`` up to the page's end,
+``salt`` being the bytes of the request's cache salt or ``None``, so pages of
+different salts are different pages to the model."""
 
 from __future__ import annotations
 
@@ -25,17 +29,23 @@ def key(ps: int, *pages: int) -> np.ndarray:
     return np.concatenate([np.arange(ps, dtype=np.int64) + 100 * v for v in pages])
 
 
+def salt_bytes(salt) -> bytes | None:
+    """The model's name of a salt: ``str`` and ``bytes`` salts with equal UTF-8 bytes
+    are one tenant."""
+    return salt.encode() if isinstance(salt, str) else salt
+
+
 def snapshot(tree: RadixTree) -> dict:
-    """Page prefix (tuple of tokens up to the page end) -> (dev, host, dswa, hswa, node, i)
-    with ``i`` the page's index inside ``node``."""
+    """Page prefix ``(salt, tokens up to the page end...)`` -> (dev, host, dswa, hswa,
+    node, i) with ``i`` the page's index inside ``node``."""
     ps = tree.page_size
     out = {}
-    stack = [(tree.root, ())]
+    stack = [(tree.root, None)]
     while stack:
         n, pref = stack.pop()
         for c in n.children.values():
             toks = c.tokens().tolist()
-            p = pref
+            p = (c.salt,) if pref is None else pref
             for i in range(c.num_pages):
                 p = p + tuple(toks[i * ps : (i + 1) * ps])
 
@@ -54,9 +64,10 @@ def snapshot(tree: RadixTree) -> dict:
     return out
 
 
-def prefixes(ps: int, k) -> list[tuple]:
+def prefixes(ps: int, k, salt=None) -> list[tuple]:
     toks = [int(t) for t in k]
-    return [tuple(toks[: (i + 1) * ps]) for i in range(len(toks) // ps)]
+    s = salt_bytes(salt)
+    return [(s, *toks[: (i + 1) * ps]) for i in range(len(toks) // ps)]
 
 
 def expected_usable(avail: list[bool], full: int, swa: int) -> int:
@@ -89,9 +100,9 @@ def swa_classes(tree: RadixTree, snap: dict, locked_nodes) -> dict:
             )
             if kind != want:
                 continue
-            pages = len(pre) // tree.page_size
+            pages = (len(pre) - 1) // tree.page_size
             for b in range(max(0, pages - swa), pages):
-                cls[pre[: (b + 1) * tree.page_size]] = want
+                cls[pre[: 1 + (b + 1) * tree.page_size]] = want
     return cls
 
 
@@ -162,7 +173,7 @@ class Env:
         got = tree.reclaim_swa(n, tier, keep_branch_windows=keep_branch_windows)
         by_id = {v: p for p, v in live.items()}
         freed = [by_id[int(i)] for i in got]
-        assert sorted(freed) == sorted(want), "reclaim took other pages than the rule says"
+        assert Counter(freed) == Counter(want), "reclaim took other pages than the rule says"
         after = live_swa(snapshot(tree), tier)
         assert after == {p: v for p, v in live.items() if p not in set(freed)}
         (self.ds if tier is Tier.DEVICE else self.hs).free(got)
@@ -176,7 +187,7 @@ class Env:
         snap = snapshot(self.tree)
         out = {}
         for n in self.locked_nodes():
-            for pre in prefixes(self.ps, self.tree.path_tokens(n)):
+            for pre in prefixes(self.ps, self.tree.path_tokens(n), n.salt):
                 out[pre] = snap[pre][0] is not None
         return out
 
@@ -264,10 +275,10 @@ class Env:
         return True
 
     # -- a request: match, (load back), insert
-    def check_match(self, k, snap):
+    def check_match(self, k, snap, salt=None):
         tree, ps = self.tree, self.ps
-        m = tree.match_prefix(k)
-        pres = prefixes(ps, k)
+        m = tree.match_prefix(k, salt=salt)
+        pres = prefixes(ps, k, salt)
         full = 0
         while full < len(pres) and pres[full] in snap:
             full += 1
@@ -295,9 +306,10 @@ class Env:
             for p, d in zip(win, want_dev, strict=True)
         ]
         assert m.swa_host_ids.tolist() == want_host
-        assert tree.cached_len(k) == full * ps
+        assert tree.cached_len(k, salt=salt) == full * ps
         if b:
             assert m.node.end == b
+            assert m.node.salt == salt_bytes(salt)
         self.events["swa cut"] += b < full
         self.events["host hit"] += m.host_len > 0
         self.events["window from host"] += bool((m.swa_host_ids >= 0).any())
@@ -330,10 +342,10 @@ class Env:
                 sw[: hi - lo] = got
         return sw
 
-    def request(self, k, *, hold=False, load=True, backup_sync=True, swa_all=True):
+    def request(self, k, *, hold=False, load=True, backup_sync=True, swa_all=True, salt=None):
         tree, ps = self.tree, self.ps
         snap = snapshot(tree)
-        m = self.check_match(k, snap)
+        m = self.check_match(k, snap, salt)
         node = m.node
         tree.inc_lock(node)
         self.held.append(node)
@@ -361,7 +373,7 @@ class Env:
         sw = self._swa_ids(m, have, pages, swa_all) if tree.swa_pages else None
         assert node.parent is not None or node is tree.root, "a locked node left the tree"
         before = live_swa(snapshot(tree), Tier.DEVICE)
-        r = tree.insert(k[: pages * ps], full_ids, sw)
+        r = tree.insert(k[: pages * ps], full_ids, sw, salt=salt)
         self.events["adopted"] += r.adopted_len > 0
         self.events["dup full"] += r.dup_full_ids.size > 0
         self.events["dup swa"] += r.free_swa_ids.size > 0
@@ -369,7 +381,7 @@ class Env:
         for p, v in before.items():  # insert never frees nor changes an SWA page
             assert after.get(p) == v, "insert dropped or replaced a live SWA page"
         if sw is not None:  # each id given lands on its page unless that page had one
-            pres = prefixes(ps, k)[pages - sw.size :]
+            pres = prefixes(ps, k, salt)[pages - sw.size :]
             dups = [v for p, v in zip(pres, sw.tolist(), strict=True) if v >= 0 and p in before]
             assert sorted(r.free_swa_ids.tolist()) == sorted(dups)
             for p, v in zip(pres, sw.tolist(), strict=True):
@@ -377,7 +389,7 @@ class Env:
                     assert after[p] == v, "insert did not keep an SWA page it was given"
         self.free_device(r.dup_full_ids, r.free_swa_ids)
         assert r.prefix_len + r.new_len == pages * ps
-        self.present |= set(prefixes(ps, k))
+        self.present |= set(prefixes(ps, k, salt))
         pol = tree.write_policy
         if should_backup_on_insert(pol, r.node):
             assert pol is WT
@@ -397,7 +409,7 @@ class Env:
     def _record_window(self, node) -> None:
         """Remember the live device SWA ids of a held lock's trailing window."""
         snap = snapshot(self.tree)
-        pres = prefixes(self.ps, self.tree.path_tokens(node))
+        pres = prefixes(self.ps, self.tree.path_tokens(node), node.salt)
         win = pres[max(0, len(pres) - self.tree.swa_pages) :] if self.tree.swa_pages else []
         self.windows[id(node)] = {
             p: snap[p][2] for p in win if snap[p][2] is not None and snap[p][2] >= 0

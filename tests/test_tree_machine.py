@@ -1,6 +1,8 @@
 """RadixTree under random serving traffic (Hypothesis state machine): every step is
 checked against the reference model of test_tree_harness (pages, ownership with the
-four allocators, the hit rule, the reclaim rule and its order, locked windows)."""
+four allocators, the hit rule, the reclaim rule and its order, locked windows), with
+requests of several cache salts (pages of one salt are never another's) and the L3
+page hashes cached on the nodes (equal to ``storage.keys.page_hashes`` of the path)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,11 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from test_tree_harness import TIERS, WB, WT, WTS, Env, snapshot
+
+from jaxhicache.storage.keys import page_hashes
+
+# "t1" and b"t1" are one tenant; None is the unsalted one.
+SALTS = (None, None, "t1", b"t1", "t2")
 
 
 class TreeMachine(RuleBasedStateMachine):
@@ -24,13 +31,18 @@ class TreeMachine(RuleBasedStateMachine):
     )
     def setup(self, ps, swa, policy, dev, host, swa_cap):
         self.env = Env(ps, swa, policy, dev, host, swa_cap=swa_cap)
-        self.seqs: list[np.ndarray] = []
+        self.seqs: list[tuple[np.ndarray, str | bytes | None]] = []
 
-    def _key(self, data) -> np.ndarray:
+    def _key(self, data) -> tuple[np.ndarray, str | bytes | None]:
+        """A key and its salt: mostly a previous sequence's salt, sometimes another one
+        (the same tokens under another salt must miss)."""
         ps = self.env.ps
+        salt = data.draw(st.sampled_from(SALTS), label="salt")
         if self.seqs and data.draw(st.integers(0, 3), label="extend") > 0:
             # Mostly multi-turn traffic: a previous sequence, maybe cut back a little.
-            base = self.seqs[data.draw(st.integers(0, len(self.seqs) - 1), label="base")]
+            base, base_salt = self.seqs[data.draw(st.integers(0, len(self.seqs) - 1), label="base")]
+            if data.draw(st.integers(0, 3), label="keep salt"):
+                salt = base_salt
             npages = len(base) // ps
             if data.draw(st.booleans(), label="near end"):
                 cut = max(0, npages - data.draw(st.integers(0, 2), label="back"))
@@ -41,7 +53,7 @@ class TreeMachine(RuleBasedStateMachine):
             base = np.zeros(0, dtype=np.int64)
         more = data.draw(st.lists(st.integers(0, 2), min_size=0, max_size=5 * ps), label="more")
         k = np.concatenate([base, np.array(more, dtype=np.int64)])
-        return k[: 10 * ps]
+        return k[: 10 * ps], salt
 
     @rule(
         data=st.data(),
@@ -52,22 +64,46 @@ class TreeMachine(RuleBasedStateMachine):
     )
     def request(self, data, hold, load, sync, swa_all):
         for _ in range(data.draw(st.integers(1, 3), label="burst")):
-            k = self._key(data)
+            k, salt = self._key(data)
             hold = hold and len(self.env.held) < 4
-            self.env.request(k, hold=hold, load=load, backup_sync=sync, swa_all=swa_all)
+            m, _ = self.env.request(
+                k, hold=hold, load=load, backup_sync=sync, swa_all=swa_all, salt=salt
+            )
+            if m.matched_len:
+                event("salted hit" if salt is not None else "unsalted hit")
             if len(k) >= self.env.ps:
-                self.seqs.append(k)
+                self.seqs.append((k, salt))
 
     @rule(data=st.data())
     def match_only(self, data):
-        self.env.check_match(self._key(data), snapshot(self.env.tree))
+        k, salt = self._key(data)
+        self.env.check_match(k, snapshot(self.env.tree), salt)
+
+    @rule(data=st.data())
+    def hashes(self, data):
+        """L3 hashes of a node's path or of a key (computed and kept on the nodes, then
+        sliced by later splits; check_invariants re-derives every kept hash)."""
+        tree, ps = self.env.tree, self.env.ps
+        nodes = list(tree.iter_nodes())
+        if nodes and data.draw(st.booleans(), label="node"):
+            n = nodes[data.draw(st.integers(0, len(nodes) - 1), label="which")]
+            want = page_hashes(tree.path_tokens(n), ps, salt=n.salt)
+            assert tree.path_hashes(n) == want
+            assert n.page_hashes == want[n.start :]
+        else:
+            k, salt = self._key(data)
+            before = [(n.id, n.num_pages, n.last_access) for n in nodes]
+            assert tree.key_hashes(k, salt=salt) == page_hashes(k, ps, salt=salt)
+            # no split, no LRU bump
+            assert [(n.id, n.num_pages, n.last_access) for n in tree.iter_nodes()] == before
 
     @rule(data=st.data())
     def lock_match(self, data):
         """A request that matched and waits (e.g. for its load back): lock only."""
         env = self.env
         if len(env.held) < 4:
-            m = env.check_match(self._key(data), snapshot(env.tree))
+            k, salt = self._key(data)
+            m = env.check_match(k, snapshot(env.tree), salt)
             if m.node is not env.tree.root:
                 env.tree.inc_lock(m.node)
                 env.held.append(m.node)

@@ -168,8 +168,11 @@ def test_reclaim_is_lru_and_class_one_first():
     e.tree.match_prefix(key(1, 1, 2, 3))  # touch the first: the second is older now
     got = e.reclaim(3, DEV)  # the model in Env.reclaim checks the exact pages too
     snap = snapshot(e.tree)
-    assert [p for p in prefixes(1, key(1, 5, 6, 7)) if snap[p][2] == -1] == [(500,), (500, 600)]
-    assert [p for p in prefixes(1, key(1, 1, 2, 3)) if snap[p][2] == -1] == [(100,)]
+    assert [p for p in prefixes(1, key(1, 5, 6, 7)) if snap[p][2] == -1] == [
+        (None, 500),
+        (None, 500, 600),
+    ]
+    assert [p for p in prefixes(1, key(1, 1, 2, 3)) if snap[p][2] == -1] == [(None, 100)]
     assert got.size == 3
     e.check()
 
@@ -184,10 +187,12 @@ def test_reclaim_takes_branch_windows_last(tier):
     col = 2 if tier is DEV else 3
     e.reclaim(2, tier)  # class 1 first: pages (1,) and (8,), though they are older
     snap = snapshot(e.tree)
-    assert snap[(100,)][col] == snap[(800,)][col] == -1 and snap[(100, 200)][col] >= 0
+    assert (
+        snap[(None, 100)][col] == snap[(None, 800)][col] == -1 and snap[(None, 100, 200)][col] >= 0
+    )
     assert e.reclaim(5, tier, keep_branch_windows=True).size == 0
     assert e.reclaim(5, tier).size == 1  # then the branch window
-    assert snapshot(e.tree)[(100, 200)][col] == -1
+    assert snapshot(e.tree)[(None, 100, 200)][col] == -1
     other = HOST if tier is DEV else DEV
     assert e.tree.reclaimable_swa_pages(other) == 3  # the other tier is untouched
     e.check()

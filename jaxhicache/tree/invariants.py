@@ -1,7 +1,9 @@
 """Full O(tree) consistency check of a radix tree (``RadixTree.check_invariants``).
 
 Everything is recomputed from the node arrays and the tree's shape, never from
-the summaries under test: structure (keys, parent pointers, page depths), value
+the summaries under test: structure (keys, salts, parent pointers, page depths),
+the cached L3 page hashes (each node's recomputed from its tokens and its
+parent's last hash, or its salt at the root), value
 residency (device / backed-up sets prefix-closed, a value on every node), page
 ownership (each id once per space and tier), lock counts, the O(1) counters,
 the device / host leaf sets and, with SWA, every per-node summary, the class-3
@@ -13,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from jaxhicache.tree.arrays import I32, TOK_BYTES, concat
-from jaxhicache.tree.node import TreeNode
+from jaxhicache.tree.node import TreeNode, child_key
 from jaxhicache.tree.window import SwaWindows
 
 __all__ = ["check_tree"]
@@ -67,6 +69,26 @@ def _check_swa(c: TreeNode, out: dict[str, list]) -> None:
         run += 1
     if run != c.swa_tail:
         _fail(f"{tag}: swa_tail {c.swa_tail} != {run}")
+
+
+def _check_hashes(c: TreeNode, p: TreeNode, page_size: int) -> None:
+    h = c.page_hashes
+    if h is None:
+        return
+    tag = f"node {c.id}"
+    if not isinstance(h, list) or len(h) != c.num_pages:
+        _fail(f"{tag}: page_hashes is not a list of {c.num_pages} hashes")
+    if c.start and p.page_hashes is None:
+        _fail(f"{tag}: has page hashes but its parent {p.id} has none (not prefix-closed)")
+    from jaxhicache.storage.keys import page_hashes  # jax-free tree import; see radix
+
+    if c.start:
+        want = page_hashes(c.tokens(), page_size, parent=p.page_hashes[-1])
+    else:
+        want = page_hashes(c.tokens(), page_size, salt=c.salt)
+    if h != want:
+        i = next(i for i, (a, b) in enumerate(zip(h, want, strict=True)) if a != b)
+        _fail(f"{tag}: page hash {i} is {h[i][:12]}…, the chain gives {want[i][:12]}…")
 
 
 def _check_protection(nodes: list[TreeNode], swa: int, w: SwaWindows) -> None:
@@ -138,8 +160,12 @@ def check_tree(
             tag = f"node {c.id}"
             if c.parent is not p:
                 _fail(f"{tag}: parent pointer is not its parent {p.id}")
-            if kk != c.key[:pb] or len(kk) != pb:
-                _fail(f"{tag}: children key is not its first page")
+            if kk != child_key(c, pb) or len(c.key) < pb:
+                _fail(f"{tag}: children key is not its (salted, at the root) first page")
+            if c.salt is not None and (not isinstance(c.salt, bytes) or not c.salt):
+                _fail(f"{tag}: salt {c.salt!r} is neither None nor non-empty bytes")
+            if p is not root and c.salt != p.salt:
+                _fail(f"{tag}: salt {c.salt!r} differs from its parent {p.id}'s {p.salt!r}")
             if c.num_pages < 1 or len(c.key) != c.num_pages * pb:
                 _fail(f"{tag}: key of {len(c.key)} bytes is not {c.num_pages} whole pages")
             if c.start != p.start + p.num_pages:
@@ -155,6 +181,7 @@ def check_tree(
             if c.lock_ref > p.lock_ref and p is not root:
                 _fail(f"{tag}: lock_ref {c.lock_ref} > parent's {p.lock_ref}")
             _check_ids(c, owned)
+            _check_hashes(c, p, page_size)
             k = c.num_pages
             if c.device_full is not None:
                 cnt["device pages"] += k

@@ -11,6 +11,12 @@ A :class:`TreeNode` is a run of ``num_pages`` whole pages at page depth
 ``host_swa``            same on host (``None`` exactly when ``host_full`` is)
 ======================  =======================================================
 
+Two more per-node fields serve the L3 tier and tenant isolation: ``salt`` (the
+request's ``cache_salt`` as bytes, ``None`` = unsalted; equal along a path, so a
+node belongs to exactly one salt) and ``page_hashes`` (the hex L3 page hash of
+each page, ``None`` until :meth:`RadixTree.path_hashes` first needs it; a split
+slices the list, so hashes are computed once per page).
+
 Invariants (checked by :func:`jaxhicache.tree.invariants.check_tree`): a node
 holds a device or a host value; ``lock_ref`` is its own locks plus its
 children's ``lock_ref``; the SWA summaries (``swa_live``, ``swa_lo``/``swa_hi``,
@@ -27,7 +33,33 @@ import numpy as np
 
 from jaxhicache.tree.arrays import TOK
 
-__all__ = ["BackupPlan", "EvictResult", "InsertResult", "MatchResult", "TreeNode"]
+__all__ = [
+    "BackupPlan",
+    "EvictResult",
+    "InsertResult",
+    "MatchResult",
+    "TreeNode",
+    "child_key",
+    "salt_prefix",
+]
+
+
+def salt_prefix(salt: bytes | None) -> bytes:
+    """What a salted chain's first page key starts with in the root's children:
+    ``b""`` without a salt, else a 4-byte little-endian length and the salt. Unsalted
+    keys are exactly one page long and salted ones longer, and the length makes the
+    prefix self-delimiting, so two (salt, first page) pairs share a key only if equal."""
+    if salt is None:
+        return b""
+    return len(salt).to_bytes(4, "little") + salt
+
+
+def child_key(n: TreeNode, page_bytes: int) -> bytes:
+    """The key of ``n`` in its parent's ``children``: its first page's token bytes,
+    behind :func:`salt_prefix` for a child of the root (``start == 0``)."""
+    if n.start or n.salt is None:
+        return n.key[:page_bytes]
+    return salt_prefix(n.salt) + n.key[:page_bytes]
 
 
 @final
@@ -50,9 +82,11 @@ class TreeNode:
         "n_dev_children",
         "num_pages",
         "own_locks",
+        "page_hashes",
         "parent",
         "prot",
         "prot_dist",
+        "salt",
         "short",
         "start",
         "swa_hi",
@@ -62,13 +96,17 @@ class TreeNode:
         "swa_tail",
     )
 
-    def __init__(self, node_id: int, key: bytes, num_pages: int, start: int, parent):
+    def __init__(self, node_id: int, key: bytes, num_pages: int, start: int, parent, salt=None):
         self.id = node_id
         self.key = key  # int64 token bytes of this node's pages
         self.num_pages = num_pages
         self.start = start  # page index of the first page along the root path
         self.parent: TreeNode | None = parent
-        self.children: dict[bytes, TreeNode] = {}  # keyed by the child's first page
+        # Keyed by the child's first page (the root's: salt prefix + first page, see
+        # child_key).
+        self.children: dict[bytes, TreeNode] = {}
+        self.salt: bytes | None = salt  # the path's cache salt (None = unsalted)
+        self.page_hashes: list[str] | None = None  # hex L3 hash per page, filled lazily
         self.device_full: np.ndarray | None = None
         self.device_swa: np.ndarray | None = None
         self.host_full: np.ndarray | None = None

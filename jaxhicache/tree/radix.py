@@ -7,7 +7,13 @@ caller (``HiCache``) frees them with its page allocators.
 Invariants (all checked by :meth:`RadixTree.check_invariants`, O(tree)):
 
 * keys are whole pages of ``page_size`` tokens, stored as int64 bytes; a node's
-  children are keyed by their first page, and ``start`` is the parent's end;
+  children are keyed by their first page (the root's behind the salt prefix,
+  :func:`~jaxhicache.tree.node.child_key`), and ``start`` is the parent's end;
+* tenant isolation: every node has its path's ``salt`` (``None`` = unsalted), so
+  requests with different salts never share or match a node;
+* ``page_hashes``, where computed, are the L3 hash chain of the path
+  (:func:`jaxhicache.storage.keys.page_hashes` of the path's tokens and salt) and
+  prefix-closed (a node with hashes has a parent with hashes);
 * every node holds a device or a host value; device-resident nodes form a
   prefix-closed set (a device node's parent is on device), and so do backed-up
   nodes (DESIGN §7);
@@ -39,12 +45,46 @@ from jaxhicache.tree.arrays import (
     key_bytes,
 )
 from jaxhicache.tree.invariants import check_tree
-from jaxhicache.tree.node import BackupPlan, EvictResult, InsertResult, MatchResult, TreeNode
+from jaxhicache.tree.node import (
+    BackupPlan,
+    EvictResult,
+    InsertResult,
+    MatchResult,
+    TreeNode,
+    child_key,
+    salt_prefix,
+)
 from jaxhicache.tree.policy import WritePolicy
 from jaxhicache.tree.residency import Residency
 from jaxhicache.tree.window import SwaWindows
 
 __all__ = ["RadixTree"]
+
+
+def _salt_bytes(salt) -> bytes | None:
+    """A request's ``cache_salt`` as the bytes the tree and the L3 keys use (``str``
+    as UTF-8, so ``"a"`` and ``b"a"`` are one tenant); ``None`` stays ``None``."""
+    if salt is None:
+        return None
+    if isinstance(salt, str):
+        raw = salt.encode("utf-8")
+    elif isinstance(salt, bytes):
+        raw = salt
+    else:
+        raise ValueError(f"salt must be str, bytes or None, got {type(salt).__name__} {salt!r}")
+    if not raw:
+        # L3 page_hashes treats an empty salt as none: it would share pages with
+        # unsalted requests there, so the tree refuses it rather than isolate it here only.
+        raise ValueError(f"salt must be non-empty (None = no salt), got {salt!r}")
+    return raw
+
+
+def _hash_fn():
+    # Imported on first use: the tree stays importable without jax (importing the
+    # jaxhicache.storage package loads its backends).
+    from jaxhicache.storage.keys import page_hashes
+
+    return page_hashes
 
 
 def _is_device(tier: Tier) -> bool:
@@ -134,7 +174,7 @@ class RadixTree:
         pb = self._pb
         ck = child.key
         p = child.parent
-        new = TreeNode(self._next_id, ck[: k * pb], k, child.start, p)
+        new = TreeNode(self._next_id, ck[: k * pb], k, child.start, p, child.salt)
         self._next_id += 1
         self._r.num_nodes += 1
         child.key = ck[k * pb :]
@@ -142,7 +182,11 @@ class RadixTree:
         child.start += k
         child.parent = new
         new.children[child.key[:pb]] = child
-        p.children[new.key[:pb]] = new
+        p.children[child_key(new, pb)] = new  # replaces child: same first page and salt
+        h = child.page_hashes
+        if h is not None:  # the chain is per page: slice it, never recompute
+            new.page_hashes = h[:k]
+            child.page_hashes = h[k:]
         new.lock_ref = child.lock_ref
         new.last_access = child.last_access
         new.hit_count = child.hit_count
@@ -158,8 +202,10 @@ class RadixTree:
         return new
 
     # ------------------------------------------------------------------ match
-    def match_prefix(self, key) -> MatchResult:
-        """Longest usable page-aligned prefix of ``key`` (any length; whole pages only).
+    def match_prefix(self, key, *, salt=None) -> MatchResult:
+        """Longest usable page-aligned prefix of ``key`` (any length; whole pages only)
+        among the pages inserted with the same ``salt`` (``str`` / ``bytes``, ``None``
+        = unsalted: only unsalted pages).
 
         Splits a node where the match ends inside it, bumps ``last_access`` and
         ``hit_count`` along the usable path.
@@ -173,18 +219,18 @@ class RadixTree:
             kb, _ = key_bytes(key, self.page_size, aligned=False)
         pb = self._pb
         end = len(kb)
-        children = self._root.children
         path: list[TreeNode] = []
         pos = 0
-        while pos < end:
-            child = children.get(kb[pos : pos + pb])
-            if child is None:
-                break
+        sp = b"" if salt is None else salt_prefix(_salt_bytes(salt))
+        child = self._root.children.get(sp + kb[:pb]) if end else None
+        while child is not None:
             ck = child.key
             if kb.startswith(ck, pos):
                 path.append(child)
                 pos += len(ck)
-                children = child.children
+                if pos == end:
+                    break
+                child = child.children.get(kb[pos : pos + pb])
                 continue
             m = common_pages(self.page_size, ck, kb, pos)
             path.append(self._split(child, m))
@@ -274,27 +320,38 @@ class RadixTree:
                 return path[: j + 1]
         return path
 
-    def cached_len(self, key) -> int:
-        """Tokens of ``key`` present in the tree page-wise (no SWA rule, no side effects)."""
+    def cached_len(self, key, *, salt=None) -> int:
+        """Tokens of ``key`` present in the tree page-wise under ``salt`` (no SWA rule,
+        no side effects)."""
         kb, _ = key_bytes(key, self.page_size, aligned=False)
+        *_, pages = self._walk(kb, _salt_bytes(salt))
+        return pages * self.page_size
+
+    def _walk(self, kb: bytes, salt: bytes | None) -> tuple[list[TreeNode], TreeNode | None, int]:
+        """Side-effect-free walk of the key bytes ``kb`` under ``salt``: ``(path, part,
+        pages)`` with ``path`` the nodes wholly matched, root first, ``part`` the node
+        that the match ends inside (``None`` if it ends at a node end) and ``pages`` the
+        matched pages."""
         pb = self._pb
-        node = self._root
+        end = len(kb)
+        path: list[TreeNode] = []
         pos = 0
-        while pos < len(kb):
-            child = node.children.get(kb[pos : pos + pb])
-            if child is None:
-                break
+        child = self._root.children.get(salt_prefix(salt) + kb[:pb]) if end else None
+        while child is not None:
             if kb.startswith(child.key, pos):
+                path.append(child)
                 pos += len(child.key)
-                node = child
+                if pos == end:
+                    break
+                child = child.children.get(kb[pos : pos + pb])
                 continue
-            pos += common_pages(self.page_size, child.key, kb, pos) * pb
-            break
-        return pos // TOK_BYTES
+            return path, child, child.start + common_pages(self.page_size, child.key, kb, pos)
+        return path, None, pos // pb
 
     # ------------------------------------------------------------------ insert
-    def insert(self, key, full_device_ids, swa_device_ids=None) -> InsertResult:
-        """Insert a page-aligned ``key``.
+    def insert(self, key, full_device_ids, swa_device_ids=None, *, salt=None) -> InsertResult:
+        """Insert a page-aligned ``key`` under ``salt`` (as in :meth:`match_prefix`: the
+        pages are shared only with requests of the same salt).
 
         ``full_device_ids`` holds the caller's own device full-page ids for the
         *trailing* ``n`` pages of the key (``n <= pages``); the leading pages
@@ -342,12 +399,14 @@ class RadixTree:
         node = self._root
         path: list[TreeNode] = []
         pos = 0  # pages
+        sb = None if salt is None else _salt_bytes(salt)
+        first = salt_prefix(sb) + kb[:pb]  # the first page's key among the root's children
         self._tick += 1
         tick = self._tick
         # Phase 1: walk (splits and access times only), validate before any value changes.
         while pos < P:
             off = pos * pb
-            child = node.children.get(kb[off : off + pb])
+            child = node.children.get(kb[off : off + pb] if pos else first)
             if child is None:
                 break
             if kb.startswith(child.key, off):
@@ -399,10 +458,10 @@ class RadixTree:
             # childless, and its parent is on device by now).
             k = P - pos
             off = pos * pb
-            new = TreeNode(self._next_id, kb[off:], k, pos, node)
+            new = TreeNode(self._next_id, kb[off:], k, pos, node, sb)
             self._next_id += 1
             r.num_nodes += 1
-            node.children[kb[off : off + pb]] = new
+            node.children[kb[off : off + pb] if pos else first] = new
             new.last_access = tick
             new.device_full = full.copy() if pos == own else full[pos - own :].copy()
             r.dev_pages += k
@@ -542,6 +601,58 @@ class RadixTree:
             n = stack.pop()
             yield n
             stack.extend(n.children.values())
+
+    def path_hashes(self, node: TreeNode) -> list[str]:
+        """L3 page hashes (64-char hex) of the path from the root to the end of ``node``,
+        root first: ``storage.keys.page_hashes(path_tokens(node), page_size,
+        salt=node.salt)``. Computed on first request per node and kept on the nodes
+        (``node.page_hashes``); splits slice them. ``[]`` for the root."""
+        if node.parent is None:
+            if node is self._root:
+                return []
+            raise ValueError(f"node {node.id} is no longer in the tree")
+        path = self._path(node)
+        self._fill_hashes(path)
+        if len(path) == 1:
+            return list(path[0].page_hashes)
+        return [h for n in path for h in n.page_hashes]
+
+    def key_hashes(self, key, *, salt=None) -> list[str]:
+        """L3 page hashes of every whole page of ``key`` under ``salt``: equal to
+        ``storage.keys.page_hashes(key, page_size, salt)``, but the pages the tree holds
+        (under that salt) take their hashes from the nodes (computing and keeping them
+        there if needed) and only the rest are hashed. No other side effect: no split,
+        no LRU bump. For the L3 lookup / backup of pages beyond a match."""
+        sb = _salt_bytes(salt)
+        kb, pages = key_bytes(key, self.page_size, aligned=False)
+        path, part, done = self._walk(kb, sb)
+        if part is not None:  # the match ends inside `part`: its head is ours too
+            path.append(part)
+        self._fill_hashes(path)
+        out = [h for n in path for h in n.page_hashes]
+        del out[done:]
+        if done < pages:
+            toks = np.frombuffer(kb, dtype=TOK)[done * self.page_size :]
+            if done:
+                out += _hash_fn()(toks, self.page_size, parent=out[-1])
+            else:
+                out += _hash_fn()(toks, self.page_size, salt=sb)
+        return out
+
+    def _fill_hashes(self, path: list[TreeNode]) -> None:
+        """Compute the missing ``page_hashes`` of ``path`` (a root-first path)."""
+        i = len(path)
+        while i and path[i - 1].page_hashes is None:  # prefix-closed: only a tail lacks them
+            i -= 1
+        if i == len(path):
+            return
+        ph = _hash_fn()
+        ps = self.page_size
+        for n in path[i:]:
+            if n.start:
+                n.page_hashes = ph(n.tokens(), ps, parent=n.parent.page_hashes[-1])
+            else:
+                n.page_hashes = ph(n.tokens(), ps, salt=n.salt)
 
     def path_tokens(self, node: TreeNode) -> np.ndarray:
         """Token ids of the path from the root to the end of ``node``."""

@@ -22,7 +22,7 @@ from typing import final
 import numpy as np
 
 from jaxhicache.tree.arrays import EMPTY, cat, ids
-from jaxhicache.tree.node import BackupPlan, EvictResult, TreeNode
+from jaxhicache.tree.node import BackupPlan, EvictResult, TreeNode, child_key
 from jaxhicache.tree.window import SwaWindows
 
 __all__ = ["Residency"]
@@ -111,7 +111,7 @@ class Residency:
     def detach(self, n: TreeNode) -> None:
         """Remove a childless node without values from its parent."""
         p = n.parent
-        del p.children[n.key[: self.pb]]
+        del p.children[child_key(n, self.pb)]
         n.parent = None
         self.num_nodes -= 1
         if (
