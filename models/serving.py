@@ -36,6 +36,7 @@ import numpy as np
 
 from jaxhicache.cache import HiCache, HiCacheConfig, Request
 from jaxhicache.pools.device import DevicePools
+from jaxhicache.storage.backend import StorageBackend
 from models.paged import PagedModel
 
 __all__ = ["RequestReport", "ServingLoop", "bucket_pages"]
@@ -50,8 +51,8 @@ def bucket_pages(n: int, minimum: int = 8) -> int:
 class RequestReport:
     """What one request did. Token counts are per tier of the cached prefix.
 
-    ``cached_tokens = device_cached_tokens + host_cached_tokens`` and
-    ``cached_tokens + prefill_tokens == prompt_len``.
+    ``cached_tokens = device_cached_tokens + host_cached_tokens +
+    storage_cached_tokens`` and ``cached_tokens + prefill_tokens == prompt_len``.
 
     ``step_logits[i]`` is the distribution ``generated[i]`` was picked from
     (row 0: the last prompt position; row ``i``: decode step ``i``), so cached
@@ -63,6 +64,7 @@ class RequestReport:
     cached_tokens: int
     device_cached_tokens: int
     host_cached_tokens: int
+    storage_cached_tokens: int
     prefill_tokens: int
     generated: np.ndarray  # int32 [max_new_tokens]
     ttft_s: float  # batch start -> first token known on the host
@@ -117,12 +119,14 @@ class ServingLoop:
         chunk_size: int | None = None,
         min_table_pages: int = 8,
         layerwise: bool = True,
+        store: StorageBackend | None = None,
         **config_fields,
     ) -> ServingLoop:
         """A loop with a fresh :class:`HiCache` matching ``model`` (spec, mesh, partition).
 
         Either a ``config`` or its fields (``device_pages=...``, ``write_policy=...``);
-        the partition is always the model's.
+        the partition is always the model's. ``store``: the L3 backend (with
+        ``config.storage`` or ``storage=StorageConfig(...)`` among the fields).
         """
         partition = tuple(m.num_local_layers for m in model.layer_maps)
         if config is None:
@@ -131,7 +135,7 @@ class ServingLoop:
             raise ValueError(f"pass a config or its fields, not both ({sorted(config_fields)})")
         else:
             config = dataclasses.replace(config, partition=partition)
-        cache = HiCache(model.spec, model.mesh, config)
+        cache = HiCache(model.spec, model.mesh, config, store=store)
         return cls(
             model,
             cache,
@@ -141,11 +145,15 @@ class ServingLoop:
         )
 
     # ------------------------------------------------------------- requests
-    def serve(self, tokens: Sequence[int] | np.ndarray, max_new_tokens: int) -> RequestReport:
+    def serve(
+        self, tokens: Sequence[int] | np.ndarray, max_new_tokens: int, *, salt=None
+    ) -> RequestReport:
         """Runs one request with prefix caching; inserts its computed pages afterwards."""
-        return self.serve_batch([tokens], [max_new_tokens])[0]
+        return self.serve_batch([tokens], [max_new_tokens], [salt])[0]
 
-    def serve_batch(self, prompts: Sequence, max_new_tokens: Sequence[int]) -> list[RequestReport]:
+    def serve_batch(
+        self, prompts: Sequence, max_new_tokens: Sequence[int], salts: Sequence | None = None
+    ) -> list[RequestReport]:
         """Runs a batch: one admission (merged prefix loads), then each request in order.
 
         Requests the cache defers are admitted again once the others finished;
@@ -153,6 +161,7 @@ class ServingLoop:
         """
         prompts = [_prompt(p, n) for p, n in zip(prompts, max_new_tokens, strict=True)]
         new = [int(n) for n in max_new_tokens]
+        salts = [None] * len(prompts) if salts is None else list(salts)
         reports: dict[int, RequestReport] = {}
         todo = list(range(len(prompts)))
         while todo:
@@ -161,6 +170,7 @@ class ServingLoop:
                 self.pools,
                 [prompts[i] for i in todo],
                 [new[i] for i in todo],
+                salts=[salts[i] for i in todo],
                 layerwise=self.layerwise,
             )
             admitted = todo[: len(batch.requests)]
@@ -193,11 +203,12 @@ class ServingLoop:
             cached_tokens=p,
             device_cached_tokens=req.device_hit_tokens,
             host_cached_tokens=req.host_hit_tokens,
+            storage_cached_tokens=req.storage_hit_tokens,
             prefill_tokens=tokens.size - p,
             generated=generated,
             ttft_s=ttft,
             total_s=time.perf_counter() - t0,
-            loaded_pages=req.host_hit_tokens // self.page,
+            loaded_pages=(req.host_hit_tokens + req.storage_hit_tokens) // self.page,
             inserted_tokens=computed.size // self.page * self.page,
             used_cache=True,
             full_page_ids=full,
@@ -234,6 +245,7 @@ class ServingLoop:
             cached_tokens=0,
             device_cached_tokens=0,
             host_cached_tokens=0,
+            storage_cached_tokens=0,
             prefill_tokens=tokens.size,
             generated=generated,
             ttft_s=ttft,

@@ -88,10 +88,12 @@ def _check_report(loop: ServingLoop, r, prompt, max_new: int) -> None:
     """Report fields are consistent with each other and with the request."""
     page, vocab = loop.page, loop.model.config.vocab
     assert r.prompt_len == len(prompt)
-    assert r.cached_tokens == r.device_cached_tokens + r.host_cached_tokens
+    assert r.cached_tokens == (
+        r.device_cached_tokens + r.host_cached_tokens + r.storage_cached_tokens
+    )
     assert r.cached_tokens + r.prefill_tokens == r.prompt_len
     assert r.cached_tokens % page == 0 and r.prefill_tokens >= 1
-    assert r.loaded_pages * page == r.host_cached_tokens
+    assert r.loaded_pages * page == r.host_cached_tokens + r.storage_cached_tokens
     assert r.generated.shape == (max_new,)
     assert r.step_logits.shape == (max_new, vocab)
     assert r.prefill_logits.shape == (r.prefill_tokens, vocab)

@@ -49,12 +49,14 @@ class Backups:
         ledger: PageLedger,
         stats: CacheStats,
         make_room_on_host: Callable[[PageSpace, int], None],
+        on_backed_up: Callable[[TreeNode, int], None] | None = None,
     ):
         self._engine = engine
         self._tree = tree
         self._ledger = ledger
         self._stats = stats
         self._make_room = make_room_on_host
+        self._on_backed_up = on_backed_up
         self._pending: list[_Backup] = []
 
     def __len__(self) -> int:
@@ -105,7 +107,10 @@ class Backups:
             unused_full, unused_swa = self._tree.mark_backed_up(b.node, b.host_full, b.host_swa)
             self._ledger.free(Tier.HOST, PageSpace.FULL, unused_full)
             self._ledger.free(Tier.HOST, PageSpace.SWA, unused_swa)
-            self._stats.backed_up_pages += b.host_full.size - unused_full.size
+            recorded = b.host_full.size - unused_full.size
+            self._stats.backed_up_pages += recorded
+            if self._on_backed_up is not None and recorded:
+                self._on_backed_up(b.node, recorded)  # e.g. write them on to L3
             done += 1
         self._pending = still
         return done

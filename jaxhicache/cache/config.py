@@ -11,6 +11,7 @@ import dataclasses
 import math
 from typing import final
 
+from jaxhicache.cache.l3 import StorageConfig
 from jaxhicache.spec import ModelCacheSpec
 from jaxhicache.transfer import CopyPath
 from jaxhicache.tree import WritePolicy
@@ -54,6 +55,8 @@ class HiCacheConfig:
         ``DIRECT`` (rows copied between pool buffers and slabs; CPU meshes only).
         ``None`` follows the mesh's device platform.
       partition: explicit per-stage layer counts (default: the reference split).
+      storage: the L3 tier's knobs (``None``: no L3); the backend is passed to
+        ``HiCache`` itself.
     """
 
     device_pages: int
@@ -67,6 +70,7 @@ class HiCacheConfig:
     tuning: PagedCopyTuning | None = None
     copy_path: CopyPath | None = None
     partition: tuple[int, ...] | None = None
+    storage: StorageConfig | None = None
 
     def __post_init__(self):
         _positive_int("device_pages", self.device_pages)
@@ -81,6 +85,8 @@ class HiCacheConfig:
         _enum("copy_path", self.copy_path, CopyPath, allow_none=True)
         if self.tuning is not None and not isinstance(self.tuning, PagedCopyTuning):
             raise ValueError(f"HiCacheConfig.tuning must be a PagedCopyTuning, got {self.tuning!r}")
+        if self.storage is not None and not isinstance(self.storage, StorageConfig):
+            raise ValueError(f"HiCacheConfig.storage must be a StorageConfig, got {self.storage!r}")
         if self.partition is not None:
             if not isinstance(self.partition, tuple):
                 raise ValueError(

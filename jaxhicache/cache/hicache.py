@@ -46,6 +46,7 @@ from jax.sharding import Mesh
 
 from jaxhicache.cache.backups import Backups
 from jaxhicache.cache.config import HiCacheConfig
+from jaxhicache.cache.l3 import StorageTier
 from jaxhicache.cache.ledger import PageLedger
 from jaxhicache.cache.requests import Batch, Request, RequestState, stack_tables
 from jaxhicache.cache.stats import CacheStats
@@ -55,6 +56,7 @@ from jaxhicache.pools.allocator import OutOfPages
 from jaxhicache.pools.device import DevicePools, allocate_device_pools
 from jaxhicache.pools.host import HostPools
 from jaxhicache.spec import ModelCacheSpec, PageSpace, Tier
+from jaxhicache.storage.backend import StorageBackend
 from jaxhicache.transfer import PageMove, TransferEngine
 from jaxhicache.tree import (
     MatchResult,
@@ -92,10 +94,17 @@ class HiCache:
     Args:
       spec: what the model caches.
       mesh: ``('pp', 'tp')`` mesh; its ``pp`` size is the pipeline depth.
-      config: capacities, write policy, layouts, kernel backend, copy path.
+      config: capacities, write policy, layouts, kernel backend, copy path, L3 knobs.
+      store: the L3 backend (needs ``config.storage``; ``None``: no L3 tier).
     """
 
-    def __init__(self, spec: ModelCacheSpec, mesh: Mesh, config: HiCacheConfig):
+    def __init__(
+        self,
+        spec: ModelCacheSpec,
+        mesh: Mesh,
+        config: HiCacheConfig,
+        store: StorageBackend | None = None,
+    ):
         if not isinstance(spec, ModelCacheSpec):
             raise ValueError(f"spec must be a ModelCacheSpec, got {type(spec).__name__}")
         if not isinstance(config, HiCacheConfig):
@@ -126,8 +135,25 @@ class HiCache:
             spec.page_size, spec.swa_trailing_pages, write_policy=config.write_policy
         )
         self._stats = CacheStats()
+        if (store is None) != (config.storage is None):
+            raise ValueError(
+                "an L3 tier needs both a store (a StorageBackend) and config.storage "
+                f"(got store={type(store).__name__}, config.storage={config.storage!r})"
+            )
+        self.l3 = (
+            None
+            if store is None
+            else StorageTier(
+                store, config.storage, spec, self.host, self.ledger, self.tree, self._stats
+            )
+        )
         self._backups = Backups(
-            self.engine, self.tree, self.ledger, self._stats, self._make_room_on_host
+            self.engine,
+            self.tree,
+            self.ledger,
+            self._stats,
+            self._make_room_on_host,
+            on_backed_up=None if self.l3 is None else self.l3.write,
         )
         self._id = next(_cache_ids)
         self._transfer_seconds = 0.0
@@ -163,13 +189,13 @@ class HiCache:
             )
 
     # ------------------------------------------------------------------ match
-    def lookup(self, tokens) -> MatchResult:
+    def lookup(self, tokens, *, salt=None) -> MatchResult:
         """The longest usable cached prefix of ``tokens`` (whole pages, SWA window present).
 
         For inspection: takes no lock, counts no hit, moves no data (it does
         refresh the LRU order of the matched path, as any match does).
         """
-        return self.tree.match_prefix(_tokens(tokens, "tokens", allow_empty=True))
+        return self.tree.match_prefix(_tokens(tokens, "tokens", allow_empty=True), salt=salt)
 
     # ------------------------------------------------------------------ admit
     def admit(
@@ -178,6 +204,7 @@ class HiCache:
         prompts: Sequence,
         max_new_tokens: int | Sequence[int] = 1,
         *,
+        salts: Sequence | None = None,
         layerwise: bool = False,
     ) -> tuple[DevicePools, Batch]:
         """Admits a batch of requests: prefixes locked, pages allocated, prefix loads issued.
@@ -188,6 +215,8 @@ class HiCache:
             ``prompt[:-1]``: the last prompt token is always computed.
           max_new_tokens: per request (or one for all, ``>= 1``); the request gets
             pages for positions ``[0, len(prompt) + max_new_tokens - 1)``.
+          salts: per request ``cache_salt`` (``str`` / ``bytes`` / ``None``), set by the
+            serving engine: requests with different salts share no page in any tier.
           layerwise: return the prefix load as ``batch.layerwise`` for the model's
             first forward chunk to apply layer by layer (overlapping the copy of
             layer ``l + 1`` with the compute of layer ``l``) instead of dispatching it.
@@ -210,16 +239,22 @@ class HiCache:
         for i, n in enumerate(new):
             if type(n) is bool or not isinstance(n, int | np.integer) or n < 1:
                 raise ValueError(f"max_new_tokens[{i}] must be an int >= 1, got {n!r}")
-        self._backups.poll()
+        salts = [None] * len(prompts) if salts is None else list(salts)
+        if len(salts) != len(prompts):
+            raise ValueError(f"{len(salts)} salts for {len(prompts)} prompts")
+        for i, salt in enumerate(salts):
+            if salt is not None and (not isinstance(salt, str | bytes) or not salt):
+                raise ValueError(f"salts[{i}] must be a non-empty str or bytes, got {salt!r}")
+        self._poll()
         admitted: list[Request] = []
         deferred: list[int] = []
         parts = _LoadParts()
-        for i, (prompt, n) in enumerate(zip(prompts, new, strict=True)):
+        for i, (prompt, n, salt) in enumerate(zip(prompts, new, salts, strict=True)):
             if deferred:  # first come, first served: no overtaking
                 deferred.append(i)
                 continue
             try:
-                admitted.append(self._admit_one(pools, prompt, int(n), parts))
+                admitted.append(self._admit_one(pools, prompt, int(n), salt, parts))
             except OutOfPages as e:
                 if not admitted:
                     raise OutOfPages(
@@ -255,12 +290,15 @@ class HiCache:
         )
         return pools, batch
 
-    def _admit_one(self, pools, prompt: np.ndarray, max_new: int, parts: _LoadParts) -> Request:
+    def _admit_one(
+        self, pools, prompt: np.ndarray, max_new: int, salt, parts: _LoadParts
+    ) -> Request:
         ps, tree = self.page_size, self.tree
         key = prompt[:-1]
         kv_tokens = prompt.size + max_new - 1
         total_pages = math.ceil(kv_tokens / ps)
-        m = tree.match_prefix(key)
+        m = tree.match_prefix(key, salt=salt)
+        pre = self._l3_prefix(key, salt, m) if self.l3 is not None else None
         # The longest prefix always fits best: a prefix of c tokens, d of them on device,
         # needs ceil(kv / page) - d / page device full pages whatever c is, and never more
         # SWA pages than a shorter one (see cache/README.md), so there is no shorter
@@ -268,15 +306,21 @@ class HiCache:
         tree.inc_lock(m.node)
         w = m.swa_window_pages if self._has_swa else 0
         need_swa = (m.swa_device_ids < 0) & (m.swa_host_ids >= 0) if w else np.zeros(0, bool)
-        own = total_pages - m.matched_len // ps
+        first = m.matched_len // ps  # the request's first own page
+        own = total_pages - first
         n_load = int(m.host_full_ids.size)
+        if pre is not None and w:
+            need_swa[:] = False  # the window is the L3 prefetch's, after the host pages
         n_swa_load = int(need_swa.sum())
+        # Own SWA pages: none for L3 pages outside the hit's window (nothing reads them).
+        swa_from = pre.swa_first if pre is not None else first
+        n_own_swa = (total_pages - swa_from) if self._has_swa else 0
         try:
-            full, swa = self._allocate(
-                pools, n_load + own, (n_swa_load + own) if self._has_swa else 0
-            )
+            full, swa = self._allocate(pools, n_load + own, n_swa_load + n_own_swa)
         except OutOfPages:
             tree.dec_lock(m.node)
+            if pre is not None:
+                self.l3.drop(pre)
             raise
         load_full, own_full = full[:n_load], full[n_load:]
         load_swa, own_swa = swa[:n_swa_load], swa[n_swa_load:]
@@ -301,9 +345,27 @@ class HiCache:
             parts.swa_device.append(load_swa)
             parts.swa_host.append(m.swa_host_ids[need_swa])
         prefix_swa = np.full(pages, -1, np.int32)
-        if w:
+        if w and pre is None:
             prefix_swa[pages - w :] = swa_window
-        own_swa_table = own_swa if self._has_swa else np.full(own, -1, np.int32)
+        if self._has_swa:
+            own_swa_table = np.concatenate(
+                [np.full(swa_from - first, -1, np.int32), own_swa]
+            ).astype(np.int32)
+        else:
+            own_swa_table = np.full(own, -1, np.int32)
+        storage_hit = 0
+        cached = m.matched_len
+        if pre is not None:  # L3 pages fill the request's first own pages
+            n_pre = pre.end - pre.first
+            parts.full_device.append(own_full[:n_pre])
+            parts.full_host.append(pre.host_full)
+            if self._has_swa:
+                parts.swa_device.append(own_swa[: pre.host_swa.size])
+                parts.swa_host.append(pre.host_swa)
+            storage_hit = n_pre * ps
+            cached += storage_hit
+            self.ledger.hold_host(PageSpace.FULL, pre.host_full.size)
+            self.ledger.hold_host(PageSpace.SWA, pre.host_swa.size)
         self.ledger.hold(PageSpace.FULL, own_full.size)
         self.ledger.hold(PageSpace.SWA, own_swa.size)
         s = self._stats
@@ -311,21 +373,46 @@ class HiCache:
         s.query_tokens += (key.size // ps) * ps
         s.device_hit_tokens += m.device_len
         s.host_hit_tokens += m.host_len
+        s.storage_hit_tokens += storage_hit
         req = Request(
             cache_id=self._id,
             prompt=prompt,
             max_new_tokens=max_new,
             node=m.node,
-            cached_tokens=m.matched_len,
+            cached_tokens=cached,
             device_hit_tokens=m.device_len,
             host_hit_tokens=m.host_len,
+            storage_hit_tokens=storage_hit,
+            salt=salt,
             full_page_ids=np.concatenate([m.device_full_ids, load_full, own_full]).astype(np.int32),
             swa_page_ids=np.concatenate([prefix_swa, own_swa_table]).astype(np.int32),
             page_size=ps,
+            own_from=first,
+            l3_host_full=None if pre is None else pre.host_full,
+            l3_host_swa=None if pre is None else pre.host_swa,
         )
         if m.matched_len and should_backup_on_hit(self.write_policy, m.node):
             self._backups.issue(pools, m.node)
         return req
+
+    def _l3_prefix(self, key: np.ndarray, salt, m: MatchResult):
+        """An L3 prefetch of the pages after ``m`` that this request can use, if any.
+
+        Starts one (or finds one in flight), waits as the prefetch policy says, and
+        claims it when it landed, loaded on every stage and starts where ``m`` ends.
+        """
+        l3 = self.l3
+        p = l3.find(key, salt) or l3.start_prefetch(key, salt, m)
+        if p is None:
+            return None
+        l3.wait(p)
+        return l3.claim(p, m.matched_len // self.page_size)
+
+    def _poll(self, wait: bool = False) -> int:
+        done = self._backups.poll(wait)
+        if self.l3 is not None:
+            self.l3.poll(wait)
+        return done
 
     # ----------------------------------------------------------------- insert
     def insert(self, pools: DevicePools, request: Request, tokens) -> None:
@@ -353,7 +440,7 @@ class HiCache:
                 f"{request.kv_tokens} positions (prompt {p.size} + max_new_tokens "
                 f"{request.max_new_tokens} - 1)"
             )
-        self._backups.poll()
+        self._poll()
         ps = self.page_size
         whole = tokens.size // ps
         first = request.own_start
@@ -361,10 +448,10 @@ class HiCache:
         if k > 0:
             own_full = request.full_page_ids[first:whole]
             own_swa = request.swa_page_ids[first:whole] if self._has_swa else None
-            res = self.tree.insert(tokens[: whole * ps], own_full, own_swa)
+            res = self.tree.insert(tokens[: whole * ps], own_full, own_swa, salt=request.salt)
             self.ledger.unhold(PageSpace.FULL, k)
             if self._has_swa:
-                self.ledger.unhold(PageSpace.SWA, k)
+                self.ledger.unhold(PageSpace.SWA, int((own_swa >= 0).sum()))
             self.ledger.free(Tier.DEVICE, PageSpace.FULL, res.dup_full_ids)
             self.ledger.free(Tier.DEVICE, PageSpace.SWA, res.free_swa_ids)
             self._stats.inserted_tokens += res.new_len
@@ -382,8 +469,13 @@ class HiCache:
         self.ledger.free(Tier.DEVICE, PageSpace.FULL, full)
         if self._has_swa:
             swa = request.swa_page_ids[rest:]
-            self.ledger.unhold(PageSpace.SWA, swa.size)
+            self.ledger.unhold(PageSpace.SWA, int((swa >= 0).sum()))
             self.ledger.free(Tier.DEVICE, PageSpace.SWA, swa)
+        if request.l3_host_full is not None:  # the L3 slots: the load read them by now
+            self.ledger.unhold_host(PageSpace.FULL, request.l3_host_full.size)
+            self.ledger.unhold_host(PageSpace.SWA, request.l3_host_swa.size)
+            self.ledger.free(Tier.HOST, PageSpace.FULL, request.l3_host_full)
+            self.ledger.free(Tier.HOST, PageSpace.SWA, request.l3_host_swa)
         self.tree.dec_lock(request.node)
         request.state = RequestState.RELEASED
 
@@ -422,6 +514,8 @@ class HiCache:
         )
 
     def _reclaim_swa(self, tier: Tier, n: int) -> int:
+        if tier is Tier.HOST and self.l3 is not None:
+            self.l3.finish_writes()  # they read host slots
         ids = self.tree.reclaim_swa(n, tier)
         self.ledger.free(tier, PageSpace.SWA, ids)
         if tier is Tier.DEVICE:
@@ -432,6 +526,9 @@ class HiCache:
 
     def _make_room_on_host(self, space: PageSpace, n: int) -> None:
         short = n - self.ledger.num_free(Tier.HOST, space)
+        if short > 0 and self.l3 is not None:
+            self.l3.drop_landed()  # prefetched pages nobody claimed
+            short = n - self.ledger.num_free(Tier.HOST, space)
         if short > 0 and space is PageSpace.SWA:
             short -= self._reclaim_swa(Tier.HOST, short)
         if short > 0:
@@ -449,7 +546,7 @@ class HiCache:
         return self._evict_device(pools, num_pages)
 
     def _evict_device(self, pools, num_pages: int) -> int:
-        self._backups.poll()
+        self._poll()
         freed = 0
         for _ in range(2):
             res = self.tree.evict_device(num_pages - freed)
@@ -466,6 +563,8 @@ class HiCache:
 
     def evict_host(self, num_pages: int) -> int:
         """Frees at least ``num_pages`` host pages (host-only leaves, LRU); returns pages freed."""
+        if self.l3 is not None:
+            self.l3.finish_writes()  # they read host slots
         res = self.tree.evict_host(num_pages)
         self.ledger.free(Tier.HOST, PageSpace.FULL, res.full_ids)
         self.ledger.free(Tier.HOST, PageSpace.SWA, res.swa_ids)
@@ -474,8 +573,9 @@ class HiCache:
 
     # -------------------------------------------------------------- backups
     def poll(self, wait: bool = False) -> int:
-        """Records landed backups in the tree (all of them with ``wait``); returns how many."""
-        return self._backups.poll(wait)
+        """Records landed backups (and L3 prefetches and writes) in the tree (all of them
+        with ``wait``); returns how many backups."""
+        return self._poll(wait)
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict:
@@ -493,17 +593,28 @@ class HiCache:
             load_bytes=t.load_bytes,
             transfer_seconds=self._transfer_seconds + t.backup_seconds,
             in_flight_backups=len(self._backups),
-            hit_rate=(s["device_hit_tokens"] + s["host_hit_tokens"]) / max(s["query_tokens"], 1),
+            hit_rate=(s["device_hit_tokens"] + s["host_hit_tokens"] + s["storage_hit_tokens"])
+            / max(s["query_tokens"], 1),
         )
+        if self.l3 is not None:
+            s.update(self.l3.backend.stats().as_prometheus(prefix="l3_"))
         return s
 
     def check_invariants(self) -> None:
         """Tree invariants plus page ownership (see :mod:`jaxhicache.cache.ledger`)."""
         self.tree.check_invariants()
-        self.ledger.check(self.tree, self._backups.in_flight())
+        in_flight = self._backups.in_flight()
+        if self.l3 is not None:
+            for space, n in self.l3.in_flight().items():
+                in_flight[space] += n
+        self.ledger.check(self.tree, in_flight)
 
     def close(self) -> None:
-        self._backups.poll(wait=True)
+        """Waits for every backup, prefetch and L3 write, then stops the workers."""
+        self._poll(wait=True)
+        if self.l3 is not None:
+            self._poll(wait=True)  # backups that landed above start L3 writes
+            self.l3.close()
         self.engine.close()
 
 

@@ -4,8 +4,10 @@ Ownership invariant (checked by :meth:`PageLedger.check` against the tree): ever
 allocated page is held by exactly one of
 
 * the radix tree (a node's device or host value),
-* an admitted request (its own pages, allocated and not yet inserted or freed),
-* an in-flight backup (host pages whose copy has not landed yet).
+* an admitted request (its own pages, allocated and not yet inserted or freed,
+  and the host slots of an L3 prefetch it claimed, until its release),
+* an in-flight backup or L3 prefetch (host pages whose copy has not landed or
+  been claimed yet).
 
 Four allocators: ``(Tier.DEVICE | Tier.HOST) × (PageSpace.FULL | PageSpace.SWA)``.
 A model without an SWA component still gets a one-page SWA allocator that is
@@ -36,6 +38,7 @@ class PageLedger:
             (Tier.HOST, PageSpace.SWA): PageAllocator(max(host_swa, 1), "host-swa"),
         }
         self._held = {PageSpace.FULL: 0, PageSpace.SWA: 0}  # device pages with requests
+        self._held_host = {PageSpace.FULL: 0, PageSpace.SWA: 0}  # L3 slots with requests
 
     def __getitem__(self, key: tuple[Tier, PageSpace]) -> PageAllocator:
         return self._alloc[key]
@@ -74,6 +77,17 @@ class PageLedger:
     def held(self, space: PageSpace) -> int:
         return self._held[space]
 
+    def hold_host(self, space: PageSpace, n: int) -> None:
+        """``n`` host slots (an L3 prefetch's) go to a request until its release."""
+        self._held_host[space] += n
+
+    def unhold_host(self, space: PageSpace, n: int) -> None:
+        if n > self._held_host[space]:
+            raise ValueError(
+                f"{n} host {space.value} slots leave requests that hold {self._held_host[space]}"
+            )
+        self._held_host[space] -= n
+
     # ------------------------------------------------------------------ checks
     def host_is_current(self, space: PageSpace, ids: np.ndarray, gens: np.ndarray) -> np.ndarray:
         """Whether host pages are still allocated at the generation a backup saw."""
@@ -87,8 +101,12 @@ class PageLedger:
         want = {
             (Tier.DEVICE, PageSpace.FULL): tree.total_device_pages() + self._held[PageSpace.FULL],
             (Tier.DEVICE, PageSpace.SWA): tree.total_device_swa_pages() + self._held[PageSpace.SWA],
-            (Tier.HOST, PageSpace.FULL): tree.total_host_pages() + in_flight[PageSpace.FULL],
-            (Tier.HOST, PageSpace.SWA): tree.total_host_swa_pages() + in_flight[PageSpace.SWA],
+            (Tier.HOST, PageSpace.FULL): tree.total_host_pages()
+            + in_flight[PageSpace.FULL]
+            + self._held_host[PageSpace.FULL],
+            (Tier.HOST, PageSpace.SWA): tree.total_host_swa_pages()
+            + in_flight[PageSpace.SWA]
+            + self._held_host[PageSpace.SWA],
         }
         for key, n in want.items():
             used = self._alloc[key].num_used

@@ -35,8 +35,10 @@ class RequestState(enum.Enum):
 class Request:
     """One admitted request (read its fields; change it only through the cache).
 
-    Token counts: ``cached_tokens = device_hit_tokens + host_hit_tokens`` is the
-    page-aligned prefix the forward starts after.
+    Token counts: ``cached_tokens = device_hit_tokens + host_hit_tokens +
+    storage_hit_tokens`` is the page-aligned prefix the forward starts after
+    (storage hits were prefetched from L3 into host slots and loaded into the
+    request's own pages; the tree gets them at insert).
     ``full_page_ids`` / ``swa_page_ids`` cover every page the request may write
     KV into: positions ``[0, prompt_len + max_new_tokens - 1)``; SWA ids of the
     prefix are ``-1`` outside its trailing window.
@@ -49,9 +51,14 @@ class Request:
     cached_tokens: int
     device_hit_tokens: int
     host_hit_tokens: int
+    storage_hit_tokens: int
+    salt: str | bytes | None
     full_page_ids: np.ndarray
     swa_page_ids: np.ndarray
     page_size: int
+    own_from: int  # page index of the request's first own page
+    l3_host_full: np.ndarray | None = None  # host slots of its claimed L3 prefetch
+    l3_host_swa: np.ndarray | None = None
     state: RequestState = RequestState.OPEN
     inserted_pages: int = 0  # own pages handed to the tree by insert
 
@@ -71,8 +78,9 @@ class Request:
 
     @property
     def own_start(self) -> int:
-        """Index of the request's first own page in its page table."""
-        return self.cached_tokens // self.page_size
+        """Index of the request's first own page in its page table (before
+        ``cached_tokens`` when the request's own pages were filled from L3)."""
+        return self.own_from
 
 
 @final

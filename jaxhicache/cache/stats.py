@@ -23,7 +23,7 @@ class CacheStats:
     query_tokens: int = 0  # whole-page tokens of admitted prompts (minus the last token)
     device_hit_tokens: int = 0
     host_hit_tokens: int = 0
-    storage_hit_tokens: int = 0
+    storage_hit_tokens: int = 0  # served from pages an L3 prefetch brought in
     inserted_tokens: int = 0
     backups_issued: int = 0
     backed_up_pages: int = 0
@@ -34,3 +34,8 @@ class CacheStats:
     host_evicted_pages: int = 0
     device_swa_reclaimed_pages: int = 0
     host_swa_reclaimed_pages: int = 0
+    storage_prefetches: int = 0  # L3 fetches started
+    storage_prefetched_tokens: int = 0  # tokens that became host nodes from L3
+    storage_backed_up_pages: int = 0  # stage pages written to L3 (absent ones only)
+    storage_read_failures: int = 0  # prefetches that failed as a whole (backend error)
+    storage_write_failures: int = 0

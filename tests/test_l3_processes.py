@@ -1,0 +1,66 @@
+"""Two serving processes share one L3 store: the second serves the first's conversation
+prefix from storage, with logits equal to recomputation (tiny model, PP 1 and 2; a file
+store and a real S3-compatible server on loopback)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORKER = Path(__file__).with_name("l3_worker.py")
+REPO = WORKER.parents[1]
+TOL = 1e-4
+PREFIX = 48  # turn 1 writes KV for 45 + 6 - 1 = 50 tokens: 3 whole pages
+
+
+def _run(role: str, pp: int, spec: dict, tmp_path: Path) -> dict:
+    out = tmp_path / f"{role}-{pp}.json"
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), role, str(pp), json.dumps(spec), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def _two_processes(pp: int, spec: dict, tmp_path: Path) -> dict:
+    first = _run("write", pp, spec, tmp_path)
+    assert first["stats"]["storage_backed_up_pages"] > 0
+    read = _run("read", pp, {**spec, "generated": json.dumps(first["generated"])}, tmp_path)
+    assert (read["device"], read["host"], read["storage"]) == (0, 0, PREFIX), read
+    assert read["diff"] <= TOL, read["diff"]
+    assert read["same_tokens"]
+    assert read["stats"]["storage_hit_tokens"] == PREFIX
+    return read
+
+
+@pytest.mark.parametrize("pp", [1, 2])
+def test_second_process_serves_the_prefix_from_a_file_store(tmp_path, pp):
+    _two_processes(pp, {"kind": "file", "path": str(tmp_path / "store")}, tmp_path)
+
+
+def test_second_process_serves_the_prefix_from_s3(tmp_path, monkeypatch):
+    pytest.importorskip("moto", reason="moto[server] is not installed")
+    boto3 = pytest.importorskip("boto3", reason="boto3 is not installed")
+    from moto_server import BUCKET, MotoServer, s3_spec
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    server = MotoServer()
+    try:
+        boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1").create_bucket(
+            Bucket=BUCKET
+        )
+        _two_processes(2, {"kind": "s3", "kvstore": s3_spec(server)}, tmp_path)
+    finally:
+        server.stop()
