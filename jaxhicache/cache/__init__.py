@@ -4,6 +4,7 @@ Modules (import direction top → bottom)::
 
     hicache   HiCache: admit / insert / release / evict / poll / stats (the facade)
     requests  Request, Batch (page tables handed to the engine)
+    l3        StorageConfig, StorageTier: prefetch from and write-back to L3 storage
     backups   in-flight D2H backups (issue, land, record at poll points)
     ledger    page allocators per (tier, page space) and page ownership
     config    HiCacheConfig (frozen, validated)
@@ -12,6 +13,7 @@ Modules (import direction top → bottom)::
 
 from jaxhicache.cache.config import HiCacheConfig
 from jaxhicache.cache.hicache import HiCache
+from jaxhicache.cache.l3 import PrefetchPolicy, StorageConfig
 from jaxhicache.cache.requests import Batch, Request, RequestState
 from jaxhicache.cache.stats import CacheStats
 from jaxhicache.pools.allocator import OutOfPages
@@ -23,7 +25,9 @@ __all__ = [
     "HiCache",
     "HiCacheConfig",
     "OutOfPages",
+    "PrefetchPolicy",
     "Request",
     "RequestState",
+    "StorageConfig",
     "WritePolicy",
 ]
