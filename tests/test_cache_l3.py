@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import time
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_cache import _stamp  # the stand-in forward
 
 from jaxhicache.cache import HiCache, HiCacheConfig, WritePolicy
 from jaxhicache.cache.l3 import PrefetchPolicy, StorageConfig
@@ -39,15 +39,6 @@ def _cache(store, pp=2, **kw):
 
 def _tokens(seed, pages, extra=1):
     return np.random.default_rng(seed).integers(0, 1000, pages * PAGE + extra).astype(np.int32)
-
-
-def _stamp(pools, req, value):
-    for kind in SPEC.kinds():
-        table = req.full_page_ids if kind.page_space is PageSpace.FULL else req.swa_page_ids
-        ids = table[req.own_start :]
-        ids = ids[ids >= 0]
-        pools = pools.replace_pool(kind, pools[kind].at[:, :, jnp.asarray(ids)].set(value))
-    return pools
 
 
 def _write(store, tokens, value, salt=None, pp=2):
