@@ -15,8 +15,25 @@ reported as a ratio (the machines are shared and noisy). Reads are page-cache
 warm for both. Best of ``--reps`` repetitions, alternating ours and the baseline.
 
 Also prints stored bytes per page by page space (full vs SWA) for Flash.
+
+L3 restore vs recompute (tiny DSV4 model, ``models/``, one stage): instance A
+serves an N-page prefix with write-through into a ``FileBackend`` and closes; a
+fresh cache over the same store (device and host empty) serves the prefix plus
+half a page, its N pages prefetched from L3 (``WAIT_COMPLETE``). Its TTFT
+(``RequestReport.ttft_s``: admission, L3 read, load, the remaining prefill) is
+compared with ``serve_uncached`` of the same prompt (whole prefix recomputed),
+median of ``--l3-reps`` repeats, each over a fresh cache. Every program shape is
+compiled first on a throw-away store (warm-up time reported apart). Checks: the
+whole prefix came from storage, logits within 1e-4 of the recompute.
+
+SWA checkpoints (``swa_checkpoint_every`` k = 1, 4, 16): object file bytes per
+page and page space after A backs up a long prefix, and the restore ratio of a
+prefix ending at a checkpoint; plus DSV4-Flash bytes per page for each k from
+``stored_bytes_per_page`` (full space every page, the SWA window at every k-th).
+
 The last line is one JSON object (``write_vs_tofile``, ``read_vs_fromfile`` for
-the default layout, plus per-layout figures and byte counts).
+the default layout, ``l3_restore_vs_recompute``, ``swa_checkpoints``,
+``flash_checkpoint_bytes``, plus per-layout figures and byte counts).
 """
 
 from __future__ import annotations
@@ -201,6 +218,148 @@ def flash_bytes(pp: int) -> dict:
     return out
 
 
+# ---------------------------------------------------------------- L3 restore vs recompute
+def _serving_model(preset: str, layers: int):
+    from models.config import TinyDSV4Config
+    from models.dsv4 import init_params
+    from models.paged import PagedModel
+
+    make = TinyDSV4Config.tiny_faithful if preset == "tiny_faithful" else TinyDSV4Config.mini
+    cfg = make(num_layers=layers)
+    return PagedModel(cfg, init_params(cfg, 0), pp=1)
+
+
+def _loop(model, store_dir: str, every: int, pages: int):
+    from jaxhicache.cache import WritePolicy
+    from jaxhicache.cache.l3 import PrefetchPolicy, StorageConfig
+    from models.serving import ServingLoop
+
+    page = model.config.page_size
+    storage = StorageConfig(
+        model_id="bench-tiny",
+        prefetch_threshold=page,
+        prefetch_policy=PrefetchPolicy.WAIT_COMPLETE,
+        swa_checkpoint_every=every,
+    )
+    return ServingLoop.for_model(
+        model,
+        device_pages=pages,
+        host_pages=3 * pages,
+        write_policy=WritePolicy.WRITE_THROUGH,
+        storage=storage,
+        store=FileBackend(store_dir),
+    )
+
+
+def _stored_bytes(store_dir: str) -> dict:
+    """Object file bytes under ``store_dir`` by page space (the unit directory)."""
+    out = {s.value: 0 for s in PageSpace}
+    for d, _dirs, files in os.walk(store_dir):
+        unit = os.path.basename(os.path.dirname(d))
+        for f in files:
+            out[unit] = out.get(unit, 0) + os.path.getsize(os.path.join(d, f))
+    return out
+
+
+def _write_prefix(model, store_dir, every, pages, prefix) -> float:
+    """Instance A serves ``prefix`` (+1 token) with write-through to L3, then closes."""
+    t0 = time.perf_counter()
+    a = _loop(model, store_dir, every, pages)
+    a.serve(prefix, 1)
+    a.close()
+    return time.perf_counter() - t0
+
+
+def _restore_once(model, store_dir, every, pages, prompt, oracle_loop):
+    """A fresh cache over the store serves ``prompt`` (from L3) and the recompute of it."""
+    b = _loop(model, store_dir, every, pages)
+    try:
+        r = b.serve(prompt, 1)
+    finally:
+        b.close()
+    o = oracle_loop.serve_uncached(prompt, 1)
+    diff = max(
+        float(np.abs(r.step_logits - o.step_logits).max()),
+        float(np.abs(r.prefill_logits - o.prefill_logits[r.cached_tokens :]).max()),
+    )
+    return r, o, diff
+
+
+def bench_restore(model, every, write_pages, hit_pages, extra, reps, root, tag) -> dict:
+    """Median TTFT of an L3-served prompt (``hit_pages`` from storage + ``extra`` tokens)
+    vs recomputing it, after a warm-up of the same shapes over a throw-away store."""
+    page = model.config.page_size
+    vocab = model.config.vocab
+    cap = write_pages + 4
+    oracle = _loop(model, os.path.join(root, f"{tag}-oracle"), every, cap)
+
+    def tokens(seed):
+        rng = np.random.default_rng(seed)
+        prefix = rng.integers(0, vocab, write_pages * page + 1).astype(np.int32)
+        prompt = np.concatenate(
+            [prefix[: hit_pages * page], rng.integers(0, vocab, extra).astype(np.int32)]
+        )
+        return prefix, prompt
+
+    # warm-up: the same program shapes on another store and other tokens
+    t0 = time.perf_counter()
+    wdir = os.path.join(root, f"{tag}-warm")
+    prefix, prompt = tokens(1000)
+    _write_prefix(model, wdir, every, cap, prefix)
+    for _ in range(2):
+        _restore_once(model, wdir, every, cap, prompt, oracle)
+    warm_s = time.perf_counter() - t0
+    shutil.rmtree(wdir, ignore_errors=True)
+
+    sdir = os.path.join(root, f"{tag}-store")
+    prefix, prompt = tokens(7)
+    write_s = _write_prefix(model, sdir, every, cap, prefix)
+    stored = _stored_bytes(sdir)
+    t_l3, t_re, diffs = [], [], []
+    for _ in range(reps):
+        r, o, diff = _restore_once(model, sdir, every, cap, prompt, oracle)
+        assert r.storage_cached_tokens > 0, r
+        assert r.storage_cached_tokens == hit_pages * page, (r.storage_cached_tokens, hit_pages)
+        assert diff < 1e-4, diff
+        assert (r.generated == o.generated).all()
+        t_l3.append(r.ttft_s)
+        t_re.append(o.ttft_s)
+        diffs.append(diff)
+    oracle.close()
+    shutil.rmtree(sdir, ignore_errors=True)
+    l3, re_ = float(np.median(t_l3)), float(np.median(t_re))
+    return {
+        "swa_checkpoint_every": every,
+        "write_pages": write_pages,
+        "hit_pages": hit_pages,
+        "prompt_tokens": int(prompt.size),
+        "warmup_s": warm_s,
+        "write_s": write_s,
+        "ttft_l3_ms": l3 * 1e3,
+        "ttft_recompute_ms": re_ * 1e3,
+        "ratio": l3 / re_,
+        "max_logit_diff": max(diffs),
+        "stored_bytes": stored,
+        "stored_bytes_per_page": {s: b / write_pages for s, b in stored.items()},
+    }
+
+
+def flash_checkpoint_bytes(ks) -> dict:
+    """DSV4-Flash stored bytes per page and per million tokens for SWA checkpoints every k."""
+    spec = ModelCacheSpec.deepseek_v4_flash()
+    full = stored_bytes_per_page(spec, None, PageSpace.FULL)
+    swa = stored_bytes_per_page(spec, None, PageSpace.SWA)
+    w = spec.swa_trailing_pages  # SWA pages stored per checkpoint
+    out = {}
+    for k in ks:
+        per_page = full + swa * min(w, k) / k
+        out[str(k)] = {
+            "bytes_per_page": per_page,
+            "GB_per_Mtok": per_page * 1e6 / spec.page_size / 1e9,
+        }
+    return out
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="8 pages, 2 reps (CI smoke)")
@@ -209,6 +368,27 @@ def main(argv=None) -> dict:
     p.add_argument("--pp", type=int, default=4)
     p.add_argument("--max-in-flight", type=int, default=16)
     p.add_argument("--dir", default=None, help="directory to write in (default: a temp dir)")
+    p.add_argument(
+        "--model",
+        choices=("mini", "tiny_faithful"),
+        default=None,
+        help="tiny DSV4 preset for the L3 restore runs (default mini; page 16, window 8)",
+    )
+    p.add_argument("--layers", type=int, default=None, help="model layers (default 12; quick 8)")
+    p.add_argument(
+        "--l3-pages",
+        type=int,
+        default=None,
+        help="prefix pages restored from L3 (default 32; quick 16)",
+    )
+    p.add_argument(
+        "--ckpt-pages",
+        type=int,
+        default=None,
+        help="pages backed up in the checkpoint runs (default 64; quick 32); restore half",
+    )
+    p.add_argument("--l3-reps", type=int, default=None, help="restore repeats (default 7; quick 3)")
+    p.add_argument("--skip-throughput", action="store_true", help="only the L3 restore parts")
     args = p.parse_args(argv)
     pages = args.pages or (8 if args.quick else 24)
     reps = args.reps or (2 if args.quick else 5)
@@ -217,15 +397,34 @@ def main(argv=None) -> dict:
     src = HostPools(spec, maps, pages, pages, reserve_bytes=1 << 30)
     dst = HostPools(spec, maps, pages, pages, reserve_bytes=1 << 30)
     _fill(src, np.random.default_rng(0))
+    preset = args.model or "mini"
+    layers = args.layers or (8 if args.quick else 12)
+    l3_pages = args.l3_pages or (16 if args.quick else 32)
+    ckpt_pages = args.ckpt_pages or (32 if args.quick else 64)
+    l3_reps = args.l3_reps or (3 if args.quick else 7)
+    ks = (1, 4, 16)
     root = tempfile.mkdtemp(prefix="jaxhicache-storage-bench-", dir=args.dir)
     try:
-        results = [
-            bench_layout(spec, maps, src, dst, kind, lay, pages, reps, root, args.max_in_flight)
-            for kind in ("file", "tensorstore")
-            for lay in (ObjectLayout.PER_SPACE, ObjectLayout.PER_SUBPOOL)
+        results = (
+            []
+            if args.skip_throughput
+            else [
+                bench_layout(spec, maps, src, dst, kind, lay, pages, reps, root, args.max_in_flight)
+                for kind in ("file", "tensorstore")
+                for lay in (ObjectLayout.PER_SPACE, ObjectLayout.PER_SUBPOOL)
+            ]
+        )
+        model = _serving_model(preset, layers)
+        extra = model.config.page_size // 2
+        restore = bench_restore(model, 1, l3_pages, l3_pages, extra, l3_reps, root, "restore")
+        # checkpoints: back up ckpt_pages, restore a prefix ending at a checkpoint of every k
+        hit = ckpt_pages // 2 // max(ks) * max(ks) or max(ks)
+        ckpt = [
+            bench_restore(model, k, ckpt_pages, hit, extra, l3_reps, root, f"ckpt{k}") for k in ks
         ]
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    flash_ckpt = flash_checkpoint_bytes(ks)
     sizes = flash_bytes(args.pp)
 
     print(
@@ -248,13 +447,55 @@ def main(argv=None) -> dict:
         f"  {'whole model':<14}{sizes['full_page_bytes']:>12,}{sizes['swa_page_bytes']:>12,}"
         f"   SWA share {sizes['swa_share']:.1%}; header {sizes['header_bytes_per_object']} B/object"
     )
-    default = next(
-        r for r in results if r["layout"] == DEFAULT_LAYOUT.value and r["backend"] == "file"
+    cfg = model.config
+    print(
+        f"L3 restore vs recompute: TinyDSV4 {preset}, {layers} layers, page {cfg.page_size}, "
+        f"window {cfg.window}, FileBackend, TTFT median of {l3_reps} "
+        f"(warm-up {restore['warmup_s']:.1f} s, not counted)"
     )
+    print(
+        f"  {'ckpt k':>6}{'stored pg':>10}{'hit pg':>8}{'prompt':>8}{'L3 ms':>9}{'recomp ms':>11}"
+        f"{'ratio':>7}{'full B/pg':>11}{'SWA B/pg':>10}{'max |dlogit|':>14}"
+    )
+    for r in [restore, *ckpt]:
+        bpp = r["stored_bytes_per_page"]
+        print(
+            f"  {r['swa_checkpoint_every']:>6}{r['write_pages']:>10}{r['hit_pages']:>8}"
+            f"{r['prompt_tokens']:>8}{r['ttft_l3_ms']:>9.2f}{r['ttft_recompute_ms']:>11.2f}"
+            f"{r['ratio']:>7.3f}{bpp['full']:>11,.0f}{bpp['swa']:>10,.0f}{r['max_logit_diff']:>14.2e}"
+        )
+    print("DSV4-Flash stored bytes per 256-token page with SWA checkpoints every k pages:")
+    for k, v in flash_ckpt.items():
+        print(
+            f"  k={k:<4}{v['bytes_per_page']:>14,.0f} B/page{v['GB_per_Mtok']:>8.2f} GB per 1M tokens"
+        )
+    default = next(
+        (r for r in results if r["layout"] == DEFAULT_LAYOUT.value and r["backend"] == "file"),
+        None,
+    )
+
+    def rnd(d):
+        if isinstance(d, dict):
+            return {k: rnd(v) for k, v in d.items()}
+        return round(d, 4) if isinstance(d, float) else d
+
     out = {
         "bench": "storage",
-        "write_vs_tofile": round(default["write_vs_tofile"], 3),
-        "read_vs_fromfile": round(default["read_vs_fromfile"], 3),
+        "write_vs_tofile": default and round(default["write_vs_tofile"], 3),
+        "read_vs_fromfile": default and round(default["read_vs_fromfile"], 3),
+        "l3_restore_vs_recompute": round(restore["ratio"], 4),
+        "l3_restore": rnd(restore),
+        "swa_checkpoints": {
+            str(r["swa_checkpoint_every"]): {
+                "stored_bytes_per_page": rnd(r["stored_bytes_per_page"]),
+                "restore_vs_recompute": round(r["ratio"], 4),
+                "hit_pages": r["hit_pages"],
+                "write_pages": r["write_pages"],
+            }
+            for r in ckpt
+        },
+        "flash_checkpoint_bytes": rnd(flash_ckpt),
+        "model": {"preset": preset, "layers": layers, "page": cfg.page_size, "window": cfg.window},
         "backend": "file",
         "layout": DEFAULT_LAYOUT.value,
         "cases": {
