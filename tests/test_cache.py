@@ -413,3 +413,19 @@ def test_stats_keys():
     ):
         assert key in stats
     assert stats["backup_bytes"] > 0 and stats["inserted_tokens"] == 2 * PAGE
+
+
+def test_backup_without_host_room_is_skipped_not_raised():
+    """Write-through with a host tier smaller than the sequence: the backup is skipped
+    and counted, the insert and the release go through, and page ownership holds."""
+    c, pools = _cache(WritePolicy.WRITE_THROUGH, device_pages=8, host_pages=2)
+    toks = _tokens(45, 4)
+    pools, batch = c.admit(pools, [toks])
+    (req,) = batch.requests
+    pools = _stamp(pools, req, 1.0)
+    c.insert(pools, req, toks)
+    c.release(req)
+    s = c.stats()
+    assert s["backups_skipped"] == 1 and s["backups_issued"] == 0
+    assert c.lookup(toks).device_len == 4 * PAGE
+    c.check_invariants()

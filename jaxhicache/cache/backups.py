@@ -70,18 +70,28 @@ class Backups:
         }
 
     def issue(self, pools: DevicePools, node: TreeNode) -> None:
-        """Starts copying the unbacked pages of ``node``'s path out of ``pools``."""
+        """Starts copying the unbacked pages of ``node``'s path out of ``pools``.
+
+        When the host tier has no room even after eviction (every host page locked
+        or in flight), the backup is skipped and counted (``backups_skipped``): the
+        device copy is intact, a later backup of the node may succeed.
+        """
         plan = self._tree.backup_plan(node)
         if plan.num_pages == 0 or any(b.node is node for b in self._pending):
             return
         swa_src = plan.device_swa_ids if self._tree.swa_pages else np.zeros(0, np.int32)
         has_swa = swa_src >= 0
-        host_full = self._alloc_host(PageSpace.FULL, plan.num_pages)
+        try:
+            host_full = self._alloc_host(PageSpace.FULL, plan.num_pages)
+        except OutOfPages:  # every host page is locked or in flight: no backup this time
+            self._stats.backups_skipped += 1
+            return
         try:
             host_swa_live = self._alloc_host(PageSpace.SWA, int(has_swa.sum()))
         except OutOfPages:
             self._ledger.free(Tier.HOST, PageSpace.FULL, host_full)
-            raise
+            self._stats.backups_skipped += 1
+            return
         host_swa = np.full(plan.num_pages, -1, np.int32)
         if swa_src.size:
             host_swa[has_swa] = host_swa_live

@@ -455,10 +455,10 @@ class HiCache:
             self.ledger.free(Tier.DEVICE, PageSpace.FULL, res.dup_full_ids)
             self.ledger.free(Tier.DEVICE, PageSpace.SWA, res.free_swa_ids)
             self._stats.inserted_tokens += res.new_len
-            if should_backup_on_insert(self.write_policy, res.node):
-                self._backups.issue(pools, res.node)
         request.inserted_pages = max(k, 0)
-        request.state = RequestState.INSERTED
+        request.state = RequestState.INSERTED  # the tree owns those pages from here on
+        if k > 0 and should_backup_on_insert(self.write_policy, res.node):
+            self._backups.issue(pools, res.node)
 
     def release(self, request: Request) -> None:
         """Ends ``request``: frees its pages the tree did not take, unlocks its prefix."""

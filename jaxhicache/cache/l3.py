@@ -266,11 +266,17 @@ class StorageTier:
         return n
 
     def _window_end(self, hashes: Sequence[str], first: int, end: int) -> int:
-        """The largest hit end ``<= end`` whose SWA window objects exist on every stage."""
-        w = self._w
-        for e in range(end, first, -1):
-            lo = max(e - w, first)
-            window = hashes[lo - first : e - first]
+        """The largest hit end ``<= end`` whose SWA window objects exist on every stage.
+
+        Candidates are ``end`` and the checkpoints (multiples of
+        ``swa_checkpoint_every``) below it: where backups write SWA objects.
+        """
+        w, k = self._w, self.config.swa_checkpoint_every
+        candidates = [end, *range(end - end % k, first, -k)] if end > first else []
+        for e in dict.fromkeys(candidates):  # ordered, without duplicates
+            if e <= first:
+                break
+            window = hashes[max(e - w, first) - first : e - first]
             if all(
                 self.backend.exists(ns, PageSpace.SWA, window).all()
                 for ns in self.namespaces

@@ -26,6 +26,7 @@ class CacheStats:
     storage_hit_tokens: int = 0  # served from pages an L3 prefetch brought in
     inserted_tokens: int = 0
     backups_issued: int = 0
+    backups_skipped: int = 0  # no host room (every host page locked or in flight)
     backed_up_pages: int = 0
     load_dispatches: int = 0  # merged H2D loads (one per admitted batch with host hits)
     loaded_pages: int = 0  # full pages brought back from host
