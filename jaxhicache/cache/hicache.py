@@ -48,7 +48,14 @@ from jaxhicache.cache.backups import Backups
 from jaxhicache.cache.config import HiCacheConfig
 from jaxhicache.cache.l3 import StorageTier
 from jaxhicache.cache.ledger import PageLedger
-from jaxhicache.cache.requests import Batch, Request, RequestState, stack_tables
+from jaxhicache.cache.requests import (
+    Batch,
+    LoadParts,
+    Request,
+    RequestState,
+    check_tokens,
+    stack_tables,
+)
 from jaxhicache.cache.stats import CacheStats
 from jaxhicache.layer_map import build_layer_maps
 from jaxhicache.mesh import PP
@@ -57,7 +64,7 @@ from jaxhicache.pools.device import DevicePools, allocate_device_pools
 from jaxhicache.pools.host import HostPools
 from jaxhicache.spec import ModelCacheSpec, PageSpace, Tier
 from jaxhicache.storage.backend import StorageBackend
-from jaxhicache.transfer import PageMove, TransferEngine
+from jaxhicache.transfer import TransferEngine
 from jaxhicache.tree import (
     MatchResult,
     RadixTree,
@@ -69,22 +76,6 @@ __all__ = ["HiCache"]
 
 _cache_ids = itertools.count(1)
 _EMPTY = np.zeros(0, np.int32)
-
-
-@dataclasses.dataclass
-class _LoadParts:
-    """The host→device page moves of one batch, merged into one ``PageMove``."""
-
-    full_device: list = dataclasses.field(default_factory=list)
-    full_host: list = dataclasses.field(default_factory=list)
-    swa_device: list = dataclasses.field(default_factory=list)
-    swa_host: list = dataclasses.field(default_factory=list)
-
-    def move(self) -> PageMove:
-        cat = lambda xs: np.concatenate(xs).astype(np.int32) if xs else _EMPTY  # noqa: E731
-        return PageMove.of(
-            cat(self.full_device), cat(self.full_host), cat(self.swa_device), cat(self.swa_host)
-        )
 
 
 @final
@@ -195,7 +186,7 @@ class HiCache:
         For inspection: takes no lock, counts no hit, moves no data (it does
         refresh the LRU order of the matched path, as any match does).
         """
-        return self.tree.match_prefix(_tokens(tokens, "tokens", allow_empty=True), salt=salt)
+        return self.tree.match_prefix(check_tokens(tokens, "tokens", allow_empty=True), salt=salt)
 
     # ------------------------------------------------------------------ admit
     def admit(
@@ -229,7 +220,7 @@ class HiCache:
         self._check_pools(pools)
         if isinstance(prompts, np.ndarray) and prompts.ndim == 1:
             raise ValueError("prompts must be a sequence of token sequences, got one 1-D array")
-        prompts = [_tokens(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
+        prompts = [check_tokens(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
         if isinstance(max_new_tokens, Sequence):
             new = list(max_new_tokens)
             if len(new) != len(prompts):
@@ -248,7 +239,7 @@ class HiCache:
         self._poll()
         admitted: list[Request] = []
         deferred: list[int] = []
-        parts = _LoadParts()
+        parts = LoadParts()
         for i, (prompt, n, salt) in enumerate(zip(prompts, new, salts, strict=True)):
             if deferred:  # first come, first served: no overtaking
                 deferred.append(i)
@@ -291,14 +282,14 @@ class HiCache:
         return pools, batch
 
     def _admit_one(
-        self, pools, prompt: np.ndarray, max_new: int, salt, parts: _LoadParts
+        self, pools, prompt: np.ndarray, max_new: int, salt, parts: LoadParts
     ) -> Request:
         ps, tree = self.page_size, self.tree
         key = prompt[:-1]
         kv_tokens = prompt.size + max_new - 1
         total_pages = math.ceil(kv_tokens / ps)
         m = tree.match_prefix(key, salt=salt)
-        pre = self._l3_prefix(key, salt, m) if self.l3 is not None else None
+        pre = self.l3.prefix_for(key, salt, m) if self.l3 is not None else None
         # The longest prefix always fits best: a prefix of c tokens, d of them on device,
         # needs ceil(kv / page) - d / page device full pages whatever c is, and never more
         # SWA pages than a shorter one (see cache/README.md), so there is no shorter
@@ -395,19 +386,6 @@ class HiCache:
             self._backups.issue(pools, m.node)
         return req
 
-    def _l3_prefix(self, key: np.ndarray, salt, m: MatchResult):
-        """An L3 prefetch of the pages after ``m`` that this request can use, if any.
-
-        Starts one (or finds one in flight), waits as the prefetch policy says, and
-        claims it when it landed, loaded on every stage and starts where ``m`` ends.
-        """
-        l3 = self.l3
-        p = l3.find(key, salt) or l3.start_prefetch(key, salt, m)
-        if p is None:
-            return None
-        l3.wait(p)
-        return l3.claim(p, m.matched_len // self.page_size)
-
     def _poll(self, wait: bool = False) -> int:
         done = self._backups.poll(wait)
         if self.l3 is not None:
@@ -428,7 +406,7 @@ class HiCache:
         """
         self._check_request(request, "insert", RequestState.OPEN)
         self._check_pools(pools)
-        tokens = _tokens(tokens, "tokens")
+        tokens = check_tokens(tokens, "tokens")
         p = request.prompt
         if tokens.size < p.size or not np.array_equal(tokens[: p.size], p):
             raise ValueError(
@@ -616,17 +594,3 @@ class HiCache:
             self._poll(wait=True)  # backups that landed above start L3 writes
             self.l3.close()
         self.engine.close()
-
-
-def _tokens(x, what: str, *, allow_empty: bool = False) -> np.ndarray:
-    """A 1-D int32 token array; ``ValueError`` naming ``what`` otherwise."""
-    arr = np.asarray(x)
-    if arr.ndim != 1:
-        raise ValueError(f"{what} must be a 1-D sequence of token ids, got shape {arr.shape}")
-    if arr.size and arr.dtype.kind not in "iu":
-        raise ValueError(f"{what} must hold integer token ids, got dtype {arr.dtype}")
-    if not arr.size and not allow_empty:
-        raise ValueError(f"{what} is empty: a request needs at least one token")
-    if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(np.int32).max):
-        raise ValueError(f"{what} has token ids outside [0, 2**31 - 1]")
-    return arr.astype(np.int32)

@@ -186,6 +186,18 @@ class StorageTier:
                 return p
         return None
 
+    def prefix_for(self, key: np.ndarray, salt, match: MatchResult) -> Prefetch | None:
+        """A landed prefetch of the pages after ``match`` that a request can use, if any.
+
+        Starts one (or finds one in flight), waits as the policy says, and claims it
+        when it landed, loaded on every stage and starts where ``match`` ends.
+        """
+        p = self.find(key, salt) or self.start_prefetch(key, salt, match)
+        if p is None:
+            return None
+        self.wait(p)
+        return self.claim(p, match.matched_len // self._ps)
+
     def claim(self, p: Prefetch, first: int) -> Prefetch | None:
         """Hands a landed prefetch to a request whose match ends at page ``first``.
 

@@ -17,11 +17,15 @@ from typing import TYPE_CHECKING, final
 
 import numpy as np
 
+from jaxhicache.transfer import PageMove
+
 if TYPE_CHECKING:
     from jaxhicache.transfer import LayerwiseLoad, LoadHandle
     from jaxhicache.tree import TreeNode
 
-__all__ = ["Batch", "Request", "RequestState"]
+__all__ = ["Batch", "LoadParts", "Request", "RequestState", "check_tokens", "stack_tables"]
+
+_NONE = np.zeros(0, np.int32)
 
 
 class RequestState(enum.Enum):
@@ -138,3 +142,33 @@ def stack_tables(requests: tuple[Request, ...]) -> tuple[np.ndarray, np.ndarray]
         full[i, : r.num_pages] = r.full_page_ids
         swa[i, : r.num_pages] = r.swa_page_ids
     return full, swa
+
+
+@dataclasses.dataclass
+class LoadParts:
+    """The host→device page moves of one batch, merged into one ``PageMove``."""
+
+    full_device: list = dataclasses.field(default_factory=list)
+    full_host: list = dataclasses.field(default_factory=list)
+    swa_device: list = dataclasses.field(default_factory=list)
+    swa_host: list = dataclasses.field(default_factory=list)
+
+    def move(self) -> PageMove:
+        cat = lambda xs: np.concatenate(xs).astype(np.int32) if xs else _NONE  # noqa: E731
+        return PageMove.of(
+            cat(self.full_device), cat(self.full_host), cat(self.swa_device), cat(self.swa_host)
+        )
+
+
+def check_tokens(x, what: str, *, allow_empty: bool = False) -> np.ndarray:
+    """A 1-D int32 token array; ``ValueError`` naming ``what`` otherwise."""
+    arr = np.asarray(x)
+    if arr.ndim != 1:
+        raise ValueError(f"{what} must be a 1-D sequence of token ids, got shape {arr.shape}")
+    if arr.size and arr.dtype.kind not in "iu":
+        raise ValueError(f"{what} must hold integer token ids, got dtype {arr.dtype}")
+    if not arr.size and not allow_empty:
+        raise ValueError(f"{what} is empty: a request needs at least one token")
+    if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(np.int32).max):
+        raise ValueError(f"{what} has token ids outside [0, 2**31 - 1]")
+    return arr.astype(np.int32)
