@@ -1,6 +1,6 @@
 """L3 storage: page hash keys, the object format, and backends (see README.md here)."""
 
-from .backend import ObjectRead, Pending, StorageBackend, StorageStats
+from .backend import ObjectRead, Pending, StorageBackend
 from .faults import FaultInjectionBackend
 from .file_backend import FileBackend, default_cache_dir
 from .format import IntegrityError
@@ -14,6 +14,7 @@ from .keys import (
     tp_sharded_kinds,
 )
 from .layout import ObjectLayout, plan_units, stored_bytes_per_page
+from .stats import StorageStats
 
 _LAZY = {"TensorStoreBackend", "parse_kvstore_spec"}
 

@@ -1,11 +1,11 @@
-"""The L3 interface: ``StorageBackend`` (page operations on host slabs) and ``StorageStats``.
+"""The L3 interface: ``StorageBackend`` (page operations on host slabs).
 
 A backend moves pages straight between one stage's host slabs
 (:class:`~jaxhicache.pools.host.HostPools`) and storage objects. Subclasses
 implement five object primitives that start an operation and return something
 with ``.result()`` (a future); this class runs them pipelined, at most
 ``max_in_flight`` objects at a time, verifies every object it reads, and keeps
-the counters.
+the counters (:class:`~jaxhicache.storage.stats.StorageStats`, re-exported here).
 
 Fault model: an I/O error, a missing object, or an object that fails a check
 (:mod:`jaxhicache.storage.format`) makes its page fail — ``False`` in the
@@ -42,71 +42,9 @@ from .format import (
 )
 from .keys import Namespace, check_page_hash, object_key
 from .layout import ObjectLayout, StagePages, check_host_ids, plan_units
+from .stats import StorageStats
 
 __all__ = ["ObjectRead", "Pending", "StorageBackend", "StorageStats"]
-
-
-@dataclasses.dataclass
-class StorageStats:
-    """Monotonic counters of one backend; ``as_prometheus()`` gives the metric names.
-
-    Pages and tokens count *stage pages*: one page of one page space on one
-    stage (tokens = pages × page size). A PP-4 restore of ``n`` pages of both
-    spaces therefore adds ``8 n`` pages; label by stage / space upstream if needed.
-
-    * ``hit_*`` / ``miss_*``: :meth:`StorageBackend.exists_prefix` lookups (the
-      prefix found / the queried pages after it);
-    * ``prefetched_*``: pages :meth:`StorageBackend.get` loaded into host slabs;
-      ``prefetch_failed_pages_total``: pages it could not load (missing object,
-      I/O error or integrity failure);
-    * ``backed_up_*``: pages :meth:`StorageBackend.put` wrote;
-      ``backup_failed_pages_total``: pages it could not write;
-    * bytes / seconds / objects per direction (read = storage → host); seconds
-      are wall time of the calls;
-    * ``integrity_failures_total``: objects that failed a check (each one is then
-      deleted); ``read_errors_total`` / ``write_errors_total`` /
-      ``delete_errors_total``: I/O errors (unreachable store, disk full, ...);
-      ``missing_objects_total``: objects ``get`` found absent.
-    """
-
-    hit_pages_total: int = 0
-    hit_tokens_total: int = 0
-    miss_pages_total: int = 0
-    miss_tokens_total: int = 0
-    prefetched_pages_total: int = 0
-    prefetched_tokens_total: int = 0
-    prefetch_failed_pages_total: int = 0
-    backed_up_pages_total: int = 0
-    backed_up_tokens_total: int = 0
-    backup_failed_pages_total: int = 0
-    read_bytes_total: int = 0
-    write_bytes_total: int = 0
-    read_seconds_total: float = 0.0
-    write_seconds_total: float = 0.0
-    read_objects_total: int = 0
-    write_objects_total: int = 0
-    missing_objects_total: int = 0
-    integrity_failures_total: int = 0
-    read_errors_total: int = 0
-    write_errors_total: int = 0
-    delete_errors_total: int = 0
-    deleted_objects_total: int = 0
-
-    def as_prometheus(self, prefix: str = "jaxhicache_storage_") -> dict[str, float]:
-        """``{prefix + field: value}``, one Prometheus counter per field."""
-        return {prefix + f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-    def __sub__(self, other: StorageStats) -> StorageStats:
-        return StorageStats(
-            **{
-                f.name: getattr(self, f.name) - getattr(other, f.name)
-                for f in dataclasses.fields(self)
-            }
-        )
-
-    def add(self, other: StorageStats) -> None:
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
 class Pending(Protocol):

@@ -1,9 +1,10 @@
 """Paged radix tree with FULL and SWA components on device and host (DESIGN §7).
 
 Modules, in import order: ``arrays`` (id/token array helpers) ← ``node``
-(``TreeNode`` and result records) ← ``policy`` (write policies) and ``window``
-(SWA summaries, window protection, reclaim) ← ``invariants`` (full check) ←
-``radix`` (``RadixTree``). See ``README.md`` in this folder.
+(``TreeNode`` and result records) ← ``hashes`` (tenant salts, L3 page hashes),
+``policy`` (write policies) and ``window`` (SWA summaries, window protection,
+reclaim) ← ``residency`` (values, locks, eviction, backup) and ``invariants``
+(full check) ← ``radix`` (``RadixTree``). See ``README.md`` in this folder.
 """
 
 from jaxhicache.tree.node import BackupPlan, EvictResult, InsertResult, MatchResult, TreeNode

@@ -80,7 +80,7 @@ def _check_hashes(c: TreeNode, p: TreeNode, page_size: int) -> None:
         _fail(f"{tag}: page_hashes is not a list of {c.num_pages} hashes")
     if c.start and p.page_hashes is None:
         _fail(f"{tag}: has page hashes but its parent {p.id} has none (not prefix-closed)")
-    from jaxhicache.storage.keys import page_hashes  # jax-free tree import; see radix
+    from jaxhicache.storage.keys import page_hashes  # jax-free tree import; see hashes
 
     if c.start:
         want = page_hashes(c.tokens(), page_size, parent=p.page_hashes[-1])

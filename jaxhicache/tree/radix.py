@@ -44,6 +44,9 @@ from jaxhicache.tree.arrays import (
     ids,
     key_bytes,
 )
+from jaxhicache.tree.hashes import key_hashes as _key_hashes
+from jaxhicache.tree.hashes import path_hashes as _path_hashes
+from jaxhicache.tree.hashes import salt_bytes, walk
 from jaxhicache.tree.invariants import check_tree
 from jaxhicache.tree.node import (
     BackupPlan,
@@ -59,32 +62,6 @@ from jaxhicache.tree.residency import Residency
 from jaxhicache.tree.window import SwaWindows
 
 __all__ = ["RadixTree"]
-
-
-def _salt_bytes(salt) -> bytes | None:
-    """A request's ``cache_salt`` as the bytes the tree and the L3 keys use (``str``
-    as UTF-8, so ``"a"`` and ``b"a"`` are one tenant); ``None`` stays ``None``."""
-    if salt is None:
-        return None
-    if isinstance(salt, str):
-        raw = salt.encode("utf-8")
-    elif isinstance(salt, bytes):
-        raw = salt
-    else:
-        raise ValueError(f"salt must be str, bytes or None, got {type(salt).__name__} {salt!r}")
-    if not raw:
-        # L3 page_hashes treats an empty salt as none: it would share pages with
-        # unsalted requests there, so the tree refuses it rather than isolate it here only.
-        raise ValueError(f"salt must be non-empty (None = no salt), got {salt!r}")
-    return raw
-
-
-def _hash_fn():
-    # Imported on first use: the tree stays importable without jax (importing the
-    # jaxhicache.storage package loads its backends).
-    from jaxhicache.storage.keys import page_hashes
-
-    return page_hashes
 
 
 def _is_device(tier: Tier) -> bool:
@@ -221,7 +198,7 @@ class RadixTree:
         end = len(kb)
         path: list[TreeNode] = []
         pos = 0
-        sp = b"" if salt is None else salt_prefix(_salt_bytes(salt))
+        sp = b"" if salt is None else salt_prefix(salt_bytes(salt))
         child = self._root.children.get(sp + kb[:pb]) if end else None
         while child is not None:
             ck = child.key
@@ -324,29 +301,8 @@ class RadixTree:
         """Tokens of ``key`` present in the tree page-wise under ``salt`` (no SWA rule,
         no side effects)."""
         kb, _ = key_bytes(key, self.page_size, aligned=False)
-        *_, pages = self._walk(kb, _salt_bytes(salt))
+        *_, pages = walk(self._root, kb, salt_bytes(salt), self.page_size)
         return pages * self.page_size
-
-    def _walk(self, kb: bytes, salt: bytes | None) -> tuple[list[TreeNode], TreeNode | None, int]:
-        """Side-effect-free walk of the key bytes ``kb`` under ``salt``: ``(path, part,
-        pages)`` with ``path`` the nodes wholly matched, root first, ``part`` the node
-        that the match ends inside (``None`` if it ends at a node end) and ``pages`` the
-        matched pages."""
-        pb = self._pb
-        end = len(kb)
-        path: list[TreeNode] = []
-        pos = 0
-        child = self._root.children.get(salt_prefix(salt) + kb[:pb]) if end else None
-        while child is not None:
-            if kb.startswith(child.key, pos):
-                path.append(child)
-                pos += len(child.key)
-                if pos == end:
-                    break
-                child = child.children.get(kb[pos : pos + pb])
-                continue
-            return path, child, child.start + common_pages(self.page_size, child.key, kb, pos)
-        return path, None, pos // pb
 
     # ------------------------------------------------------------------ insert
     def insert(self, key, full_device_ids, swa_device_ids=None, *, salt=None) -> InsertResult:
@@ -399,7 +355,7 @@ class RadixTree:
         node = self._root
         path: list[TreeNode] = []
         pos = 0  # pages
-        sb = None if salt is None else _salt_bytes(salt)
+        sb = None if salt is None else salt_bytes(salt)
         first = salt_prefix(sb) + kb[:pb]  # the first page's key among the root's children
         self._tick += 1
         tick = self._tick
@@ -501,52 +457,12 @@ class RadixTree:
     def inc_lock(self, node: TreeNode) -> None:
         """Lock ``node`` and its ancestors (never evicted while locked); the node's
         trailing SWA window is never reclaimed while locked."""
-        if node.parent is None:
-            if node is self._root:
-                return
-            raise ValueError(f"inc_lock on a node that is no longer in the tree: {node!r}")
-        node.own_locks += 1
-        if node.own_locks == 1 and self.swa_pages:
-            self._w.reprotect(node)
-        r = self._r
-        n = node
-        while n.parent is not None:
-            if n.lock_ref == 0:
-                k = n.num_pages
-                if n.device_full is not None:
-                    r.evictable_dev -= k
-                elif n.host_full is not None:
-                    r.evictable_host -= k
-            n.lock_ref += 1
-            n = n.parent
+        self._r.inc_lock(node)
 
     def dec_lock(self, node: TreeNode) -> None:
         """Undo one ``inc_lock(node)``. Below zero raises ``ValueError``."""
-        if node.parent is None:
-            if node is self._root:
-                return
-            raise ValueError(f"dec_lock on a node that is no longer in the tree: {node!r}")
-        if node.own_locks <= 0:
-            raise ValueError(
-                f"dec_lock below zero on node {node.id} (own locks {node.own_locks}, "
-                f"lock_ref {node.lock_ref})"
-            )
-        node.own_locks -= 1
-        if node.own_locks == 0 and self.swa_pages:
-            self._w.reprotect(node)
-        r = self._r
-        n = node
-        while n.parent is not None:
-            n.lock_ref -= 1
-            if n.lock_ref == 0:
-                k = n.num_pages
-                if n.device_full is not None:
-                    r.evictable_dev += k
-                elif n.host_full is not None:
-                    r.evictable_host += k
-            n = n.parent
+        self._r.dec_lock(node)
 
-    # ------------------------------------------------------------------ eviction
     # ------------------------------------------------------------------ eviction
     def evict_device(self, num_pages: int, *, write_back: bool | None = None) -> EvictResult:
         """Free at least ``num_pages`` device full pages (if possible), LRU over unlocked
@@ -611,11 +527,7 @@ class RadixTree:
             if node is self._root:
                 return []
             raise ValueError(f"node {node.id} is no longer in the tree")
-        path = self._path(node)
-        self._fill_hashes(path)
-        if len(path) == 1:
-            return list(path[0].page_hashes)
-        return [h for n in path for h in n.page_hashes]
+        return _path_hashes(self._path(node), self.page_size)
 
     def key_hashes(self, key, *, salt=None) -> list[str]:
         """L3 page hashes of every whole page of ``key`` under ``salt``: equal to
@@ -623,36 +535,7 @@ class RadixTree:
         (under that salt) take their hashes from the nodes (computing and keeping them
         there if needed) and only the rest are hashed. No other side effect: no split,
         no LRU bump. For the L3 lookup / backup of pages beyond a match."""
-        sb = _salt_bytes(salt)
-        kb, pages = key_bytes(key, self.page_size, aligned=False)
-        path, part, done = self._walk(kb, sb)
-        if part is not None:  # the match ends inside `part`: its head is ours too
-            path.append(part)
-        self._fill_hashes(path)
-        out = [h for n in path for h in n.page_hashes]
-        del out[done:]
-        if done < pages:
-            toks = np.frombuffer(kb, dtype=TOK)[done * self.page_size :]
-            if done:
-                out += _hash_fn()(toks, self.page_size, parent=out[-1])
-            else:
-                out += _hash_fn()(toks, self.page_size, salt=sb)
-        return out
-
-    def _fill_hashes(self, path: list[TreeNode]) -> None:
-        """Compute the missing ``page_hashes`` of ``path`` (a root-first path)."""
-        i = len(path)
-        while i and path[i - 1].page_hashes is None:  # prefix-closed: only a tail lacks them
-            i -= 1
-        if i == len(path):
-            return
-        ph = _hash_fn()
-        ps = self.page_size
-        for n in path[i:]:
-            if n.start:
-                n.page_hashes = ph(n.tokens(), ps, parent=n.parent.page_hashes[-1])
-            else:
-                n.page_hashes = ph(n.tokens(), ps, salt=n.salt)
+        return _key_hashes(self._root, key, self.page_size, salt)
 
     def path_tokens(self, node: TreeNode) -> np.ndarray:
         """Token ids of the path from the root to the end of ``node``."""

@@ -2,8 +2,9 @@
 
 :class:`Residency` owns the per-tier counters and leaf sets of one tree and every
 operation that gives or drops a node's device or host value: load back
-(``set_device_value``), backups (``backup_plan`` / ``mark_backed_up``) and LRU
-eviction of either tier. It returns every dropped id; nothing is freed here.
+(``set_device_value``), backups (``backup_plan`` / ``mark_backed_up``), LRU
+eviction of either tier, and the locks that keep nodes from it (``inc_lock`` /
+``dec_lock``: ``lock_ref`` along the path and the evictable counters). It returns every dropped id; nothing is freed here.
 
 Invariants kept (and recounted by :func:`jaxhicache.tree.invariants.check_tree`):
 ``dev_pages`` / ``host_pages`` count full pages per tier; ``evictable_dev`` counts
@@ -193,6 +194,53 @@ class Residency:
             evicted_pages=evicted,
             deleted_pages=evicted,
         )
+
+    # ------------------------------------------------------------------ locks
+    def inc_lock(self, node: TreeNode) -> None:
+        """Lock ``node`` and its ancestors (``lock_ref`` along the path, the evictable
+        counters of nodes that become locked); reprotects the node's SWA window."""
+        if node.parent is None:
+            if node is self.root:
+                return
+            raise ValueError(f"inc_lock on a node that is no longer in the tree: {node!r}")
+        node.own_locks += 1
+        if node.own_locks == 1 and self.swa:
+            self.w.reprotect(node)
+        n = node
+        while n.parent is not None:
+            if n.lock_ref == 0:
+                k = n.num_pages
+                if n.device_full is not None:
+                    self.evictable_dev -= k
+                elif n.host_full is not None:
+                    self.evictable_host -= k
+            n.lock_ref += 1
+            n = n.parent
+
+    def dec_lock(self, node: TreeNode) -> None:
+        """Undo one :meth:`inc_lock` of ``node``. Below zero raises ``ValueError``."""
+        if node.parent is None:
+            if node is self.root:
+                return
+            raise ValueError(f"dec_lock on a node that is no longer in the tree: {node!r}")
+        if node.own_locks <= 0:
+            raise ValueError(
+                f"dec_lock below zero on node {node.id} (own locks {node.own_locks}, "
+                f"lock_ref {node.lock_ref})"
+            )
+        node.own_locks -= 1
+        if node.own_locks == 0 and self.swa:
+            self.w.reprotect(node)
+        n = node
+        while n.parent is not None:
+            n.lock_ref -= 1
+            if n.lock_ref == 0:
+                k = n.num_pages
+                if n.device_full is not None:
+                    self.evictable_dev += k
+                elif n.host_full is not None:
+                    self.evictable_host += k
+            n = n.parent
 
     # ------------------------------------------------------------------ backup / load back
     def check_attached(self, node: TreeNode, what: str) -> None:
