@@ -234,13 +234,17 @@ def test_three_turns_of_unaligned_lengths(models, path, layerwise):
 
 @pytest.mark.parametrize("path", PATHS, ids=["direct", "staged"])
 def test_chunks_longer_than_a_page(models, path):
-    """chunk_size 40 > page 16: the pages a long chunk finishes carry their compressor
-    state (the per-page ring write), so turn 2 restores at 48 inside turn 1's chunk."""
+    """chunk_size 64 > page 16: a second conversation branches off at 48, a page boundary
+    inside turn 1's first chunk, so the restore needs the compressor state that chunk
+    wrote at the end of every page (the per-page ring write), served from host."""
     pp = 2
-    loop = models.loop(pp, path, chunk_size=40)
-    r1 = _first_turn(models, loop, pp, seed=41)
-    _evict_all_to_host(loop)
-    p2 = _turn2(loop, 41, r1)
+    loop = models.loop(pp, path, chunk_size=64)
+    vocab = loop.model.config.vocab
+    p1 = _prompt(41, 80, vocab)
+    r1 = _serve(loop, p1, 2)
+    _assert_matches_oracle(r1, models.uncached(loop, pp, p1, 2))
+    _evict_all_to_host(loop, min_pages=5)
+    p2 = np.concatenate([p1[:PREFIX], _prompt(42, 20, vocab)])
     r2 = _serve(loop, p2, TURN2_NEW)
     assert (r2.device_cached_tokens, r2.host_cached_tokens) == (0, PREFIX)
     _assert_matches_oracle(r2, models.uncached(loop, pp, p2, TURN2_NEW))
