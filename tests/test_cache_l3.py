@@ -215,7 +215,8 @@ def test_prefetch_policies_bound_the_wait(tmp_path, policy):
     elif policy is PrefetchPolicy.BEST_EFFORT:
         assert req.storage_hit_tokens == 0 and waited < 2 * delay
     else:
-        assert req.storage_hit_tokens == 0 and 0.2 <= waited < 0.2 + 2 * delay
+        # waited for the timeout, returned before the whole fetch (5 reads) could land
+        assert req.storage_hit_tokens == 0 and 0.2 <= waited < 5 * delay
     c.release(req)
     if policy is not PrefetchPolicy.WAIT_COMPLETE:  # it lands later: the next request hits
         c.poll(wait=True)
