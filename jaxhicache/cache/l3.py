@@ -236,8 +236,8 @@ class StorageTier:
         end = first + self._lookup(hashes)
         if w:
             end = self._window_end(hashes, first, end)
-        if (end - first) * ps < max(self.config.prefetch_threshold, 1):
-            return None
+        if (end - first) * ps < max(self.config.prefetch_threshold, 1) or end - first < w:
+            return None  # too little, or the window would reach back into the tree's pages
         swa_first = max(end - w, first) if w else end
         try:
             host_full = self._ledger.alloc(Tier.HOST, PageSpace.FULL, end - first)
