@@ -106,6 +106,16 @@ def _staging(n: int) -> np.ndarray:
     return raw[off : off + size]
 
 
+def _open_for_read(path: str) -> int | None:
+    """A read-only descriptor of ``path``, or ``None`` when the object is missing."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno in _MISSING:
+            return None
+        raise
+
+
 def _generation(st: os.stat_result) -> bytes:
     return _GEN.pack(st.st_ino, st.st_size, st.st_mtime_ns)
 
@@ -171,12 +181,9 @@ class FileBackend(StorageBackend):
         return self._run(lambda: self._read(self._path(key)))
 
     def _read(self, path: str) -> ObjectRead:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            if e.errno in _MISSING:
-                return ObjectRead(None)
-            raise
+        fd = _open_for_read(path)
+        if fd is None:
+            return ObjectRead(None)
         try:
             st = os.fstat(fd)
             n = st.st_size
@@ -199,12 +206,9 @@ class FileBackend(StorageBackend):
         return self._read_into(self._prefix + key, header, views)
 
     def _read_into(self, path: str, header: bytearray, views: list[memoryview]) -> ObjectRead:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            if e.errno in _MISSING:
-                return ObjectRead(None)
-            raise
+        fd = _open_for_read(path)
+        if fd is None:
+            return ObjectRead(None)
         try:
             st = os.fstat(fd)
             bufs = [header, *views]
