@@ -288,14 +288,13 @@ class Residency:
         self.check_attached(node, "mark_backed_up")
         nodes = self.nodes_to_backup(node)
         k = sum(n.num_pages for n in nodes)
-        full = ids(host_full_ids, "host_full_ids")
-        if full.size < k:
-            raise ValueError(
-                f"mark_backed_up(node {node.id}): {k} pages of its path are not backed up, "
-                f"got only {full.size} host ids"
-            )
-        if full.size and full[full.argmin()] < 0:
-            raise ValueError("host_full_ids must be >= 0")
+        full = _at_least(
+            host_full_ids,
+            "host_full_ids",
+            k,
+            f"mark_backed_up(node {node.id}): {k} pages of its path are not backed up",
+            "host",
+        )
         sw = None
         if self.swa and host_swa_ids is not None:
             sw = ids(host_swa_ids, "host_swa_ids")
@@ -340,14 +339,13 @@ class Residency:
             n = n.parent
         nodes.reverse()
         k = sum(x.num_pages for x in nodes)
-        full = ids(full_ids, "full_ids")
-        if full.size < k:
-            raise ValueError(
-                f"set_device_value(node {node.id}): {k} host-only pages end its path, "
-                f"got only {full.size} device ids"
-            )
-        if full.size and full[full.argmin()] < 0:
-            raise ValueError("full_ids must be >= 0")
+        full = _at_least(
+            full_ids,
+            "full_ids",
+            k,
+            f"set_device_value(node {node.id}): {k} host-only pages end its path",
+            "device",
+        )
         sw = None
         if self.swa and swa_ids is not None:
             sw = ids(swa_ids, "swa_ids")
@@ -367,3 +365,13 @@ class Residency:
                 self.w.merge(x, x.start, sw, first, unused_swa)
                 x = x.parent
         return full[:extra].copy(), cat(unused_swa)
+
+
+def _at_least(x, name: str, k: int, what: str, tier: str) -> np.ndarray:
+    """``x`` as int32 page ids: at least ``k`` of them, none negative (``ValueError``)."""
+    full = ids(x, name)
+    if full.size < k:
+        raise ValueError(f"{what}, got only {full.size} {tier} ids")
+    if full.size and full[full.argmin()] < 0:
+        raise ValueError(f"{name} must be >= 0")
+    return full
