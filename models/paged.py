@@ -33,6 +33,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxhicache.distributed import put_global, put_global_tree
 from jaxhicache.layer_map import build_layer_maps, stack_layer_maps
 from jaxhicache.mesh import PP, make_mesh, pool_sharding
 from jaxhicache.pools.device import DevicePools, allocate_device_pools
@@ -122,8 +123,9 @@ class PagedModel:
         sp = stack_stage_params(config, params, self.layer_maps)
         head = {k: sp.pop(k) for k in _HEAD}
         rep, staged = NamedSharding(mesh, P()), NamedSharding(mesh, P(PP))
-        self._head = jax.device_put(head, rep)
-        self._stages = jax.device_put(sp, staged)
+        self._head = put_global_tree(head, rep)  # each process fills its own shards
+        self._stages = put_global_tree(sp, staged)
+        self._replicated = rep
         self._compiler_options = compiler_options(fast_compile)
         self._fns: dict[tuple, object] = {}
 
@@ -141,7 +143,7 @@ class PagedModel:
     def new_scratch(self, start_pos: int = 0) -> RequestScratch:
         """A fresh request scratch for a request (re)starting at ``start_pos``."""
         rows = new_scratch(self.config, self.pp, self.max_hca_per_stage)
-        return RequestScratch(jax.device_put(rows, NamedSharding(self.mesh, P(PP))), start_pos)
+        return RequestScratch(put_global(rows, NamedSharding(self.mesh, P(PP))), start_pos)
 
     # -------------------------------------------------------------- forward
     def _fn(self, t: int, load: LayerwiseLoad | None = None):
@@ -224,15 +226,16 @@ class PagedModel:
         check_hca_scratch(self.config, start, scratch.start)
         padded = np.zeros((t,), np.int32)
         padded[:n] = tokens
+        rep = self._replicated  # every process passes the same host inputs
         args = (
             self._head,
             self._stages,
             dict(pools.arrays),
             scratch.rows,
-            jnp.asarray(padded),
-            jnp.int32(start),
-            jnp.int32(n),
-            PageTables(jnp.asarray(tables.full), jnp.asarray(tables.swa)),
+            put_global(padded, rep),
+            put_global(np.int32(start), rep),
+            put_global(np.int32(n), rep),
+            PageTables(put_global(tables.full, rep), put_global(tables.swa, rep)),
         )
         if load is not None:
             self._check_load(pools, load)
@@ -243,7 +246,9 @@ class PagedModel:
         fn, args = self._chunk(pools, scratch, tokens, start, n, tables, t, load)
         with jax.default_matmul_precision(MATMUL_PRECISION):
             logits, arrays, rows = fn(*args)
-        return logits[:n], pools.replace(arrays=arrays), RequestScratch(rows, scratch.start)
+        # The logits are replicated: this process's first copy, still in flight.
+        logits = logits.addressable_data(0)[:n]
+        return logits, pools.replace(arrays=arrays), RequestScratch(rows, scratch.start)
 
     def trace_first_chunk(
         self,

@@ -5,7 +5,12 @@ allocated here. The node stays locked from issue until :meth:`Backups.poll`
 records the landed copy in the tree, and the host pages are counted as
 in flight until then (:meth:`Backups.in_flight`). Completions change the tree
 only at poll points, so the tree evolves the same way in every process that
-runs the same request stream.
+runs the same request stream. Under multi-controller JAX a backup may have
+landed (or failed) on one process's stages and not yet on another's: at each
+poll point the processes agree on every pending backup's status with one MIN
+all-reduce (pending < failed < landed), so all record the same ones. A failed
+backup (its copy raised) is dropped everywhere: host pages freed, node unlocked,
+``backups_failed`` counted; the device copy is intact.
 
 Host pages are allocated with their generations; a row whose host page was
 freed or reallocated before the copy lands is skipped by the transfer engine.
@@ -21,6 +26,7 @@ import numpy as np
 
 from jaxhicache.cache.ledger import PageLedger
 from jaxhicache.cache.stats import CacheStats
+from jaxhicache.distributed import Agreement
 from jaxhicache.pools.allocator import OutOfPages
 from jaxhicache.pools.device import DevicePools
 from jaxhicache.spec import PageSpace, Tier
@@ -28,6 +34,9 @@ from jaxhicache.transfer import BackupHandle, PageMove, TransferEngine
 from jaxhicache.tree import RadixTree, TreeNode
 
 __all__ = ["Backups"]
+
+# Per-backup status, ordered so that the MIN over processes is the agreed outcome.
+_PENDING, _FAILED, _LANDED = 0, 1, 2
 
 
 @dataclasses.dataclass
@@ -50,6 +59,7 @@ class Backups:
         stats: CacheStats,
         make_room_on_host: Callable[[PageSpace, int], None],
         on_backed_up: Callable[[TreeNode, int], None] | None = None,
+        agreement: Agreement | None = None,
     ):
         self._engine = engine
         self._tree = tree
@@ -58,6 +68,7 @@ class Backups:
         self._make_room = make_room_on_host
         self._on_backed_up = on_backed_up
         self._pending: list[_Backup] = []
+        self.agreement = agreement if agreement is not None else Agreement(local_only=True)
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -106,14 +117,27 @@ class Backups:
         self._stats.backups_issued += 1
 
     def poll(self, wait: bool = False) -> int:
-        """Records landed backups in the tree (all of them with ``wait``); returns how many."""
+        """Records landed backups in the tree (all of them with ``wait``); returns how many.
+
+        Every process must call it at the same point: the statuses are agreed on
+        (one all-reduce when anything is pending, none otherwise).
+        """
+        if not self._pending:
+            return 0
+        local = [_status(b.handle, wait) for b in self._pending]
+        agreed = self.agreement.min(local)
         done, still = 0, []
-        for b in self._pending:
-            if not (wait or b.handle.done()):
+        for b, st in zip(self._pending, agreed.tolist(), strict=True):
+            if st == _PENDING:
                 still.append(b)
                 continue
-            b.handle.wait()
             self._tree.dec_lock(b.node)
+            done += 1
+            if st == _FAILED:  # on some process: nobody records it
+                self._ledger.free(Tier.HOST, PageSpace.FULL, b.host_full)
+                self._ledger.free(Tier.HOST, PageSpace.SWA, b.host_swa[b.host_swa >= 0])
+                self._stats.backups_failed += 1
+                continue
             unused_full, unused_swa = self._tree.mark_backed_up(b.node, b.host_full, b.host_swa)
             self._ledger.free(Tier.HOST, PageSpace.FULL, unused_full)
             self._ledger.free(Tier.HOST, PageSpace.SWA, unused_swa)
@@ -121,7 +145,6 @@ class Backups:
             self._stats.backed_up_pages += recorded
             if self._on_backed_up is not None and recorded:
                 self._on_backed_up(b.node, recorded)  # e.g. write them on to L3
-            done += 1
         self._pending = still
         return done
 
@@ -130,3 +153,14 @@ class Backups:
             self.poll(wait=True)  # landed backups make their host leaves evictable
             self._make_room(space, n)
         return self._ledger.alloc(Tier.HOST, space, n)
+
+
+def _status(handle: BackupHandle, wait: bool) -> int:
+    """This process's view of one backup: pending, failed (its copy raised) or landed."""
+    if not (wait or handle.done()):
+        return _PENDING
+    try:
+        handle.wait()
+    except Exception:  # any failure of the copy: the agreed outcome drops it everywhere
+        return _FAILED
+    return _LANDED

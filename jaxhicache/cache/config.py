@@ -57,6 +57,9 @@ class HiCacheConfig:
       partition: explicit per-stage layer counts (default: the reference split).
       storage: the L3 tier's knobs (``None``: no L3); the backend is passed to
         ``HiCache`` itself.
+      check_every: debug (multi-process): every ``check_every`` control-plane steps
+        (admit / insert) compare a digest of the cache state across processes and
+        raise ``DivergenceError`` if they differ (one all-reduce); 0 = off.
     """
 
     device_pages: int
@@ -71,6 +74,7 @@ class HiCacheConfig:
     copy_path: CopyPath | None = None
     partition: tuple[int, ...] | None = None
     storage: StorageConfig | None = None
+    check_every: int = 0
 
     def __post_init__(self):
         _positive_int("device_pages", self.device_pages)
@@ -87,6 +91,9 @@ class HiCacheConfig:
             raise ValueError(f"HiCacheConfig.tuning must be a PagedCopyTuning, got {self.tuning!r}")
         if self.storage is not None and not isinstance(self.storage, StorageConfig):
             raise ValueError(f"HiCacheConfig.storage must be a StorageConfig, got {self.storage!r}")
+        c = self.check_every
+        if type(c) is not int or c < 0:
+            raise ValueError(f"HiCacheConfig.check_every must be an int >= 0, got {c!r}")
         if self.partition is not None:
             if not isinstance(self.partition, tuple):
                 raise ValueError(

@@ -35,6 +35,7 @@ request are locked.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import math
 import time
@@ -57,6 +58,7 @@ from jaxhicache.cache.requests import (
     stack_tables,
 )
 from jaxhicache.cache.stats import CacheStats
+from jaxhicache.distributed import Agreement, DivergenceError, local_stages
 from jaxhicache.layer_map import build_layer_maps
 from jaxhicache.mesh import PP
 from jaxhicache.pools.allocator import OutOfPages
@@ -109,8 +111,13 @@ class HiCache:
         self._device_swa = config.device_swa_capacity(spec)
         host_pages = config.host_capacity()
         host_swa = config.host_swa_capacity(spec)
-        self.host = HostPools(
-            spec, self.layer_maps, host_pages, host_swa, layout=config.host_layout
+        self.host = HostPools(  # this process's stages only
+            spec,
+            self.layer_maps,
+            host_pages,
+            host_swa,
+            layout=config.host_layout,
+            ranks=local_stages(mesh),
         )
         self.ledger = PageLedger(config.device_pages, self._device_swa, host_pages, host_swa)
         self.engine = TransferEngine(
@@ -125,6 +132,9 @@ class HiCache:
         self.tree = RadixTree(
             spec.page_size, spec.swa_trailing_pages, write_policy=config.write_policy
         )
+        # Multi-controller JAX: one MIN all-reduce where a decision rests on what only
+        # some processes can see (identity, no collective, in a single process).
+        self.agreement = Agreement()
         self._stats = CacheStats()
         if (store is None) != (config.storage is None):
             raise ValueError(
@@ -145,7 +155,9 @@ class HiCache:
             self._stats,
             self._make_room_on_host,
             on_backed_up=None if self.l3 is None else self.l3.write,
+            agreement=self.agreement,
         )
+        self._steps = 0  # control-plane steps (admit / insert), for check_every
         self._id = next(_cache_ids)
         self._transfer_seconds = 0.0
 
@@ -256,6 +268,7 @@ class HiCache:
                     ) from e
                 deferred.append(i)
         self._stats.deferred_requests += len(deferred)
+        self._step()
         move = parts.move()
         handle = layer_load = None
         if move.full_device.size or move.swa_device.size:
@@ -437,6 +450,7 @@ class HiCache:
         request.state = RequestState.INSERTED  # the tree owns those pages from here on
         if k > 0 and should_backup_on_insert(self.write_policy, res.node):
             self._backups.issue(pools, res.node)
+        self._step()
 
     def release(self, request: Request) -> None:
         """Ends ``request``: frees its pages the tree did not take, unlocks its prefix."""
@@ -570,6 +584,8 @@ class HiCache:
             backup_bytes=t.backup_bytes,
             load_bytes=t.load_bytes,
             transfer_seconds=self._transfer_seconds + t.backup_seconds,
+            agreement_calls=self.agreement.calls,
+            agreement_seconds=self.agreement.seconds,
             in_flight_backups=len(self._backups),
             hit_rate=(s["device_hit_tokens"] + s["host_hit_tokens"] + s["storage_hit_tokens"])
             / max(s["query_tokens"], 1),
@@ -577,6 +593,35 @@ class HiCache:
         if self.l3 is not None:
             s.update(self.l3.backend.stats().as_prometheus(prefix="l3_"))
         return s
+
+    def digest(self) -> bytes:
+        """A hash of this process's decision state: the tree and every page allocator.
+
+        Processes replaying the same request stream must have equal digests.
+        """
+        h = hashlib.blake2b(self.tree.digest(), digest_size=16)
+        for (tier, space), a in self.ledger.items():
+            h.update(f"{tier.value}/{space.value}".encode())
+            h.update(a.state_bytes())
+        return h.digest()
+
+    def check_agreement(self) -> None:
+        """Raises :class:`~jaxhicache.distributed.DivergenceError` unless every process
+        holds the same :meth:`digest` (one all-reduce; a no-op in a single process).
+        Every process must call it at the same point."""
+        self._stats.divergence_checks += 1
+        if not self.agreement.digests_equal(self.digest()):
+            raise DivergenceError(
+                f"process {self.agreement.process_index} of {self.agreement.processes}: "
+                "cache state differs from another process's (same request stream, "
+                "different decisions)"
+            )
+
+    def _step(self) -> None:
+        self._steps += 1
+        n = self.config.check_every
+        if n and self._steps % n == 0:
+            self.check_agreement()
 
     def check_invariants(self) -> None:
         """Tree invariants plus page ownership (see :mod:`jaxhicache.cache.ledger`)."""

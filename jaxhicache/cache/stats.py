@@ -27,6 +27,7 @@ class CacheStats:
     inserted_tokens: int = 0
     backups_issued: int = 0
     backups_skipped: int = 0  # no host room (every host page locked or in flight)
+    backups_failed: int = 0  # copies that raised (on any process): dropped everywhere
     backed_up_pages: int = 0
     load_dispatches: int = 0  # merged H2D loads (one per admitted batch with host hits)
     loaded_pages: int = 0  # full pages brought back from host
@@ -40,3 +41,4 @@ class CacheStats:
     storage_backed_up_pages: int = 0  # stage pages written to L3 (absent ones only)
     storage_read_failures: int = 0  # prefetches that failed as a whole (backend error)
     storage_write_failures: int = 0
+    divergence_checks: int = 0  # cross-process digest comparisons (check_every)

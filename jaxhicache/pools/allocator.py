@@ -94,6 +94,11 @@ class PageAllocator:
             f"free={self._top}, used={self.num_used})"
         )
 
+    def state_bytes(self) -> bytes:
+        """The free stack (order included) and generations: equal in processes that took
+        the same decisions (for a cross-process digest)."""
+        return self._free[: self._top].tobytes() + self._gen.tobytes()
+
     # ------------------------------------------------------------ alloc/free
     def can_alloc(self, n: int) -> bool:
         return 0 <= n <= self._top

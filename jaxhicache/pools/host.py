@@ -1,8 +1,10 @@
 """Host (L2) pools: preallocated numpy slabs for every sub-pool of every stage.
 
-One controller process drives all PP stages (single-controller JAX), so it holds
-the host slabs of every stage. Per stage and sub-pool the slab is one numpy
-array — never one array per page::
+A process holds the slabs of its own stages only (``ranks``): every stage under
+single-controller JAX, the stages whose devices it owns under multi-controller
+JAX (:func:`jaxhicache.distributed.local_stages`); it never holds another
+stage's bytes. ``layer_maps`` are every stage's maps (the global facts). Per
+stage and sub-pool the slab is one numpy array — never one array per page::
 
     Layout.PAGE_FIRST  (default, storage friendly)   [host_pages, n_kind_on_stage, *row]
     Layout.LAYER_FIRST                               [n_kind_on_stage, host_pages, *row]
@@ -68,6 +70,7 @@ class HostPools:
         *,
         layout: Layout = Layout.PAGE_FIRST,
         reserve_bytes: int = DEFAULT_RESERVE_BYTES,
+        ranks: Sequence[int] | None = None,
     ):
         if num_pages < 1:
             raise ValueError(f"host num_pages must be >= 1, got {num_pages}")
@@ -76,6 +79,15 @@ class HostPools:
             raise ValueError(f"host num_swa_pages must be >= 1, got {num_swa_pages}")
         self.spec = spec
         self.layer_maps = tuple(layer_maps)
+        pp = len(self.layer_maps)
+        self.ranks = tuple(range(pp)) if ranks is None else tuple(int(r) for r in ranks)
+        if (
+            not self.ranks
+            or sorted(set(self.ranks)) != list(self.ranks)
+            or not all(0 <= r < pp for r in self.ranks)
+        ):
+            raise ValueError(f"ranks must be increasing stage ranks in [0, {pp}), got {ranks!r}")
+        self._pos = {r: i for i, r in enumerate(self.ranks)}
         self.num_pages = int(num_pages)
         self.num_swa_pages = int(num_swa_pages)
         self.layout = Layout(layout)
@@ -88,7 +100,7 @@ class HostPools:
                 f"{reserve_bytes:,}; lower the host page counts ({num_pages} full, "
                 f"{num_swa_pages} SWA)"
             )
-        # One zeroed, page-aligned array per sub-pool holding every stage, padded to the
+        # One zeroed, page-aligned array per sub-pool holding every local stage, padded to the
         # largest stage (the rows of padding layers are never touched, so the OS never
         # backs them with memory); ``slab(rank, kind)`` is a view of the stage's part.
         # A device array can alias it without a copy where device memory is host memory.
@@ -145,7 +157,7 @@ class HostPools:
         return self.num_pages if space is PageSpace.FULL else self.num_swa_pages
 
     def _stacked_shape(self, kind: PoolKind) -> tuple[int, ...]:
-        pp = len(self.layer_maps)
+        pp = len(self.ranks)
         max_k = max(1, max(m.num_layers_of(kind) for m in self.layer_maps))
         pages = self.pages_of(kind.page_space)
         if self.layout is Layout.PAGE_FIRST:
@@ -153,8 +165,9 @@ class HostPools:
         return (pp, max_k, pages, *self.spec.row_shape(kind))
 
     def stacked(self, kind: PoolKind) -> np.ndarray:
-        """All stages' slabs of ``kind`` as one page-aligned array, padded to the largest
-        stage: ``[pp, pages, max_k, *row]`` (page_first) or ``[pp, max_k, pages, *row]``."""
+        """The local stages' slabs of ``kind`` as one page-aligned array, padded to the
+        largest stage of all: ``[len(ranks), pages, max_k, *row]`` (page_first) or
+        ``[len(ranks), max_k, pages, *row]``; row ``i`` is stage ``ranks[i]``."""
         return self._stacked[self.spec.check_kind(kind)]
 
     def _slab_shape(self, m: StageLayerMap, kind: PoolKind) -> tuple[int, ...]:
@@ -165,22 +178,39 @@ class HostPools:
         return (n, pages, *self.spec.row_shape(kind))
 
     def nbytes_per_stage(self) -> list[int]:
-        """Bytes of every stage's slabs (its real layers; padding rows are never touched)."""
+        """Bytes of every local stage's slabs, in ``ranks`` order (its real layers; padding
+        rows are never touched)."""
         return [
             sum(
                 math.prod(self._slab_shape(m, k)) * self.spec.row_dtype(k).itemsize
                 for k in self.spec.kinds()
             )
-            for m in self.layer_maps
+            for m in self.local_maps
         ]
+
+    @property
+    def local_maps(self) -> tuple[StageLayerMap, ...]:
+        """The layer maps of the stages this process holds slabs for."""
+        return tuple(self.layer_maps[r] for r in self.ranks)
+
+    def position(self, rank: int) -> int:
+        """Row of stage ``rank`` in :meth:`stacked`; ``ValueError`` for a stage held elsewhere."""
+        try:
+            return self._pos[rank]
+        except KeyError:
+            raise ValueError(
+                f"stage {rank}'s host slabs live in another process (this one holds stages "
+                f"{list(self.ranks)})"
+            ) from None
 
     # ---------------------------------------------------------------- access
 
     def slab(self, rank: int, kind: PoolKind) -> np.ndarray:
         """The slab of sub-pool ``kind`` on stage ``rank`` (layout ``self.layout``)."""
         big = self.stacked(kind)
+        i = self.position(rank)
         nk = self.layer_maps[rank].num_layers_of(kind)
-        return big[rank, :, :nk] if self.layout is Layout.PAGE_FIRST else big[rank, :nk]
+        return big[i, :, :nk] if self.layout is Layout.PAGE_FIRST else big[i, :nk]
 
     def read(self, rank: int, kind: PoolKind, host_ids: np.ndarray) -> np.ndarray:
         """Pages ``host_ids`` of one stage's sub-pool as ``[n, n_kind, *row]``."""

@@ -148,7 +148,7 @@ class StagePages:
             for u in self.units:
                 per = []
                 for p in u.parts:
-                    stage = host.stacked(p.kind)[rank]  # [pages, max_k, *row], contiguous
+                    stage = host.stacked(p.kind)[host.position(rank)]  # [pages, max_k, *row]
                     per.append((stage.reshape(stage.shape[0], -1).view(np.uint8), p.nbytes))
                 rows.append(per)
             self._rows = rows

@@ -17,10 +17,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import final
 
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from jaxhicache.distributed import local_stages, put_global
 from jaxhicache.layer_map import StageLayerMap, stack_layer_maps
 from jaxhicache.mesh import PP, TP, pool_partition_spec
 from jaxhicache.pools.device import DevicePools
@@ -91,6 +92,12 @@ class TransferEngine:
             raise ValueError(
                 f"mesh has pp={mesh.shape[PP]}, layer maps have {len(self.layer_maps)} stages"
             )
+        mine = local_stages(mesh)
+        if host.ranks != mine:
+            raise ValueError(
+                f"the host pools hold stages {list(host.ranks)} but this process owns stages "
+                f"{list(mine)} of the mesh (HostPools(..., ranks=local_stages(mesh)))"
+            )
         self.copy_path = resolve_copy_path(mesh, copy_path)
         if backend is None:
             backend = Backend.TRITON if mesh_platform(mesh) == "gpu" else Backend.XLA
@@ -98,6 +105,7 @@ class TransferEngine:
         self.tuning = tuning or PagedCopyTuning()
         self.stats = TransferStats()
         self._lock = threading.Lock()
+        self._replicated = NamedSharding(mesh, P())
         kinds = tuple(self.spec.kinds())
         specs = {k: pool_partition_spec(self.spec, k, mesh.shape[TP]) for k in kinds}
         programs = TransferPrograms(
@@ -205,7 +213,8 @@ class TransferEngine:
         tokens = {}
         arrays = pools.arrays
         for lyr in layers:
-            arrays, tokens[lyr] = self.programs.layer_load(arrays, lw, jnp.int32(lyr))
+            layer = put_global(np.int32(lyr), self._replicated)
+            arrays, tokens[lyr] = self.programs.layer_load(arrays, lw, layer)
             if isinstance(self.strategy, DirectCopy):
                 self.strategy.reading_slabs(tokens[lyr])
         return pools.replace(arrays=arrays), LoadHandle(tokens)
@@ -222,7 +231,8 @@ class TransferEngine:
         out = {}
         for space in PageSpace:
             num = pools.num_pages if space is PageSpace.FULL else pools.num_swa_pages
-            out[space] = bucketed_ids(move.ids(space)[0], num, unique=unique)
+            ids = bucketed_ids(move.ids(space)[0], num, unique=unique)
+            out[space] = put_global(ids, self._replicated)  # the same in every process
         return out
 
     def _check_host_ids(self, move: PageMove, *, unique: bool) -> None:

@@ -10,7 +10,6 @@ import dataclasses
 from typing import final
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxhicache.spec import PageSpace
@@ -68,13 +67,13 @@ def bucketed_ids(ids: np.ndarray, num_pages: int, *, unique: bool, pad: int | No
     """Validates ``ids`` against ``[0, num_pages)`` and pads them to ``bucket_size(n)``.
 
     The padding is ``pad`` (default: the sentinel ``num_pages``, which no kernel
-    writes). Returns a device int32 array ``[bucket_size(n)]``; ``ValueError``
+    writes). Returns a host int32 array ``[bucket_size(n)]``; ``ValueError``
     names out-of-range (and, with ``unique``, duplicate) ids.
     """
     ids = validate_page_ids(ids, num_pages, unique=unique)
     nb = bucket_size(ids.size)
     fill = num_pages if pad is None else pad
-    return jnp.asarray(np.concatenate([ids, np.full(nb - ids.size, fill, np.int32)]))
+    return np.concatenate([ids, np.full(nb - ids.size, fill, np.int32)]).astype(np.int32)
 
 
 @dataclasses.dataclass

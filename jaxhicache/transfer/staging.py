@@ -4,20 +4,21 @@
   ``(kind, shape)`` and reuses it: a buffer is busy until the program (or
   transfer) that reads it is ready, and ``take`` waits for that before handing
   it out again. Reuse avoids first-touch page faults on every load.
-* :func:`alias_sharded` makes a sharded device array over a ``[pp, ...]``
-  numpy buffer; on the CPU backend each aligned, contiguous shard is used in
-  place (no copy), elsewhere it is one H2D copy.
+* :func:`alias_sharded` makes a global ``[pp, ...]`` device array over a numpy
+  buffer of this process's stages; on the CPU backend each aligned, contiguous
+  shard is used in place (no copy), elsewhere it is one H2D copy.
 * :func:`replica0_views` gives numpy views of the replica-0 shards of sharded
   arrays, per stage: what a backup lands in the slabs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import final
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, SingleDeviceSharding
 
 from jaxhicache.pools.host import aligned_zeros
 from jaxhicache.spec import PoolKind
@@ -51,19 +52,31 @@ class StagingBuffers:
         self._taken.clear()
 
 
-def alias_sharded(sharding: NamedSharding, buf: np.ndarray) -> jax.Array:
-    """A device array over ``buf [pp, ...]`` sharded by ``sharding``.
+def alias_sharded(
+    sharding: NamedSharding,
+    buf: np.ndarray,
+    ranks: Sequence[int],
+    num_stages: int,
+    *,
+    may_alias: bool = True,
+) -> jax.Array:
+    """A global ``[num_stages, ...]`` device array over ``buf [len(ranks), ...]``.
 
-    Each device's shard is put with ``may_alias=True``: on the CPU backend an
-    aligned, contiguous shard is used in place (no copy); elsewhere it is one H2D
-    copy. A caller that writes ``buf`` later must first wait for every program
-    that reads the returned array.
+    Row ``i`` of ``buf`` is stage ``ranks[i]``; this process's devices hold only
+    those stages. Each device's shard is put with ``may_alias`` into the
+    sharding's memory kind: on the CPU backend an aligned, contiguous shard is
+    used in place (no copy); elsewhere it is one H2D copy. A caller that writes
+    ``buf`` later must first wait for every program that reads the returned array.
     """
-    arrays = [
-        jax.device_put(buf[idx], d, may_alias=True)
-        for d, idx in sharding.addressable_devices_indices_map(buf.shape).items()
-    ]
-    return jax.make_array_from_single_device_arrays(buf.shape, sharding, arrays)
+    pos = {r: i for i, r in enumerate(ranks)}
+    shape = (num_stages, *buf.shape[1:])
+    arrays = []
+    for d, idx in sharding.addressable_devices_indices_map(shape).items():
+        rank = idx[0].start or 0
+        i = pos[rank]
+        target = SingleDeviceSharding(d, memory_kind=sharding.memory_kind)
+        arrays.append(jax.device_put(buf[(slice(i, i + 1), *idx[1:])], target, may_alias=may_alias))
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
 
 def replica0_views(arrays: dict) -> dict:

@@ -32,6 +32,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxhicache.distributed import put_global
 from jaxhicache.layer_map import StackedLayerMap, StageLayerMap
 from jaxhicache.pools.device import DevicePools
 from jaxhicache.pools.host import HostPools
@@ -109,6 +110,10 @@ class TransferContext:
     lock: threading.Lock
     host_is_current: Callable[[PageSpace, np.ndarray, np.ndarray], np.ndarray] | None
 
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
     def sharding(self, kind: PoolKind, memory_kind: str | None = None) -> NamedSharding:
         return NamedSharding(self.mesh, self.pool_specs[kind], memory_kind=memory_kind)
 
@@ -159,12 +164,23 @@ class CopyStrategy(abc.ABC):
         )
 
     def _load_bytes(self, move: PageMove) -> int:
-        """Real row bytes a load of ``move`` writes (every stage's own layers)."""
+        """Real row bytes a load of ``move`` writes here (this process's stages' layers)."""
         ctx = self.ctx
         return sum(
             move.ids(k.page_space)[1].size * m.num_layers_of(k) * ctx.host.spec.row_bytes(k)
             for k in ctx.kinds
-            for m in ctx.layer_maps
+            for m in ctx.host.local_maps
+        )
+
+    def _aliased(self, kind: PoolKind, buf: np.ndarray, memory_kind=None, *, may_alias=True):
+        """A global array of ``kind``'s pool sharding over this process's stage rows."""
+        ctx = self.ctx
+        return alias_sharded(
+            ctx.sharding(kind, memory_kind),
+            buf,
+            ctx.host.ranks,
+            len(ctx.layer_maps),
+            may_alias=may_alias,
         )
 
     def _land_backup(self, views, move: PageMove, gens, t0: float, from_pool: bool) -> int:
@@ -235,37 +251,33 @@ class StagedCopy(CopyStrategy):
         return BackupHandle(fut)
 
     def _fill_staging(self, move: PageMove, ids) -> tuple[dict[PoolKind, np.ndarray], int]:
-        """Per kind a reused layer-first buffer ``[pp, Lk, nb, *row]`` holding the rows."""
+        """Per kind a reused layer-first buffer ``[local stages, Lk, nb, *row]`` of the rows."""
         ctx = self.ctx
         out, nbytes = {}, 0
         for kind in ctx.kinds:
             host_ids = move.ids(kind.page_space)[1]
             nb, n = ids[kind.page_space].shape[0], host_ids.size
-            shape = (len(ctx.layer_maps), ctx.stacked.max_layers_of(kind), nb)
+            shape = (len(ctx.host.ranks), ctx.stacked.max_layers_of(kind), nb)
             shape += ctx.host.spec.row_shape(kind)
             buf = self._buffers.take(kind, shape, ctx.host.spec.row_dtype(kind))
-            for m in ctx.layer_maps:
+            for i, m in enumerate(ctx.host.local_maps):
                 nk = m.num_layers_of(kind)
                 if n and nk:
-                    nbytes += ctx.host.read_into(m.pp_rank, kind, host_ids, buf[m.pp_rank, :nk, :n])
+                    nbytes += ctx.host.read_into(m.pp_rank, kind, host_ids, buf[i, :nk, :n])
             out[kind] = buf
         return out, nbytes
 
     def load_all(self, pools, move, ids):
         ctx = self.ctx
         bufs, nbytes = self._fill_staging(move, ids)
-        staging = {k: alias_sharded(ctx.sharding(k), b) for k, b in bufs.items()}
+        staging = {k: self._aliased(k, b) for k, b in bufs.items()}
         arrays, token = ctx.programs.scatter_all(pools.arrays, ids, staging)
         self._buffers.busy_until(token)  # the buffers are read until this load lands
         return arrays, token, nbytes
 
     def layerwise(self, pools, move, ids):
-        ctx = self.ctx
         bufs, _ = self._fill_staging(move, ids)
-        rows = {
-            k: jax.device_put(b, ctx.sharding(k, self._host_kind), may_alias=False)
-            for k, b in bufs.items()
-        }
+        rows = {k: self._aliased(k, b, self._host_kind, may_alias=False) for k, b in bufs.items()}
         self._buffers.busy_until(list(rows.values()))  # until the host copies landed
         return self._load(pools, move, ids, rows, {}, None)
 
@@ -289,9 +301,7 @@ class DirectCopy(CopyStrategy):
         """The stacked host slabs as device arrays over the same memory (made once)."""
         if self._slabs is None:
             ctx = self.ctx
-            self._slabs = {
-                k: alias_sharded(ctx.sharding(k), ctx.host.stacked(k)) for k in ctx.kinds
-            }
+            self._slabs = {k: self._aliased(k, ctx.host.stacked(k)) for k in ctx.kinds}
         return self._slabs
 
     def reading_slabs(self, token: jax.Array) -> None:
@@ -312,8 +322,9 @@ class DirectCopy(CopyStrategy):
         for space in PageSpace:
             h = move.ids(space)[1]
             nb = ids[space].shape[0]
-            out[space] = bucketed_ids(h, self.ctx.host.pages_of(space), unique=False, pad=0)
-            assert out[space].shape[0] == nb
+            ids_h = bucketed_ids(h, self.ctx.host.pages_of(space), unique=False, pad=0)
+            assert ids_h.shape[0] == nb
+            out[space] = put_global(ids_h, self.ctx.replicated)
         return out
 
     def load_all(self, pools, move, ids):

@@ -26,6 +26,7 @@ Invariants (all checked by :meth:`RadixTree.check_invariants`, O(tree)):
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from typing import final
 
@@ -517,6 +518,24 @@ class RadixTree:
             n = stack.pop()
             yield n
             stack.extend(n.children.values())
+
+    def digest(self) -> bytes:
+        """A hash of the whole tree state that decisions depend on: per node (children in
+        key order) its tokens, salt, page ids on every tier, locks and LRU stamp.
+
+        Processes that replay the same request stream must have equal digests.
+        """
+        h = hashlib.blake2b(digest_size=16)
+        stack = [self._root]
+        while stack:
+            n = stack.pop()
+            h.update(n.key)
+            h.update(n.salt or b"-")
+            for arr in (n.device_full, n.device_swa, n.host_full, n.host_swa):
+                h.update(b"." if arr is None else np.asarray(arr, np.int32).tobytes())
+            h.update(np.array([n.num_pages, n.lock_ref, n.last_access], np.int64).tobytes())
+            stack.extend(n.children[k] for k in sorted(n.children, reverse=True))
+        return h.digest()
 
     def path_hashes(self, node: TreeNode) -> list[str]:
         """L3 page hashes (64-char hex) of the path from the root to the end of ``node``,
