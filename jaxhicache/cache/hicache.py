@@ -145,7 +145,14 @@ class HiCache:
             None
             if store is None
             else StorageTier(
-                store, config.storage, spec, self.host, self.ledger, self.tree, self._stats
+                store,
+                config.storage,
+                spec,
+                self.host,
+                self.ledger,
+                self.tree,
+                self._stats,
+                agreement=self.agreement,
             )
         )
         self._backups = Backups(

@@ -40,6 +40,7 @@ import numpy as np
 
 from jaxhicache.cache.ledger import PageLedger
 from jaxhicache.cache.stats import CacheStats
+from jaxhicache.distributed import Agreement
 from jaxhicache.pools.allocator import OutOfPages
 from jaxhicache.pools.host import HostPools
 from jaxhicache.spec import ModelCacheSpec, PageSpace, Tier
@@ -148,6 +149,7 @@ class StorageTier:
         ledger: PageLedger,
         tree: RadixTree,
         stats: CacheStats,
+        agreement: Agreement | None = None,
     ):
         if not isinstance(backend, StorageBackend):
             raise ValueError(f"storage must be a StorageBackend, got {type(backend).__name__}")
@@ -160,9 +162,12 @@ class StorageTier:
         self._stats = stats
         self._ps = spec.page_size
         self._w = spec.swa_trailing_pages
-        self.namespaces = [
-            Namespace.for_stage(spec, m, model_id=config.model_id) for m in host.layer_maps
-        ]
+        # This process's stages only (all of them in a single process).
+        self.namespaces = {
+            m.pp_rank: Namespace.for_stage(spec, m, model_id=config.model_id)
+            for m in host.local_maps
+        }
+        self.agreement = agreement if agreement is not None else Agreement(local_only=True)
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxhicache-l3")
         self._prefetches: list[Prefetch] = []
         self._writes: list[_Write] = []
@@ -204,15 +209,15 @@ class StorageTier:
         Returns it (its slots are the request's now) if it loaded and starts there;
         a failed one, or one the tree has outgrown or lost the prefix of, is dropped.
         """
-        if not p.future.done() or p not in self._prefetches:
+        if p not in self._prefetches:
+            return None
+        (status,) = self._agreed([p])
+        if status == _PENDING:
             return None
         self._prefetches.remove(p)
-        try:
-            good = bool(p.future.result())
-        except Exception:  # a backend bug: counted, a miss
-            good = False
+        if _raised(p):  # a backend bug: counted, a miss
             self._stats.storage_read_failures += 1
-        if good and p.first == first:
+        if status == _LOADED and p.first == first:
             self._stats.storage_prefetched_tokens += (p.end - p.first) * self._ps
             return p
         self._drop(p)
@@ -266,16 +271,17 @@ class StorageTier:
         return p
 
     def _lookup(self, hashes: Sequence[str]) -> int:
-        """Consecutive full-space pages present on every stage (the decision, taken once)."""
+        """Consecutive full-space pages present on every stage (the decision, taken once:
+        MIN over this process's stages, then MIN over processes)."""
         n = len(hashes)
-        for r, ns in enumerate(self.namespaces):
+        for r, ns in self.namespaces.items():
             if not n:
                 break
             if self.host.layer_maps[r].num_local_layers and _has_space(
                 ns, self.spec, PageSpace.FULL
             ):
                 n = min(n, self.backend.exists_prefix(ns, PageSpace.FULL, hashes[:n]))
-        return n
+        return int(self.agreement.min([n])[0])
 
     def _window_end(self, hashes: Sequence[str], first: int, end: int) -> int:
         """The largest hit end ``<= end`` whose SWA window objects exist on every stage.
@@ -285,28 +291,30 @@ class StorageTier:
         """
         w, k = self._w, self.config.swa_checkpoint_every
         candidates = [end, *range(end - end % k, first, -k)] if end > first else []
-        for e in dict.fromkeys(candidates):  # ordered, without duplicates
-            if e <= first:
-                break
-            window = hashes[max(e - w, first) - first : e - first]
-            if all(
-                self.backend.exists(ns, PageSpace.SWA, window).all()
-                for ns in self.namespaces
+        candidates = [e for e in dict.fromkeys(candidates) if e > first]  # ordered, unique
+        here = [
+            all(
+                self.backend.exists(
+                    ns, PageSpace.SWA, hashes[max(e - w, first) - first : e - first]
+                ).all()
+                for ns in self.namespaces.values()
                 if _has_space(ns, self.spec, PageSpace.SWA)
-            ):
-                return e
-        return first
+            )
+            for e in candidates
+        ]
+        agreed = self.agreement.min(here)  # present on every process's stages
+        return next((e for e, ok in zip(candidates, agreed, strict=True) if ok), first)
 
     def _fetch(self, hashes, host_full, swa_hashes, host_swa) -> int:
         """Worker: loads the pages into the slots; returns the pages usable on every stage."""
         n = len(hashes)
         good = n
-        for r, ns in enumerate(self.namespaces):
+        for r, ns in self.namespaces.items():
             if _has_space(ns, self.spec, PageSpace.FULL):
                 ok = self.backend.get(ns, PageSpace.FULL, hashes, self.host, r, host_full)
                 good = min(good, _leading(ok))
         window_ok = True
-        for r, ns in enumerate(self.namespaces):
+        for r, ns in self.namespaces.items():
             if swa_hashes and _has_space(ns, self.spec, PageSpace.SWA):
                 ok = self.backend.get(ns, PageSpace.SWA, swa_hashes, self.host, r, host_swa)
                 window_ok &= bool(ok.all())
@@ -353,7 +361,7 @@ class StorageTier:
 
     def _put(self, hashes, host_full, swa_hashes, host_swa) -> int:
         written = 0
-        for r, ns in enumerate(self.namespaces):
+        for r, ns in self.namespaces.items():
             for space, hs, ids in (
                 (PageSpace.FULL, hashes, host_full),
                 (PageSpace.SWA, swa_hashes, host_swa),
@@ -368,21 +376,29 @@ class StorageTier:
         return written
 
     # ---------------------------------------------------------------------- poll
+    def _agreed(self, prefetches: Sequence[Prefetch], wait: bool = False) -> list[int]:
+        """Each prefetch's status as every process sees it: the MIN over processes of
+        pending < failed < loaded (a prefetch loads a stage's layers per process)."""
+        if wait:
+            concurrent.futures.wait([p.future for p in prefetches])
+        local = [_status(p) for p in prefetches]
+        return self.agreement.min(local).tolist() if local else []
+
     def poll(self, wait: bool = False) -> None:
         """Drops prefetches that failed and records finished writes (``wait``: all)."""
-        for p in list(self._prefetches):
-            if wait:
-                concurrent.futures.wait([p.future])
-            if p.future.done() and (p.future.exception() is not None or not p.future.result()):
+        for p, st in zip(list(self._prefetches), self._agreed(self._prefetches, wait), strict=True):
+            if st == _FAILED:
                 self._prefetches.remove(p)
+                if _raised(p):
+                    self._stats.storage_read_failures += 1
                 self._drop(p)
         self._record_writes(wait)
 
     def drop_landed(self) -> int:
         """Frees the slots of landed prefetches nobody claimed (host pressure); returns pages."""
         n = 0
-        for p in list(self._prefetches):
-            if p.future.done():
+        for p, st in zip(list(self._prefetches), self._agreed(self._prefetches), strict=True):
+            if st != _PENDING:
                 self._prefetches.remove(p)
                 n += p.host_full.size
                 self._drop(p)
@@ -430,6 +446,21 @@ def _path_host_ids(node: TreeNode) -> tuple[np.ndarray, np.ndarray]:
     if not fulls:
         return np.zeros(0, np.int32), np.zeros(0, np.int32)
     return np.concatenate(fulls[::-1]), np.concatenate(swas[::-1])
+
+
+_PENDING, _FAILED, _LOADED = 0, 1, 2  # ordered: the MIN over processes is the outcome
+
+
+def _status(p: Prefetch) -> int:
+    if not p.future.done():
+        return _PENDING
+    if p.future.exception() is not None or not p.future.result():
+        return _FAILED
+    return _LOADED
+
+
+def _raised(p: Prefetch) -> bool:
+    return p.future.done() and p.future.exception() is not None
 
 
 def _leading(mask: np.ndarray) -> int:

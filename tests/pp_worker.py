@@ -1,0 +1,152 @@
+"""One process of the multi-process PP tests (started by tests/test_pp_processes.py
+through ``jaxhicache.launch``).
+
+    python tests/pp_worker.py PP OUT_DIR MODE
+
+Every process serves the same multi-turn conversations (device eviction between
+turns, so later turns load their prefix back from the host tier) and writes
+``OUT_DIR/p{process}.npz``: the logits of every request (cached and recomputed),
+its host slab shapes, the global ids of its C4 state sub-pool rows, its cache
+digest and counters.
+
+MODE: ``normal``; ``disagree`` (process 1 is told one backup failed; the
+agreement step resolves it); ``disagree-unagreed`` (the same without the agreement
+step: the digest check must fire); ``die`` (process 1 dies after the first turn).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+TURNS = ((40, 5), (11, 4), (19, 3))  # (new user tokens, max_new_tokens) per turn
+SYSTEM = 32
+
+
+def conversations(vocab: int, seed: int = 3) -> list[list[np.ndarray]]:
+    """Two conversations sharing a system prompt: per turn the new user tokens."""
+    rng = np.random.default_rng(seed)
+    system = rng.integers(0, vocab, SYSTEM)
+    return [
+        [np.concatenate([system, rng.integers(0, vocab, TURNS[0][0])])]
+        + [rng.integers(0, vocab, n) for n, _ in TURNS[1:]]
+        for _ in range(2)
+    ]
+
+
+def serve_all(loop, vocab: int, after_turn=None):
+    """Serves the conversations turn by turn (both per turn), evicting every device page
+    after each turn; returns the reports in order."""
+    convs = conversations(vocab)
+    history = [np.zeros(0, np.int32) for _ in convs]
+    prompts, reports = [], []
+    for t, (_, max_new) in enumerate(TURNS):
+        for c, conv in enumerate(convs):
+            prompt = np.concatenate([history[c], conv[t]]).astype(np.int32)
+            r = loop.serve(prompt, max_new)
+            prompts.append(prompt)
+            history[c] = np.concatenate([prompt, r.generated]).astype(np.int32)
+            reports.append(r)
+        loop.cache.poll(wait=True)
+        loop.evict_device(10**6)  # later turns: the prefix comes back from the host tier
+        if after_turn is not None:
+            after_turn(t)
+    return prompts, reports
+
+
+def main(pp: int, out: Path, mode: str) -> int:
+    from jaxhicache.distributed import initialize
+
+    initialize()  # from the launcher's environment
+    import jax
+
+    from jaxhicache.cache import WritePolicy
+    from jaxhicache.distributed import Agreement, DivergenceError, local_stages
+    from jaxhicache.mesh import make_mesh
+    from jaxhicache.spec import PoolKind
+    from models import PagedModel, TinyDSV4Config, init_params
+    from models.serving import ServingLoop
+
+    me = jax.process_index()
+    cfg = TinyDSV4Config.mini(num_layers=6)
+    model = PagedModel(cfg, init_params(cfg, 0), mesh=make_mesh(pp))
+    loop = ServingLoop.for_model(
+        model,
+        device_pages=16,
+        host_ratio=4.0,
+        write_policy=WritePolicy.WRITE_THROUGH,
+        check_every=1 if mode == "disagree-unagreed" else 0,
+    )
+    cache = loop.cache
+    if mode.startswith("disagree"):
+        if mode == "disagree-unagreed":
+            cache._backups.agreement = Agreement(local_only=True)  # the negative control
+        engine_backup = cache.engine.backup
+        calls = {"n": 0}
+
+        def backup(pools, move, host_generations=None):
+            handle = engine_backup(pools, move, host_generations)
+            calls["n"] += 1
+            if me == 1 and calls["n"] == 2:  # this process is told its 2nd backup failed
+                handle._future = _failed_future()
+            return handle
+
+        cache.engine.backup = backup
+
+    def after_turn(t):
+        if mode == "die" and me == 1 and t == 0:
+            os._exit(17)  # dies without a word, mid-run
+
+    try:
+        prompts, reports = serve_all(loop, cfg.vocab, after_turn)
+    except DivergenceError as e:
+        (out / f"p{me}.diverged").write_text(str(e))
+        return 3
+    uncached = [
+        loop.serve_uncached(p, len(r.generated)) for p, r in zip(prompts, reports, strict=True)
+    ]
+    cache.poll(wait=True)
+    cache.check_invariants()
+    mine = local_stages(model.mesh)
+    np.savez(
+        out / f"p{me}.npz",
+        step_logits=np.concatenate([r.step_logits for r in reports]),
+        uncached_step_logits=np.concatenate([r.step_logits for r in uncached]),
+        prefill_logits=np.concatenate([r.prefill_logits for r in reports]),
+        generated=np.concatenate([r.generated for r in reports]),
+        host_tokens=np.array([r.host_cached_tokens for r in reports]),
+        device_tokens=np.array([r.device_cached_tokens for r in reports]),
+    )
+    info = {
+        "process": me,
+        "stages": list(mine),
+        "host_ranks": list(cache.host.ranks),
+        "slab_shapes": {k.value: list(cache.host.stacked(k).shape) for k in cache.spec.kinds()},
+        "c4_state_global_ids": {
+            str(r): cache.layer_maps[r].subpool_to_global(PoolKind.C4_STATE).tolist()
+            for r in cache.host.ranks
+        },
+        "host_bytes": sum(cache.host.nbytes_per_stage()),
+        "digest": cache.digest().hex(),
+        "stats": {k: v for k, v in cache.stats().items() if isinstance(v, int | float)},
+    }
+    cache.check_agreement()
+    (out / f"p{me}.json").write_text(json.dumps(info))
+    loop.close()
+    return 0
+
+
+def _failed_future():
+    import concurrent.futures
+
+    f: concurrent.futures.Future = concurrent.futures.Future()
+    f.set_exception(OSError("injected: the D2H copy of this backup failed on this process"))
+    return f
+
+
+if __name__ == "__main__":
+    sys.exit(main(int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]))
