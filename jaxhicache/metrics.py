@@ -106,6 +106,7 @@ this table names that ``cache.stats()`` lacks is skipped. No scrape fails on eit
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import enum
 import itertools
@@ -296,8 +297,7 @@ class _Rate:
         if dn <= 0 or ds <= 0 or db < 0:  # nothing finished, or no measurable time
             return
         gb_s = db / ds / 1e9
-        i = next((i for i, b in enumerate(self.bounds) if gb_s <= b), len(self.bounds))
-        self.counts[i] += 1
+        self.counts[bisect.bisect_left(self.bounds, gb_s)] += 1  # first bound >= gb_s
         self.sum += gb_s
 
     def buckets(self) -> list[tuple[str, float]]:
