@@ -9,7 +9,9 @@ turns, so later turns load their prefix back from the host tier) and writes
 its host slab shapes, the global ids of its C4 state sub-pool rows, its cache
 digest and counters.
 
-MODE: ``normal``; ``disagree`` (process 1 is told one backup failed; the
+MODE: ``normal``; ``l3`` (an L3 file store in OUT_DIR/store as well, and the host
+tier emptied after every turn too, so later turns come back from storage: every
+process reads and writes its own stages' objects); ``disagree`` (process 1 is told one backup failed; the
 agreement step resolves it); ``disagree-unagreed`` (the same without the agreement
 step: the digest check must fire); ``die`` (process 1 dies after the first turn).
 """
@@ -38,9 +40,10 @@ def conversations(vocab: int, seed: int = 3) -> list[list[np.ndarray]]:
     ]
 
 
-def serve_all(loop, vocab: int, after_turn=None):
+def serve_all(loop, vocab: int, after_turn=None, *, evict_host: bool = False):
     """Serves the conversations turn by turn (both per turn), evicting every device page
-    after each turn; returns the reports in order."""
+    (and with ``evict_host`` every host page) after each turn; returns the prompts and
+    the reports in order."""
     convs = conversations(vocab)
     history = [np.zeros(0, np.int32) for _ in convs]
     prompts, reports = [], []
@@ -53,6 +56,8 @@ def serve_all(loop, vocab: int, after_turn=None):
             reports.append(r)
         loop.cache.poll(wait=True)
         loop.evict_device(10**6)  # later turns: the prefix comes back from the host tier
+        if evict_host:
+            loop.evict_host(10**6)  # ... or from storage
         if after_turn is not None:
             after_turn(t)
     return prompts, reports
@@ -64,22 +69,34 @@ def main(pp: int, out: Path, mode: str) -> int:
     initialize()  # from the launcher's environment
     import jax
 
-    from jaxhicache.cache import WritePolicy
+    from jaxhicache.cache import PrefetchPolicy, StorageConfig, WritePolicy
     from jaxhicache.distributed import Agreement, DivergenceError, local_stages
     from jaxhicache.mesh import make_mesh
     from jaxhicache.spec import PoolKind
+    from jaxhicache.storage import FileBackend
     from models import PagedModel, TinyDSV4Config, init_params
     from models.serving import ServingLoop
 
     me = jax.process_index()
     cfg = TinyDSV4Config.mini(num_layers=6)
     model = PagedModel(cfg, init_params(cfg, 0), mesh=make_mesh(pp))
+    l3 = {}
+    if mode == "l3":
+        l3 = {
+            "store": FileBackend(out / "store"),
+            "storage": StorageConfig(
+                model_id="tiny-mini-6",
+                prefetch_threshold=16,
+                prefetch_policy=PrefetchPolicy.WAIT_COMPLETE,
+            ),
+        }
     loop = ServingLoop.for_model(
         model,
         device_pages=16,
         host_ratio=4.0,
         write_policy=WritePolicy.WRITE_THROUGH,
-        check_every=1 if mode == "disagree-unagreed" else 0,
+        check_every=1 if mode in ("disagree-unagreed", "l3") else 0,
+        **l3,
     )
     cache = loop.cache
     if mode.startswith("disagree"):
@@ -102,7 +119,7 @@ def main(pp: int, out: Path, mode: str) -> int:
             os._exit(17)  # dies without a word, mid-run
 
     try:
-        prompts, reports = serve_all(loop, cfg.vocab, after_turn)
+        prompts, reports = serve_all(loop, cfg.vocab, after_turn, evict_host=mode == "l3")
     except DivergenceError as e:
         (out / f"p{me}.diverged").write_text(str(e))
         return 3
@@ -119,6 +136,7 @@ def main(pp: int, out: Path, mode: str) -> int:
         prefill_logits=np.concatenate([r.prefill_logits for r in reports]),
         generated=np.concatenate([r.generated for r in reports]),
         host_tokens=np.array([r.host_cached_tokens for r in reports]),
+        storage_tokens=np.array([r.storage_cached_tokens for r in reports]),
         device_tokens=np.array([r.device_cached_tokens for r in reports]),
     )
     info = {

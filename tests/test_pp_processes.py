@@ -130,3 +130,21 @@ def test_a_dead_process_fails_the_others_quickly(tmp_path):
     assert elapsed < 90, f"the survivor took {elapsed:.0f} s to fail"
     log = (tmp_path / "p0.log").read_text(errors="replace")
     assert "Connection closed by peer" in log or "heartbeat" in log, log[-3000:]
+
+
+def test_l3_across_processes(tmp_path, single_process):
+    """Each process writes and reads its own stages' objects; the lookups are agreed."""
+    codes, _ = _run(tmp_path, 2, 2, "l3")
+    assert codes == [0, 0], _logs(tmp_path, 2)
+    infos = [json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2)]
+    assert infos[0]["digest"] == infos[1]["digest"]
+    assert infos[0]["stats"]["storage_hit_tokens"] > 0  # later turns came from storage
+    # Both stages' objects are there, each under its own layer range.
+    maps = build_layer_maps(TinyDSV4Config.mini(num_layers=6).cache_spec(), 2)
+    stage_dirs = {p.name for p in (tmp_path / "store").rglob("layers-*") if p.is_dir()}
+    assert stage_dirs == {f"layers-{m.start_layer}-{m.end_layer}" for m in maps}, stage_dirs
+    for i in range(2):
+        out = np.load(tmp_path / f"p{i}.npz")
+        assert out["storage_tokens"].sum() == infos[i]["stats"]["storage_hit_tokens"]
+        np.testing.assert_array_equal(out["generated"], single_process["generated"])
+        np.testing.assert_allclose(out["step_logits"], out["uncached_step_logits"], atol=TOL)
