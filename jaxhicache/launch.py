@@ -130,10 +130,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not command:
             raise ValueError("give the command to run after '--'")
         if args.coordinator is not None:
+            if args.num_processes is None or args.process_id is None:
+                raise ValueError("--coordinator needs --num-processes and --process-id")
             cfg = DistributedConfig(
                 args.coordinator,
-                args.num_processes if args.num_processes is not None else -1,
-                args.process_id if args.process_id is not None else -1,
+                args.num_processes,
+                args.process_id,
                 args.devices_per_process,
                 args.heartbeat_timeout_s,
             )
