@@ -401,7 +401,7 @@ class CacheMetrics:
             self._advance(self.cache.stats() if self.cache.l3 is not None else None)
 
     def _advance(self, stats: Mapping[str, Any] | None) -> None:
-        t = self.cache.engine.stats
+        t = self.cache.engine.stats_snapshot()
         self._rates[Direction.H2D].advance(t.load_bytes, t.load_seconds, t.loads)
         self._rates[Direction.D2H].advance(t.backup_bytes, t.backup_seconds, t.backups)
         if stats is not None:
@@ -463,7 +463,7 @@ class CacheMetrics:
         used = stats.get("device_full_pages_used")
         if used is not None:
             add(families["token_usage"], (), used / max(device_full, 1))
-        t = self.cache.engine.stats
+        t = self.cache.engine.stats_snapshot()
         add(families["transfers"], (Direction.H2D,), t.loads)
         add(families["transfers"], (Direction.D2H,), t.backups)
         add(families["load_back_seconds"], (), t.load_seconds)

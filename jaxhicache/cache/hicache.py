@@ -580,7 +580,7 @@ class HiCache:
     def stats(self) -> dict:
         """Hits per tier (tokens served), pages in use per tier and space, bytes moved."""
         s = dataclasses.asdict(self._stats)
-        t = self.engine.stats
+        t = self.engine.stats_snapshot()
         s.update(
             {
                 f"{tier.value}_{space.value}_pages_used": a.num_used

@@ -12,6 +12,7 @@ reads the pools and never keeps them; a load donates them.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -133,6 +134,11 @@ class TransferEngine:
 
     def close(self) -> None:
         self.strategy.close()
+
+    def stats_snapshot(self) -> TransferStats:
+        """A consistent copy of the counters (the D2H worker updates them concurrently)."""
+        with self._lock:
+            return dataclasses.replace(self.stats)
 
     # ----------------------------------------------------------------- backup
 
