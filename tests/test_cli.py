@@ -1,15 +1,61 @@
-"""The command-line main job on its default and with bad input."""
+"""The command line: help, ``layer-map``, and one-line errors for bad arguments.
+
+``bench multiturn`` end to end and ``storage`` on the store it wrote are in
+``tests/test_multiturn.py``.
+"""
 
 import json
 import subprocess
 import sys
 
+import pytest
+
 from jaxhicache.cli import main
 
 
-def test_cli_default_prints_flash_stage_maps(capsys):
+def test_no_subcommand_prints_help(capsys):
     assert main([]) == 0
     out = capsys.readouterr().out
+    assert out.startswith("usage: jaxhicache")
+    for command in ("bench", "layer-map", "storage"):
+        assert command in out
+    assert "jaxhicache bench multiturn" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "usage"),
+    [
+        (["--help"], "usage: jaxhicache [-h]"),
+        (["bench", "--help"], "usage: jaxhicache bench [-h]"),
+        (["bench", "multiturn", "--help"], "usage: jaxhicache bench multiturn [-h]"),
+        (["layer-map", "--help"], "usage: jaxhicache layer-map [-h]"),
+        (["storage", "--help"], "usage: jaxhicache storage [-h]"),
+        (["storage", "ls", "--help"], "usage: jaxhicache storage ls [-h]"),
+        (["storage", "stats", "--help"], "usage: jaxhicache storage stats [-h]"),
+        (["storage", "clear", "--help"], "usage: jaxhicache storage clear [-h]"),
+    ],
+)
+def test_help_of_every_command(argv, usage, capsys):
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(usage)
+
+
+def test_multiturn_help_lists_its_options(capsys):
+    assert main(["bench", "multiturn", "--help"]) == 0
+    out = capsys.readouterr().out
+    for opt in (
+        "--model", "--pp", "--tp", "--device-pages", "--host-pages", "--host-ratio",
+        "--write-policy", "--prefetch-policy", "--store", "--clients", "--turns", "--seed",
+        "--out", "--quick",
+    ):  # fmt: skip
+        assert opt in out, opt
+
+
+def test_layer_map_prints_flash_stage_maps(capsys):
+    assert main(["layer-map"]) == 0
+    out = capsys.readouterr().out
+    assert "stage" in out.splitlines()[2]  # the table before the JSON line
     info = json.loads(out.strip().splitlines()[-1])
     assert info["model"] == "deepseek-v4-flash" and info["pp"] == 2
     assert info["page_bytes"] == 9_158_208
@@ -18,21 +64,102 @@ def test_cli_default_prints_flash_stage_maps(capsys):
     assert sum(s["page_bytes"] for s in info["stages"]) == 9_158_208
 
 
-def test_cli_partition_and_errors(capsys):
-    assert main(["--pp", "4", "--partition", "11,11,11,10", "--json"]) == 0
+def test_layer_map_partition_and_errors(capsys):
+    assert main(["layer-map", "--pp", "4", "--partition", "11,11,11,10", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert [s["layers"] for s in info["stages"]] == [[0, 11], [11, 22], [22, 33], [33, 43]]
-    assert main(["--pp", "4", "--partition", "11,11,11,11"]) == 2
-    assert "sums to 44" in capsys.readouterr().err
-    assert main(["--pp", "0"]) == 2
+    assert main(["layer-map", "--pp", "4", "--partition", "11,11,11,11"]) == 2
+    err = capsys.readouterr().err
+    assert "sums to 44" in err and len(err.strip().splitlines()) == 1
 
 
-def test_module_entry_point_runs():
+def _one_line_error(argv, capsys, *needles):
+    code = main(argv)
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert code == 2, (code, captured.err)
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("jaxhicache: error: "), lines
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    assert "Traceback" not in captured.err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "needles"),
+    [
+        (["bench", "multiturn", "--model", "huge"], ["--model", "'huge'"]),
+        (["bench", "multiturn", "--clients", "-1"], ["--clients", "'-1'"]),
+        (["bench", "multiturn", "--turns", "0"], ["--turns", "'0'"]),
+        (["bench", "multiturn", "--device-pages", "-4"], ["--device-pages", "'-4'"]),
+        (["bench", "multiturn", "--host-ratio", "-2"], ["--host-ratio", "'-2'"]),
+        (["bench", "multiturn", "--seed", "-3"], ["--seed", "'-3'"]),
+        (["bench", "multiturn", "--write-policy", "sometimes"], ["'sometimes'"]),
+        (["bench", "multiturn", "--host-pages", "4", "--host-ratio", "2"], ["--host-ratio"]),
+        (["bench"], ["multiturn"]),
+        (["layer-map", "--pp", "0"], ["--pp", "'0'"]),
+        (["layer-map", "--partition", "a,b"], ["'a,b'"]),
+        (["storage", "ls"], ["--store"]),
+        (["frobnicate"], ["'frobnicate'"]),
+    ],
+)
+def test_bad_arguments_end_with_one_line(argv, needles, capsys):
+    _one_line_error(argv, capsys, *needles)
+
+
+def test_pp_the_devices_cannot_host(capsys):
+    # tests run on 8 CPU devices (conftest): 16 stages do not fit, and the tiny
+    # model's 4 layers cannot be split over 8 stages
+    _one_line_error(["bench", "multiturn", "--pp", "16"], capsys, "--pp 16", "8 cpu device")
+    _one_line_error(["bench", "multiturn", "--pp", "4", "--tp", "4"], capsys, "16 devices")
+    _one_line_error(["bench", "multiturn", "--model", "tiny", "--pp", "8"], capsys, "--pp 8")
+
+
+def test_device_pages_too_small_for_the_workload(capsys):
+    _one_line_error(
+        ["bench", "multiturn", "--model", "tiny", "--device-pages", "3"], capsys, "device_pages=3"
+    )
+
+
+def test_stores_that_cannot_be_opened(tmp_path, capsys):
+    a_file = tmp_path / "not-a-dir"
+    a_file.write_text("x")
+    _one_line_error(
+        ["bench", "multiturn", "--model", "tiny", "--store", str(a_file)], capsys, str(a_file)
+    )
+    bad_driver = '{"driver": "no-such-driver"}'
+    _one_line_error(["bench", "multiturn", "--store", bad_driver], capsys, "no-such-driver")
+    _one_line_error(["bench", "multiturn", "--store", '{"driver": '], capsys, "JSON")
+    missing = str(tmp_path / "missing")
+    for action in ("ls", "stats", "clear"):
+        _one_line_error(["storage", action, "--store", missing], capsys, missing)
+    assert not (tmp_path / "missing").exists()  # inspecting never creates a store
+
+
+def test_module_entry_point_help_and_layer_map():
     r = subprocess.run(
-        [sys.executable, "-m", "jaxhicache", "--model", "mini", "--pp", "3", "--json"],
+        [sys.executable, "-m", "jaxhicache", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert r.stdout.startswith("usage: jaxhicache") and "bench" in r.stdout
+    r = subprocess.run(
+        [sys.executable, "-m", "jaxhicache", "layer-map", "--model", "mini", "--pp", "3", "--json"],
         capture_output=True,
         text=True,
         timeout=120,
         check=True,
     )
     assert json.loads(r.stdout)["pp"] == 3
+    r = subprocess.run(
+        [sys.executable, "-m", "jaxhicache", "bench", "multiturn", "--clients", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "jaxhicache: error: argument --clients: must be a positive integer, got '0'"
+    ]

@@ -1,0 +1,236 @@
+"""The main job (``jaxhicache bench multiturn``) end to end on the tiny model, its
+workload generator, and ``jaxhicache storage`` on the store the job wrote.
+
+One job run (module fixture, ~20 s on 2 cores): 3 clients × 3 turns with 11
+device and 14 host pages, which forces device and host eviction, so every tier
+serves hits.
+"""
+
+import contextlib
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxhicache.cache import PrefetchPolicy, WritePolicy
+from jaxhicache.cli import main
+from models.multiturn import ModelPreset, MultiturnConfig, check, summary
+from models.workload import Transcript, Workload, WorkloadConfig
+
+DEVICE_PAGES, HOST_PAGES = 11, 14
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multiturn")
+    out, store = root / "out", root / "store"
+    argv = [
+        "bench", "multiturn", "--model", "tiny", "--device-pages", str(DEVICE_PAGES),
+        "--host-pages", str(HOST_PAGES), "--prefetch-policy", "wait_complete",
+        "--store", str(store), "--out", str(out), "--no-progress",
+    ]  # fmt: skip
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main(argv)
+    assert code == 0, stderr.getvalue()
+    results = json.loads((out / "results.json").read_text())
+    return {"out": out, "store": store, "stdout": stdout.getvalue(), "results": results}
+
+
+def test_results_json_headline_figures(job):
+    r = job["results"]
+    for key in (
+        "ttft_ratio_later_turns", "decode_step_ratio", "hit_tokens", "prefill_tokens",
+        "l3_restore_vs_recompute", "warmup_s", "config", "tokens_match", "ttft", "bytes",
+        "usage", "per_turn", "per_request",
+    ):  # fmt: skip
+        assert key in r, key
+    hit = r["hit_tokens"]
+    assert hit["device"] > 0 and hit["host"] > 0 and hit["storage"] > 0, hit
+    assert r["usage"]["device_evicted_pages"] > 0 and r["usage"]["host_evicted_pages"] > 0
+    pre = r["prefill_tokens"]
+    assert pre["cache_on"] < pre["cache_off"]
+    # every prompt token is computed or a hit (page-aligned prefix of prompt[:-1])
+    assert pre["cache_on"] + sum(hit.values()) == pre["cache_off"]
+    assert r["tokens_match"] is True and r["mismatches"] == []
+    assert r["max_step_logit_diff"] < 1e-4
+    assert 0 < r["ttft_ratio_later_turns"] < 10 and 0 < r["decode_step_ratio"] < 10
+    assert r["warmup_s"] > 0 and r["compiles_in_timed_steps"] == 0
+    assert r["requests"] == 9 and len(r["per_request"]) == 9
+    assert [p["turn"] for p in r["per_turn"]] == [1, 2, 3]
+
+
+def test_results_json_records_the_exact_configuration(job):
+    c = job["results"]["config"]
+    assert c["preset"] == "tiny" and c["pp"] == 1 and c["tp"] == 1
+    assert (c["device_pages"], c["host_pages"]) == (DEVICE_PAGES, HOST_PAGES)
+    assert c["write_policy"] == "write_through" and c["prefetch_policy"] == "wait_complete"
+    assert c["store"] == str(job["store"])
+    assert c["workload"]["clients"] == 3 and c["workload"]["turns"] == 3
+    assert c["model"]["page_size"] == 16 and len(c["workload_digest"]) == 64
+
+
+def test_l3_probe_is_served_from_storage_only(job):
+    r = job["results"]
+    probes = r["l3_probe"]
+    assert len(probes) == 3
+    for p in probes:
+        assert p["storage_tokens"] > 0 and p["device_tokens"] == p["host_tokens"] == 0, p
+        assert p["tokens_match"] and p["ttft_l3_ms"] > 0 and p["ttft_recompute_ms"] > 0
+    assert r["l3_restore_vs_recompute"] == pytest.approx(np.median([p["ratio"] for p in probes]))
+
+
+def test_table_and_json_line(job):
+    lines = job["stdout"].strip().splitlines()
+    text = "\n".join(lines)
+    for needle in (
+        "TTFT turn 1 p50 / p90", "TTFT turns >= 2 p50 / p90", "decode step p50",
+        "prefill tokens computed", "hit tokens device / host / L3", "L3 restore vs recompute",
+        "tokens equal to cache off", "D2H", "L3 write", "host", "warm-up",
+    ):  # fmt: skip
+        assert needle in text, needle
+    last = json.loads(lines[-1])
+    assert last == summary(job["results"])
+    assert last["bench"] == "multiturn" and last["tokens_match"] is True
+
+
+def test_plot_written(job):
+    png = job["out"] / "multiturn.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    img = matplotlib.image.imread(str(png))
+    assert img.shape[0] > 300 and img.shape[1] > 800
+    assert img.std() > 0.05  # not a blank canvas
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    out = capsys.readouterr().out
+    assert code == 0
+    return out, json.loads(out.strip().splitlines()[-1])
+
+
+def test_storage_ls_stats_clear_on_the_jobs_store(job, tmp_path, capsys):
+    store = tmp_path / "store"
+    shutil.copytree(job["store"], store)
+    s = str(store)
+    text, ls = _run(["storage", "ls", "--store", s], capsys)
+    assert ls["objects"] == job["results"]["usage"]["l3_store"]["objects"] > 0
+    models = {g["model"] for g in ls["groups"]}
+    assert len(models) == 1 and models.pop().startswith("tiny-dsv4-tiny-w0/run-")
+    assert {g["unit"] for g in ls["groups"]} == {"full", "swa"}
+    assert sum(g["objects"] for g in ls["groups"]) == ls["objects"]
+    assert "swa" in text and "full" in text
+    keys_text, _ = _run(["storage", "ls", "--store", s, "--keys"], capsys)
+    assert keys_text.count("jaxhicache/v1/") == ls["objects"]
+
+    _text, st = _run(["storage", "stats", "--store", s, "--verify", "--json"], capsys)
+    assert st["objects"] == ls["objects"] and st["bytes"] == ls["bytes"]
+    assert st["verify"] == {"checked": ls["objects"], "ok": ls["objects"], "failed": {}}
+    # the same store through a tensorstore kvstore spec
+    spec = json.dumps({"driver": "file", "path": s})
+    _text, st_ts = _run(["storage", "stats", "--store", spec, "--json"], capsys)
+    assert (st_ts["objects"], st_ts["bytes"]) == (st["objects"], st["bytes"])
+
+    # a flipped byte is found by --verify
+    victim = next(p for p in sorted(store.rglob("*")) if p.is_file())
+    blob = bytearray(victim.read_bytes())
+    blob[-1] ^= 0xFF
+    victim.write_bytes(bytes(blob))
+    _text, bad = _run(["storage", "stats", "--store", s, "--verify", "--json"], capsys)
+    assert bad["verify"]["failed"] == {"checksum_mismatch": 1}
+
+    _text, cleared = _run(["storage", "clear", "--store", s], capsys)
+    assert cleared["deleted_objects"] == ls["objects"] and cleared["objects_left"] == 0
+    _text, empty = _run(["storage", "ls", "--store", s, "--json"], capsys)
+    assert empty["objects"] == 0 and empty["groups"] == []
+
+
+# ------------------------------------------------------------------- workload
+def test_workload_is_deterministic_and_variants_share_no_page():
+    cfg = WorkloadConfig(seed=3, clients=3, turns=2, system_prompt_len=32, vocab=128)
+    a, b = Workload(cfg), Workload(cfg)
+    assert a.digest() == b.digest()
+    assert (
+        Workload(
+            WorkloadConfig(seed=4, clients=3, turns=2, system_prompt_len=32, vocab=128)
+        ).digest()
+        != a.digest()
+    )
+    v = Workload(cfg, variant=1)
+    assert v.digest() != a.digest()
+    assert [(t.client, t.turn, t.user_len, t.gen_len) for t in v.schedule] == [
+        (t.client, t.turn, t.user_len, t.gen_len) for t in a.schedule
+    ]
+    pages_a = {s[i : i + 16].tobytes() for s in a.system_prompts for i in range(0, 32, 16)}
+    pages_v = {s[i : i + 16].tobytes() for s in v.system_prompts for i in range(0, 32, 16)}
+    assert not pages_a & pages_v
+
+
+def test_schedule_rounds_and_transcript():
+    cfg = WorkloadConfig(seed=1, clients=3, turns=3, system_prompt_len=16, vocab=64)
+    wl = Workload(cfg)
+    assert len(wl) == 9
+    for t in range(3):  # round t: every client once
+        assert sorted(x.client for x in wl.schedule[3 * t : 3 * t + 3]) == [0, 1, 2]
+        assert {x.turn for x in wl.schedule[3 * t : 3 * t + 3]} == {t + 1}
+    tr = Transcript(wl)
+    first = wl.schedule[0]
+    p = tr.prompt(first.client, 1)
+    assert p.size == wl.prompt_len(first.client, 1)
+    assert np.array_equal(p[:16], wl.system_prompts[wl.system_of[first.client]])
+    gen = np.arange(first.gen_len, dtype=np.int32)
+    tr.record(first.client, 1, gen)
+    p2 = tr.prompt(first.client, 2)
+    assert p2.size == wl.prompt_len(first.client, 2)
+    assert np.array_equal(p2[: p.size + gen.size], np.concatenate([p, gen]))  # t+1 extends t
+    with pytest.raises(ValueError, match="is at turn 2, not 3"):
+        tr.prompt(first.client, 3)
+    with pytest.raises(ValueError, match="has not finished"):
+        tr.probe_prompt(first.client)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("clients", 0),
+        ("turns", -1),
+        ("jitter", 1.0),
+        ("vocab", 0),
+        ("seed", -1),
+        ("user_tokens", 1.5),
+    ],
+)
+def test_workload_config_rejects(field, value):
+    with pytest.raises(ValueError, match=f"WorkloadConfig.{field}"):
+        WorkloadConfig(**{field: value})
+
+
+def test_multiturn_config_validation_and_sizing():
+    with pytest.raises(ValueError, match="device_pages must be a positive int, got 0"):
+        MultiturnConfig(device_pages=0)
+    with pytest.raises(ValueError, match="host_pages or host_ratio"):
+        MultiturnConfig(host_pages=4, host_ratio=2.0)
+    with pytest.raises(ValueError, match="WritePolicy"):
+        MultiturnConfig(write_policy="write_through")
+    with pytest.raises(ValueError, match="PrefetchPolicy"):
+        MultiturnConfig(prefetch_policy="timeout")
+    with pytest.raises(ValueError, match="preset"):
+        MultiturnConfig(preset="tiny")
+    cfg = MultiturnConfig(preset=ModelPreset.TINY)
+    plan = check(cfg)
+    # auto sizing: one request fits, device and host each below the working set
+    assert plan["request_pages"] < plan["device_pages"] < plan["distinct_pages"]
+    assert plan["device_pages"] <= plan["host_pages"] < plan["distinct_pages"]
+    ratio = MultiturnConfig(preset=ModelPreset.TINY, device_pages=12, host_ratio=1.5)
+    assert check(ratio)["host_pages"] == 18
+    with pytest.raises(ValueError, match="device_pages=4 cannot hold"):
+        check(MultiturnConfig(preset=ModelPreset.TINY, device_pages=4))
+    assert MultiturnConfig(out_dir=os.path.join("a", "b")).out_dir == Path("a", "b")
+    assert PrefetchPolicy.TIMEOUT is MultiturnConfig().prefetch_policy
+    assert WritePolicy.WRITE_THROUGH is MultiturnConfig().write_policy
