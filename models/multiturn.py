@@ -5,10 +5,10 @@
     MultiturnConfig ──> tiny DSV4 model (preset) + ServingLoop over one HiCache
                         (device pages < working set, host pages < working set,
                         L3 = a StorageBackend) + Workload (models/workload.py)
-      1. warm-up   (timed apart)  variant-1 tokens, own salt: the cache-on pass, the L3
-                                  probes and one cache-off request per page-table bucket
-                                  on the SAME cache instance, so every program shape (chunk,
-                                  decode, fused host/L3 load-backs, per bucket) is compiled;
+      1. warm-up   (timed apart)  steps 2-4 on variant-1 tokens (same lengths, no shared
+                                  page) on the SAME cache instance, so every program shape
+                                  (chunks, decode, fused host/L3 load-backs, per page-table
+                                  bucket; the eager ops per prompt length) is compiled;
                                   then device and host are emptied
       2. cache off                every turn with ServingLoop.serve_uncached (recompute from
                                   position 0); the greedy answers build the transcript
@@ -92,7 +92,7 @@ class ModelPreset(enum.Enum):
         return self is ModelPreset.TINY
 
     def workload(self, seed: int = 0, *, quick: bool = False) -> WorkloadConfig:
-        """The default traffic for this preset (``quick``: 3 clients × 3 turns)."""
+        """The default traffic for this preset (``quick``: 4 clients × 3 turns, else 6 × 4)."""
         if self is ModelPreset.TINY:  # sized for the tests: every tier hit with 11 / 14 pages
             return WorkloadConfig(
                 seed=seed, clients=3, turns=3, system_prompts=1, system_prompt_len=32,
@@ -100,7 +100,7 @@ class ModelPreset(enum.Enum):
             )  # fmt: skip
         page = self.model_config().page_size
         return WorkloadConfig(
-            seed=seed, clients=3 if quick else 4, turns=3 if quick else 4, system_prompts=2,
+            seed=seed, clients=4 if quick else 6, turns=3 if quick else 4, system_prompts=2,
             system_prompt_len=16 * page, user_tokens=2 * page, gen_tokens=page // 2, vocab=512,
         )  # fmt: skip
 
@@ -183,7 +183,9 @@ class MultiturnConfig:
         """``(device_pages, host_pages)``: given, or sized so that every tier gets hits.
 
         Auto: device holds about 35 % and host about 70 % of the distinct pages the
-        workload inserts (never less than one request, host never less than device).
+        workload inserts; device never less than one request, host at least 15 % of the
+        working set more than device (with write-through, host pages mirror device
+        pages first: only the rest holds pages evicted from device).
         Raises ``ValueError`` when a given device capacity cannot hold one request.
         """
         page = self.preset.model_config().page_size
@@ -199,7 +201,7 @@ class MultiturnConfig:
         elif self.host_ratio is not None:
             host = max(1, int(dev * self.host_ratio))
         else:
-            host = max(dev, math.ceil(0.7 * distinct))
+            host = max(math.ceil(0.7 * distinct), dev + math.ceil(0.15 * distinct))
         return dev, host
 
 
@@ -252,11 +254,11 @@ class _CompileCounter:
         self._on = False
         jax.monitoring.register_event_duration_secs_listener(self._event)
 
-    def _event(self, event: str, duration: float, **_kw) -> None:
+    def _event(self, event: str, duration: float, **kw) -> None:
         if self._on and event == _COMPILE_EVENT:
             self.count += 1
             self.seconds += duration
-            self.names.append(str(_kw.get("fun_name", "?")))
+            self.names.append(str(kw.get("fun_name", "?")))
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
@@ -277,9 +279,12 @@ def _progress(total: int, enabled: bool):
 
 
 def _empty_tiers(loop: ServingLoop, device_pages: int, host_pages: int) -> None:
-    """Evicts everything from device and host (backups landed and L3 writes finished first)."""
+    """Evicts everything from device and host (backups landed, L3 writes finished and L3
+    prefetches nobody claimed dropped first: BEST_EFFORT leaves landed ones behind)."""
     cache = loop.cache
     cache.poll(wait=True)
+    if cache.l3 is not None:
+        cache.l3.drop_landed()
     loop.evict_device(device_pages)
     loop.evict_host(host_pages)
     s = cache.stats()
@@ -777,7 +782,7 @@ def format_table(r: dict) -> str:
         f"jaxhicache bench multiturn — {cfg['preset']} model (page {cfg['page_size']}, "
         f"{cfg['model']['hidden']} hidden, {len(cfg['model']['compress_ratios'])} layers), "
         f"pp={cfg['pp']} tp={cfg['tp']}, {cfg['devices']}",
-        f"workload: {w['clients']} clients × {w['turns']} turns, {w['system_prompts']} system prompts "
+        f"workload: {w['clients']} clients × {w['turns']} turns, {w['system_prompts']} system prompt(s) "
         f"of {w['system_prompt_len']} tokens, user ~{w['user_tokens']}, answer ~{w['gen_tokens']} "
         f"(seed {w['seed']}); tiers: device {cfg['device_pages']} pages, host {cfg['host_pages']} "
         f"pages, L3 {cfg['store']}; {cfg['write_policy']}, prefetch {cfg['prefetch_policy']}",

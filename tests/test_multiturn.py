@@ -1,9 +1,9 @@
 """The main job (``jaxhicache bench multiturn``) end to end on the tiny model, its
 workload generator, and ``jaxhicache storage`` on the store the job wrote.
 
-One job run (module fixture, ~20 s on 2 cores): 3 clients × 3 turns with 11
-device and 14 host pages, which forces device and host eviction, so every tier
-serves hits.
+One job run (module fixture, ~20 s on 2 cores): the tiny model on PP 2, 3 clients
+× 3 turns with 11 device and 14 host pages, which forces device and host
+eviction, so every tier serves hits.
 """
 
 import contextlib
@@ -29,7 +29,7 @@ def job(tmp_path_factory):
     root = tmp_path_factory.mktemp("multiturn")
     out, store = root / "out", root / "store"
     argv = [
-        "bench", "multiturn", "--model", "tiny", "--device-pages", str(DEVICE_PAGES),
+        "bench", "multiturn", "--model", "tiny", "--pp", "2", "--device-pages", str(DEVICE_PAGES),
         "--host-pages", str(HOST_PAGES), "--prefetch-policy", "wait_complete",
         "--store", str(store), "--out", str(out), "--no-progress",
     ]  # fmt: skip
@@ -66,7 +66,7 @@ def test_results_json_headline_figures(job):
 
 def test_results_json_records_the_exact_configuration(job):
     c = job["results"]["config"]
-    assert c["preset"] == "tiny" and c["pp"] == 1 and c["tp"] == 1
+    assert c["preset"] == "tiny" and c["pp"] == 2 and c["tp"] == 1
     assert (c["device_pages"], c["host_pages"]) == (DEVICE_PAGES, HOST_PAGES)
     assert c["write_policy"] == "write_through" and c["prefetch_policy"] == "wait_complete"
     assert c["store"] == str(job["store"])
@@ -124,6 +124,7 @@ def test_storage_ls_stats_clear_on_the_jobs_store(job, tmp_path, capsys):
     models = {g["model"] for g in ls["groups"]}
     assert len(models) == 1 and models.pop().startswith("tiny-dsv4-tiny-w0/run-")
     assert {g["unit"] for g in ls["groups"]} == {"full", "swa"}
+    assert {g["layers"] for g in ls["groups"]} == {"0-2", "2-4"}  # one namespace per PP stage
     assert sum(g["objects"] for g in ls["groups"]) == ls["objects"]
     assert "swa" in text and "full" in text
     keys_text, _ = _run(["storage", "ls", "--store", s, "--keys"], capsys)
