@@ -33,6 +33,7 @@ import enum
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -227,8 +228,8 @@ class _Record:
             "gen_len": self.gen_len,
             "ttft_off_ms": off.ttft_s * 1e3,
             "ttft_on_ms": on.ttft_s * 1e3,
-            "decode_step_off_ms": _step_s(off) * 1e3,
-            "decode_step_on_ms": _step_s(on) * 1e3,
+            "decode_step_off_ms": _ms(_step_s(off)),
+            "decode_step_on_ms": _ms(_step_s(on)),
             "device_tokens": on.device_cached_tokens,
             "host_tokens": on.host_cached_tokens,
             "storage_tokens": on.storage_cached_tokens,
@@ -237,11 +238,15 @@ class _Record:
         }
 
 
-def _step_s(r: RequestReport) -> float:
+def _step_s(r: RequestReport) -> float | None:
     """Seconds per token after the first (the decode steps; for a cache-on request also
-    its insert and release, i.e. the write-through backup it issues)."""
+    its insert and release, i.e. the write-through backup it issues); ``None`` for one token."""
     n = r.generated.size
-    return (r.total_s - r.ttft_s) / (n - 1) if n > 1 else float("nan")
+    return (r.total_s - r.ttft_s) / (n - 1) if n > 1 else None
+
+
+def _ms(s: float | None) -> float | None:
+    return None if s is None else s * 1e3
 
 
 class _CompileCounter:
@@ -534,8 +539,8 @@ def _snapshot(loop: ServingLoop) -> dict:
     return s
 
 
-def _pct(xs, q) -> float:
-    return float(np.percentile(np.asarray(xs, float), q)) if len(xs) else float("nan")
+def _pct(xs, q) -> float | None:
+    return float(np.percentile(np.asarray(xs, float), q)) if len(xs) else None
 
 
 def _ttft_block(records: list[_Record], sel: Callable[[_Record], bool]) -> dict:
@@ -549,8 +554,8 @@ def _ttft_block(records: list[_Record], sel: Callable[[_Record], bool]) -> dict:
         "on_p50_ms": _pct(on, 50),
         "on_p90_ms": _pct(on, 90),
     }
-    out["ratio_p50"] = out["on_p50_ms"] / out["off_p50_ms"] if rs else float("nan")
-    out["ratio_p90"] = out["on_p90_ms"] / out["off_p90_ms"] if rs else float("nan")
+    out["ratio_p50"] = out["on_p50_ms"] / out["off_p50_ms"] if rs else None
+    out["ratio_p90"] = out["on_p90_ms"] / out["off_p90_ms"] if rs else None
     return out
 
 
@@ -753,9 +758,11 @@ def _plot(results: dict, records: list[_Record], path: Path) -> None:
     )
     b.legend()
     cfg = results["config"]
+    ratio = results["ttft_ratio_later_turns"]
     fig.suptitle(
         f"jaxhicache bench multiturn: {cfg['preset']} model, {cfg['workload']['clients']} clients × "
-        f"{cfg['workload']['turns']} turns, later-turn TTFT ratio {results['ttft_ratio_later_turns']:.2f}"
+        f"{cfg['workload']['turns']} turns"
+        + ("" if ratio is None else f", later-turn TTFT ratio {ratio:.2f}")
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -772,6 +779,12 @@ def format_table(r: dict) -> str:
 
     def gbps(x):
         return "-" if x.get("GBps") is None else f"{x['GBps']:.2f} GB/s"
+
+    def f(x, spec: str) -> str:  # "-" for a figure the run has none of, same width
+        if x is not None:
+            return format(x, spec)
+        align, width = re.match(r"([<>^]?)(\d*)", spec).groups()
+        return format("-", align + width)
 
     def mb(n):
         return f"{n / 1e6:.2f} MB"
@@ -790,12 +803,16 @@ def format_table(r: dict) -> str:
         f"cache on {r['cache_on_s']:.1f} s; compilations in timed steps: {r['compiles_in_timed_steps']}",
         "",
         f"{'metric':<34}{'cache off':>14}{'cache on':>14}{'on/off':>10}",
-        f"{'TTFT turn 1 p50 / p90 (ms)':<34}{t1['off_p50_ms']:>7.1f}/{t1['off_p90_ms']:<6.1f}"
-        f"{t1['on_p50_ms']:>7.1f}/{t1['on_p90_ms']:<6.1f}{t1['ratio_p50']:>10.3f}",
-        f"{'TTFT turns >= 2 p50 / p90 (ms)':<34}{tl['off_p50_ms']:>7.1f}/{tl['off_p90_ms']:<6.1f}"
-        f"{tl['on_p50_ms']:>7.1f}/{tl['on_p90_ms']:<6.1f}{tl['ratio_p50']:>10.3f}",
-        f"{'decode step p50 (ms)':<34}{r['decode_step_ms']['cache_off_p50']:>14.2f}"
-        f"{r['decode_step_ms']['cache_on_p50']:>14.2f}{r['decode_step_ratio']:>10.3f}",
+        *(
+            f"{name:<34}{f(t['off_p50_ms'], '>7.1f')}/{f(t['off_p90_ms'], '<6.1f')}"
+            f"{f(t['on_p50_ms'], '>7.1f')}/{f(t['on_p90_ms'], '<6.1f')}{f(t['ratio_p50'], '>10.3f')}"
+            for name, t in (
+                ("TTFT turn 1 p50 / p90 (ms)", t1),
+                ("TTFT turns >= 2 p50 / p90 (ms)", tl),
+            )
+        ),
+        f"{'decode step p50 (ms)':<34}{f(r['decode_step_ms']['cache_off_p50'], '>14.2f')}"
+        f"{f(r['decode_step_ms']['cache_on_p50'], '>14.2f')}{f(r['decode_step_ratio'], '>10.3f')}",
         f"{'prefill tokens computed':<34}{pre['cache_off']:>14,}{pre['cache_on']:>14,}"
         f"{pre['cache_on'] / pre['cache_off']:>10.3f}",
         f"{'hit tokens device / host / L3':<34}{'':>14}{hit['device']:>6,}/{hit['host']:,}/"

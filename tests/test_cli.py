@@ -137,6 +137,19 @@ def test_stores_that_cannot_be_opened(tmp_path, capsys):
     assert not (tmp_path / "missing").exists()  # inspecting never creates a store
 
 
+def test_open_store_picks_the_backend(tmp_path):
+    from jaxhicache.cli import open_store
+    from jaxhicache.storage import FileBackend, TensorStoreBackend
+
+    with open_store(str(tmp_path / "a")) as a:
+        assert type(a) is FileBackend and a.root == str(tmp_path / "a")
+    spec = json.dumps({"driver": "file", "path": str(tmp_path / "b")})
+    with open_store(spec) as b:
+        assert type(b) is TensorStoreBackend and b.spec["driver"] == "file"
+    with open_store("memory://") as c:
+        assert type(c) is TensorStoreBackend and c.spec["driver"] == "memory"
+
+
 def test_module_entry_point_help_and_layer_map():
     r = subprocess.run(
         [sys.executable, "-m", "jaxhicache", "--help"],

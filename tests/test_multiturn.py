@@ -24,6 +24,10 @@ from models.workload import Transcript, Workload, WorkloadConfig
 DEVICE_PAGES, HOST_PAGES = 11, 14
 
 
+def _no_nan(name):
+    raise ValueError(f"results.json holds {name}: not strict JSON")
+
+
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     root = tmp_path_factory.mktemp("multiturn")
@@ -37,7 +41,7 @@ def job(tmp_path_factory):
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         code = main(argv)
     assert code == 0, stderr.getvalue()
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text(), parse_constant=_no_nan)
     return {"out": out, "store": store, "stdout": stdout.getvalue(), "results": results}
 
 
