@@ -1,3 +1,5 @@
+"""``python -m jaxhicache``: the command line, :func:`jaxhicache.cli.main` (see ``cli.py``)."""
+
 import sys
 
 from jaxhicache.cli import main

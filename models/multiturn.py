@@ -605,6 +605,18 @@ def _ttft_block(records: list[_Record], sel: Callable[[_Record], bool]) -> dict:
     return out
 
 
+def _mismatches(records: list[_Record]) -> list[dict]:
+    """Requests whose cache-on tokens differ from cache-off's, with the first differing step."""
+    out = []
+    for r in records:
+        a, b = r.on.generated, r.off.generated
+        if not np.array_equal(a, b):
+            diff = np.flatnonzero(a[: min(a.size, b.size)] != b[: min(a.size, b.size)])
+            step = int(diff[0]) if diff.size else min(a.size, b.size)
+            out.append({"index": r.index, "client": r.client, "turn": r.turn, "first_step": step})
+    return out
+
+
 def _gbps(nbytes: float, seconds: float) -> float | None:
     return nbytes / seconds / 1e9 if seconds > 0 else None
 
@@ -619,11 +631,7 @@ def _results(job: _Job, records, probes, before, after, usage, **tm) -> dict:
         "host": sum(r.on.host_cached_tokens for r in records),
         "storage": sum(r.on.storage_cached_tokens for r in records),
     }
-    mismatches = [
-        {"index": r.index, "client": r.client, "turn": r.turn}
-        for r in records
-        if not np.array_equal(r.on.generated, r.off.generated)
-    ]
+    mismatches = _mismatches(records)
     logit_diff = max(float(np.abs(r.on.step_logits - r.off.step_logits).max()) for r in records)
     probe_ok = [
         p for p in probes if p["storage_tokens"] > 0 and p["device_tokens"] == p["host_tokens"] == 0

@@ -7,6 +7,7 @@ eviction, so every tier serves hits.
 """
 
 import contextlib
+import copy
 import io
 import json
 import os
@@ -18,7 +19,16 @@ import pytest
 
 from jaxhicache.cache import PrefetchPolicy, WritePolicy
 from jaxhicache.cli import main
-from models.multiturn import ModelPreset, MultiturnConfig, check, summary
+from models.multiturn import (
+    ModelPreset,
+    MultiturnConfig,
+    _mismatches,
+    _Record,
+    check,
+    format_table,
+    summary,
+)
+from models.serving import RequestReport
 from models.workload import Transcript, Workload, WorkloadConfig
 
 DEVICE_PAGES, HOST_PAGES = 11, 14
@@ -154,6 +164,38 @@ def test_storage_ls_stats_clear_on_the_jobs_store(job, tmp_path, capsys):
     assert cleared["deleted_objects"] == ls["objects"] and cleared["objects_left"] == 0
     _text, empty = _run(["storage", "ls", "--store", s, "--json"], capsys)
     assert empty["objects"] == 0 and empty["groups"] == []
+
+
+def _report(generated, ttft=0.01):
+    g = np.asarray(generated, np.int32)
+    return RequestReport(
+        prompt_len=10, cached_tokens=0, device_cached_tokens=0, host_cached_tokens=0,
+        storage_cached_tokens=0, prefill_tokens=10, generated=g, ttft_s=ttft,
+        total_s=ttft + 0.001 * max(g.size - 1, 0), loaded_pages=0, inserted_tokens=0,
+        used_cache=False, full_page_ids=np.zeros(1, np.int32), swa_page_ids=np.zeros(1, np.int32),
+        prefill_logits=np.zeros((1, 4)), step_logits=np.zeros((g.size, 4)),
+    )  # fmt: skip
+
+
+def test_mismatched_tokens_are_reported():
+    same = _Record(0, 0, 1, 10, 3, _report([1, 2, 3]), _report([1, 2, 3]), 0.0)
+    differ = _Record(1, 1, 2, 10, 3, _report([1, 2, 3]), _report([1, 5, 3]), 0.0)
+    assert same.row()["tokens_match"] and not differ.row()["tokens_match"]
+    assert _mismatches([same, differ]) == [{"index": 1, "client": 1, "turn": 2, "first_step": 1}]
+
+
+def test_table_shows_a_dash_for_missing_figures(job):
+    r = copy.deepcopy(job["results"])
+    for k in ("off_p50_ms", "off_p90_ms", "on_p50_ms", "on_p90_ms", "ratio_p50"):
+        r["ttft"]["later_turns"][k] = None  # a one-turn run has no later turns
+    r["decode_step_ratio"] = None
+    r["decode_step_ms"] = {"cache_off_p50": None, "cache_on_p50": None}
+    r["l3_restore_vs_recompute"] = None
+    lines = format_table(r).splitlines()
+    later = next(x for x in lines if x.startswith("TTFT turns >= 2"))
+    assert later.split()[-3:] == ["-/-", "-/-", "-"]
+    assert next(x for x in lines if x.startswith("decode step")).split()[-3:] == ["-", "-", "-"]
+    assert any("no probe was served from L3" in x for x in lines)
 
 
 # ------------------------------------------------------------------- workload
