@@ -396,18 +396,15 @@ def _multiturn(args) -> int:
 
     preset = mt.ModelPreset(args.model or ("small" if args.quick else "bench"))
     base = preset.workload(args.seed, quick=args.quick)
-    given = {
-        f: getattr(args, f)
-        for f in (
-            "clients",
-            "turns",
-            "system_prompts",
-            "system_prompt_len",
-            "user_tokens",
-            "gen_tokens",
-        )
-        if getattr(args, f) is not None
-    }
+    fields = (
+        "clients",
+        "turns",
+        "system_prompts",
+        "system_prompt_len",
+        "user_tokens",
+        "gen_tokens",
+    )
+    given = {f: vars(args)[f] for f in fields if vars(args)[f] is not None}
     store = None
     try:
         config = mt.MultiturnConfig(

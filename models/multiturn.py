@@ -520,12 +520,17 @@ def run_multiturn(
 ) -> dict:
     """Runs the job (see the module docstring) and returns the results dict.
 
-    ``store``: the L3 backend (``None``: a ``FileBackend`` on a temporary directory,
-    removed afterwards). ``store_usage``: reports the store's objects and bytes at the
+    ``store``: the L3 backend that ``config.store`` names (both ``None``: a
+    ``FileBackend`` on a temporary directory, removed afterwards). ``store_usage``: reports the store's objects and bytes at the
     end (the CLI passes its lister). Writes ``results.json`` and ``multiturn.png``
     into ``config.out_dir`` when set.
     """
     check(config)
+    if (store is None) != (config.store is None):
+        raise ValueError(
+            "pass the opened L3 backend as store= exactly when config.store names it "
+            f"(config.store={config.store!r}, store={store!r})"
+        )
     t_start = time.perf_counter()
     tmp = None
     if store is None:

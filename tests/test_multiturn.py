@@ -26,6 +26,7 @@ from models.multiturn import (
     _Record,
     check,
     format_table,
+    run_multiturn,
     summary,
 )
 from models.serving import RequestReport
@@ -278,6 +279,8 @@ def test_multiturn_config_validation_and_sizing():
     assert check(ratio)["host_pages"] == 18
     with pytest.raises(ValueError, match="device_pages=4 cannot hold"):
         check(MultiturnConfig(preset=ModelPreset.TINY, device_pages=4))
+    with pytest.raises(ValueError, match=r"exactly when config\.store names it"):
+        run_multiturn(MultiturnConfig(preset=ModelPreset.TINY, store="/some/dir"))
     assert MultiturnConfig(out_dir=os.path.join("a", "b")).out_dir == Path("a", "b")
     assert PrefetchPolicy.TIMEOUT is MultiturnConfig().prefetch_policy
     assert WritePolicy.WRITE_THROUGH is MultiturnConfig().write_policy
