@@ -119,3 +119,60 @@ def test_faults_are_misses_and_output_equals_recompute(model, tmp_path, fault):
         assert failures > 0, (fault, {k: v for k, v in s.items() if k.startswith("l3_")})
     loop.cache.check_invariants()
     loop.close()
+
+
+def test_salted_continuation_from_storage(model, tmp_path):
+    """A salted request whose L1/L2 hit ends where L3 pages go on: the continuation's
+    hashes chain from the tree's last page (whose hash carries the salt). Used to raise
+    ValueError (salt and parent both passed to page_hashes)."""
+    rng = np.random.default_rng(11)
+    vocab = model.config.vocab
+    a = rng.integers(0, vocab, 2 * PAGE + 1).astype(np.int32)
+    ab = np.concatenate([a, rng.integers(0, vocab, 3 * PAGE)]).astype(np.int32)
+    loop = _loop(model, FileBackend(tmp_path))
+    loop.serve(ab, 2, salt="tenant")  # every page of ab to host and L3
+    loop.cache.poll(wait=True)
+    loop.evict_device(10**6)
+    loop.evict_host(10**6)
+    loop.serve(a, 2, salt="tenant")  # the tree holds a's pages again (from L3)
+    abc = np.concatenate([ab, rng.integers(0, vocab, 5)]).astype(np.int32)
+    r = loop.serve(abc, 3, salt="tenant")
+    assert r.device_cached_tokens + r.host_cached_tokens >= 2 * PAGE  # from the tree ...
+    assert r.storage_cached_tokens >= 2 * PAGE  # ... and the rest from L3, chained on
+    ref = loop.serve_uncached(abc, 3)
+    np.testing.assert_allclose(r.step_logits, ref.step_logits, atol=TOL)
+    # Another tenant's salt finds nothing of it, in any tier.
+    other = loop.serve(abc, 1, salt="other")
+    assert other.cached_tokens == 0
+    loop.close()
+
+
+@pytest.mark.parametrize("make_room", [True, False], ids=["evicts", "control"])
+def test_prefetch_evicts_host_leaves_for_room(model, tmp_path, make_room):
+    """A full host tier (LRU host-only leaves) does not turn an L3 hit into a miss: the
+    prefetch evicts host leaves for its slots. Control: without it, the hit is lost."""
+    rng = np.random.default_rng(12)
+    vocab = model.config.vocab
+    loop = _loop(model, FileBackend(tmp_path))
+    if not make_room:
+        loop.cache.l3._make_room = None
+    host_pages = loop.cache.host.num_pages
+    target = rng.integers(0, vocab, 4 * PAGE + 1).astype(np.int32)
+    loop.serve(target, 2)
+    loop.cache.poll(wait=True)
+    loop.evict_device(10**6)
+    loop.evict_host(10**6)  # target's pages: only in L3 now
+    # Fill the host tier with other conversations' pages, all host-only leaves.
+    while loop.cache.stats()["host_full_pages_used"] + 4 <= host_pages:
+        loop.serve(rng.integers(0, vocab, 3 * PAGE + 1).astype(np.int32), 1)
+        loop.cache.poll(wait=True)
+        loop.evict_device(10**6)
+    evicted = loop.cache.stats()["host_evicted_pages"]
+    r = loop.serve(target, 2)
+    if make_room:
+        assert r.storage_cached_tokens == 4 * PAGE
+        assert loop.cache.stats()["host_evicted_pages"] > evicted
+    else:
+        assert r.storage_cached_tokens == 0
+    loop.cache.check_invariants()
+    loop.close()

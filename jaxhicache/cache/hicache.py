@@ -153,6 +153,7 @@ class HiCache:
                 self.tree,
                 self._stats,
                 agreement=self.agreement,
+                make_room=self._make_room_on_host,
             )
         )
         self._backups = Backups(
@@ -309,12 +310,12 @@ class HiCache:
         kv_tokens = prompt.size + max_new - 1
         total_pages = math.ceil(kv_tokens / ps)
         m = tree.match_prefix(key, salt=salt)
+        tree.inc_lock(m.node)  # before L3: a prefetch may evict host leaves for room
         pre = self.l3.prefix_for(key, salt, m) if self.l3 is not None else None
         # The longest prefix always fits best: a prefix of c tokens, d of them on device,
         # needs ceil(kv / page) - d / page device full pages whatever c is, and never more
         # SWA pages than a shorter one (see cache/README.md), so there is no shorter
         # prefix to fall back to: if this does not fit, the request does not fit.
-        tree.inc_lock(m.node)
         w = m.swa_window_pages if self._has_swa else 0
         need_swa = (m.swa_device_ids < 0) & (m.swa_host_ids >= 0) if w else np.zeros(0, bool)
         first = m.matched_len // ps  # the request's first own page

@@ -33,7 +33,7 @@ import contextlib
 import dataclasses
 import enum
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import final
 
 import numpy as np
@@ -150,6 +150,7 @@ class StorageTier:
         tree: RadixTree,
         stats: CacheStats,
         agreement: Agreement | None = None,
+        make_room: Callable[[PageSpace, int], None] | None = None,
     ):
         if not isinstance(backend, StorageBackend):
             raise ValueError(f"storage must be a StorageBackend, got {type(backend).__name__}")
@@ -168,6 +169,9 @@ class StorageTier:
             for m in host.local_maps
         }
         self.agreement = agreement if agreement is not None else Agreement(local_only=True)
+        # Frees host slots for a prefetch (the cache's host eviction); the caller holds
+        # a lock on the match, so the prefix a prefetch continues is never evicted.
+        self._make_room = make_room
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxhicache-l3")
         self._prefetches: list[Prefetch] = []
         self._writes: list[_Write] = []
@@ -227,7 +231,9 @@ class StorageTier:
         """Looks up the pages of ``key`` after ``match`` in storage and starts fetching them.
 
         Returns ``None`` when fewer than ``prefetch_threshold`` tokens would be added,
-        when a prefetch of the key is already in flight, or when host slots are short.
+        when a prefetch of the key is already in flight, or when host slots are short
+        even after evicting LRU host-only leaves (``make_room``). The caller holds a
+        lock on ``match.node``.
         """
         ps, w = self._ps, self._w
         first = match.matched_len // ps
@@ -237,20 +243,21 @@ class StorageTier:
         ):
             return None
         parent = self._tree.path_hashes(match.node)[-1] if first else None
-        hashes = page_hashes(key[first * ps : pages * ps], ps, salt=salt, parent=parent)
+        # A continuation's parent hash already carries the salt.
+        hashes = page_hashes(
+            key[first * ps : pages * ps], ps, salt=None if parent else salt, parent=parent
+        )
         end = first + self._lookup(hashes)
         if w:
             end = self._window_end(hashes, first, end)
         if (end - first) * ps < max(self.config.prefetch_threshold, 1) or end - first < w:
             return None  # too little, or the window would reach back into the tree's pages
         swa_first = max(end - w, first) if w else end
-        try:
-            host_full = self._ledger.alloc(Tier.HOST, PageSpace.FULL, end - first)
-        except OutOfPages:
+        host_full = self._alloc_host(PageSpace.FULL, end - first)
+        if host_full is None:
             return None
-        try:
-            host_swa = self._ledger.alloc(Tier.HOST, PageSpace.SWA, end - swa_first)
-        except OutOfPages:
+        host_swa = self._alloc_host(PageSpace.SWA, end - swa_first)
+        if host_swa is None:
             self._ledger.free(Tier.HOST, PageSpace.FULL, host_full)
             return None
         job_hashes = hashes[: end - first]
@@ -269,6 +276,16 @@ class StorageTier:
         self._prefetches.append(p)
         self._stats.storage_prefetches += 1
         return p
+
+    def _alloc_host(self, space: PageSpace, n: int) -> np.ndarray | None:
+        """``n`` host slots, evicting LRU host-only leaves (``make_room``) if short;
+        ``None`` when even that leaves too few (the hit becomes a miss)."""
+        if n > self._ledger.num_free(Tier.HOST, space) and self._make_room is not None:
+            self._make_room(space, n)
+        try:
+            return self._ledger.alloc(Tier.HOST, space, n)
+        except OutOfPages:
+            return None
 
     def _lookup(self, hashes: Sequence[str]) -> int:
         """Consecutive full-space pages present on every stage (the decision, taken once:
