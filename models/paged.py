@@ -246,8 +246,9 @@ class PagedModel:
         fn, args = self._chunk(pools, scratch, tokens, start, n, tables, t, load)
         with jax.default_matmul_precision(MATMUL_PRECISION):
             logits, arrays, rows = fn(*args)
-        # The logits are replicated: this process's first copy, still in flight.
-        logits = logits.addressable_data(0)[:n]
+        # The logits are replicated: this process's first copy of the padded chunk, still
+        # in flight (sliced on the host later: an eager slice would compile per length).
+        logits = logits.addressable_data(0)
         return logits, pools.replace(arrays=arrays), RequestScratch(rows, scratch.start)
 
     def trace_first_chunk(
@@ -295,7 +296,7 @@ class PagedModel:
         ``chunk_size`` (default: the page size) is the compiled chunk length;
         the last chunk is padded.  ``scratch``: the request's HCA scratch (a
         fresh one starting at ``start_pos`` by default).  The pools and scratch
-        are donated.  Returns ``(logits [T, vocab], pools, scratch)``.
+        are donated.  Returns ``(logits [T, vocab] (numpy, on the host), pools, scratch)``.
         """
         tokens = np.asarray(tokens, np.int32).reshape(-1)
         chunk = chunk_size or self.config.page_size
@@ -315,17 +316,18 @@ class PagedModel:
                 pools, scratch, part, start_pos + off, len(part), tables, chunk, load
             )
             load = None  # only the first chunk carries the load
-            out.append(logits)
+            out.append((logits, len(part)))
         if not out:
-            return jnp.zeros((0, self.config.vocab), jnp.float32), pools, scratch
-        return jnp.concatenate(out, axis=0), pools, scratch
+            return np.zeros((0, self.config.vocab), np.float32), pools, scratch
+        # One host copy per chunk, padding dropped on the host (no program per length).
+        return np.concatenate([np.asarray(x)[:n] for x, n in out]), pools, scratch
 
     def decode_step(self, pools, token, pos, full_page_ids, swa_page_ids, scratch):
-        """One token at position ``pos``.  Returns ``(logits [vocab], pools, scratch)``."""
+        """One token at position ``pos``.  Returns ``(logits [vocab] (numpy), pools, scratch)``."""
         tables = _tables(full_page_ids, swa_page_ids)
         tok = np.asarray(token, np.int32).reshape(1)
         logits, pools, scratch = self._run_chunk(pools, scratch, tok, pos, 1, tables, 1)
-        return logits[0], pools, scratch
+        return np.asarray(logits)[0], pools, scratch
 
     # ------------------------------------------------- global-id addressing
     def global_layer_rows(self, pools: DevicePools, kind: PoolKind) -> list:
