@@ -257,10 +257,10 @@ class _Record:
 
 
 def _step_s(r: RequestReport) -> float | None:
-    """Seconds per token after the first (the decode steps; for a cache-on request also
-    its insert and release, i.e. the write-through backup it issues); ``None`` for one token."""
+    """Seconds per decode step (``RequestReport.decode_s``: first token to last, the
+    cache's insert and release excluded); ``None`` for one token."""
     n = r.generated.size
-    return (r.total_s - r.ttft_s) / (n - 1) if n > 1 else None
+    return r.decode_s / (n - 1) if n > 1 else None
 
 
 def _ms(s: float | None) -> float | None:

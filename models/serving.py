@@ -68,6 +68,7 @@ class RequestReport:
     prefill_tokens: int
     generated: np.ndarray  # int32 [max_new_tokens]
     ttft_s: float  # batch start -> first token known on the host
+    decode_s: float  # first token -> last token known on the host (the decode steps only)
     total_s: float
     loaded_pages: int  # full pages brought back from host
     inserted_tokens: int  # page-aligned tokens the tree holds for this request afterwards
@@ -192,7 +193,7 @@ class ServingLoop:
         tokens = req.prompt
         p = req.cached_tokens
         full, swa = req.full_page_ids, req.swa_page_ids
-        self.pools, prefill_logits, step_logits, generated, ttft = self._generate(
+        self.pools, prefill_logits, step_logits, generated, ttft, decode = self._generate(
             self.pools, tokens, p, full, swa, req.max_new_tokens, t0, load=load
         )
         computed = np.concatenate([tokens, generated[:-1]])
@@ -207,6 +208,7 @@ class ServingLoop:
             prefill_tokens=tokens.size - p,
             generated=generated,
             ttft_s=ttft,
+            decode_s=decode,
             total_s=time.perf_counter() - t0,
             loaded_pages=(req.host_hit_tokens + req.storage_hit_tokens) // self.page,
             inserted_tokens=computed.size // self.page * self.page,
@@ -236,7 +238,7 @@ class ServingLoop:
         if self._oracle_pools is None:
             self._oracle_pools = self.model.init_pools(shape.num_pages, shape.num_swa_pages)
         ids = np.arange(n_pages, dtype=np.int32)
-        pools, prefill_logits, step_logits, generated, ttft = self._generate(
+        pools, prefill_logits, step_logits, generated, ttft, decode = self._generate(
             self._oracle_pools, tokens, 0, ids, ids, max_new_tokens, t0, load=None
         )
         self._oracle_pools = pools
@@ -249,6 +251,7 @@ class ServingLoop:
             prefill_tokens=tokens.size,
             generated=generated,
             ttft_s=ttft,
+            decode_s=decode,
             total_s=time.perf_counter() - t0,
             loaded_pages=0,
             inserted_tokens=0,
@@ -260,7 +263,8 @@ class ServingLoop:
         )
 
     def _generate(self, pools, tokens, start, full, swa, max_new_tokens, t0, *, load):
-        """Prefill ``tokens[start:]`` then greedy-decode; returns pools, logits, tokens, TTFT."""
+        """Prefill ``tokens[start:]`` then greedy-decode; returns pools, logits, tokens, TTFT
+        and decode seconds."""
         n = bucket_pages(full.size, self.min_table_pages)
         full_t, swa_t = _pad(full, n), _pad(swa, n)
         model = self.model
@@ -279,12 +283,14 @@ class ServingLoop:
             tok = int(jnp.argmax(last))
             generated.append(tok)
             steps.append(last)
+        decode = time.perf_counter() - t0 - ttft
         return (
             pools,
             np.asarray(logits),
             np.asarray(jnp.stack(steps)),
             np.asarray(generated, np.int32),
             ttft,
+            decode,
         )
 
     # ----------------------------------------------------------- passthroughs

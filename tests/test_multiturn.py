@@ -172,7 +172,7 @@ def _report(generated, ttft=0.01):
     return RequestReport(
         prompt_len=10, cached_tokens=0, device_cached_tokens=0, host_cached_tokens=0,
         storage_cached_tokens=0, prefill_tokens=10, generated=g, ttft_s=ttft,
-        total_s=ttft + 0.001 * max(g.size - 1, 0), loaded_pages=0, inserted_tokens=0,
+        decode_s=0.001 * max(g.size - 1, 0), total_s=ttft + 0.001 * max(g.size - 1, 0), loaded_pages=0, inserted_tokens=0,
         used_cache=False, full_page_ids=np.zeros(1, np.int32), swa_page_ids=np.zeros(1, np.int32),
         prefill_logits=np.zeros((1, 4)), step_logits=np.zeros((g.size, 4)),
     )  # fmt: skip
