@@ -24,3 +24,12 @@ def test_readme_python_blocks_run():
     assert namespace["spec"].page_bytes() == 9_158_208
     stats = namespace["cache"].stats()
     assert stats["requests"] == 2 and stats["device_hit_tokens"] == 48
+
+
+def test_readme_setup_commands_are_the_main_job_and_ci_test_command():
+    text = README.read_text()
+    setup = re.search(r"## Set-up.*?```bash\n(.*?)```", text, flags=re.S).group(1).splitlines()
+    assert len(setup) == 2
+    assert setup[0].endswith("jaxhicache bench multiturn")
+    ci = (README.parent / ".ci" / "run").read_text().splitlines()
+    assert setup[1] in ci  # CI calls exactly the README's test command
