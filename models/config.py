@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from jaxhicache.spec import C4_RATIO, C4_RING, AttentionKind, ModelCacheSpec, dsv4_ratios
 
 __all__ = ["C4_RATIO", "C4_RING", "TinyDSV4Config", "dsv4_ratio_pattern"]
@@ -117,10 +119,18 @@ class TinyDSV4Config:
 
     # --------------------------------------------------------------- validation
     def __post_init__(self):
-        object.__setattr__(self, "compress_ratios", tuple(int(r) for r in self.compress_ratios))
-
         def bad(name, value, why):
             raise ValueError(f"TinyDSV4Config.{name}={value!r}: {why}")
+
+        ratios = tuple(self.compress_ratios)
+        for i, r in enumerate(ratios):  # exact integers only: 4.5 must not become 4
+            if type(r) is bool or not isinstance(r, int | np.integer):
+                bad(
+                    "compress_ratios",
+                    self.compress_ratios,
+                    f"layer {i}'s ratio {r!r} is not an int",
+                )
+        object.__setattr__(self, "compress_ratios", tuple(int(r) for r in ratios))
 
         positive = (
             "hidden",
@@ -141,7 +151,7 @@ class TinyDSV4Config:
         )
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if type(value) is bool or not isinstance(value, int) or value <= 0:
                 bad(name, value, "must be a positive int")
         if not self.compress_ratios:
             bad("compress_ratios", self.compress_ratios, "needs at least one layer")

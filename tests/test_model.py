@@ -179,6 +179,8 @@ def dataclasses_frozen_error():
         ({"rope_dim": 16}, "rope_dim=16"),
         ({"o_groups": 3}, "o_groups=3"),
         ({"index_topk": 0}, "index_topk=0"),
+        ({"compress_ratios": (0, 0, 4.5)}, "ratio 4.5 is not an int"),  # was truncated to 4
+        ({"hidden": True}, "hidden=True: must be a positive int"),
     ],
 )
 def test_config_rejects_broken_invariants(overrides, match):
