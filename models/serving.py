@@ -110,6 +110,7 @@ class ServingLoop:
         self.layerwise = bool(layerwise)
         self.pools: DevicePools = cache.new_device_pools()
         self._oracle_pools: DevicePools | None = None
+        self._consumed = True  # whether the last prefill ran (and applied its load)
 
     @classmethod
     def for_model(
@@ -181,6 +182,10 @@ class ServingLoop:
                 try:
                     reports[i] = self._run(req, load, t0)
                 except BaseException:
+                    if load is not None and not self._consumed:
+                        # The cache already lists the loaded pages as on device: they
+                        # must land even though the forward that carried them never ran.
+                        self.pools, _ = self.cache.engine.apply_layerwise(self.pools, load)
                     for rest in batch.requests[j:]:
                         self.cache.release(rest)
                     raise
@@ -269,9 +274,11 @@ class ServingLoop:
         full_t, swa_t = _pad(full, n), _pad(swa, n)
         model = self.model
         kw = {} if load is None else {"load": load}
+        self._consumed = False
         logits, pools, scratch = model.prefill(
             pools, tokens[start:], start, full_t, swa_t, chunk_size=self.chunk_size, **kw
         )
+        self._consumed = True  # the load (if any) rode on the first chunk
         last = logits[-1]
         tok = int(jnp.argmax(last))
         ttft = time.perf_counter() - t0

@@ -271,6 +271,32 @@ def test_batch_with_host_hits_shares_one_load(models, path):
     loop.close()
 
 
+@pytest.mark.parametrize("path", PATHS, ids=[p.value for p in PATHS])
+def test_failed_first_request_still_lands_the_batch_load(models, path, monkeypatch):
+    """The first request of a batch fails before its first chunk ran (the chunk that was
+    to carry everyone's layer-wise load): the loaded pages still land, so a later hit on
+    them reads the host copy, not the wiped device pages."""
+    pp = 2
+    loop = models.loop(pp, path, device_pages=16)
+    firsts = [_first_turn(models, loop, pp, seed=s) for s in (61, 62)]
+    _evict_all_to_host(loop, min_pages=2 * PREFIX // PAGE)
+    prompts = [_turn2(loop, s, r) for s, r in zip((61, 62), firsts, strict=True)]
+    prefill = loop.model.prefill
+
+    def failing(*a, **k):  # fails once, before any program ran
+        monkeypatch.setattr(loop.model, "prefill", prefill)
+        raise RuntimeError("injected: the forward failed before its first chunk")
+
+    monkeypatch.setattr(loop.model, "prefill", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        loop.serve_batch(prompts, [TURN2_NEW, TURN2_NEW])
+    r2 = loop.serve(prompts[1], TURN2_NEW)
+    assert r2.device_cached_tokens == PREFIX  # the pages the failed batch loaded
+    _assert_matches_oracle(r2, models.uncached(loop, pp, prompts[1], TURN2_NEW))
+    _check_cache(loop)
+    loop.close()
+
+
 def test_second_conversation_hits_a_shared_system_prompt(models):
     """Two conversations that share a 3-page system prompt: the second is served all three
     pages from the cache (SWA windows outside a sequence's end are kept, not freed)."""

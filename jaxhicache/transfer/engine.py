@@ -215,6 +215,14 @@ class TransferEngine:
         self._count_load(lw.nbytes, t0)
         return lw
 
+    def apply_layerwise(
+        self, pools: DevicePools, load: LayerwiseLoad
+    ) -> tuple[DevicePools, LoadHandle]:
+        """Applies a prepared layer-wise load on its own (every layer), e.g. when the
+        forward that was to carry it will not run: its pages must land anyway, the
+        cache already counts them as device-resident."""
+        return self._apply_layers(pools, load, range(self.stacked.max_local_layers))
+
     def _apply_layers(self, pools: DevicePools, lw: LayerwiseLoad, layers):
         tokens = {}
         arrays = pools.arrays
