@@ -39,7 +39,6 @@ import enum
 import json
 import math
 import os
-import re
 import secrets
 import shutil
 import sys
@@ -59,6 +58,7 @@ from jaxhicache.spec import PageSpace
 from jaxhicache.storage import FileBackend, Namespace, StorageBackend, page_hashes
 from models.config import TinyDSV4Config
 from models.dsv4 import init_params
+from models.multiturn_report import format_table, json_default, write_outputs
 from models.paged import PagedModel
 from models.serving import RequestReport, ServingLoop
 from models.workload import Transcript, Workload, WorkloadConfig
@@ -507,7 +507,7 @@ def summary(results: dict) -> dict:
     out["ttft_turn1_ratio"] = results["ttft"]["turn1"]["ratio_p50"]
     out["preset"] = results["config"]["preset"]
     return json.loads(
-        json.dumps(out, default=_json_default), parse_float=lambda x: round(float(x), 4)
+        json.dumps(out, default=json_default), parse_float=lambda x: round(float(x), 4)
     )
 
 
@@ -578,7 +578,7 @@ def run_multiturn(
             store.close()
             shutil.rmtree(tmp, ignore_errors=True)
     if config.out_dir is not None:
-        _write_outputs(results, records, Path(config.out_dir))
+        write_outputs(results, records, Path(config.out_dir))
     return results
 
 
@@ -753,152 +753,3 @@ def _results(job: _Job, records, probes, before, after, usage, **tm) -> dict:
         },
         "per_request": [r.row() for r in records],
     }
-
-
-def _write_outputs(results: dict, records: list[_Record], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    png = out / "multiturn.png"
-    _plot(results, records, png)
-    results["files"] = {"results": str(out / "results.json"), "plot": str(png)}
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
-
-
-def _json_default(o):
-    if isinstance(o, np.integer | np.floating):
-        return o.item()
-    if isinstance(o, tuple):
-        return list(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def _plot(results: dict, records: list[_Record], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    turns = [p["turn"] for p in results["per_turn"]]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for r in records:
-        a.scatter(r.turn - 0.08, r.ttft_off_s * 1e3, s=10, color="tab:gray", alpha=0.5)
-        a.scatter(r.turn + 0.08, r.ttft_on_s * 1e3, s=10, color="tab:blue", alpha=0.5)
-    a.plot(
-        turns,
-        [p["ttft_off_p50_ms"] for p in results["per_turn"]],
-        "o-",
-        color="tab:gray",
-        label="cache off (p50)",
-    )
-    a.plot(
-        turns,
-        [p["ttft_on_p50_ms"] for p in results["per_turn"]],
-        "o-",
-        color="tab:blue",
-        label="cache on (p50)",
-    )
-    a.set(xlabel="turn", ylabel="TTFT (ms)", title="TTFT per turn", xticks=turns)
-    a.set_ylim(bottom=0)
-    a.legend()
-    bottom = np.zeros(len(turns))
-    for key, label, color in (
-        ("device_tokens", "device (L1)", "tab:green"),
-        ("host_tokens", "host (L2)", "tab:orange"),
-        ("storage_tokens", "storage (L3)", "tab:purple"),
-        ("computed_tokens", "computed", "tab:gray"),
-    ):
-        v = np.array([p[key] for p in results["per_turn"]], float)
-        b.bar(turns, v, bottom=bottom, label=label, color=color)
-        bottom += v
-    b.set(
-        xlabel="turn",
-        ylabel="prompt tokens (all clients)",
-        title="where prompt tokens came from (cache on)",
-        xticks=turns,
-    )
-    b.legend()
-    cfg = results["config"]
-    ratio = results["ttft_ratio_later_turns"]
-    fig.suptitle(
-        f"jaxhicache bench multiturn: {cfg['preset']} model, {cfg['workload']['clients']} clients × "
-        f"{cfg['workload']['turns']} turns"
-        + ("" if ratio is None else f", later-turn TTFT ratio {ratio:.2f}")
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-# ------------------------------------------------------------------------ table
-def format_table(r: dict) -> str:
-    """The human summary of a results dict (what the CLI prints)."""
-    cfg = r["config"]
-    w = cfg["workload"]
-    t1, tl = r["ttft"]["turn1"], r["ttft"]["later_turns"]
-    hit, pre, b, u = r["hit_tokens"], r["prefill_tokens"], r["bytes"], r["usage"]
-
-    def gbps(x):
-        return "-" if x.get("GBps") is None else f"{x['GBps']:.2f} GB/s"
-
-    def f(x, spec: str) -> str:  # "-" for a figure the run has none of, same width
-        if x is not None:
-            return format(x, spec)
-        align, width = re.match(r"([<>^]?)(\d*)", spec).groups()
-        return format("-", align + width)
-
-    def mb(n):
-        return f"{n / 1e6:.2f} MB"
-
-    total_hit = sum(hit.values())
-    l3 = u["l3_store"]
-    lines = [
-        f"jaxhicache bench multiturn — {cfg['preset']} model (page {cfg['page_size']}, "
-        f"{cfg['model']['hidden']} hidden, {len(cfg['model']['compress_ratios'])} layers), "
-        f"pp={cfg['pp']} tp={cfg['tp']}, {cfg['devices']}",
-        f"workload: {w['clients']} clients × {w['turns']} turns, {w['system_prompts']} system prompt(s) "
-        f"of {w['system_prompt_len']} tokens, user ~{w['user_tokens']}, answer ~{w['gen_tokens']} "
-        f"(seed {w['seed']}); tiers: device {cfg['device_pages']} pages, host {cfg['host_pages']} "
-        f"pages, L3 {cfg['store']}; {cfg['write_policy']}, prefetch {cfg['prefetch_policy']}",
-        f"warm-up {r['warmup_s']:.1f} s (not timed below); cache off {r['cache_off_s']:.1f} s, "
-        f"cache on {r['cache_on_s']:.1f} s; compilations in timed steps: {r['compiles_in_timed_steps']}",
-        "",
-        f"{'metric':<34}{'cache off':>14}{'cache on':>14}{'on/off':>10}",
-        *(
-            f"{name:<34}{f(t['off_p50_ms'], '>7.1f')}/{f(t['off_p90_ms'], '<6.1f')}"
-            f"{f(t['on_p50_ms'], '>7.1f')}/{f(t['on_p90_ms'], '<6.1f')}{f(t['ratio_p50'], '>10.3f')}"
-            for name, t in (
-                ("TTFT turn 1 p50 / p90 (ms)", t1),
-                ("TTFT turns >= 2 p50 / p90 (ms)", tl),
-            )
-        ),
-        f"{'decode step p50 (ms)':<34}{f(r['decode_step_ms']['cache_off_p50'], '>14.2f')}"
-        f"{f(r['decode_step_ms']['cache_on_p50'], '>14.2f')}{f(r['decode_step_ratio'], '>10.3f')}",
-        f"{'prefill tokens computed':<34}{pre['cache_off']:>14,}{pre['cache_on']:>14,}"
-        f"{pre['cache_on'] / pre['cache_off']:>10.3f}",
-        f"{'hit tokens device / host / L3':<34}{'':>14}{hit['device']:>6,}/{hit['host']:,}/"
-        f"{hit['storage']:,} ({total_hit:,})",
-        f"{'L3 restore vs recompute (probe)':<34}"
-        + (
-            f"{'':>28}{r['l3_restore_vs_recompute']:>10.3f}"
-            if r["l3_restore_vs_recompute"] is not None
-            else "  no probe was served from L3"
-        ),
-        f"{'tokens equal to cache off':<34}{'':>14}{'yes' if r['tokens_match'] else 'NO':>14}"
-        f"   (max |Δlogit| {r['max_step_logit_diff']:.1e})",
-        "",
-        f"moved (cache-on pass): D2H {mb(b['d2h']['bytes'])} ({gbps(b['d2h'])}), H2D "
-        f"{mb(b['h2d']['bytes'])} (fused into prefill), L3 write {mb(b['l3_write']['bytes'])} "
-        f"({gbps(b['l3_write'])}), L3 read {mb(b['l3_read']['bytes'])} ({gbps(b['l3_read'])})",
-        f"usage at the end of the pass: device {u['device_pages_used']}/{u['device_pages']} pages, "
-        f"host {u['host_pages_used']}/{u['host_pages']} pages (evicted: device "
-        f"{u['device_evicted_pages']}, host {u['host_evicted_pages']}), L3 "
-        + (f"{l3['objects']:,} objects, {mb(l3['bytes'])}" if l3 else "not listed"),
-    ]
-    for p in r["l3_probe"]:
-        lines.append(
-            f"  L3 probe client {p['client']}: {p['prompt_len']} tokens, {p['storage_tokens']} "
-            f"from L3: {p['ttft_l3_ms']:.1f} ms vs recompute {p['ttft_recompute_ms']:.1f} ms "
-            f"({p['ratio']:.3f})"
-        )
-    if r["mismatches"]:
-        lines.append(f"MISMATCHED requests: {r['mismatches']}")
-    return "\n".join(lines)
