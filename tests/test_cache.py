@@ -301,13 +301,18 @@ def test_second_conversation_hits_the_shared_system_prompt():
     system = _tokens(80, 3, extra=0)
     a = np.concatenate([system, _tokens(81, 2)])
     b = np.concatenate([system, _tokens(82, 2)])
-    pools, ra = _serve(c, pools, a, 1.0)
+    pools, batch = c.admit(pools, [a])
+    (ra,) = batch.requests
+    a_window = ra.swa_page_ids[2]  # after its insert, a's table keeps only its lock's window
+    pools = _stamp(pools, ra, 1.0)
+    c.insert(pools, ra, a)
+    c.release(ra)
     assert ra.cached_tokens == 0
     pools, batch = c.admit(pools, [b])
     (rb,) = batch.requests
     assert rb.cached_tokens == 3 * PAGE and rb.device_hit_tokens == 3 * PAGE
     window = rb.swa_page_ids[2]
-    assert window >= 0 and window == ra.swa_page_ids[2]  # a's own window page, not another
+    assert window >= 0 and window == a_window  # a's own window page, not another
     c.release(rb)
     c.check_invariants()
 
@@ -340,17 +345,17 @@ def test_insert_refuses_what_is_not_the_requests():
     (req,) = batch.requests
     other = toks.copy()
     other[3] += 1
-    with pytest.raises(ValueError, match="must start with the request's 37-token prompt"):
+    with pytest.raises(ValueError, match="disagree with the request's prompt at position 3"):
         c.insert(pools, req, other)
-    with pytest.raises(ValueError, match="KV pages for 39 positions"):
-        c.insert(pools, req, np.concatenate([toks, [1, 2, 3]]))
+    with pytest.raises(ValueError, match="KV pages for 48 positions"):
+        c.insert(pools, req, np.concatenate([toks, np.arange(12)]))
     c2, pools2 = _cache()
     with pytest.raises(ValueError, match="admitted by another cache"):
         c2.insert(pools2, req, toks)
     with pytest.raises(ValueError, match="cache allocates"):
         c.insert(_cache(device_pages=4)[1], req, toks)
     c.insert(pools, req, toks)
-    with pytest.raises(ValueError, match="request is inserted; insert needs open"):
+    with pytest.raises(ValueError, match=r"longer than what the request inserted before \(37\)"):
         c.insert(pools, req, toks)
     c.release(req)
     assert req.state is RequestState.RELEASED

@@ -195,12 +195,12 @@ def test_backup_must_form_a_prefix_and_counts_are_checked():
     e.request(key(2, 1, 2))
     e.request(key(2, 1, 2, 3, 4))
     leaf = e.tree.match_prefix(key(2, 1, 2, 3, 4)).node
-    assert [n.num_pages for n in e.tree.nodes_to_backup(leaf)] == [2, 2]
+    assert [n.num_pages for n in e.tree.backup_plan(leaf).nodes] == [2, 2]
     with pytest.raises(ValueError, match="4 pages of its path are not backed up"):
         e.tree.mark_backed_up(leaf, e.hf.alloc(2))
     e.hf.free(np.array([0, 1], dtype=np.int32))
     assert e.backup_now(leaf)
-    assert e.tree.nodes_to_backup(leaf) == []
+    assert e.tree.backup_plan(leaf).nodes == []
     e.check()
 
 

@@ -19,7 +19,7 @@ freed or reallocated before the copy lands is skipped by the transfer engine.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import final
 
 import numpy as np
@@ -40,11 +40,16 @@ _PENDING, _FAILED, _LANDED = 0, 1, 2
 
 
 @dataclasses.dataclass
-class _Backup:
+class _Part:
     node: TreeNode
-    handle: BackupHandle
     host_full: np.ndarray
     host_swa: np.ndarray  # aligned with host_full, -1 = no SWA page copied
+
+
+@dataclasses.dataclass
+class _Backup:
+    parts: list[_Part]  # one copy (one dispatch) for the paths of several nodes
+    handle: BackupHandle
 
 
 @final
@@ -73,48 +78,81 @@ class Backups:
     def __len__(self) -> int:
         return len(self._pending)
 
+    def _parts(self):
+        return (p for b in self._pending for p in b.parts)
+
     def in_flight(self) -> dict[PageSpace, int]:
         """Host pages per space held by backups that have not been recorded yet."""
         return {
-            PageSpace.FULL: sum(b.host_full.size for b in self._pending),
-            PageSpace.SWA: sum(int((b.host_swa >= 0).sum()) for b in self._pending),
+            PageSpace.FULL: sum(p.host_full.size for p in self._parts()),
+            PageSpace.SWA: sum(int((p.host_swa >= 0).sum()) for p in self._parts()),
         }
 
-    def issue(self, pools: DevicePools, node: TreeNode) -> None:
-        """Starts copying the unbacked pages of ``node``'s path out of ``pools``.
+    def issue(self, pools: DevicePools, nodes: TreeNode | Sequence[TreeNode]) -> None:
+        """Starts copying the unbacked pages of each node's path out of ``pools``: one
+        D2H dispatch for all of them (a batch's inserts back up together).
 
-        When the host tier has no room even after eviction (every host page locked
-        or in flight), the backup is skipped and counted (``backups_skipped``): the
-        device copy is intact, a later backup of the node may succeed.
+        A node already in flight, or an ancestor of another node given (its pages are
+        on that node's path), is skipped. When the host tier has no room even after
+        eviction (every host page locked or in flight), a node's backup is skipped and
+        counted (``backups_skipped``): the device copy is intact, a later backup of the
+        node may succeed.
         """
-        plan = self._tree.backup_plan(node)
-        if plan.num_pages == 0 or any(b.node is node for b in self._pending):
+        nodes = [nodes] if isinstance(nodes, TreeNode) else list(nodes)
+        busy = {id(p.node) for p in self._parts()}
+        covered = set()  # ancestors of the nodes given: their pages ride on a descendant's
+        for n in nodes:
+            a = n.parent
+            while a is not None and id(a) not in covered:
+                covered.add(id(a))
+                a = a.parent
+        parts, moves = [], []
+        for node in dict.fromkeys(nodes):  # unique, in order
+            if id(node) in busy or id(node) in covered:
+                continue
+            plan = self._tree.backup_plan(node)
+            if plan.num_pages == 0:
+                continue
+            got = self._alloc_for(plan)
+            if got is None:
+                continue
+            host_full, host_swa, swa_src, host_swa_live = got
+            parts.append(_Part(node, host_full, host_swa))
+            moves.append((plan.device_full_ids, host_full, swa_src, host_swa_live))
+            busy.add(id(node))
+        if not parts:
             return
+        move = PageMove.of(*(np.concatenate([m[i] for m in moves]) for i in range(4)))
+        gens = {
+            space: self._ledger[Tier.HOST, space].generation(ids)
+            for space, ids in ((PageSpace.FULL, move.full_host), (PageSpace.SWA, move.swa_host))
+        }
+        for p in parts:
+            self._tree.inc_lock(p.node)
+        handle = self._engine.backup(pools, move, host_generations=gens)
+        self._pending.append(_Backup(parts, handle))
+        self._stats.backups_issued += len(parts)
+
+    def _alloc_for(self, plan):
+        """Host pages for ``plan`` (full, SWA aligned with full, and the live SWA pairs),
+        or ``None`` when the host has no room (counted)."""
         swa_src = plan.device_swa_ids if self._tree.swa_pages else np.zeros(0, np.int32)
         has_swa = swa_src >= 0
         try:
             host_full = self._alloc_host(PageSpace.FULL, plan.num_pages)
         except OutOfPages:  # every host page is locked or in flight: no backup this time
             self._stats.backups_skipped += 1
-            return
+            return None
         try:
             host_swa_live = self._alloc_host(PageSpace.SWA, int(has_swa.sum()))
         except OutOfPages:
             self._ledger.free(Tier.HOST, PageSpace.FULL, host_full)
             self._stats.backups_skipped += 1
-            return
+            return None
         host_swa = np.full(plan.num_pages, -1, np.int32)
         if swa_src.size:
             host_swa[has_swa] = host_swa_live
-        move = PageMove.of(plan.device_full_ids, host_full, swa_src[has_swa], host_swa_live)
-        gens = {
-            PageSpace.FULL: self._ledger[Tier.HOST, PageSpace.FULL].generation(host_full),
-            PageSpace.SWA: self._ledger[Tier.HOST, PageSpace.SWA].generation(host_swa_live),
-        }
-        self._tree.inc_lock(node)
-        handle = self._engine.backup(pools, move, host_generations=gens)
-        self._pending.append(_Backup(node, handle, host_full, host_swa))
-        self._stats.backups_issued += 1
+        return host_full, host_swa, swa_src[has_swa], host_swa_live
 
     def poll(self, wait: bool = False) -> int:
         """Records landed backups in the tree (all of them with ``wait``); returns how many.
@@ -131,20 +169,21 @@ class Backups:
             if st == _PENDING:
                 still.append(b)
                 continue
-            self._tree.dec_lock(b.node)
-            done += 1
-            if st == _FAILED:  # on some process: nobody records it
-                self._ledger.free(Tier.HOST, PageSpace.FULL, b.host_full)
-                self._ledger.free(Tier.HOST, PageSpace.SWA, b.host_swa[b.host_swa >= 0])
-                self._stats.backups_failed += 1
-                continue
-            unused_full, unused_swa = self._tree.mark_backed_up(b.node, b.host_full, b.host_swa)
-            self._ledger.free(Tier.HOST, PageSpace.FULL, unused_full)
-            self._ledger.free(Tier.HOST, PageSpace.SWA, unused_swa)
-            recorded = b.host_full.size - unused_full.size
-            self._stats.backed_up_pages += recorded
-            if self._on_backed_up is not None and recorded:
-                self._on_backed_up(b.node, recorded)  # e.g. write them on to L3
+            for p in b.parts:
+                self._tree.dec_lock(p.node)
+                done += 1
+                if st == _FAILED:  # on some process: nobody records it
+                    self._ledger.free(Tier.HOST, PageSpace.FULL, p.host_full)
+                    self._ledger.free(Tier.HOST, PageSpace.SWA, p.host_swa[p.host_swa >= 0])
+                    self._stats.backups_failed += 1
+                    continue
+                unused_full, unused_swa = self._tree.mark_backed_up(p.node, p.host_full, p.host_swa)
+                self._ledger.free(Tier.HOST, PageSpace.FULL, unused_full)
+                self._ledger.free(Tier.HOST, PageSpace.SWA, unused_swa)
+                recorded = p.host_full.size - unused_full.size
+                self._stats.backed_up_pages += recorded
+                if self._on_backed_up is not None and recorded:
+                    self._on_backed_up(p.node, recorded)  # e.g. write them on to L3
         self._pending = still
         return done
 

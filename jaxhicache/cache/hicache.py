@@ -1,25 +1,28 @@
-"""``HiCache``: the object a serving engine talks to (L1 device pools + L2 host slabs).
+"""``HiCache``: the object a serving engine talks to (L1 device pools + L2 host slabs + L3).
 
 The engine owns the :class:`~jaxhicache.pools.device.DevicePools` pytree and
 threads it through the calls that move data; the cache owns page ids, the
-radix tree and the host slabs::
+radix tree and the host slabs. A continuous-batching engine calls, per step::
 
-    prompts ──admit(pools, prompts, max_new_tokens)──> (pools', Batch)
-       │   per request: match prompt[:-1] (the last token is always computed),
-       │   lock the prefix, allocate device pages for host-only prefix pages,
-       │   window SWA pages and the request's own pages (evicting LRU, reclaiming
-       │   SWA pages outside protected windows); a request that does not fit is
-       │   deferred with every later one
-       │   (a shorter prefix never needs fewer pages), else it and the rest wait
-       │   all requests' host→device moves: ONE dispatch (or a LayerwiseLoad that
-       │   the first forward chunk applies layer by layer)
-       v
-    forward(pools', batch.full_table, batch.swa_table, batch.cached_tokens)
+    admit(pools, prompts, reserve)  ─> (pools', Batch)   prefixes matched and locked,
+       │                              pages for prompt + reserve, every request's
+       │                              host/L3 loads merged into ONE dispatch (or a
+       │                              LayerwiseLoad for the first forward chunk)
+    forward(pools', page tables [B, max_pages], starts)   (the engine's)
        │
-    insert(pools, request, computed_tokens)   whole pages to the tree (validated
-       │                                      against the request's prompt and pages);
-       │                                      backups per WritePolicy (D2H, async)
-    release(request)                          unused own pages freed, prefix unlocked
+    insert(pools, requests, tokens)   after each prefill chunk and whenever a decode
+       │                              page fills: new whole pages to the tree, lock
+       │                              moved to the new end (others hit them now),
+       │                              the batch's backups in ONE D2H dispatch
+    extend(pools, requests, pages)    more own pages for decode, all or nothing
+       │                              (OutOfPages: the engine retracts someone)
+    retract(pools, requests, tokens)  preempted: computed pages to the tree, rest
+       │                              freed, unlocked; re-admission hits them
+    release(requests)                 finished or aborted: own pages not in the tree
+                                      freed, lock dropped
+
+Batched forms do one poll (one agreement round under multi-controller JAX) per
+call. Every call validates all of its requests before it changes anything.
 
 Determinism: every decision (page ids, evictions, backups) is taken here once
 for all PP stages; completions of asynchronous backups change the tree only at
@@ -37,7 +40,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
-import math
 import time
 from collections.abc import Sequence
 from typing import final
@@ -45,8 +47,10 @@ from typing import final
 import numpy as np
 from jax.sharding import Mesh
 
+from jaxhicache.cache.admission import Admission
 from jaxhicache.cache.backups import Backups
 from jaxhicache.cache.config import HiCacheConfig
+from jaxhicache.cache.eviction import Evictor
 from jaxhicache.cache.l3 import StorageTier
 from jaxhicache.cache.ledger import PageLedger
 from jaxhicache.cache.requests import (
@@ -55,7 +59,7 @@ from jaxhicache.cache.requests import (
     Request,
     RequestState,
     check_tokens,
-    stack_tables,
+    page_tables,
 )
 from jaxhicache.cache.stats import CacheStats
 from jaxhicache.distributed import Agreement, DivergenceError, local_stages
@@ -67,17 +71,11 @@ from jaxhicache.pools.host import HostPools
 from jaxhicache.spec import ModelCacheSpec, PageSpace, Tier
 from jaxhicache.storage.backend import StorageBackend
 from jaxhicache.transfer import TransferEngine
-from jaxhicache.tree import (
-    MatchResult,
-    RadixTree,
-    should_backup_on_hit,
-    should_backup_on_insert,
-)
+from jaxhicache.tree import MatchResult, RadixTree, TreeNode, should_backup_on_insert
 
 __all__ = ["HiCache"]
 
 _cache_ids = itertools.count(1)
-_EMPTY = np.zeros(0, np.int32)
 
 
 @final
@@ -136,6 +134,7 @@ class HiCache:
         # some processes can see (identity, no collective, in a single process).
         self.agreement = Agreement()
         self._stats = CacheStats()
+        self._evictor = Evictor(self.tree, self.ledger, self._stats)
         if (store is None) != (config.storage is None):
             raise ValueError(
                 "an L3 tier needs both a store (a StorageBackend) and config.storage "
@@ -153,7 +152,7 @@ class HiCache:
                 self.tree,
                 self._stats,
                 agreement=self.agreement,
-                make_room=self._make_room_on_host,
+                make_room=self._evictor.make_room_on_host,
             )
         )
         self._backups = Backups(
@@ -161,12 +160,17 @@ class HiCache:
             self.tree,
             self.ledger,
             self._stats,
-            self._make_room_on_host,
+            self._evictor.make_room_on_host,
             on_backed_up=None if self.l3 is None else self.l3.write,
             agreement=self.agreement,
         )
-        self._steps = 0  # control-plane steps (admit / insert), for check_every
+        self._evictor.backups, self._evictor.l3 = self._backups, self.l3
+        self._evictor.poll = self._poll
+        self._steps = 0  # control-plane steps (admit / insert / ...), for check_every
         self._id = next(_cache_ids)
+        self._admission = Admission(
+            self._id, self.tree, self.ledger, self._evictor, self._stats, self.l3, self._has_swa
+        )
         self._transfer_seconds = 0.0
 
     @property
@@ -260,12 +264,13 @@ class HiCache:
         admitted: list[Request] = []
         deferred: list[int] = []
         parts = LoadParts()
+        on_hit: list[TreeNode] = []  # nodes to back up on this hit (selective policy)
         for i, (prompt, n, salt) in enumerate(zip(prompts, new, salts, strict=True)):
             if deferred:  # first come, first served: no overtaking
                 deferred.append(i)
                 continue
             try:
-                admitted.append(self._admit_one(pools, prompt, int(n), salt, parts))
+                admitted.append(self._admission.one(pools, prompt, int(n), salt, parts, on_hit))
             except OutOfPages as e:
                 if not admitted:
                     raise OutOfPages(
@@ -289,7 +294,9 @@ class HiCache:
             self._stats.load_dispatches += 1
             self._stats.loaded_pages += int(move.full_device.size)
             self._stats.loaded_swa_pages += int(move.swa_device.size)
-        full, swa = stack_tables(tuple(admitted))
+        if on_hit:
+            self._backups.issue(pools, on_hit)
+        full, swa = page_tables(admitted)
         batch = Batch(
             requests=tuple(admitted),
             deferred=tuple(deferred),
@@ -302,237 +309,175 @@ class HiCache:
         )
         return pools, batch
 
-    def _admit_one(
-        self, pools, prompt: np.ndarray, max_new: int, salt, parts: LoadParts
-    ) -> Request:
-        ps, tree = self.page_size, self.tree
-        key = prompt[:-1]
-        kv_tokens = prompt.size + max_new - 1
-        total_pages = math.ceil(kv_tokens / ps)
-        m = tree.match_prefix(key, salt=salt)
-        tree.inc_lock(m.node)  # before L3: a prefetch may evict host leaves for room
-        pre = self.l3.prefix_for(key, salt, m) if self.l3 is not None else None
-        # The longest prefix always fits best: a prefix of c tokens, d of them on device,
-        # needs ceil(kv / page) - d / page device full pages whatever c is, and never more
-        # SWA pages than a shorter one (see cache/README.md), so there is no shorter
-        # prefix to fall back to: if this does not fit, the request does not fit.
-        w = m.swa_window_pages if self._has_swa else 0
-        need_swa = (m.swa_device_ids < 0) & (m.swa_host_ids >= 0) if w else np.zeros(0, bool)
-        first = m.matched_len // ps  # the request's first own page
-        own = total_pages - first
-        n_load = int(m.host_full_ids.size)
-        if pre is not None and w:
-            need_swa[:] = False  # the window is the L3 prefetch's, after the host pages
-        n_swa_load = int(need_swa.sum())
-        # Own SWA pages: none for L3 pages outside the hit's window (nothing reads them).
-        swa_from = pre.swa_first if pre is not None else first
-        n_own_swa = (total_pages - swa_from) if self._has_swa else 0
-        try:
-            full, swa = self._allocate(pools, n_load + own, n_swa_load + n_own_swa)
-        except OutOfPages:
-            tree.dec_lock(m.node)
-            if pre is not None:
-                self.l3.drop(pre)
-            raise
-        load_full, own_full = full[:n_load], full[n_load:]
-        load_swa, own_swa = swa[:n_swa_load], swa[n_swa_load:]
-        pages = m.matched_len // ps
-        swa_window = m.swa_device_ids.copy() if w else _EMPTY
-        if w:
-            swa_window[need_swa] = load_swa
-        if n_load or n_swa_load:
-            # The tree takes the load pages now (the data lands before any forward reads
-            # them: the load is dispatched, or applied by the first chunk, before that).
-            unused_full, unused_swa = tree.set_device_value(
-                m.node,
-                load_full,
-                np.where(need_swa, swa_window, -1).astype(np.int32) if w else None,
-            )
-            if unused_full.size or unused_swa.size:
-                raise AssertionError(  # a fresh match's host-only pages are all ours to load
-                    f"load bookkeeping: {unused_full.size} full / {unused_swa.size} SWA ids unused"
-                )
-            parts.full_device.append(load_full)
-            parts.full_host.append(m.host_full_ids)
-            parts.swa_device.append(load_swa)
-            parts.swa_host.append(m.swa_host_ids[need_swa])
-        prefix_swa = np.full(pages, -1, np.int32)
-        if w and pre is None:
-            prefix_swa[pages - w :] = swa_window
-        if self._has_swa:
-            own_swa_table = np.concatenate(
-                [np.full(swa_from - first, -1, np.int32), own_swa]
-            ).astype(np.int32)
-        else:
-            own_swa_table = np.full(own, -1, np.int32)
-        storage_hit = 0
-        cached = m.matched_len
-        if pre is not None:  # L3 pages fill the request's first own pages
-            n_pre = pre.end - pre.first
-            parts.full_device.append(own_full[:n_pre])
-            parts.full_host.append(pre.host_full)
-            if self._has_swa:
-                parts.swa_device.append(own_swa[: pre.host_swa.size])
-                parts.swa_host.append(pre.host_swa)
-            storage_hit = n_pre * ps
-            cached += storage_hit
-            self.ledger.hold_host(PageSpace.FULL, pre.host_full.size)
-            self.ledger.hold_host(PageSpace.SWA, pre.host_swa.size)
-        self.ledger.hold(PageSpace.FULL, own_full.size)
-        self.ledger.hold(PageSpace.SWA, own_swa.size)
-        s = self._stats
-        s.requests += 1
-        s.query_tokens += (key.size // ps) * ps
-        s.device_hit_tokens += m.device_len
-        s.host_hit_tokens += m.host_len
-        s.storage_hit_tokens += storage_hit
-        req = Request(
-            cache_id=self._id,
-            prompt=prompt,
-            max_new_tokens=max_new,
-            node=m.node,
-            cached_tokens=cached,
-            device_hit_tokens=m.device_len,
-            host_hit_tokens=m.host_len,
-            storage_hit_tokens=storage_hit,
-            salt=salt,
-            full_page_ids=np.concatenate([m.device_full_ids, load_full, own_full]).astype(np.int32),
-            swa_page_ids=np.concatenate([prefix_swa, own_swa_table]).astype(np.int32),
-            page_size=ps,
-            own_from=first,
-            l3_host_full=None if pre is None else pre.host_full,
-            l3_host_swa=None if pre is None else pre.host_swa,
-        )
-        if m.matched_len and should_backup_on_hit(self.write_policy, m.node):
-            self._backups.issue(pools, m.node)
-        return req
-
     def _poll(self, wait: bool = False) -> int:
         done = self._backups.poll(wait)
         if self.l3 is not None:
             self.l3.poll(wait)
         return done
 
-    # ----------------------------------------------------------------- insert
-    def insert(self, pools: DevicePools, request: Request, tokens) -> None:
-        """Hands the whole pages of ``request``'s computed ``tokens`` to the tree.
+    # ------------------------------------------------------ requests in flight
+    def insert(self, pools: DevicePools, requests: Request | Sequence[Request], tokens) -> None:
+        """Hands the new whole pages of each request's computed ``tokens`` to the tree.
 
-        ``tokens``: the sequence whose KV the request wrote, i.e. its prompt
-        followed by the generated tokens but the last (never fed back). It must
-        start with the request's prompt and be no longer than the positions the
-        request has pages for; anything else raises ``ValueError``. The page ids
-        are the request's own (it cannot name foreign ones). A trailing partial
-        page stays with the request until :meth:`release`. Backups follow the
-        write policy (they read ``pools``).
+        ``requests``: one :class:`Request` and its ``tokens``, or a sequence of
+        requests and one token sequence each (one poll and one backup dispatch for
+        all). ``tokens``: the sequence whose KV the request wrote so far — a prefix
+        of its prompt after a prefill chunk, or the prompt followed by the generated
+        tokens but the last (never fed back). Each call must give more tokens than
+        the request's previous insert, agree with its prompt and with what it gave
+        before, and stay within its pages (:attr:`Request.capacity`); anything else
+        raises ``ValueError`` before any request changes. The page ids are the
+        request's own (it cannot name foreign ones).
+
+        Afterwards the tree holds the request's whole pages, its lock sits at their
+        end (the old end is unlocked), and its page table holds the tree's ids for
+        them (another request's where that one inserted the same pages first; the
+        request's own duplicates are freed). A trailing partial page stays the
+        request's. Backups follow the write policy (they read ``pools``).
         """
-        self._check_request(request, "insert", RequestState.OPEN)
+        reqs, toks = self._pairs(requests, tokens, "insert")
         self._check_pools(pools)
-        tokens = check_tokens(tokens, "tokens")
-        p = request.prompt
-        if tokens.size < p.size or not np.array_equal(tokens[: p.size], p):
-            raise ValueError(
-                f"tokens ({tokens.size}) must start with the request's {p.size}-token prompt"
-            )
-        if tokens.size > request.kv_tokens:
-            raise ValueError(
-                f"tokens has {tokens.size} tokens but the request holds KV pages for "
-                f"{request.kv_tokens} positions (prompt {p.size} + max_new_tokens "
-                f"{request.max_new_tokens} - 1)"
-            )
+        for req, t in zip(reqs, toks, strict=True):
+            self._check_growth(req, t)
         self._poll()
-        ps = self.page_size
-        whole = tokens.size // ps
-        first = request.own_start
-        k = whole - first
-        if k > 0:
-            own_full = request.full_page_ids[first:whole]
-            own_swa = request.swa_page_ids[first:whole] if self._has_swa else None
-            res = self.tree.insert(tokens[: whole * ps], own_full, own_swa, salt=request.salt)
-            self.ledger.unhold(PageSpace.FULL, k)
-            if self._has_swa:
-                self.ledger.unhold(PageSpace.SWA, int((own_swa >= 0).sum()))
-            self.ledger.free(Tier.DEVICE, PageSpace.FULL, res.dup_full_ids)
-            self.ledger.free(Tier.DEVICE, PageSpace.SWA, res.free_swa_ids)
-            self._stats.inserted_tokens += res.new_len
-        request.inserted_pages = max(k, 0)
-        request.state = RequestState.INSERTED  # the tree owns those pages from here on
-        if k > 0 and should_backup_on_insert(self.write_policy, res.node):
-            self._backups.issue(pools, res.node)
+        backups = [n for req, t in zip(reqs, toks, strict=True) if (n := self._insert(req, t))]
+        if backups:
+            self._backups.issue(pools, backups)
         self._step()
 
-    def release(self, request: Request) -> None:
-        """Ends ``request``: frees its pages the tree did not take, unlocks its prefix."""
-        self._check_request(request, "release", RequestState.OPEN, RequestState.INSERTED)
-        rest = request.own_start + request.inserted_pages
-        full = request.full_page_ids[rest:]
-        self.ledger.unhold(PageSpace.FULL, full.size)
-        self.ledger.free(Tier.DEVICE, PageSpace.FULL, full)
-        if self._has_swa:
-            swa = request.swa_page_ids[rest:]
-            self.ledger.unhold(PageSpace.SWA, int((swa >= 0).sum()))
-            self.ledger.free(Tier.DEVICE, PageSpace.SWA, swa)
-        if request.l3_host_full is not None:  # the L3 slots: the load read them by now
-            self.ledger.unhold_host(PageSpace.FULL, request.l3_host_full.size)
-            self.ledger.unhold_host(PageSpace.SWA, request.l3_host_swa.size)
-            self.ledger.free(Tier.HOST, PageSpace.FULL, request.l3_host_full)
-            self.ledger.free(Tier.HOST, PageSpace.SWA, request.l3_host_swa)
-        self.tree.dec_lock(request.node)
-        request.state = RequestState.RELEASED
-
-    def _check_request(self, request, what: str, *states: RequestState) -> None:
-        if not isinstance(request, Request):
-            raise ValueError(f"{what}: expected a Request from admit(), got {type(request)!r}")
-        if request.cache_id != self._id:
-            raise ValueError(f"{what}: the request was admitted by another cache")
-        if request.state not in states:
+    def _check_growth(self, req: Request, tokens: np.ndarray) -> None:
+        known = req.known_tokens
+        n = min(tokens.size, known.size)
+        if not np.array_equal(tokens[:n], known[:n]):
+            at = int(np.argmax(tokens[:n] != known[:n]))
+            what = "prompt" if at < req.prompt.size else "previously inserted tokens"
+            raise ValueError(f"tokens disagree with the request's {what} at position {at}")
+        if tokens.size <= req.inserted_len:
             raise ValueError(
-                f"{what}: the request is {request.state.value}; {what} needs "
-                + " or ".join(s.value for s in states)
+                f"tokens ({tokens.size}) must be longer than what the request inserted "
+                f"before ({req.inserted_len}): those pages are in the tree already"
+            )
+        if tokens.size > req.capacity:
+            raise ValueError(
+                f"tokens has {tokens.size} tokens but the request holds KV pages for "
+                f"{req.capacity} positions ({req.num_pages} pages; extend() adds pages)"
             )
 
-    # ------------------------------------------------------------- allocation
-    def _allocate(self, pools, n_full: int, n_swa: int) -> tuple[np.ndarray, np.ndarray]:
-        """Device full and SWA page ids, reclaiming SWA pages and evicting LRU if needed."""
-        fa = self.ledger[Tier.DEVICE, PageSpace.FULL]
-        sa = self.ledger[Tier.DEVICE, PageSpace.SWA]
-        while True:
-            short_full = n_full - fa.num_free
-            short_swa = n_swa - sa.num_free
-            if short_full <= 0 and short_swa <= 0:
-                break
-            if short_swa > 0 and self._reclaim_swa(Tier.DEVICE, short_swa):
-                continue
-            if self._evict_device(pools, max(short_full, short_swa)) == 0:
-                break
-        if fa.num_free < n_full:
-            raise OutOfPages(fa.name, n_full, fa.num_free)
-        if sa.num_free < n_swa:
-            raise OutOfPages(sa.name, n_swa, sa.num_free)
-        return (
-            self.ledger.alloc(Tier.DEVICE, PageSpace.FULL, n_full),
-            self.ledger.alloc(Tier.DEVICE, PageSpace.SWA, n_swa),
-        )
+    def _insert(self, req: Request, tokens: np.ndarray) -> TreeNode | None:
+        """One request's insert (validated); returns the node to back up, if any."""
+        ps, tree = self.page_size, self.tree
+        whole = tokens.size // ps
+        done = req.own_start + req.inserted_pages  # pages the tree holds for it already
+        req.inserted_len = tokens.size
+        if tokens.size > req.known_tokens.size:
+            req.tokens = tokens
+        k = whole - done
+        if k <= 0:
+            return None
+        own_full = req.full_page_ids[done:whole]
+        own_swa = req.swa_page_ids[done:whole] if self._has_swa else None
+        res = tree.insert(tokens[: whole * ps], own_full, own_swa, salt=req.salt)
+        self.ledger.unhold(PageSpace.FULL, k)
+        if self._has_swa:
+            self.ledger.unhold(PageSpace.SWA, int((own_swa >= 0).sum()))
+        self.ledger.free(Tier.DEVICE, PageSpace.FULL, res.dup_full_ids)
+        self.ledger.free(Tier.DEVICE, PageSpace.SWA, res.free_swa_ids)
+        self._stats.inserted_tokens += res.new_len
+        tree.inc_lock(res.node)  # the lock moves to the new end
+        tree.dec_lock(req.node)
+        req.node = res.node
+        req.inserted_pages = whole - req.own_start
+        full, swa = tree.device_ids(res.node)
+        req.full_page_ids[:whole] = full
+        keep = np.arange(whole) >= whole - self.spec.swa_trailing_pages  # the lock's window
+        req.swa_page_ids[:whole] = np.where(keep, swa, -1)
+        return res.node if should_backup_on_insert(self.write_policy, res.node) else None
 
-    def _reclaim_swa(self, tier: Tier, n: int) -> int:
-        if tier is Tier.HOST and self.l3 is not None:
-            self.l3.finish_writes()  # they read host slots
-        ids = self.tree.reclaim_swa(n, tier)
-        self.ledger.free(tier, PageSpace.SWA, ids)
-        if tier is Tier.DEVICE:
-            self._stats.device_swa_reclaimed_pages += int(ids.size)
-        else:
-            self._stats.host_swa_reclaimed_pages += int(ids.size)
-        return int(ids.size)
+    def extend(self, pools: DevicePools, requests: Request | Sequence[Request], num_pages) -> None:
+        """Gives each request ``num_pages`` more own pages (one int for all, or one each),
+        all or nothing: when the device has too few even after SWA reclaim and LRU
+        eviction, raises :class:`OutOfPages` having given none (the engine then
+        retracts or waits). Eviction may back pages up (``write_back``), reading
+        ``pools``."""
+        reqs = self._requests(requests, "extend")
+        pages = [num_pages] * len(reqs) if isinstance(num_pages, int | np.integer) else num_pages
+        pages = list(pages)
+        if len(pages) != len(reqs):
+            raise ValueError(f"{len(pages)} num_pages values for {len(reqs)} requests")
+        for i, n in enumerate(pages):
+            if type(n) is bool or not isinstance(n, int | np.integer) or n < 0:
+                raise ValueError(f"num_pages[{i}] must be an int >= 0, got {n!r}")
+        self._check_pools(pools)
+        total = int(sum(pages))
+        full, swa = self._evictor.allocate(pools, total, total if self._has_swa else 0)
+        self.ledger.hold(PageSpace.FULL, full.size)
+        self.ledger.hold(PageSpace.SWA, swa.size)
+        at = 0
+        for req, n in zip(reqs, pages, strict=True):
+            req.full_page_ids = np.concatenate([req.full_page_ids, full[at : at + n]])
+            own_swa = swa[at : at + n] if self._has_swa else np.full(n, -1, np.int32)
+            req.swa_page_ids = np.concatenate([req.swa_page_ids, own_swa])
+            at += n
+        self._stats.extended_pages += total
+        self._step()
 
-    def _make_room_on_host(self, space: PageSpace, n: int) -> None:
-        short = n - self.ledger.num_free(Tier.HOST, space)
-        if short > 0 and self.l3 is not None:
-            self.l3.drop_landed()  # prefetched pages nobody claimed
-            short = n - self.ledger.num_free(Tier.HOST, space)
-        if short > 0 and space is PageSpace.SWA:
-            short -= self._reclaim_swa(Tier.HOST, short)
-        if short > 0:
-            self.evict_host(short)
+    def retract(self, pools: DevicePools, requests: Request | Sequence[Request], tokens) -> None:
+        """Preempts running requests: the whole pages of their computed ``tokens`` go to
+        the tree (as :meth:`insert`, where there is anything new), the rest of their
+        pages are freed and their locks dropped. Re-admitting a request with its
+        prompt and generated tokens then hits whatever of it survived."""
+        reqs, toks = self._pairs(requests, tokens, "retract")
+        self._check_pools(pools)
+        grow = [(r, t) for r, t in zip(reqs, toks, strict=True) if t.size > r.inserted_len]
+        for req, t in grow:
+            self._check_growth(req, t)
+        if grow:
+            self.insert(pools, [r for r, _ in grow], [t for _, t in grow])
+        self.release(reqs)
+        self._stats.retracted_requests += len(reqs)
+
+    def release(self, requests: Request | Sequence[Request]) -> None:
+        """Ends requests (finished, or aborted at any point: nothing more is inserted):
+        frees their pages the tree did not take and unlocks what they held."""
+        for req in self._requests(requests, "release"):
+            rest = req.own_start + req.inserted_pages
+            full = req.full_page_ids[rest:]
+            self.ledger.unhold(PageSpace.FULL, full.size)
+            self.ledger.free(Tier.DEVICE, PageSpace.FULL, full)
+            if self._has_swa:
+                swa = req.swa_page_ids[rest:]
+                self.ledger.unhold(PageSpace.SWA, int((swa >= 0).sum()))
+                self.ledger.free(Tier.DEVICE, PageSpace.SWA, swa)
+            if req.l3_host_full is not None:  # the L3 slots: the load read them by now
+                self.ledger.unhold_host(PageSpace.FULL, req.l3_host_full.size)
+                self.ledger.unhold_host(PageSpace.SWA, req.l3_host_swa.size)
+                self.ledger.free(Tier.HOST, PageSpace.FULL, req.l3_host_full)
+                self.ledger.free(Tier.HOST, PageSpace.SWA, req.l3_host_swa)
+            self.tree.dec_lock(req.node)
+            req.state = RequestState.RELEASED
+
+    def _requests(self, requests, what: str) -> list[Request]:
+        """Open requests of this cache, each once (``ValueError`` before any change)."""
+        reqs = [requests] if isinstance(requests, Request) else list(requests)
+        for req in reqs:
+            if not isinstance(req, Request):
+                raise ValueError(f"{what}: expected a Request from admit(), got {type(req)!r}")
+            if req.cache_id != self._id:
+                raise ValueError(f"{what}: the request was admitted by another cache")
+            if req.state is not RequestState.OPEN:
+                raise ValueError(f"{what}: the request is {req.state.value}; {what} needs open")
+        if len({id(r) for r in reqs}) != len(reqs):
+            raise ValueError(f"{what}: a request appears twice in one call")
+        return reqs
+
+    def _pairs(self, requests, tokens, what: str) -> tuple[list[Request], list[np.ndarray]]:
+        if isinstance(requests, Request):
+            return self._requests(requests, what), [check_tokens(tokens, "tokens")]
+        reqs = self._requests(requests, what)
+        toks = list(tokens)
+        if len(toks) != len(reqs):
+            raise ValueError(f"{what}: {len(toks)} token sequences for {len(reqs)} requests")
+        return reqs, [check_tokens(t, f"tokens[{i}]") for i, t in enumerate(toks)]
 
     # --------------------------------------------------------------- eviction
     def evict(self, pools: DevicePools, num_pages: int) -> int:
@@ -543,33 +488,11 @@ class HiCache:
         (reading ``pools``).
         """
         self._check_pools(pools)
-        return self._evict_device(pools, num_pages)
-
-    def _evict_device(self, pools, num_pages: int) -> int:
-        self._poll()
-        freed = 0
-        for _ in range(2):
-            res = self.tree.evict_device(num_pages - freed)
-            self.ledger.free(Tier.DEVICE, PageSpace.FULL, res.full_ids)
-            self.ledger.free(Tier.DEVICE, PageSpace.SWA, res.swa_ids)
-            freed += res.evicted_pages
-            if not res.needs_backup or freed >= num_pages:
-                break
-            for n in res.needs_backup:  # write_back: back up, then demote on the next pass
-                self._backups.issue(pools, n)
-            self._backups.poll(wait=True)
-        self._stats.device_evicted_pages += freed
-        return freed
+        return self._evictor.evict_device(pools, num_pages)
 
     def evict_host(self, num_pages: int) -> int:
         """Frees at least ``num_pages`` host pages (host-only leaves, LRU); returns pages freed."""
-        if self.l3 is not None:
-            self.l3.finish_writes()  # they read host slots
-        res = self.tree.evict_host(num_pages)
-        self.ledger.free(Tier.HOST, PageSpace.FULL, res.full_ids)
-        self.ledger.free(Tier.HOST, PageSpace.SWA, res.swa_ids)
-        self._stats.host_evicted_pages += res.evicted_pages
-        return res.evicted_pages
+        return self._evictor.evict_host(num_pages)
 
     # -------------------------------------------------------------- backups
     def poll(self, wait: bool = False) -> int:

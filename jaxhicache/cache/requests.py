@@ -3,10 +3,16 @@
 A :class:`Request` is the only way to name pages to the cache. It holds the
 request's prompt, the locked prefix node, and its page table: the cached
 prefix's device pages (shared, owned by the tree) followed by the request's
-own pages (allocated by ``admit``, owned by the request until
+own pages (allocated by ``admit`` and ``extend``, owned by the request until
 :meth:`HiCache.insert` hands whole pages to the tree or :meth:`HiCache.release`
-frees them). Its lifecycle is ``OPEN → INSERTED → RELEASED`` (or
-``OPEN → RELEASED`` for an aborted request); any other order raises.
+frees them). Its lifecycle is ``OPEN`` (inserted any number of times, each time
+with more tokens, extended any number of times) ``→ RELEASED`` (by ``release``,
+``retract`` or an abort); any other order raises.
+
+After an insert the request's table holds the tree's ids for its inserted pages
+(where another request had inserted the same pages first, those) and ``-1`` for
+SWA pages before its lock's window: the pages it may still read are exactly the
+ones its lock protects plus its own.
 """
 
 from __future__ import annotations
@@ -23,15 +29,14 @@ if TYPE_CHECKING:
     from jaxhicache.transfer import LayerwiseLoad, LoadHandle
     from jaxhicache.tree import TreeNode
 
-__all__ = ["Batch", "LoadParts", "Request", "RequestState", "check_tokens", "stack_tables"]
+__all__ = ["Batch", "LoadParts", "Request", "RequestState", "check_tokens", "page_tables"]
 
 _NONE = np.zeros(0, np.int32)
 
 
 class RequestState(enum.Enum):
-    OPEN = "open"
-    INSERTED = "inserted"
-    RELEASED = "released"
+    OPEN = "open"  # admitted: may be inserted, extended, released, retracted
+    RELEASED = "released"  # ended: its own pages freed or the tree's, its lock dropped
 
 
 @final
@@ -44,8 +49,10 @@ class Request:
     (storage hits were prefetched from L3 into host slots and loaded into the
     request's own pages; the tree gets them at insert).
     ``full_page_ids`` / ``swa_page_ids`` cover every page the request may write
-    KV into: positions ``[0, prompt_len + max_new_tokens - 1)``; SWA ids of the
-    prefix are ``-1`` outside its trailing window.
+    KV into: positions ``[0, capacity)``, at admission enough for ``prompt_len +
+    max_new_tokens - 1`` and grown by :meth:`HiCache.extend`; SWA ids of the
+    prefix are ``-1`` outside its trailing window. ``node`` is the locked end of
+    what the tree holds for it (the matched prefix, then its last insert).
     """
 
     cache_id: int
@@ -65,6 +72,8 @@ class Request:
     l3_host_swa: np.ndarray | None = None
     state: RequestState = RequestState.OPEN
     inserted_pages: int = 0  # own pages handed to the tree by insert
+    inserted_len: int = 0  # tokens given to the last insert (each must give more)
+    tokens: np.ndarray | None = None  # the longest token sequence the request was given
 
     @property
     def prefill_tokens(self) -> int:
@@ -72,9 +81,14 @@ class Request:
         return self.prompt.size - self.cached_tokens
 
     @property
-    def kv_tokens(self) -> int:
-        """Positions whose KV the request may write: prompt + generated tokens but the last."""
-        return self.prompt.size + self.max_new_tokens - 1
+    def capacity(self) -> int:
+        """Positions whose KV the request may write: its pages times the page size."""
+        return self.full_page_ids.size * self.page_size
+
+    @property
+    def known_tokens(self) -> np.ndarray:
+        """The prompt, or the longer sequence a later insert gave (prompt + generated)."""
+        return self.prompt if self.tokens is None else self.tokens
 
     @property
     def num_pages(self) -> int:
@@ -120,22 +134,19 @@ class Batch:
             self.handle.wait(layer)
 
     def tables(self, width: int) -> tuple[np.ndarray, np.ndarray]:
-        """The page tables padded with ``-1`` to ``width`` pages (``>= max_pages``)."""
-        if width < self.full_table.shape[1]:
-            raise ValueError(
-                f"width {width} is shorter than the longest page table "
-                f"({self.full_table.shape[1]} pages)"
-            )
-        pad = ((0, 0), (0, width - self.full_table.shape[1]))
-        return (
-            np.pad(self.full_table, pad, constant_values=-1),
-            np.pad(self.swa_table, pad, constant_values=-1),
-        )
+        """The requests' current page tables padded with ``-1`` to ``width`` pages
+        (``>= max_pages``); see :func:`page_tables`."""
+        return page_tables(self.requests, width)
 
 
-def stack_tables(requests: tuple[Request, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """``int32[B, max_pages]`` full and SWA page tables padded with ``-1``."""
-    width = max((r.num_pages for r in requests), default=0)
+def page_tables(requests, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``int32[B, width]`` full and SWA page tables of ``requests``, padded with ``-1``
+    (``width``: at least the longest table; default: exactly that)."""
+    longest = max((r.num_pages for r in requests), default=0)
+    if width is None:
+        width = longest
+    elif width < longest:
+        raise ValueError(f"width {width} is shorter than the longest page table ({longest} pages)")
     full = np.full((len(requests), width), -1, np.int32)
     swa = np.full((len(requests), width), -1, np.int32)
     for i, r in enumerate(requests):

@@ -25,6 +25,8 @@ class CacheStats:
     host_hit_tokens: int = 0
     storage_hit_tokens: int = 0  # served from pages an L3 prefetch brought in
     inserted_tokens: int = 0
+    extended_pages: int = 0  # device pages added to running requests (extend)
+    retracted_requests: int = 0  # preempted: computed pages kept in the tree, rest freed
     backups_issued: int = 0
     backups_skipped: int = 0  # no host room (every host page locked or in flight)
     backups_failed: int = 0  # copies that raised (on any process): dropped everywhere

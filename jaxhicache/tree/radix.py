@@ -479,9 +479,15 @@ class RadixTree:
         return self._r.evict_host(num_pages)
 
     # ------------------------------------------------------------------ backup / load back
-    def nodes_to_backup(self, node: TreeNode) -> list[TreeNode]:
-        """Nodes of the path ending at ``node`` without a host value, root first."""
-        return self._r.nodes_to_backup(node)
+    def device_ids(self, node: TreeNode) -> tuple[np.ndarray, np.ndarray]:
+        """Device full and SWA page ids (``-1``: tombstone) of the path to ``node``, which
+        must be on device (a locked node is); a request's page table after an insert."""
+        path = self._path(node) if node is not self._root else []
+        if any(n.device_full is None for n in path):
+            raise ValueError(f"the path to node {node.id} is not all on device")
+        full = cat([n.device_full for n in path])
+        swa = cat([n.device_swa for n in path]) if self.swa_pages else full * 0 - 1
+        return full, swa
 
     def backup_plan(self, node: TreeNode) -> BackupPlan:
         """What to copy to host so ``node``'s whole path is backed up."""
@@ -562,8 +568,7 @@ class RadixTree:
         return np.frombuffer(b"".join(parts), dtype=TOK)
 
     def stats(self) -> dict:
-        w = self._w
-        r = self._r
+        w, r = self._w, self._r
         return {
             "nodes": r.num_nodes,
             "device_pages": r.dev_pages,

@@ -1,0 +1,172 @@
+"""``Admission``: one request in, a :class:`Request` with its page table out.
+
+Per request, in the order of the batch::
+
+    match prompt[:-1] ──> lock the prefix ──> L3 prefix after it (prefetch claim)
+       │
+    allocate device pages: host-only prefix pages to load, the window's SWA pages on
+       │                   host only, the request's own pages up to its reservation
+       │                   (Evictor: reclaim, then LRU eviction; OutOfPages: nothing
+       │                   taken, the lock and the prefetch claim given back)
+    the tree takes the load pages now (a later request of the batch sees them on
+       │  device); their host→device moves join the batch's one PageMove
+       v
+    Request(node=locked prefix end, full/swa page ids, own_from, hit tokens per tier)
+
+Why the longest prefix always fits best (so there is no shorter one to fall back
+to): see ``cache/README.md``, *Admission*.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, final
+
+import numpy as np
+
+from jaxhicache.cache.eviction import Evictor
+from jaxhicache.cache.ledger import PageLedger
+from jaxhicache.cache.requests import LoadParts, Request
+from jaxhicache.cache.stats import CacheStats
+from jaxhicache.pools.allocator import OutOfPages
+from jaxhicache.spec import PageSpace
+from jaxhicache.tree import RadixTree, TreeNode, should_backup_on_hit
+
+if TYPE_CHECKING:
+    from jaxhicache.cache.l3 import StorageTier
+
+__all__ = ["Admission"]
+
+_EMPTY = np.zeros(0, np.int32)
+
+
+@final
+class Admission:
+    """Admits requests one by one into a batch's shared :class:`LoadParts`."""
+
+    def __init__(
+        self,
+        cache_id: int,
+        tree: RadixTree,
+        ledger: PageLedger,
+        evictor: Evictor,
+        stats: CacheStats,
+        l3: StorageTier | None,
+        has_swa: bool,
+    ):
+        self._cache_id = cache_id
+        self._tree = tree
+        self._ledger = ledger
+        self._evictor = evictor
+        self._stats = stats
+        self._l3 = l3
+        self._has_swa = has_swa
+
+    def one(
+        self,
+        pools,
+        prompt: np.ndarray,
+        max_new: int,
+        salt,
+        parts: LoadParts,
+        backups: list[TreeNode],
+    ) -> Request:
+        """Admits one request (pages for ``len(prompt) + max_new - 1`` positions);
+        nodes to back up on this hit are appended to ``backups``. Raises
+        :class:`OutOfPages` having taken nothing."""
+        tree, ps = self._tree, self._tree.page_size
+        key = prompt[:-1]
+        total_pages = math.ceil((prompt.size + max_new - 1) / ps)
+        m = tree.match_prefix(key, salt=salt)
+        tree.inc_lock(m.node)  # before L3: a prefetch may evict host leaves for room
+        pre = self._l3.prefix_for(key, salt, m) if self._l3 is not None else None
+        w = m.swa_window_pages if self._has_swa else 0
+        need_swa = (m.swa_device_ids < 0) & (m.swa_host_ids >= 0) if w else np.zeros(0, bool)
+        first = m.matched_len // ps  # the request's first own page
+        own = total_pages - first
+        n_load = int(m.host_full_ids.size)
+        if pre is not None and w:
+            need_swa[:] = False  # the window is the L3 prefetch's, after the host pages
+        n_swa_load = int(need_swa.sum())
+        # Own SWA pages: none for L3 pages outside the hit's window (nothing reads them).
+        swa_from = pre.swa_first if pre is not None else first
+        n_own_swa = (total_pages - swa_from) if self._has_swa else 0
+        try:
+            full, swa = self._evictor.allocate(pools, n_load + own, n_swa_load + n_own_swa)
+        except OutOfPages:
+            tree.dec_lock(m.node)
+            if pre is not None:
+                self._l3.drop(pre)
+            raise
+        load_full, own_full = full[:n_load], full[n_load:]
+        load_swa, own_swa = swa[:n_swa_load], swa[n_swa_load:]
+        pages = m.matched_len // ps
+        swa_window = m.swa_device_ids.copy() if w else _EMPTY
+        if w:
+            swa_window[need_swa] = load_swa
+        if n_load or n_swa_load:
+            # The tree takes the load pages now (the data lands before any forward reads
+            # them: the load is dispatched, or applied by the first chunk, before that).
+            unused_full, unused_swa = tree.set_device_value(
+                m.node,
+                load_full,
+                np.where(need_swa, swa_window, -1).astype(np.int32) if w else None,
+            )
+            if unused_full.size or unused_swa.size:
+                raise AssertionError(  # a fresh match's host-only pages are all ours to load
+                    f"load bookkeeping: {unused_full.size} full / {unused_swa.size} SWA ids unused"
+                )
+            parts.full_device.append(load_full)
+            parts.full_host.append(m.host_full_ids)
+            parts.swa_device.append(load_swa)
+            parts.swa_host.append(m.swa_host_ids[need_swa])
+        prefix_swa = np.full(pages, -1, np.int32)
+        if w and pre is None:
+            prefix_swa[pages - w :] = swa_window
+        if self._has_swa:
+            own_swa_table = np.concatenate(
+                [np.full(swa_from - first, -1, np.int32), own_swa]
+            ).astype(np.int32)
+        else:
+            own_swa_table = np.full(own, -1, np.int32)
+        storage_hit = 0
+        cached = m.matched_len
+        if pre is not None:  # L3 pages fill the request's first own pages
+            n_pre = pre.end - pre.first
+            parts.full_device.append(own_full[:n_pre])
+            parts.full_host.append(pre.host_full)
+            if self._has_swa:
+                parts.swa_device.append(own_swa[: pre.host_swa.size])
+                parts.swa_host.append(pre.host_swa)
+            storage_hit = n_pre * ps
+            cached += storage_hit
+            self._ledger.hold_host(PageSpace.FULL, pre.host_full.size)
+            self._ledger.hold_host(PageSpace.SWA, pre.host_swa.size)
+        self._ledger.hold(PageSpace.FULL, own_full.size)
+        self._ledger.hold(PageSpace.SWA, own_swa.size)
+        s = self._stats
+        s.requests += 1
+        s.query_tokens += (key.size // ps) * ps
+        s.device_hit_tokens += m.device_len
+        s.host_hit_tokens += m.host_len
+        s.storage_hit_tokens += storage_hit
+        req = Request(
+            cache_id=self._cache_id,
+            prompt=prompt,
+            max_new_tokens=max_new,
+            node=m.node,
+            cached_tokens=cached,
+            device_hit_tokens=m.device_len,
+            host_hit_tokens=m.host_len,
+            storage_hit_tokens=storage_hit,
+            salt=salt,
+            full_page_ids=np.concatenate([m.device_full_ids, load_full, own_full]).astype(np.int32),
+            swa_page_ids=np.concatenate([prefix_swa, own_swa_table]).astype(np.int32),
+            page_size=ps,
+            own_from=first,
+            l3_host_full=None if pre is None else pre.host_full,
+            l3_host_swa=None if pre is None else pre.host_swa,
+        )
+        if m.matched_len and should_backup_on_hit(self._tree.write_policy, m.node):
+            backups.append(m.node)
+        return req

@@ -1,0 +1,126 @@
+"""``Evictor``: room for new pages on device and host, by reclaim and LRU eviction.
+
+Every page a request or a backup needs comes from here::
+
+    allocate(pools, n_full, n_swa)      device ids; when short: reclaim SWA pages
+       │                                outside protected windows, then evict LRU
+       │                                device leaves (demote backed-up ones, delete
+       │                                or — write_back — back up the rest), then
+       │                                OutOfPages naming the allocator
+    make_room_on_host(space, n)         unclaimed L3 prefetches dropped, host SWA
+                                        reclaimed, LRU host-only leaves evicted
+
+Invariant: nothing here frees a page that a lock protects (the tree refuses), and
+anything that frees host pages first waits for the L3 writes that read them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, final
+
+import numpy as np
+
+from jaxhicache.cache.ledger import PageLedger
+from jaxhicache.cache.stats import CacheStats
+from jaxhicache.pools.allocator import OutOfPages
+from jaxhicache.spec import PageSpace, Tier
+from jaxhicache.tree import RadixTree
+
+if TYPE_CHECKING:
+    from jaxhicache.cache.backups import Backups
+    from jaxhicache.cache.l3 import StorageTier
+
+__all__ = ["Evictor"]
+
+
+@final
+class Evictor:
+    """Reclaim and eviction over one tree and ledger (backups and L3 attached later)."""
+
+    def __init__(self, tree: RadixTree, ledger: PageLedger, stats: CacheStats):
+        self._tree = tree
+        self._ledger = ledger
+        self._stats = stats
+        self.backups: Backups | None = None  # set once the cache built them
+        self.l3: StorageTier | None = None
+        self.poll: Callable[[], object] = lambda: None  # the cache's poll point
+
+    def allocate(self, pools, n_full: int, n_swa: int) -> tuple[np.ndarray, np.ndarray]:
+        """Device full and SWA page ids, reclaiming SWA pages and evicting LRU if needed.
+
+        Raises :class:`OutOfPages` (nothing allocated) when even that leaves too few.
+        """
+        fa = self._ledger[Tier.DEVICE, PageSpace.FULL]
+        sa = self._ledger[Tier.DEVICE, PageSpace.SWA]
+        while True:
+            short_full = n_full - fa.num_free
+            short_swa = n_swa - sa.num_free
+            if short_full <= 0 and short_swa <= 0:
+                break
+            if short_swa > 0 and self.reclaim_swa(Tier.DEVICE, short_swa):
+                continue
+            if self.evict_device(pools, max(short_full, short_swa)) == 0:
+                break
+        if fa.num_free < n_full:
+            raise OutOfPages(fa.name, n_full, fa.num_free)
+        if sa.num_free < n_swa:
+            raise OutOfPages(sa.name, n_swa, sa.num_free)
+        return (
+            self._ledger.alloc(Tier.DEVICE, PageSpace.FULL, n_full),
+            self._ledger.alloc(Tier.DEVICE, PageSpace.SWA, n_swa),
+        )
+
+    def reclaim_swa(self, tier: Tier, n: int) -> int:
+        """Frees up to ``n`` SWA pages of ``tier`` outside every protected window."""
+        if tier is Tier.HOST and self.l3 is not None:
+            self.l3.finish_writes()  # they read host slots
+        ids = self._tree.reclaim_swa(n, tier)
+        self._ledger.free(tier, PageSpace.SWA, ids)
+        if tier is Tier.DEVICE:
+            self._stats.device_swa_reclaimed_pages += int(ids.size)
+        else:
+            self._stats.host_swa_reclaimed_pages += int(ids.size)
+        return int(ids.size)
+
+    def make_room_on_host(self, space: PageSpace, n: int) -> None:
+        """Frees host pages of ``space`` until ``n`` are free, where possible."""
+        short = n - self._ledger.num_free(Tier.HOST, space)
+        if short > 0 and self.l3 is not None:
+            self.l3.drop_landed()  # prefetched pages nobody claimed
+            short = n - self._ledger.num_free(Tier.HOST, space)
+        if short > 0 and space is PageSpace.SWA:
+            short -= self.reclaim_swa(Tier.HOST, short)
+        if short > 0:
+            self.evict_host(short)
+
+    def evict_device(self, pools, num_pages: int) -> int:
+        """Frees at least ``num_pages`` device full pages if possible; returns pages freed.
+
+        LRU over unlocked device leaves: backed-up nodes are demoted (host copy
+        kept), others deleted; under ``write_back`` they are backed up first
+        (one D2H dispatch reading ``pools``), then demoted.
+        """
+        self.poll()
+        freed = 0
+        for _ in range(2):
+            res = self._tree.evict_device(num_pages - freed)
+            self._ledger.free(Tier.DEVICE, PageSpace.FULL, res.full_ids)
+            self._ledger.free(Tier.DEVICE, PageSpace.SWA, res.swa_ids)
+            freed += res.evicted_pages
+            if not res.needs_backup or freed >= num_pages:
+                break
+            self.backups.issue(pools, res.needs_backup)  # write_back: then demote
+            self.backups.poll(wait=True)
+        self._stats.device_evicted_pages += freed
+        return freed
+
+    def evict_host(self, num_pages: int) -> int:
+        """Frees at least ``num_pages`` host pages (host-only leaves, LRU); returns pages freed."""
+        if self.l3 is not None:
+            self.l3.finish_writes()  # they read host slots
+        res = self._tree.evict_host(num_pages)
+        self._ledger.free(Tier.HOST, PageSpace.FULL, res.full_ids)
+        self._ledger.free(Tier.HOST, PageSpace.SWA, res.swa_ids)
+        self._stats.host_evicted_pages += res.evicted_pages
+        return res.evicted_pages
