@@ -46,10 +46,17 @@ from models.stage import (
     MATMUL_PRECISION,
     compiler_options,
     new_scratch,
+    reset_slots,
     stack_stage_params,
     stage_forward,
 )
-from models.streaming import cache_spec, check_hca_scratch, check_page_tables
+from models.streaming import (
+    BatchArgs,
+    cache_spec,
+    check_batch,
+    check_hca_scratch,
+    check_page_tables,
+)
 
 _HEAD = ("embed", "final_norm", "lm_head")
 
@@ -63,6 +70,21 @@ class RequestScratch:
 
     rows: jax.Array
     start: int
+
+
+@dataclasses.dataclass
+class ScratchSlab:
+    """The engine's HCA scratch for many requests: rows ``[pp, max_hca, slots, r, 2D]``
+    (NaN = never written), sharded on ``'pp'``, and ``starts`` int64 ``[slots]``, each
+    slot's restore point (``-1``: never started; :meth:`PagedModel.forward` with
+    ``fresh`` starts it)."""
+
+    rows: jax.Array
+    starts: np.ndarray
+
+    @property
+    def num_slots(self) -> int:
+        return int(self.starts.shape[0])
 
 
 def check_spec(cfg: TinyDSV4Config, spec: ModelCacheSpec) -> None:
@@ -128,6 +150,7 @@ class PagedModel:
         self._replicated = rep
         self._compiler_options = compiler_options(fast_compile)
         self._fns: dict[tuple, object] = {}
+        self.traces = 0  # how many times a forward program was traced (one per compilation)
 
     # ------------------------------------------------------------------ state
     @property
@@ -145,27 +168,41 @@ class PagedModel:
         rows = new_scratch(self.config, self.pp, self.max_hca_per_stage)
         return RequestScratch(put_global(rows, NamedSharding(self.mesh, P(PP))), start_pos)
 
+    def new_scratch_slab(self, slots: int) -> ScratchSlab:
+        """An engine-owned HCA scratch for ``slots`` requests in flight (all NaN, none started)."""
+        if type(slots) is not int or slots < 1:
+            raise ValueError(f"slots must be a positive int, got {slots!r}")
+        rows = new_scratch(self.config, self.pp, self.max_hca_per_stage, slots)
+        starts = np.full((slots,), -1, np.int64)
+        return ScratchSlab(put_global(rows, NamedSharding(self.mesh, P(PP))), starts)
+
     # -------------------------------------------------------------- forward
     def _fn(self, t: int, load: LayerwiseLoad | None = None):
         """The chunk program for chunk length ``t`` (with a fused load: one variant per
-        load structure; shapes of the same structure retrace inside the jit)."""
+        load structure).  Batch size, table width and slab size are shapes of its
+        arguments: jit compiles once per (B, T, W, slab) and reuses it after."""
         key = (t, None if load is None else jax.tree.structure(load))
         if key in self._fns:
             return self._fns[key]
         cfg, spec, stacked, pp = self.config, self.spec, self.stacked, self.pp
         kinds = spec.kinds()
 
-        def body(head, stages, pools, scratch, tokens, start, n_valid, tables, *load):
+        def body(head, stages, pools, scratch, tokens, start, n_valid, tables, slots, fresh, *ld):
+            self.traces += 1  # at trace time only: counts compilations (tests)
             stage = jax.lax.axis_index(PP)
             view = stacked.stage(PP)
             sp = dict(jax.tree.map(lambda a: a[0], stages))
             pools = {k: a[0] for k, a in pools.items()}
+            one = scratch.ndim == 4  # a RequestScratch [1, max_hca, r, 2D]: a one-slot slab
+            slab = scratch[0][:, None] if one else scratch[0]
+            live = n_valid > 0  # padding rows write nothing, not even a reset
+            slab = reset_slots(slab, slots, fresh & live)
             end = start + n_valid
-            ld = load[0].stage_local() if load else None
+            lw = ld[0].stage_local() if ld else None
 
-            def run(h, pools, scr):
+            def run(h, pools, slab):
                 return stage_forward(
-                    cfg, sp, view, kinds, pools, scr, h, start, end, tables, load=ld
+                    cfg, sp, view, kinds, pools, slab, h, start, end, tables, slots, load=lw
                 )
 
             def step(s, carry):
@@ -175,13 +212,14 @@ class PagedModel:
                 h = jax.lax.ppermute(carry[0], PP, [(i, (i + 1) % pp) for i in range(pp)])
                 return (h, *carry[1:])
 
-            carry = (L.embed(head, tokens), pools, scratch[0])
-            h, pools, scr = jax.lax.fori_loop(0, pp, step, carry)
+            carry = (L.embed(head, tokens), pools, slab)
+            h, pools, slab = jax.lax.fori_loop(0, pp, step, carry)
             logits = L.lm_head(head, h, cfg)  # the last stage's output is on stage 0 now
             logits = jax.lax.psum(jnp.where(stage == 0, logits, 0.0), PP)
-            return logits, {k: a[None] for k, a in pools.items()}, scr[None]
+            slab = slab[:, 0] if one else slab
+            return logits, {k: a[None] for k, a in pools.items()}, slab[None]
 
-        in_specs = (P(), P(PP), P(PP), P(PP), P(), P(), P(), P())
+        in_specs = (P(), P(PP), P(PP), P(PP), *([P()] * 6))
         if load is not None:
             in_specs += (load.specs(),)
         fn = jax.shard_map(
@@ -220,27 +258,35 @@ class PagedModel:
             if mesh is not None and mesh != self.mesh:
                 raise ValueError(f"the load's {kind.value} rows live on another mesh: {mesh}")
 
-    def _chunk(self, pools, scratch, tokens, start, n, tables, t, load=None):
-        """``(program, args)`` of one chunk, checked on the host."""
-        check_page_tables(self.config, start, start + n, tables.full, tables.swa)
-        check_hca_scratch(self.config, start, scratch.start)
-        padded = np.zeros((t,), np.int32)
-        padded[:n] = tokens
+    def _program(self, pools, scratch_rows, b: BatchArgs, load=None):
+        """``(program, args)`` of one checked batch."""
         rep = self._replicated  # every process passes the same host inputs
         args = (
             self._head,
             self._stages,
             dict(pools.arrays),
-            scratch.rows,
-            put_global(padded, rep),
-            put_global(np.int32(start), rep),
-            put_global(np.int32(n), rep),
-            PageTables(put_global(tables.full, rep), put_global(tables.swa, rep)),
+            scratch_rows,
+            *(put_global(a, rep) for a in (b.tokens, b.starts, b.n_valid)),
+            PageTables(put_global(b.full, rep), put_global(b.swa, rep)),
+            put_global(b.slots, rep),
+            put_global(b.fresh, rep),
         )
         if load is not None:
             self._check_load(pools, load)
             args += (load,)
-        return self._fn(t, load), args
+        return self._fn(b.tokens.shape[1], load), args
+
+    def _chunk(self, pools, scratch, tokens, start, n, tables, t, load=None):
+        """``(program, args)`` of one request's chunk (a batch of one), checked on the host."""
+        check_page_tables(self.config, start, start + n, tables.full, tables.swa)
+        check_hca_scratch(self.config, start, scratch.start)
+        padded = np.zeros((1, t), np.int32)
+        padded[0, :n] = tokens
+        one = np.zeros((1,), np.int32)
+        b = BatchArgs(
+            padded, one + start, one + n, tables.full[None], tables.swa[None], one, one.astype(bool)
+        )
+        return self._program(pools, scratch.rows, b, load)
 
     def _run_chunk(self, pools, scratch, tokens, start, n, tables, t, load=None):
         fn, args = self._chunk(pools, scratch, tokens, start, n, tables, t, load)
@@ -248,8 +294,64 @@ class PagedModel:
             logits, arrays, rows = fn(*args)
         # The logits are replicated: this process's first copy of the padded chunk, still
         # in flight (sliced on the host later: an eager slice would compile per length).
-        logits = logits.addressable_data(0)
+        logits = logits.addressable_data(0)  # [1, T, vocab]
         return logits, pools.replace(arrays=arrays), RequestScratch(rows, scratch.start)
+
+    def forward(
+        self,
+        pools: DevicePools,
+        slab: ScratchSlab,
+        tokens,
+        starts,
+        n_valid,
+        full_page_ids,
+        swa_page_ids,
+        slots,
+        fresh=None,
+        load: LayerwiseLoad | None = None,
+    ):
+        """One batched forward of ``B`` requests' chunks (decode: ``T = 1``).
+
+        Args (host arrays; ``B`` rows):
+          tokens: int32 ``[B, T]``; row ``b`` holds the tokens at positions
+            ``[starts[b], starts[b] + n_valid[b])`` in its first ``n_valid[b]`` columns.
+          starts: int32 ``[B]``.  n_valid: int32 ``[B]`` in ``[0, T]``; ``0`` marks a
+            padding row: it reads nothing that matters and writes nothing (pools, slab).
+          full_page_ids / swa_page_ids: int32 ``[B, W]`` page tables, ``-1`` padded
+            (the rules of :meth:`prefill` per row, checked for every valid row).
+          slots: int32 ``[B]``, each row's row of ``slab``.  fresh: bool ``[B]``
+            (default all ``False``): the request begins at ``starts[b]``; its slot is
+            reset (NaN rows, slot start = ``starts[b]``) before the layers run.
+          load: an optional layer-wise load-back fused into this forward (as in
+            :meth:`prefill`); it needs at least one valid row.
+
+        Valid rows may share pages they read (a common prefix) but never write a
+        page another valid row reads or writes, nor share a slot (``ValueError``).
+        The pools and the slab are donated.  ``B``, ``T`` and ``W`` are the caller's
+        buckets: the program compiles once per (B, T, W, slab size, load structure)
+        and is reused for every later call with the same shapes.
+
+        Returns ``(logits [B, T, vocab]`` (host numpy; rows of padding are
+        garbage), ``pools, slab)``.
+        """
+        b, new_starts = check_batch(
+            self.config,
+            tokens,
+            starts,
+            n_valid,
+            full_page_ids,
+            swa_page_ids,
+            slots,
+            fresh,
+            slab.starts,
+        )
+        if load is not None and not b.n_valid.any():
+            raise ValueError("a fused load needs at least one valid row to compute")
+        fn, args = self._program(pools, slab.rows, b, load)
+        with jax.default_matmul_precision(MATMUL_PRECISION):
+            logits, arrays, rows = fn(*args)
+        logits = np.asarray(logits.addressable_data(0))
+        return logits, pools.replace(arrays=arrays), ScratchSlab(rows, new_starts)
 
     def trace_first_chunk(
         self,
@@ -320,14 +422,14 @@ class PagedModel:
         if not out:
             return np.zeros((0, self.config.vocab), np.float32), pools, scratch
         # One host copy per chunk, padding dropped on the host (no program per length).
-        return np.concatenate([np.asarray(x)[:n] for x, n in out]), pools, scratch
+        return np.concatenate([np.asarray(x)[0, :n] for x, n in out]), pools, scratch
 
     def decode_step(self, pools, token, pos, full_page_ids, swa_page_ids, scratch):
         """One token at position ``pos``.  Returns ``(logits [vocab] (numpy), pools, scratch)``."""
         tables = _tables(full_page_ids, swa_page_ids)
         tok = np.asarray(token, np.int32).reshape(1)
         logits, pools, scratch = self._run_chunk(pools, scratch, tok, pos, 1, tables, 1)
-        return np.asarray(logits)[0], pools, scratch
+        return np.asarray(logits)[0, 0], pools, scratch
 
     # ------------------------------------------------- global-id addressing
     def global_layer_rows(self, pools: DevicePools, kind: PoolKind) -> list:

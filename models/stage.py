@@ -11,7 +11,8 @@ Weights and pools are addressed with the library's stage layer maps
 * HCA compressor weights: stacked by **C128 sub-pool id**, ``[pp, max_hca, ...]``;
 * pools ``[pp, max_layers_of_kind, pages, *row]``: the row of local layer ``l``
   in sub-pool ``K`` is ``local_to_subpool(K)[l]``;
-* the request's HCA scratch ``[pp, max_hca, r, 2D]``, by C128 sub-pool id.
+* the HCA scratch slab ``[pp, max_hca, slots, r, 2D]``: C128 sub-pool id, then the
+  request's slot (one request alone: ``[pp, max_hca, r, 2D]``, one slot).
 
 Any list that spans the whole model (``params["layers"]``, a global list of
 per-layer pools) is indexed by the global id ``start_layer + local`` only.
@@ -38,7 +39,7 @@ import numpy as np
 from jaxhicache.layer_map import StageLayerMap, StageView
 from jaxhicache.spec import AttentionKind, PoolKind, pool_kinds_of
 from jaxhicache.transfer import LayerwiseLoad, apply_layer, fetch_layer
-from models.chunk import layer_forward
+from models.chunk import SCRATCH, PageTables, View, layer_forward, scatter
 from models.config import TinyDSV4Config
 
 _COMPRESSED = ("comp", "idx")
@@ -137,19 +138,26 @@ def stage_forward(
     view: StageView,
     kinds: Sequence[PoolKind],
     pools: dict,
-    scratch,
+    slab,
     h,
     start,
     end,
     tables,
+    slots,
     load: LayerwiseLoad | None = None,
 ):
-    """Run one stage's layers on ``h`` [T, d] for the chunk ``[start, end)``.
+    """Run one stage's layers on a batch of chunks.
 
+    ``h``: [B, T, d]; ``start`` / ``end``: int32 [B] (row ``b`` is the chunk
+    ``[start[b], end[b])``; ``end == start`` is a padding row: it writes nothing);
+    ``tables``: :class:`~models.chunk.PageTables` of ``[B, W]``; ``slots``: int32
+    [B], each row's row in the HCA scratch ``slab`` ``[max_hca, slots, r, 2D]``.
     ``sp``: this stage's weight stacks (no ``pp`` axis); ``view``: its layer
-    maps; ``pools``: ``{kind: [max_layers_of_kind, pages, *row]}``; ``scratch``:
-    ``[max_hca, r, 2D]``; ``load``: a stage-local layer-wise load applied layer
-    by layer (see the module docstring), or ``None``.  Returns ``(h, pools, scratch)``.
+    maps; ``pools``: ``{kind: [max_layers_of_kind, pages, *row]}``; ``load``: a
+    stage-local layer-wise load applied layer by layer (see the module
+    docstring), or ``None``.  Each layer runs :func:`~models.chunk.layer_forward`
+    over the rows with ``jax.vmap`` against the unbatched pools, then scatters all
+    rows' writes at once.  Returns ``(h, pools, slab)``.
     """
     kinds = tuple(kinds)
     view = jax.tree.map(jnp.asarray, view)
@@ -157,34 +165,37 @@ def stage_forward(
     def branch(kind, li):
         needed = pool_kinds_of(kind)
         if not all(k in kinds for k in needed):
-            return lambda h, pools, scratch: (h, pools, scratch)  # kind absent from the model
+            return lambda h, pools, slab: (h, pools, slab)  # kind absent from the model
 
-        def run(h, pools, scratch):
+        def run(h, pools, slab):
             p = _take(sp["layers"], li)
             sub = {k: view.local_to_subpool[k][li] for k in needed}
-            cp = ip = None
-            s_rows = scratch[0]
+            cp = ip = scr = None
             if kind == AttentionKind.CSA:
                 c4 = _take(sp["c4"], sub[PoolKind.C4_KV])
                 cp, ip = c4["comp"], c4["idx"]
             elif kind == AttentionKind.HCA:
                 cp = _take(sp["hca"], sub[PoolKind.C128_KV])["comp"]
-                s_rows = _take(scratch, sub[PoolKind.C128_KV])
-            views = {k: _take(pools[k], sub[k]) for k in needed}
-            h, views, s_rows = layer_forward(
-                cfg, kind, p, cp, ip, h, start, end, views, s_rows, tables
-            )
+                scr = View(slab, sub[PoolKind.C128_KV])
+            views = {k: View(pools[k], sub[k]) for k in needed}
+
+            def row(h, start, end, full, swa, slot):
+                return layer_forward(
+                    cfg, kind, p, cp, ip, h, start, end, views, scr, slot, PageTables(full, swa)
+                )
+
+            h, writes = jax.vmap(row)(h, start, end, tables.full, tables.swa, slots)
             pools = dict(pools)
             for k in needed:
-                pools[k] = _put(pools[k], sub[k], views[k])
+                pools[k] = scatter(pools[k], sub[k], writes[k])
             if kind == AttentionKind.HCA:
-                scratch = _put(scratch, sub[PoolKind.C128_KV], s_rows)
-            return h, pools, scratch
+                slab = scatter(slab, sub[PoolKind.C128_KV], writes[SCRATCH])
+            return h, pools, slab
 
         return run
 
     def body(carry, li):
-        h, pools, scratch, fetched = carry
+        h, pools, slab, fetched = carry
         with jax.named_scope("stage_layer"):
             if load is not None:  # layer li's rows land now; layer li + 1's start moving
                 pools = apply_layer(pools, load, fetched, view, li)
@@ -192,21 +203,31 @@ def stage_forward(
             k = view.attention_kind[li]
             idx = jnp.where(view.layer_valid[li] & (k >= 0), k, 3)
             fns = [branch(a, li) for a in (AttentionKind.SWA, AttentionKind.CSA, AttentionKind.HCA)]
-            fns.append(lambda h, pools, scratch: (h, pools, scratch))  # padding layer
-            h, pools, scratch = jax.lax.switch(idx, fns, h, pools, scratch)
-        return (h, pools, scratch, fetched), None
+            fns.append(lambda h, pools, slab: (h, pools, slab))  # padding layer
+            h, pools, slab = jax.lax.switch(idx, fns, h, pools, slab)
+        return (h, pools, slab, fetched), None
 
     n = view.attention_kind.shape[0]
     fetched = {} if load is None else fetch_layer(load, view, 0)
-    carry = (h, dict(pools), scratch, fetched)
-    (h, pools, scratch, _), _ = jax.lax.scan(body, carry, jnp.arange(n))
-    return h, pools, scratch
+    carry = (h, dict(pools), slab, fetched)
+    (h, pools, slab, _), _ = jax.lax.scan(body, carry, jnp.arange(n))
+    return h, pools, slab
 
 
-def scratch_shape(cfg: TinyDSV4Config, pp: int, max_hca: int) -> tuple[int, ...]:
-    return (pp, max(1, max_hca), cfg.hca_ratio, 2 * cfg.head_dim)
+def reset_slots(slab, slots, fresh):
+    """NaN the slab rows ``slots[b]`` where ``fresh[b]`` (``slab`` ``[max_hca, slots, r, 2D]``)."""
+    at = jnp.where(fresh, slots, slab.shape[1])  # out of bounds: dropped
+    return slab.at[:, at].set(jnp.nan, mode="drop")
 
 
-def new_scratch(cfg: TinyDSV4Config, pp: int, max_hca: int):
-    """A fresh request scratch: NaN rows, so any read of a never-written row poisons."""
-    return jnp.full(scratch_shape(cfg, pp, max_hca), np.nan, jnp.float32)
+def scratch_shape(
+    cfg: TinyDSV4Config, pp: int, max_hca: int, slots: int | None = None
+) -> tuple[int, ...]:
+    """``[pp, max_hca, r, 2D]`` (one request) or ``[pp, max_hca, slots, r, 2D]`` (a slab)."""
+    lead = (pp, max(1, max_hca)) if slots is None else (pp, max(1, max_hca), slots)
+    return (*lead, cfg.hca_ratio, 2 * cfg.head_dim)
+
+
+def new_scratch(cfg: TinyDSV4Config, pp: int, max_hca: int, slots: int | None = None):
+    """A fresh HCA scratch (host numpy): NaN rows, so any read of a never-written row poisons."""
+    return np.full(scratch_shape(cfg, pp, max_hca, slots), np.nan, np.float32)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +41,27 @@ def cache_spec(cfg: TinyDSV4Config, name: str | None = None) -> ModelCacheSpec:
     return cfg.cache_spec(name)
 
 
+def _first_read(cfg: TinyDSV4Config, start: int) -> int:
+    """The first position a chunk at ``start`` reads SWA-space rows of (window, C4 ring)."""
+    lo = start - cfg.window + 1
+    if cfg.c4_layers:
+        lo = min(lo, C4_RATIO * (start // C4_RATIO) - C4_RATIO)
+    return max(0, lo)
+
+
+def _row_pages(cfg: TinyDSV4Config, start: int, end: int, full, swa):
+    """``(read, written)``: sets of ``(space, page id)`` a chunk ``[start, end)`` reads /
+    writes (it writes only the pages of its own positions; reads include those)."""
+    page = cfg.page_size
+    n_pages = -(-end // page)
+    first_read, first_write = _first_read(cfg, start) // page, start // page
+    read = {("full", int(p)) for p in full[:n_pages]}
+    read |= {("swa", int(p)) for p in swa[first_read:n_pages]}
+    wrote = {("full", int(p)) for p in full[first_write:n_pages]}
+    wrote |= {("swa", int(p)) for p in swa[first_write:n_pages]}
+    return read, wrote
+
+
 def check_page_tables(cfg: TinyDSV4Config, start: int, end: int, full, swa) -> None:
     """Host-side check that every page the chunk ``[start, end)`` reads or writes is present.
 
@@ -60,15 +82,12 @@ def check_page_tables(cfg: TinyDSV4Config, start: int, end: int, full, swa) -> N
     missing = [i for i in range(n_pages) if full[i] < 0]
     if missing:
         raise ValueError(f"full pages {missing} are absent (-1) but needed for tokens < {end}")
-    lo = start - cfg.window + 1
-    if cfg.c4_layers:
-        lo = min(lo, C4_RATIO * (start // C4_RATIO) - C4_RATIO)
-    first = max(0, lo) // page
-    missing = [i for i in range(first, n_pages) if swa[i] < 0]
+    lo = _first_read(cfg, start)
+    missing = [i for i in range(lo // page, n_pages) if swa[i] < 0]
     if missing:
         raise ValueError(
             f"SWA pages {missing} are tombstoned (-1) but chunk [{start}, {end}) reads "
-            f"positions >= {max(0, lo)} (window / C4 compressor state)"
+            f"positions >= {lo} (window / C4 compressor state)"
         )
 
 
@@ -87,6 +106,98 @@ def check_hca_scratch(cfg: TinyDSV4Config, start: int, scratch_from: int) -> Non
             f"request's scratch starts at {scratch_from} (restore points must be multiples "
             f"of the HCA ratio {cfg.hca_ratio})"
         )
+
+
+class BatchArgs(NamedTuple):
+    """Checked host inputs of a batched forward (``B`` rows, see ``PagedModel.forward``)."""
+
+    tokens: np.ndarray  # int32 [B, T]
+    starts: np.ndarray  # int32 [B]
+    n_valid: np.ndarray  # int32 [B]; 0 = padding row
+    full: np.ndarray  # int32 [B, W]
+    swa: np.ndarray  # int32 [B, W]
+    slots: np.ndarray  # int32 [B]
+    fresh: np.ndarray  # bool [B]
+
+
+def _ints(name, x, ndim):
+    a = np.asarray(x)
+    if a.ndim != ndim or (a.size and not np.issubdtype(a.dtype, np.integer)):
+        raise ValueError(f"{name} must be a {ndim}-D int array, got shape {a.shape} {a.dtype}")
+    return a.astype(np.int32)
+
+
+def check_batch(
+    cfg: TinyDSV4Config, tokens, starts, n_valid, full, swa, slots, fresh, slot_starts
+) -> tuple[BatchArgs, np.ndarray]:
+    """Host-side checks of a batch of chunks; ``ValueError`` naming the bad value.
+
+    Per valid row (``n_valid > 0``): :func:`check_page_tables`, a slot in
+    ``[0, len(slot_starts))`` that is started (or ``fresh``), and
+    :func:`check_hca_scratch` from the slot's start (the row's own start when
+    ``fresh``).  Across valid rows: no shared slot, and no page (full or SWA) that
+    one row writes (the pages of its positions ``[start, end)``) and another row
+    reads or writes.  Padding rows are not checked: they write nothing.
+    Returns the normalized arrays and the slot starts after the call.
+    """
+    tokens = _ints("tokens", tokens, 2)
+    b, t = tokens.shape
+    if b < 1 or t < 1:
+        raise ValueError(f"tokens must be [B >= 1, T >= 1], got {tokens.shape}")
+    starts, n_valid, slots = (
+        _ints(n, x, 1) for n, x in (("starts", starts), ("n_valid", n_valid), ("slots", slots))
+    )
+    fresh = np.zeros((b,), bool) if fresh is None else np.asarray(fresh)
+    if fresh.dtype != bool:
+        raise ValueError(f"fresh must be a bool array, got {fresh.dtype}")
+    full, swa = _ints("full_page_ids", full, 2), _ints("swa_page_ids", swa, 2)
+    for name, a in (("starts", starts), ("n_valid", n_valid), ("slots", slots), ("fresh", fresh)):
+        if a.shape != (b,):
+            raise ValueError(f"{name} has shape {a.shape}, tokens has B={b} rows")
+    if full.shape != swa.shape or full.shape[0] != b:
+        raise ValueError(f"page tables full {full.shape} / swa {swa.shape} must both be [B={b}, W]")
+    bad = np.flatnonzero((n_valid < 0) | (n_valid > t))
+    if bad.size:
+        raise ValueError(f"n_valid[{bad[0]}]={n_valid[bad[0]]} is outside [0, T={t}]")
+    n_slots = len(slot_starts)
+    new_starts = np.array(slot_starts, copy=True)
+    needs: list = []
+    owner: dict[int, int] = {}
+    for i in np.flatnonzero(n_valid > 0).tolist():
+        start, end, slot = int(starts[i]), int(starts[i] + n_valid[i]), int(slots[i])
+        if start < 0:
+            raise ValueError(f"starts[{i}]={start} is negative")
+        if not 0 <= slot < n_slots:
+            raise ValueError(f"slots[{i}]={slot} is outside the slab's [0, {n_slots})")
+        if slot in owner:
+            raise ValueError(f"rows {owner[slot]} and {i} both use scratch slot {slot}")
+        owner[slot] = i
+        try:
+            check_page_tables(cfg, start, end, full[i], swa[i])
+            if fresh[i]:
+                check_hca_scratch(cfg, start, start)
+            elif slot_starts[slot] < 0:
+                raise ValueError(f"scratch slot {slot} was never started (pass fresh=True)")
+            else:
+                check_hca_scratch(cfg, start, int(slot_starts[slot]))
+        except ValueError as e:
+            raise ValueError(f"row {i}: {e}") from None
+        if fresh[i]:
+            new_starts[slot] = start
+        needs.append((i, _row_pages(cfg, start, end, full[i], swa[i])))
+    writer: dict[tuple[str, int], int] = {}
+    for i, (_, wrote) in needs:
+        for key in wrote:
+            if key in writer:
+                raise ValueError(f"rows {writer[key]} and {i} both write {key[0]} page {key[1]}")
+            writer[key] = i
+    for i, (read, _) in needs:
+        for key in read:
+            if writer.get(key, i) != i:
+                raise ValueError(
+                    f"row {i} reads {key[0]} page {key[1]} that row {writer[key]} writes"
+                )
+    return BatchArgs(tokens, starts, n_valid, full, swa, slots, fresh), new_starts
 
 
 @dataclasses.dataclass
@@ -160,21 +271,23 @@ def _squeeze(tree):
 
 
 def _chunk_impl(cfg, sp, pools, scratch, tokens, start, n_valid, tables):
+    """One request's chunk: the batched stage forward with B = 1 and a one-slot slab."""
     spec, _, stacked = _single_stage(cfg)
-    h = L.embed(sp, tokens)
-    h, pools, scratch = stage_forward(
+    h = L.embed(sp, tokens)[None]
+    h, pools, slab = stage_forward(
         cfg,
         sp,
         stacked.stage_at(0),
         spec.kinds(),
         pools,
-        scratch,
+        scratch[:, None],  # [n_hca, 1 slot, r, 2D]
         h,
-        start,
-        start + n_valid,
-        tables,
+        start[None],
+        (start + n_valid)[None],
+        PageTables(tables.full[None], tables.swa[None]),
+        jnp.zeros((1,), jnp.int32),
     )
-    return L.lm_head(sp, h, cfg), pools, scratch
+    return L.lm_head(sp, h[0], cfg), pools, slab[:, 0]
 
 
 @functools.cache
