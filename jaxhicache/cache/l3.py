@@ -2,12 +2,18 @@
 
 Control plane (main thread; the only place the tree changes)::
 
-    start_prefetch(key, salt, match)     pages after the L1/L2 match: hashes, a lookup
-       │                                 (exists_prefix of the full space on every stage,
-       │                                 min over stages; the SWA window of the hit end on
-       │                                 every stage), host slots reserved
+    start_lookup(key, salt)              (optional, when a request is queued) the lookup
+       │                                 below starts on a lookup thread, off the critical path
+    start_prefetch(key, salt, match)     pages after the L1/L2 match: hashes, a lookup (every
+       │                                 existence check of every stage and both spaces in
+       │                                 one batch, l3_lookup), waited for at most
+       │                                 lookup_timeout_s; the hit end agreed (MIN over
+       │                                 processes) among the ends whose window is present and
+       │                                 that are cheaper to load than recompute (l3_cost);
+       │                                 host slots reserved
        v
-    worker thread: backend.get per stage and page space into the reserved slots
+    fetch thread: backend.get per stage and page space (concurrently, fetch_in_flight
+       │          objects in flight in all) into the reserved slots
        │
     claim(key, salt, match)              a landed prefetch that starts where the match ends
        │                                 goes to the request: its slots are loaded into the
@@ -31,13 +37,14 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
-import enum
-import math
+import time
 from collections.abc import Callable, Sequence
 from typing import final
 
 import numpy as np
 
+from jaxhicache.cache.l3_config import PrefetchPolicy, StorageConfig
+from jaxhicache.cache.l3_lookup import Lookups, StageObjects
 from jaxhicache.cache.ledger import PageLedger
 from jaxhicache.cache.stats import CacheStats
 from jaxhicache.distributed import Agreement
@@ -47,74 +54,9 @@ from jaxhicache.spec import ModelCacheSpec, PageSpace, Tier
 from jaxhicache.storage.backend import StorageBackend
 from jaxhicache.storage.keys import Namespace, page_hashes
 from jaxhicache.tree import MatchResult, RadixTree, TreeNode
+from jaxhicache.tree.hashes import salt_bytes
 
 __all__ = ["PrefetchPolicy", "StorageConfig", "StorageTier"]
-
-
-class PrefetchPolicy(enum.Enum):
-    """How long ``admit`` waits for a request's L3 prefetch."""
-
-    BEST_EFFORT = "best_effort"  # take what has arrived, never wait
-    WAIT_COMPLETE = "wait_complete"  # wait for the whole prefetch
-    TIMEOUT = "timeout"  # wait up to base + per_1k_tokens * n / 1024, capped
-
-
-@final
-@dataclasses.dataclass(frozen=True)
-class StorageConfig:
-    """Knobs of the L3 tier (the backend itself is passed to ``HiCache``).
-
-    Attributes:
-      model_id: the model's id in object keys (instances share objects only
-        when their model id, cache format and stage layer ranges agree).
-      prefetch_threshold: tokens an L3 hit must add to be fetched (default 256).
-      prefetch_policy / timeout_base_s / timeout_per_1k_tokens_s / timeout_max_s:
-        how long ``admit`` waits for a request's prefetch.
-      swa_checkpoint_every: SWA-space objects (the window a hit ends on) are
-        written for every k-th page boundary and the end of each backed-up
-        sequence; an L3 hit ends at such a checkpoint. 1 = every page.
-      backup: write host pages to L3 after their D2H backup lands.
-    """
-
-    model_id: str
-    prefetch_threshold: int = 256
-    prefetch_policy: PrefetchPolicy = PrefetchPolicy.TIMEOUT
-    timeout_base_s: float = 0.2
-    timeout_per_1k_tokens_s: float = 0.1
-    timeout_max_s: float = 5.0
-    swa_checkpoint_every: int = 1
-    backup: bool = True
-
-    def __post_init__(self):
-        if not isinstance(self.model_id, str) or not self.model_id:
-            raise ValueError(
-                f"StorageConfig.model_id must be a non-empty str, got {self.model_id!r}"
-            )
-        for name in ("prefetch_threshold", "swa_checkpoint_every"):
-            v = getattr(self, name)
-            lo = 0 if name == "prefetch_threshold" else 1
-            if type(v) is bool or not isinstance(v, int) or v < lo:
-                raise ValueError(f"StorageConfig.{name} must be an int >= {lo}, got {v!r}")
-        if not isinstance(self.prefetch_policy, PrefetchPolicy):
-            raise ValueError(
-                f"StorageConfig.prefetch_policy must be a PrefetchPolicy, got {self.prefetch_policy!r}"
-            )
-        for name in ("timeout_base_s", "timeout_per_1k_tokens_s", "timeout_max_s"):
-            v = getattr(self, name)
-            if type(v) is bool or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"StorageConfig.{name} must be a finite number >= 0, got {v!r}")
-        if not isinstance(self.backup, bool):
-            raise ValueError(f"StorageConfig.backup must be a bool, got {self.backup!r}")
-
-    def wait_seconds(self, tokens: int) -> float | None:
-        """How long ``admit`` waits for a prefetch of ``tokens`` (``None`` = until done)."""
-        if self.prefetch_policy is PrefetchPolicy.BEST_EFFORT:
-            return 0.0
-        if self.prefetch_policy is PrefetchPolicy.WAIT_COMPLETE:
-            return None
-        return min(
-            self.timeout_max_s, self.timeout_base_s + self.timeout_per_1k_tokens_s * tokens / 1024
-        )
 
 
 @dataclasses.dataclass(eq=False)
@@ -122,7 +64,7 @@ class Prefetch:
     """One in-flight L3 fetch of the pages ``[first, end)`` of a key (page indices)."""
 
     key: np.ndarray  # the whole pages [0, end) of the request's key
-    salt: str | bytes | None
+    salt: bytes | None  # normalized (tree.hashes.salt_bytes): "a" and b"a" are one tenant
     first: int
     end: int
     swa_first: int  # window pages [swa_first, end) fetched in the SWA space
@@ -168,13 +110,51 @@ class StorageTier:
             m.pp_rank: Namespace.for_stage(spec, m, model_id=config.model_id)
             for m in host.local_maps
         }
-        self.agreement = agreement if agreement is not None else Agreement(local_only=True)
+        self._agreement = agreement if agreement is not None else Agreement(local_only=True)
         # Frees host slots for a prefetch (the cache's host eviction); the caller holds
         # a lock on the match, so the prefix a prefetch continues is never evicted.
         self._make_room = make_room
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxhicache-l3")
+        self._fetcher = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="jaxhicache-l3-fetch"
+        )
+        self._stages = [
+            StageObjects(
+                r,
+                ns,
+                backend.page_objects(ns, PageSpace.FULL, host, r),
+                backend.page_objects(ns, PageSpace.SWA, host, r),
+            )
+            for r, ns in self.namespaces.items()
+        ]
+        n_jobs = sum(bool(st.full[0]) + bool(st.swa[0]) for st in self._stages)
+        self._io = (  # a prefetch's gets of several stages and spaces at once
+            concurrent.futures.ThreadPoolExecutor(n_jobs, thread_name_prefix="jaxhicache-l3-io")
+            if backend.concurrent and n_jobs > 1
+            else None
+        )
+        self.lookups = Lookups(
+            backend,
+            config,
+            self._stages,
+            tree,
+            self._agreement,
+            stats,
+            self._ps,
+            self._w,
+        )
+        self.costs = self.lookups.costs
         self._prefetches: list[Prefetch] = []
         self._writes: list[_Write] = []
+
+    @property
+    def agreement(self) -> Agreement:
+        """The MIN collective every decision on what some processes see goes through."""
+        return self._agreement
+
+    @agreement.setter
+    def agreement(self, agreement: Agreement) -> None:
+        self._agreement = self.lookups.agreement = agreement
 
     # ------------------------------------------------------------------ prefetch
     def in_flight(self) -> dict[PageSpace, int]:
@@ -185,7 +165,9 @@ class StorageTier:
         }
 
     def find(self, key: np.ndarray, salt) -> Prefetch | None:
-        """The prefetch (in flight or landed) of a key that this one extends (or equals)."""
+        """The prefetch (in flight or landed) of a key that this one extends (or equals),
+        under the same tenant salt."""
+        salt = salt_bytes(salt)
         for p in self._prefetches:
             if (
                 p.salt == salt
@@ -201,6 +183,7 @@ class StorageTier:
         Starts one (or finds one in flight), waits as the policy says, and claims it
         when it landed, loaded on every stage and starts where ``match`` ends.
         """
+        salt = salt_bytes(salt)
         p = self.find(key, salt) or self.start_prefetch(key, salt, match)
         if p is None:
             return None
@@ -227,15 +210,31 @@ class StorageTier:
         self._drop(p)
         return None
 
+    def start_lookup(self, key: np.ndarray, salt=None) -> bool:
+        """Starts the L3 lookup of a queued request, off the critical path.
+
+        ``key``: what admission will match (``prompt[:-1]``). The lookup of the pages
+        after what the tree holds now runs on a lookup thread; the admission of the
+        request (:meth:`start_prefetch`) then finds it done instead of waiting for
+        the store. Returns whether a lookup was started (not when the tree already
+        holds all but ``prefetch_threshold`` tokens, or one for this key is pending).
+        """
+        return self.lookups.start(np.asarray(key, np.int32).reshape(-1), salt_bytes(salt))
+
+    def observe_recompute(self, tokens: int, seconds: float) -> None:
+        """Feeds the cost model: prefilling ``tokens`` tokens took ``seconds``."""
+        self.lookups.costs.observe_recompute(tokens, seconds)
+
     def start_prefetch(self, key: np.ndarray, salt, match: MatchResult) -> Prefetch | None:
         """Looks up the pages of ``key`` after ``match`` in storage and starts fetching them.
 
-        Returns ``None`` when fewer than ``prefetch_threshold`` tokens would be added,
-        when a prefetch of the key is already in flight, or when host slots are short
-        even after evicting LRU host-only leaves (``make_room``). The caller holds a
-        lock on ``match.node``.
+        Returns ``None`` when fewer than ``prefetch_threshold`` tokens would be added
+        (after the cost model), when a prefetch of the key is already in flight, or
+        when host slots are short even after evicting LRU host-only leaves
+        (``make_room``). The caller holds a lock on ``match.node``.
         """
         ps, w = self._ps, self._w
+        salt = salt_bytes(salt)
         first = match.matched_len // ps
         pages = key.size // ps
         if (pages - first) * ps < max(self.config.prefetch_threshold, 1) or self.find(
@@ -247,9 +246,7 @@ class StorageTier:
         hashes = page_hashes(
             key[first * ps : pages * ps], ps, salt=None if parent else salt, parent=parent
         )
-        end = first + self._lookup(hashes)
-        if w:
-            end = self._window_end(hashes, first, end)
+        end = self.lookups.hit_end(key, salt, hashes, first)
         if (end - first) * ps < max(self.config.prefetch_threshold, 1) or end - first < w:
             return None  # too little, or the window would reach back into the tree's pages
         swa_first = max(end - w, first) if w else end
@@ -262,7 +259,7 @@ class StorageTier:
             return None
         job_hashes = hashes[: end - first]
         swa_hashes = job_hashes[swa_first - first :]
-        fut = self._worker.submit(self._fetch, job_hashes, host_full, swa_hashes, host_swa)
+        fut = self._fetcher.submit(self._fetch, job_hashes, host_full, swa_hashes, host_swa)
         p = Prefetch(
             key=key[: end * ps].copy(),
             salt=salt,
@@ -287,54 +284,51 @@ class StorageTier:
         except OutOfPages:
             return None
 
-    def _lookup(self, hashes: Sequence[str]) -> int:
-        """Consecutive full-space pages present on every stage (the decision, taken once:
-        MIN over this process's stages, then MIN over processes)."""
-        n = len(hashes)
-        for r, ns in self.namespaces.items():
-            if not n:
-                break
-            if self.host.layer_maps[r].num_local_layers and _has_space(
-                ns, self.spec, PageSpace.FULL
-            ):
-                n = min(n, self.backend.exists_prefix(ns, PageSpace.FULL, hashes[:n]))
-        return int(self.agreement.min([n])[0])
-
-    def _window_end(self, hashes: Sequence[str], first: int, end: int) -> int:
-        """The largest hit end ``<= end`` whose SWA window objects exist on every stage.
-
-        Candidates are ``end`` and the checkpoints (multiples of
-        ``swa_checkpoint_every``) below it: where backups write SWA objects.
-        """
-        w, k = self._w, self.config.swa_checkpoint_every
-        candidates = [end, *range(end - end % k, first, -k)] if end > first else []
-        candidates = [e for e in dict.fromkeys(candidates) if e > first]  # ordered, unique
-        here = [
-            all(
-                self.backend.exists(
-                    ns, PageSpace.SWA, hashes[max(e - w, first) - first : e - first]
-                ).all()
-                for ns in self.namespaces.values()
-                if _has_space(ns, self.spec, PageSpace.SWA)
-            )
-            for e in candidates
-        ]
-        agreed = self.agreement.min(here)  # present on every process's stages
-        return next((e for e, ok in zip(candidates, agreed, strict=True) if ok), first)
-
     def _fetch(self, hashes, host_full, swa_hashes, host_swa) -> int:
-        """Worker: loads the pages into the slots; returns the pages usable on every stage."""
+        """Fetch thread: loads the pages into the slots (the gets of every stage and page
+        space at once on a concurrent store); returns the pages usable on every stage."""
+        jobs = [
+            (st, space, hs, ids)
+            for space, hs, ids in (
+                (PageSpace.FULL, hashes, host_full),
+                (PageSpace.SWA, swa_hashes, host_swa),
+            )
+            for st in self._stages
+            if len(hs) and (st.full if space is PageSpace.FULL else st.swa)[0]
+        ]
+        if not jobs:
+            return len(hashes)
+        per = max(1, self.config.fetch_in_flight // len(jobs)) if self._io else None
+        in_flight = self.config.fetch_in_flight
+
+        def get(job):
+            st, space, hs, ids = job
+            return self.backend.get(
+                st.ns, space, hs, self.host, st.rank, ids, max_in_flight=per or in_flight
+            )
+
+        t0 = time.perf_counter()
+        oks = list(self._io.map(get, jobs)) if self._io is not None else [get(j) for j in jobs]
+        seconds = time.perf_counter() - t0
+        objects = nbytes = 0
+        for st, space, hs, _ids in jobs:
+            o, b = st.full if space is PageSpace.FULL else st.swa
+            objects, nbytes = objects + o * len(hs), nbytes + b * len(hs)
+        self.costs.observe_fetch(objects, nbytes, in_flight, seconds)
         n = len(hashes)
-        good = n
-        for r, ns in self.namespaces.items():
-            if _has_space(ns, self.spec, PageSpace.FULL):
-                ok = self.backend.get(ns, PageSpace.FULL, hashes, self.host, r, host_full)
-                good = min(good, _leading(ok))
-        window_ok = True
-        for r, ns in self.namespaces.items():
-            if swa_hashes and _has_space(ns, self.spec, PageSpace.SWA):
-                ok = self.backend.get(ns, PageSpace.SWA, swa_hashes, self.host, r, host_swa)
-                window_ok &= bool(ok.all())
+        good = min(
+            (
+                _leading(ok)
+                for (_, sp, _, _), ok in zip(jobs, oks, strict=True)
+                if sp is PageSpace.FULL
+            ),
+            default=n,
+        )
+        window_ok = all(
+            bool(ok.all())
+            for (_, sp, _, _), ok in zip(jobs, oks, strict=True)
+            if sp is PageSpace.SWA
+        )
         # A hit must end where its window was fetched: all or nothing.
         return n if good == n and window_ok else 0
 
@@ -448,7 +442,11 @@ class StorageTier:
     def close(self) -> None:
         self.poll(wait=True)
         self.drop_landed()
+        self.lookups.close()
+        self._fetcher.shutdown(wait=True)
         self._worker.shutdown(wait=True)
+        if self._io is not None:
+            self._io.shutdown(wait=True)
 
 
 def _path_host_ids(node: TreeNode) -> tuple[np.ndarray, np.ndarray]:

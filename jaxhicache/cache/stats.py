@@ -43,4 +43,9 @@ class CacheStats:
     storage_backed_up_pages: int = 0  # stage pages written to L3 (absent ones only)
     storage_read_failures: int = 0  # prefetches that failed as a whole (backend error)
     storage_write_failures: int = 0
+    storage_lookups: int = 0  # L3 lookups an admission waited for (or found done)
+    storage_early_lookups: int = 0  # lookups started when their request was queued
+    storage_lookup_timeouts: int = 0  # lookups not back within lookup_timeout_s: misses
+    storage_lookup_seconds: float = 0.0  # admission time spent waiting for lookups
+    storage_declined_tokens: int = 0  # L3 hit tokens recomputed: cheaper than loading
     divergence_checks: int = 0  # cross-process digest comparisons (check_every)

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 import threading
 import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -42,38 +43,17 @@ from .format import (
 )
 from .keys import Namespace, check_page_hash, object_key
 from .layout import ObjectLayout, StagePages, check_host_ids, plan_units
+from .ops import ExistsQuery, ObjectRead, Pending, _Failed, _jobs, _leading, _release, _safe
 from .stats import StorageStats
 
-__all__ = ["ObjectRead", "Pending", "StorageBackend", "StorageStats"]
-
-
-class Pending(Protocol):
-    """A started object operation (a future)."""
-
-    def result(self) -> Any: ...
-
-
-class ObjectRead(NamedTuple):
-    """Result of reading one object: ``value is None`` means missing.
-
-    ``value`` may be a view of a backend-owned buffer; the caller calls
-    ``release()`` (when given) once it no longer needs the bytes.
-    """
-
-    value: bytes | memoryview | None
-    generation: bytes | None = None
-    release: Callable[[], None] | None = None
-    size: int = 0  # object bytes (direct reads: ``value`` is then the header)
-
-
-class _Failed:
-    """A pending operation that failed when it was started."""
-
-    def __init__(self, exc: BaseException):
-        self.exc = exc
-
-    def result(self):
-        raise self.exc
+__all__ = [
+    "ExistsQuery",
+    "ObjectRead",
+    "Pending",
+    "StorageBackend",
+    "StorageStats",
+    "_Failed",
+]
 
 
 class StorageBackend(abc.ABC):
@@ -139,68 +119,137 @@ class StorageBackend(abc.ABC):
 
     # ------------------------------------------------------------- page API
 
-    def exists(self, ns: Namespace, space: PageSpace, hashes: Sequence[str]) -> np.ndarray:
+    def exists(
+        self,
+        ns: Namespace,
+        space: PageSpace,
+        hashes: Sequence[str],
+        *,
+        max_in_flight: int | None = None,
+    ) -> np.ndarray:
         """bool ``[n]``: whether every object of each page is present (no integrity check)."""
-        units = self._unit_names(ns, space)
-        keys = self._keys(ns, units, hashes)
-        flat = [(i, k) for i, ks in enumerate(keys) for k in ks]
-        present = np.ones(len(keys), bool)
-        errors = 0
-
-        def finish(item, pend):
-            nonlocal errors
-            try:
-                if not pend.result():
-                    present[item[0]] = False
-            except Exception:
-                errors += 1
-                present[item[0]] = False
-
-        self._pipelined(flat, lambda it: self._start_stat(it[1]), finish)
-        self._merge(StorageStats(read_errors_total=errors))
+        (present,) = self.exists_batch(
+            [ExistsQuery(ns, space, hashes)], max_in_flight=max_in_flight
+        )
         return present
 
-    def exists_prefix(self, ns: Namespace, space: PageSpace, hashes: Sequence[str]) -> int:
+    def exists_prefix(
+        self,
+        ns: Namespace,
+        space: PageSpace,
+        hashes: Sequence[str],
+        *,
+        max_in_flight: int | None = None,
+    ) -> int:
         """Number of consecutive pages, from the first, whose objects are all present.
 
         Stops issuing requests after the first absent page. Counts ``hit_*`` for
         the prefix and ``miss_*`` for the rest of ``hashes``.
         """
-        units = self._unit_names(ns, space)
-        keys = self._keys(ns, units, hashes)
-        n = len(keys)
-        first_absent = n
+        (present,) = self.exists_batch(
+            [ExistsQuery(ns, space, hashes, prefix=True)],
+            max_in_flight=max_in_flight,
+            stop_at_absent=True,
+        )
+        return _leading(present)
+
+    def exists_batch(
+        self,
+        queries: Sequence[ExistsQuery],
+        *,
+        max_in_flight: int | None = None,
+        stop_at_absent: bool = False,
+        started: list[int] | None = None,
+    ) -> list[np.ndarray]:
+        """The existence checks of several (namespace, space, pages) queries in ONE pipeline.
+
+        Every object of every query is checked, at most ``max_in_flight`` (default:
+        the backend's) at a time, in page-index order across the queries: a lookup
+        over all stages and both page spaces costs about ``ceil(objects /
+        max_in_flight)`` sequential round trips, not one pipeline per query.
+        ``stop_at_absent``: once an object of page index ``p`` of a ``prefix`` query
+        is found absent, objects of pages ``>= p`` (of every query) not yet started
+        are not started (their pages read ``False``). Returns one bool mask per query
+        (``True``: every object of the page is present). An I/O error is an absent
+        page plus ``read_errors_total``. ``started``: the number of checks issued is
+        appended to it.
+        """
+        queries = [ExistsQuery(*q) for q in queries]
+        items: list[tuple[int, int, int, str]] = []  # (page index, query, position, key)
+        masks: list[np.ndarray] = []
+        for qi, q in enumerate(queries):
+            keys = self._keys(q.ns, self._unit_names(q.ns, q.space), q.hashes)
+            pages = list(range(len(keys))) if q.pages is None else [int(p) for p in q.pages]
+            if len(pages) != len(keys):
+                raise ValueError(f"{len(pages)} page indices for {len(keys)} hashes in query {qi}")
+            masks.append(np.ones(len(keys), bool))
+            items += [
+                (pg, qi, i, k)
+                for i, (pg, ks) in enumerate(zip(pages, keys, strict=True))
+                for k in ks
+            ]
+        items.sort(key=lambda it: (it[0], it[1], it[2]))
+        cut = math.inf  # the smallest page index found absent (stop_at_absent)
         errors = 0
 
-        def items():
-            for i, ks in enumerate(keys):
-                if i > first_absent:
-                    return
-                for k in ks:
-                    yield i, k
+        issued = 0
+
+        def start(item):
+            nonlocal issued
+            if stop_at_absent and item[0] >= cut:
+                return None
+            issued += 1
+            return self._start_stat(item[3])
 
         def finish(item, pend):
-            nonlocal first_absent, errors
+            nonlocal cut, errors
+            pg, qi, i, _key = item
+            if pend is None:
+                masks[qi][i] = False
+                return
             try:
                 ok = bool(pend.result())
             except Exception:
                 errors += 1
                 ok = False
             if not ok:
-                first_absent = min(first_absent, item[0])
+                masks[qi][i] = False
+                if queries[qi].prefix:
+                    cut = min(cut, pg)
 
-        self._pipelined(items(), lambda it: self._start_stat(it[1]), finish)
-        hit = first_absent
-        self._merge(
-            StorageStats(
-                hit_pages_total=hit,
-                hit_tokens_total=hit * ns.page_size,
-                miss_pages_total=n - hit,
-                miss_tokens_total=(n - hit) * ns.page_size,
-                read_errors_total=errors,
-            )
+        self._pipelined(items, start, finish, limit=max_in_flight)
+        if started is not None:
+            started.append(issued)
+        st = StorageStats(read_errors_total=errors)
+        for q, mask in zip(queries, masks, strict=True):
+            if q.prefix:
+                hit, n = _leading(mask), mask.size
+                st.hit_pages_total += hit
+                st.hit_tokens_total += hit * q.ns.page_size
+                st.miss_pages_total += n - hit
+                st.miss_tokens_total += (n - hit) * q.ns.page_size
+        self._merge(st)
+        return masks
+
+    def page_objects(
+        self, ns: Namespace, space: PageSpace, host: HostPools, rank: int
+    ) -> tuple[int, int]:
+        """``(objects, bytes)`` one page of ``space`` on stage ``rank`` is stored as
+        (headers included); ``(0, 0)`` for a stage without a sub-pool of ``space``."""
+        units = self._plan(ns, space, host, rank).units
+        return len(units), sum(
+            u.nbytes + header_length(object_key(ns, u.unit, "0" * 64)) for u in units
         )
-        return hit
+
+    def units_per_page(self, ns: Namespace, space: PageSpace) -> int:
+        """Objects one page of ``space`` is stored as on the stage of ``ns`` (0: none)."""
+        return len(self._unit_names(ns, space))
+
+    @property
+    def concurrent(self) -> bool:
+        """Whether this backend overlaps object operations (a started operation returns
+        before it finishes): worth issuing several calls at once."""
+        return self._window() > 1
 
     def put(
         self,
@@ -265,8 +314,12 @@ class StorageBackend(abc.ABC):
         host: HostPools,
         rank: int,
         host_ids,
+        *,
+        max_in_flight: int | None = None,
     ) -> np.ndarray:
         """Load pages ``hashes`` into host pages ``host_ids`` of stage ``rank``.
+
+        ``max_in_flight``: objects read at once in this call (default: the backend's).
 
         Returns bool ``[n]``; a ``True`` page passed every check of every one of
         its objects. What a ``False`` page's slot holds afterwards:
@@ -365,7 +418,7 @@ class StorageBackend(abc.ABC):
         if direct and self._window() == 1:
             self._get_direct_sync(keys, pages, ids.tolist(), ok, touched, st, corrupt)
         else:
-            self._pipelined(_jobs(n, m), start, finish)
+            self._pipelined(_jobs(n, m), start, finish, limit=max_in_flight)
         for i in np.flatnonzero(touched & ~ok).tolist():
             pages.scrub(int(ids[i]))  # never leave unverified bytes in a slot
         for d in deletes:
@@ -511,11 +564,17 @@ class StorageBackend(abc.ABC):
         items: Iterable,
         start: Callable[[Any], Pending | None],
         finish: Callable[[Any, Pending | None], None],
+        limit: int | None = None,
     ) -> None:
         """``finish(item, start(item))`` for every item, in order, with at most
-        ``max_in_flight`` started and not finished. ``start`` may return ``None``."""
+        ``limit`` (default ``max_in_flight``) started and not finished; a backend whose
+        operations complete when started keeps its window of 1. ``start`` may return
+        ``None``."""
         window: deque = deque()
-        limit = self._window()
+        own = self._window()
+        if limit is not None and (type(limit) is bool or not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"max_in_flight must be an int >= 1, got {limit!r}")
+        limit = own if limit is None or own == 1 else limit
         for item in items:
             if len(window) >= limit:
                 finish(*window.popleft())
@@ -531,19 +590,3 @@ class StorageBackend(abc.ABC):
     def _merge(self, st: StorageStats) -> None:
         with self._lock:
             self._stats.add(st)
-
-
-def _release(r: ObjectRead) -> None:
-    if r.release is not None:
-        r.release()
-
-
-def _jobs(n: int, m: int):
-    return ((i, j) for i in range(n) for j in range(m))
-
-
-def _safe(fn: Callable[[], Pending | None]) -> Pending | None:
-    try:
-        return fn()
-    except Exception as e:  # a failure when starting becomes a failed result
-        return _Failed(e)

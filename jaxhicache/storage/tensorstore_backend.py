@@ -98,6 +98,9 @@ class TensorStoreBackend(StorageBackend):
       sync: ``fsync`` file writes (tensorstore ``file_io_sync``).
       io_threads: tensorstore ``file_io_concurrency`` limit (``None``: its default).
       request_retries: retries of a remote request (s3 / gcs / http) before it fails.
+      request_concurrency: remote requests (s3 / gcs) in flight at once for this store
+        (``None``: tensorstore's default). An L3 lookup issues all its existence
+        checks at once (``StorageConfig.lookup_in_flight``); this caps them per store.
       timeout_s: per-object wait, after which the operation counts as an I/O error.
       context: extra tensorstore context resources (override the above).
     """
@@ -111,6 +114,7 @@ class TensorStoreBackend(StorageBackend):
         sync: bool = False,
         io_threads: int | None = None,
         request_retries: int = 2,
+        request_concurrency: int | None = None,
         timeout_s: float | None = 60.0,
         context: dict[str, Any] | None = None,
     ):
@@ -128,6 +132,17 @@ class TensorStoreBackend(StorageBackend):
         }
         if io_threads is not None:
             ctx["file_io_concurrency"] = {"limit": int(io_threads)}
+        if request_concurrency is not None:
+            if (
+                type(request_concurrency) is bool
+                or not isinstance(request_concurrency, int)
+                or (request_concurrency < 1)
+            ):
+                raise ValueError(
+                    f"request_concurrency must be an int >= 1, got {request_concurrency!r}"
+                )
+            for name in ("s3_request_concurrency", "gcs_request_concurrency"):
+                ctx[name] = {"limit": request_concurrency}
         ctx.update(context or {})
         self.timeout_s = timeout_s
         self.context = ts.Context(ctx)

@@ -1,0 +1,121 @@
+"""``StorageConfig``: the knobs of the cache's L3 tier (validated; ``ValueError`` names
+the field and the value)."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from typing import final
+
+__all__ = ["PrefetchPolicy", "StorageConfig"]
+
+
+class PrefetchPolicy(enum.Enum):
+    """How long ``admit`` waits for a request's L3 prefetch."""
+
+    BEST_EFFORT = "best_effort"  # take what has arrived, never wait
+    WAIT_COMPLETE = "wait_complete"  # wait for the whole prefetch
+    TIMEOUT = "timeout"  # wait up to base + per_1k_tokens * n / 1024, capped
+
+
+@final
+@dataclasses.dataclass(frozen=True)
+class StorageConfig:
+    """Knobs of the L3 tier (the backend itself is passed to ``HiCache``).
+
+    Attributes:
+      model_id: the model's id in object keys (instances share objects only
+        when their model id, cache format and stage layer ranges agree).
+      prefetch_threshold: tokens an L3 hit must add to be fetched (default 256).
+      prefetch_policy / timeout_base_s / timeout_per_1k_tokens_s / timeout_max_s:
+        how long ``admit`` waits for a request's prefetch.
+      swa_checkpoint_every: SWA-space objects (the window a hit ends on) are
+        written for every k-th page boundary and the end of each backed-up
+        sequence; an L3 hit ends at such a checkpoint. 1 = every page.
+      backup: write host pages to L3 after their D2H backup lands.
+      lookup_in_flight: existence checks in flight at once in one lookup (every
+        check of a lookup is issued in one batch; ~``ceil(checks / this)`` round trips).
+      fetch_in_flight: objects read at once by one prefetch, over all its stages and
+        page spaces (cover the store's latency: a store answering in ``L`` seconds at
+        ``B`` bytes/s wants about ``L * B / object bytes`` in flight).
+      lookup_timeout_s: the most a lookup may delay an admission; a lookup not back
+        by then is a miss (a stalled store costs at most this).
+      cost_model: fetch only the part of a hit that the running estimates say is
+        cheaper to load than to recompute (``False``: fetch every hit).
+      store_latency_s / store_bytes_per_s / recompute_s_per_token: the cost model's
+        priors until observed (a store request's round trip, the store's read
+        bandwidth, the prefill cost of one token; the last is fed by the serving
+        engine through ``StorageTier.observe_recompute``).
+    """
+
+    model_id: str
+    prefetch_threshold: int = 256
+    prefetch_policy: PrefetchPolicy = PrefetchPolicy.TIMEOUT
+    timeout_base_s: float = 0.2
+    timeout_per_1k_tokens_s: float = 0.1
+    timeout_max_s: float = 5.0
+    swa_checkpoint_every: int = 1
+    backup: bool = True
+    lookup_in_flight: int = 128
+    fetch_in_flight: int = 32
+    lookup_timeout_s: float = 1.0
+    cost_model: bool = True
+    store_latency_s: float = 0.005
+    store_bytes_per_s: float = 500e6
+    recompute_s_per_token: float = 1e-4
+
+    def __post_init__(self):
+        if not isinstance(self.model_id, str) or not self.model_id:
+            raise ValueError(
+                f"StorageConfig.model_id must be a non-empty str, got {self.model_id!r}"
+            )
+        for name, lo in (
+            ("prefetch_threshold", 0),
+            ("swa_checkpoint_every", 1),
+            ("lookup_in_flight", 1),
+            ("fetch_in_flight", 1),
+        ):
+            v = getattr(self, name)
+            if type(v) is bool or not isinstance(v, int) or v < lo:
+                raise ValueError(f"StorageConfig.{name} must be an int >= {lo}, got {v!r}")
+        if not isinstance(self.prefetch_policy, PrefetchPolicy):
+            raise ValueError(
+                f"StorageConfig.prefetch_policy must be a PrefetchPolicy, got {self.prefetch_policy!r}"
+            )
+        for name, positive in (
+            ("timeout_base_s", False),
+            ("timeout_per_1k_tokens_s", False),
+            ("timeout_max_s", False),
+            ("lookup_timeout_s", True),
+            ("store_latency_s", False),
+            ("store_bytes_per_s", True),
+            ("recompute_s_per_token", True),
+        ):
+            v = getattr(self, name)
+            if (
+                type(v) is bool
+                or not isinstance(v, int | float)
+                or not math.isfinite(v)
+                or v < 0
+                or (positive and v == 0)
+            ):
+                raise ValueError(
+                    f"StorageConfig.{name} must be a finite number {'>' if positive else '>='} 0, "
+                    f"got {v!r}"
+                )
+        for name in ("backup", "cost_model"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(
+                    f"StorageConfig.{name} must be a bool, got {getattr(self, name)!r}"
+                )
+
+    def wait_seconds(self, tokens: int) -> float | None:
+        """How long ``admit`` waits for a prefetch of ``tokens`` (``None`` = until done)."""
+        if self.prefetch_policy is PrefetchPolicy.BEST_EFFORT:
+            return 0.0
+        if self.prefetch_policy is PrefetchPolicy.WAIT_COMPLETE:
+            return None
+        return min(
+            self.timeout_max_s, self.timeout_base_s + self.timeout_per_1k_tokens_s * tokens / 1024
+        )

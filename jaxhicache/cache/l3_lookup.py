@@ -1,0 +1,305 @@
+"""One L3 lookup: what this process's stages hold of a request's pages, in one batch.
+
+A lookup of pages ``[first, stop)`` issues, in ONE pipelined batch
+(:meth:`~jaxhicache.storage.StorageBackend.exists_batch`, ``lookup_in_flight`` checks
+at once), the existence checks of
+
+* the full-space objects of every page on every local stage (a prefix query: the
+  checks stop at the first absent page), and
+* the SWA-space objects of the pages in the windows of the hit ends the tier may
+  choose without a second look (:func:`window_pages`: every checkpoint, i.e. multiple
+  of ``swa_checkpoint_every``, and ``stop``), on every local stage,
+
+so a lookup costs about ``ceil(checks / lookup_in_flight)`` sequential round trips to
+the store instead of one per stage plus one per candidate window. The result is
+local (:class:`Probe`); the tier agrees on the hit with the other processes.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from jaxhicache.cache.l3_config import StorageConfig
+from jaxhicache.cache.l3_cost import CostModel
+from jaxhicache.cache.stats import CacheStats
+from jaxhicache.distributed import Agreement
+from jaxhicache.spec import PageSpace
+from jaxhicache.storage.backend import ExistsQuery, StorageBackend
+from jaxhicache.storage.keys import Namespace
+from jaxhicache.tree import RadixTree
+
+__all__ = ["Lookups", "Probe", "StageObjects", "probe", "window_pages"]
+
+
+@dataclasses.dataclass(frozen=True)
+class StageObjects:
+    """One local stage's namespace and what one page of each space costs to fetch."""
+
+    rank: int
+    ns: Namespace
+    full: tuple[int, int]  # (objects, bytes) of one full-space page; (0, 0): no such pool
+    swa: tuple[int, int]
+
+
+@dataclasses.dataclass
+class Probe:
+    """What this process's stages hold of pages ``[first, stop)`` (local, not agreed).
+
+    ``full[i]``: page ``first + i``'s full-space objects are present on every local
+    stage; ``swa[i]``: its SWA-space objects are (only pages in ``checked`` were
+    looked at; the others read ``False``).
+    """
+
+    first: int
+    stop: int
+    full: np.ndarray
+    swa: np.ndarray
+    checked: frozenset[int]
+    requests: int = 0
+    seconds: float = 0.0
+    timed_out: bool = False
+
+    @classmethod
+    def nothing(cls, first: int, stop: int, *, timed_out: bool = False) -> Probe:
+        """A lookup that found nothing (or did not answer in time)."""
+        n = max(stop - first, 0)
+        return cls(
+            first, stop, np.zeros(n, bool), np.zeros(n, bool), frozenset(), 0, 0.0, timed_out
+        )
+
+    def present_prefix(self) -> int:
+        """Consecutive pages from ``first`` with their full-space objects on every stage."""
+        bad = np.flatnonzero(~self.full)
+        return int(bad[0]) if bad.size else int(self.full.size)
+
+    def window_present(self, end: int, w: int) -> bool:
+        """Whether the SWA objects of the ``w`` pages before ``end`` were found."""
+        lo = max(end - w, self.first)
+        return all(p in self.checked for p in range(lo, end)) and bool(
+            self.swa[lo - self.first : end - self.first].all()
+        )
+
+
+def window_pages(first: int, stop: int, w: int, k: int) -> list[int]:
+    """The pages whose SWA objects a lookup of ``[first, stop)`` checks up front: the
+    windows (``w`` pages) of the hit ends ``e`` in ``[first + w, stop]`` that are a
+    multiple of ``k`` or ``stop`` itself. Deterministic: every process checks the same."""
+    if w <= 0 or stop - first < w:
+        return []
+    ends = [e for e in range(first + max(w, 1), stop + 1) if e % k == 0 or e == stop]
+    return sorted({p for e in ends for p in range(e - w, e)})
+
+
+def probe(
+    backend: StorageBackend,
+    stages: Sequence[StageObjects],
+    hashes: Sequence[str],
+    first: int,
+    swa_pages: Sequence[int],
+    in_flight: int,
+    costs: CostModel | None = None,
+) -> Probe:
+    """Checks pages ``[first, first + len(hashes))`` (``hashes[i]`` is page ``first + i``)
+    and the SWA objects of ``swa_pages``, all in one batch; observes its time in
+    ``costs``. Never raises for a store fault (an error is an absent page)."""
+    stop = first + len(hashes)
+    swa_pages = [p for p in swa_pages if first <= p < stop]
+    queries: list[ExistsQuery] = []
+    kinds: list[PageSpace] = []
+    for s in stages:
+        if s.full[0]:
+            queries.append(ExistsQuery(s.ns, PageSpace.FULL, hashes, range(first, stop), True))
+            kinds.append(PageSpace.FULL)
+        if s.swa[0] and swa_pages:
+            sub = [hashes[p - first] for p in swa_pages]
+            queries.append(ExistsQuery(s.ns, PageSpace.SWA, sub, swa_pages))
+            kinds.append(PageSpace.SWA)
+    t0 = time.perf_counter()
+    issued: list[int] = []
+    masks = backend.exists_batch(
+        queries, max_in_flight=in_flight, stop_at_absent=True, started=issued
+    )
+    seconds = time.perf_counter() - t0
+    full = np.ones(stop - first, bool)
+    swa_sub = np.ones(len(swa_pages), bool)
+    for kind, m in zip(kinds, masks, strict=True):
+        if kind is PageSpace.FULL:
+            full &= m
+        else:
+            swa_sub &= m
+    swa = np.zeros(stop - first, bool)
+    if swa_pages:
+        swa[np.asarray(swa_pages) - first] = swa_sub
+    requests = issued[0]
+    if costs is not None:
+        costs.observe_lookup(requests, in_flight, seconds)
+    return Probe(first, stop, full, swa, frozenset(swa_pages), requests, seconds)
+
+
+@dataclasses.dataclass(eq=False)
+class _Early:
+    """A lookup started when its request was queued (:meth:`Lookups.start`)."""
+
+    first: int
+    future: concurrent.futures.Future
+
+
+_EARLY_MAX = 256  # queued lookups kept; the oldest are forgotten beyond this
+
+
+class Lookups:
+    """The lookup side of the L3 tier: probes on lookup threads (early ones started
+    when a request is queued), bounded waits, the cost model, the agreed hit end.
+
+    Counters go to ``stats`` (``storage_lookups``, ``storage_early_lookups``,
+    ``storage_lookup_timeouts``, ``storage_lookup_seconds``,
+    ``storage_declined_tokens``, ``storage_read_failures``).
+    """
+
+    def __init__(
+        self,
+        backend: StorageBackend,
+        config: StorageConfig,
+        stages: Sequence[StageObjects],
+        tree: RadixTree,
+        agreement: Agreement,
+        stats: CacheStats,
+        page_size: int,
+        window_pages: int,
+    ):
+        self.backend, self.config, self.stages = backend, config, list(stages)
+        self._tree, self.agreement, self._stats = tree, agreement, stats
+        self._ps, self._w = page_size, window_pages
+        self.costs = CostModel(
+            config.store_latency_s, config.store_bytes_per_s, config.recompute_s_per_token
+        )
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            4, thread_name_prefix="jaxhicache-l3-lookup"
+        )
+        self._early: collections.OrderedDict[tuple, _Early] = collections.OrderedDict()
+
+    def start(self, key: np.ndarray, salt: bytes | None) -> bool:
+        """Starts the lookup of a queued request's ``key`` (what admission will match)
+        after what the tree holds now; see :meth:`StorageTier.start_lookup`."""
+        ps = self._ps
+        pages = key.size // ps
+        first = self._tree.cached_len(key, salt=salt) // ps
+        if (pages - first) * ps < max(self.config.prefetch_threshold, 1):
+            return False
+        tag = (salt, key[: pages * ps].tobytes())
+        if tag in self._early:
+            return False
+        hashes = self._tree.key_hashes(key[: pages * ps], salt=salt)[first:]
+        self._early[tag] = _Early(first, self._pool.submit(self._probe, hashes, first, pages))
+        while len(self._early) > _EARLY_MAX:
+            self._early.popitem(last=False)
+        self._stats.storage_early_lookups += 1
+        return True
+
+    def hit_end(
+        self, key: np.ndarray, salt: bytes | None, hashes: Sequence[str], first: int
+    ) -> int:
+        """The agreed end of the L3 hit of ``key``'s pages after page ``first``
+        (``hashes[i]``: page ``first + i``); ``first`` when there is none. Uses the
+        lookup :meth:`start` queued for the key if it covers the pages."""
+        stop = first + len(hashes)
+        early = self._early.pop((salt, key[: stop * self._ps].tobytes()), None)
+        return self._agree(self._await(early, hashes, first, stop), hashes, first)
+
+    def close(self) -> None:
+        self._early.clear()
+        self._pool.shutdown(wait=False, cancel_futures=True)  # lookups hold no slots
+
+    # ---------------------------------------------------------------- internals
+    def _probe(self, hashes: Sequence[str], first: int, stop: int) -> Probe:
+        """Lookup thread: one batch of every existence check of pages ``[first, stop)``."""
+        swa = window_pages(first, stop, self._w, self.config.swa_checkpoint_every)
+        return probe(
+            self.backend, self.stages, hashes, first, swa, self.config.lookup_in_flight, self.costs
+        )
+
+    def _await(self, early: _Early | None, hashes, first: int, stop: int) -> Probe:
+        """The local lookup of pages ``[first, stop)``: the queued one if it covers them,
+        else a fresh one; waited for at most ``lookup_timeout_s`` (then: nothing found)."""
+        if early is None or early.first > first:  # the tree lost pages since it was queued
+            fut = self._pool.submit(self._probe, hashes, first, stop)
+        else:
+            fut = early.future
+        t0 = time.perf_counter()
+        try:
+            got = fut.result(timeout=self.config.lookup_timeout_s)
+        except concurrent.futures.TimeoutError:
+            got = Probe.nothing(first, stop, timed_out=True)
+            self._stats.storage_lookup_timeouts += 1
+        except Exception:  # a backend bug: counted, a miss
+            got = Probe.nothing(first, stop)
+            self._stats.storage_read_failures += 1
+        self._stats.storage_lookups += 1
+        self._stats.storage_lookup_seconds += time.perf_counter() - t0
+        if got.first < first:  # queued from a shorter match: keep our pages only
+            cut = first - got.first
+            got = dataclasses.replace(got, first=first, full=got.full[cut:], swa=got.swa[cut:])
+        return got
+
+    def worth(self, first: int, end: int) -> bool:
+        """Whether loading pages ``[first, end)`` (and the window before ``end``) is
+        cheaper than recomputing them, by this process's estimates."""
+        if not self.config.cost_model or end <= first:
+            return True
+        n, nw = end - first, min(self._w, end - first)
+        objects = sum(st.full[0] * n + st.swa[0] * nw for st in self.stages)
+        nbytes = sum(st.full[1] * n + st.swa[1] * nw for st in self.stages)
+        load = self.costs.load_seconds(objects, nbytes, self.config.fetch_in_flight)
+        return load <= self.costs.recompute_seconds(n * self._ps)
+
+    def _agree(self, got: Probe, hashes: Sequence[str], first: int) -> int:
+        """The largest ``e`` such that on every process's stages the full-space objects
+        of ``[first, e)`` and the SWA objects of the window before ``e`` are present and
+        loading is cheaper than recomputing (``first``: none).
+
+        One MIN collective over ``[consecutive pages present, per candidate end: window
+        present, per candidate end: worth loading]``. The hit's own end ``first + n``
+        (``n`` the agreed consecutive pages) may lie outside the windows checked up
+        front (``swa_checkpoint_every > 1``): then its window is checked and agreed in
+        a second step (every process knows that from the agreed ``n``).
+        """
+        w, k = self._w, self.config.swa_checkpoint_every
+        n_local = got.present_prefix()
+        ends = list(range(first + max(w, 1), got.stop + 1))
+        valid = [e - first <= n_local and (not w or got.window_present(e, w)) for e in ends]
+        worth = [v and self.worth(first, e) for v, e in zip(valid, ends, strict=True)]
+        agreed = self.agreement.min([n_local, *valid, *worth])
+        m = len(ends)
+        best_valid = max(
+            (e for e, v in zip(ends, agreed[1 : 1 + m], strict=True) if v), default=first
+        )
+        best = max((e for e, v in zip(ends, agreed[1 + m :], strict=True) if v), default=first)
+        e = first + int(agreed[0])
+        up_front = set(window_pages(first, got.stop, w, k))
+        if w and e > best_valid and e - first >= w and not set(range(e - w, e)) <= up_front:
+            here = self._window(hashes, first, e)
+            v2, w2 = self.agreement.min([here, here and self.worth(first, e)])
+            best_valid, best = (e if v2 else best_valid), (e if w2 else best)
+        self._stats.storage_declined_tokens += max(best_valid - best, 0) * self._ps
+        return best
+
+    def _window(self, hashes: Sequence[str], first: int, end: int) -> bool:
+        """Whether the SWA objects of the window before ``end`` are on every local stage."""
+        lo = max(end - self._w, first)
+        stages = [dataclasses.replace(st, full=(0, 0)) for st in self.stages]
+        sub = hashes[lo - first : end - first]
+        args = (self.backend, stages, sub, lo, list(range(lo, end)), self.config.lookup_in_flight)
+        try:
+            got = self._pool.submit(probe, *args).result(timeout=self.config.lookup_timeout_s)
+            return got.window_present(end, self._w)
+        except concurrent.futures.TimeoutError:
+            self._stats.storage_lookup_timeouts += 1
+        except Exception:  # a backend bug: counted, a miss
+            self._stats.storage_read_failures += 1
+        return False

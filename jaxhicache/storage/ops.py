@@ -1,0 +1,79 @@
+"""The values a backend's object operations pass around (futures, reads, queries)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Protocol
+
+import numpy as np
+
+from jaxhicache.spec import PageSpace
+
+from .keys import Namespace
+
+__all__ = ["ExistsQuery", "ObjectRead", "Pending"]
+
+
+class Pending(Protocol):
+    """A started object operation (a future)."""
+
+    def result(self) -> Any: ...
+
+
+class ObjectRead(NamedTuple):
+    """Result of reading one object: ``value is None`` means missing.
+
+    ``value`` may be a view of a backend-owned buffer; the caller calls
+    ``release()`` (when given) once it no longer needs the bytes.
+    """
+
+    value: bytes | memoryview | None
+    generation: bytes | None = None
+    release: Callable[[], None] | None = None
+    size: int = 0  # object bytes (direct reads: ``value`` is then the header)
+
+
+class ExistsQuery(NamedTuple):
+    """Pages of one (namespace, page space) that :meth:`StorageBackend.exists_batch`
+    checks. ``pages``: a page index per hash (default ``0..n-1``). ``prefix``: the
+    pages are a prefix to find the present run of (``exists_prefix``): counts
+    ``hit_*`` for the leading run of present pages and ``miss_*`` for the rest, and
+    with ``stop_at_absent`` an absent page of it ends every query of the batch there."""
+
+    ns: Namespace
+    space: PageSpace
+    hashes: Sequence[str]
+    pages: Sequence[int] | None = None
+    prefix: bool = False
+
+
+class _Failed:
+    """A pending operation that failed when it was started."""
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+    def result(self):
+        raise self.exc
+
+
+def _leading(mask: np.ndarray) -> int:
+    """Length of the leading run of ``True`` in ``mask``."""
+    bad = np.flatnonzero(~np.asarray(mask, bool))
+    return int(bad[0]) if bad.size else int(np.asarray(mask).size)
+
+
+def _release(r: ObjectRead) -> None:
+    if r.release is not None:
+        r.release()
+
+
+def _jobs(n: int, m: int):
+    return ((i, j) for i in range(n) for j in range(m))
+
+
+def _safe(fn: Callable[[], Pending | None]) -> Pending | None:
+    try:
+        return fn()
+    except Exception as e:  # a failure when starting becomes a failed result
+        return _Failed(e)
