@@ -37,12 +37,9 @@ import enum
 import functools
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, final
+from typing import Protocol, final
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from jaxhicache.layer_map import StageLayerMap
 
 __all__ = [
     "C4_RATIO",
@@ -53,6 +50,7 @@ __all__ = [
     "ModelCacheSpec",
     "PageSpace",
     "PoolKind",
+    "StageLayers",
     "Tier",
     "dsv4_ratios",
     "pool_kinds_of",
@@ -144,6 +142,21 @@ C4_RATIO = 4
 """Compression ratio of CSA (C4) layers; fixed by DSV4 (it carries the A/B overlap)."""
 C4_RING = 8
 """Default C4 compressor-state ring: slots per SWA page (2 x the ratio)."""
+
+
+class StageLayers(Protocol):
+    """What :meth:`ModelCacheSpec.page_bytes` needs of a stage: its spec and layer counts.
+
+    :class:`jaxhicache.layer_map.StageLayerMap` is one; this module does not import
+    ``layer_map`` (which imports it), so the two modules form no import cycle.
+    """
+
+    @property
+    def spec(self) -> ModelCacheSpec: ...
+
+    def num_layers_of(self, kind: PoolKind) -> int: ...
+
+
 _FP8_ROW_ALIGN = 576  # DSV4 KV rows are padded to a multiple of 576 bytes
 _FP8_SCALE_GROUP = 64  # one UE8M0 scale per 64 fp8 "nope" values
 
@@ -427,7 +440,7 @@ class ModelCacheSpec:
         """Bytes of one page row of one layer of sub-pool ``kind``."""
         return math.prod(self.row_shape(kind)) * self.row_dtype(kind).itemsize
 
-    def page_bytes(self, layer_map: StageLayerMap | None = None) -> int:
+    def page_bytes(self, layer_map: StageLayers | None = None) -> int:
         """Bytes of one full page over every cached sub-pool.
 
         For the whole model, or for the layers of one stage when ``layer_map``
@@ -438,11 +451,7 @@ class ModelCacheSpec:
             raise ValueError(f"layer map is for spec {layer_map.spec.name!r}, not {self.name!r}")
         total = 0
         for kind in self.kinds():
-            n = (
-                len(self.layers_with(kind))
-                if layer_map is None
-                else len(layer_map.kind_local_ids(kind))
-            )
+            n = len(self.layers_with(kind)) if layer_map is None else layer_map.num_layers_of(kind)
             total += n * self.row_bytes(kind)
         return total
 
@@ -463,12 +472,22 @@ class ModelCacheSpec:
             return p // hca, d
         raise ValueError(f"{kind} is not a KV-like pool")
 
+    @property
+    def fp8_token_bytes(self) -> int:
+        """Bytes of one token (entry) in an FP8_DSV4 KV row (584 for DSV4).
+
+        A row of ``SWA_KV`` / ``C4_KV`` / ``C128_KV`` holds its entries back to back,
+        entry ``i`` at bytes ``[i * fp8_token_bytes, (i + 1) * fp8_token_bytes)``:
+        fp8 "nope" values, bf16 rope values, one UE8M0 scale per 64 nope values and
+        one spare byte; zero padding after the last entry up to a multiple of 576.
+        """
+        nope = self.head_dim - self.rope_dim
+        return nope + 2 * self.rope_dim + math.ceil(nope / _FP8_SCALE_GROUP) + 1
+
     def _fp8_row_bytes(self, kind: PoolKind, entries: int) -> int:
         if kind is PoolKind.C4_INDEXER:  # fp8 key + one fp32 scale per entry, unpadded
             return entries * (self.indexer_head_dim + 4)
-        nope = self.head_dim - self.rope_dim
-        token = nope + 2 * self.rope_dim + math.ceil(nope / _FP8_SCALE_GROUP) + 1
-        return _round_up(entries * token, _FP8_ROW_ALIGN)
+        return _round_up(entries * self.fp8_token_bytes, _FP8_ROW_ALIGN)
 
 
 def dsv4_ratios(num_layers: int, *, hca_ratio: int = 128) -> tuple[int, ...]:

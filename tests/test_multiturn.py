@@ -143,7 +143,7 @@ def test_storage_ls_stats_clear_on_the_jobs_store(job, tmp_path, capsys):
     assert sum(g["objects"] for g in ls["groups"]) == ls["objects"]
     assert "swa" in text and "full" in text
     keys_text, _ = _run(["storage", "ls", "--store", s, "--keys"], capsys)
-    assert keys_text.count("jaxhicache/v1/") == ls["objects"]
+    assert keys_text.count("jaxhicache/v2/") == ls["objects"]
 
     _text, st = _run(["storage", "stats", "--store", s, "--verify", "--json"], capsys)
     assert st["objects"] == ls["objects"] and st["bytes"] == ls["bytes"]

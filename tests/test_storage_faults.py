@@ -12,6 +12,7 @@ import uuid
 
 import numpy as np
 import pytest
+from storage_rows import stored_bytes
 
 from jaxhicache.layer_map import build_layer_maps
 from jaxhicache.pools.host import HostPools
@@ -40,15 +41,7 @@ def _pools(spec, maps, pages=8, fill=None, seed=0):
     return h
 
 
-def _bytes(h, rank, space, ids):
-    parts = [
-        np.ascontiguousarray(h.slab(rank, k)[ids])
-        .view(np.uint8)
-        .reshape(len(ids), h.slab(rank, k)[0].nbytes)
-        for k in h.spec.kinds()
-        if k.page_space is space
-    ]
-    return np.concatenate(parts, axis=1)
+_bytes = stored_bytes  # what an object holds (SWA space: the window rows)
 
 
 def _hashes(spec, n, seed=0):

@@ -110,7 +110,7 @@ def test_namespace_keys_carry_the_layer_range_not_the_rank():
     k4 = object_key(Namespace.for_stage(spec, pp4[1]), PageSpace.FULL, H)
     assert "/layers-21-43/" in k2 and "/layers-10-21/" in k4
     assert k2 != k4
-    assert k2.startswith("jaxhicache/v1/deepseek-v4-flash/fp8_dsv4-")
+    assert k2.startswith("jaxhicache/v2/deepseek-v4-flash/fp8_dsv4-")
     assert k2.endswith(f"/full/ab/{H}")
     # same model and partition -> same key (two instances share objects)
     again = build_layer_maps(ModelCacheSpec.deepseek_v4_flash(), 2)
@@ -177,7 +177,14 @@ def test_flash_stored_bytes_per_page_by_space():
     full = stored_bytes_per_page(spec, None, PageSpace.FULL)
     swa = stored_bytes_per_page(spec, None, PageSpace.SWA)
     assert full == 21 * 37_440 + 21 * 8_448 + 20 * 1_728 == 998_208
-    assert swa == 43 * 149_760 + 21 * 65_536 + 21 * 16_384 == 8_160_000
-    assert full + swa == spec.page_bytes() == 9_158_208
+    # the window: SWA KV of the last 127 tokens (584 B each), A halves of the last
+    # 4 ring slots of the C4 state (4 x 2 x 512 fp32) and C4 indexer state (4 x 2 x 128)
+    assert spec.fp8_token_bytes == 584
+    assert swa == 43 * 127 * 584 + 21 * 4 * 2 * 512 * 4 + 21 * 4 * 2 * 128 * 4 == 3_619_304
+    assert full + 43 * 149_760 + 21 * 65_536 + 21 * 16_384 == spec.page_bytes() == 9_158_208
     maps = build_layer_maps(spec, 4)
-    assert sum(stored_bytes_per_page(spec, m, s) for m in maps for s in PageSpace) == 9_158_208
+    assert sum(stored_bytes_per_page(spec, m, s) for m in maps for s in PageSpace) == full + swa
+    # per million tokens (3906.25 pages): SWA objects at every page, every 16th page
+    per_mtok = 1e6 / spec.page_size
+    assert (full + swa) * per_mtok / 1e9 < 18.25  # the reference system, no checkpoints
+    assert (full + swa / 16) * per_mtok / 1e9 <= 5.2

@@ -11,6 +11,7 @@ pytest.importorskip("moto", reason="moto[server] is not installed (pip install -
 boto3 = pytest.importorskip("boto3", reason="boto3 is not installed (pip install -e '.[test]')")
 
 from moto_server import BUCKET, MotoServer  # noqa: E402
+from storage_rows import stored_bytes  # noqa: E402
 
 from jaxhicache.layer_map import build_layer_maps  # noqa: E402
 from jaxhicache.pools.host import HostPools  # noqa: E402
@@ -58,15 +59,7 @@ def _pools(spec, maps, fill=None):
     return h
 
 
-def _bytes(h, rank, space, ids):
-    return np.concatenate(
-        [
-            np.ascontiguousarray(h.slab(rank, k)[ids]).view(np.uint8).reshape(len(ids), -1)
-            for k in h.spec.kinds()
-            if k.page_space is space
-        ],
-        axis=1,
-    )
+_bytes = stored_bytes  # what an object holds (SWA space: the window rows)
 
 
 @pytest.mark.parametrize("layout", list(ObjectLayout))
@@ -90,7 +83,7 @@ def test_s3_round_trip_then_server_stopped_mid_run(s3, layout):
     names = {o["Key"] for o in listed}
     unit = PageSpace.FULL if layout is ObjectLayout.PER_SPACE else PoolKind.C4_KV
     assert f"fleet-a/{object_key(ns[1], unit, hs[0])}" in names
-    assert all(n.startswith("fleet-a/jaxhicache/v1/") for n in names)
+    assert all(n.startswith("fleet-a/jaxhicache/v2/") for n in names)
     before = be.stats()
     assert before.read_errors_total == before.write_errors_total == 0
 

@@ -59,8 +59,12 @@ __all__ = [
     "tp_sharded_kinds",
 ]
 
-LAYOUT_VERSION = 1
-"""Version of the object byte layout (header + payload order); part of every key."""
+LAYOUT_VERSION = 2
+"""Version of the object byte layout (header, which rows a payload holds and in which
+order); part of every key, so objects of another layout are never found (misses).
+
+1: whole page rows in every object. 2: SWA-space objects hold only the rows a
+restore at the end of their page reads (``layout.window_rows``)."""
 
 _SALT_TAG = b"jaxhicache/salt\x00"
 _HEX64 = re.compile(r"[0-9a-f]{64}")

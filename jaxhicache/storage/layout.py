@@ -4,21 +4,35 @@ Two object layouts (both measured by ``benchmarks/storage_bench.py``):
 
 * ``PER_SPACE`` (default): one object per (page, stage, page space). The payload
   is the stage's rows of every sub-pool of that space, in canonical kind order
-  (``spec.kinds()``), each as ``[n_kind, *row]`` in sub-pool layer order.
+  (``spec.kinds()``), each as ``[n_kind, *selected rows]`` in sub-pool layer order.
 * ``PER_SUBPOOL``: one object per (page, stage, sub-pool) with payload
-  ``[n_kind, *row]``.
+  ``[n_kind, *selected rows]``.
+
+What a page's object holds (layout version 2, :data:`~jaxhicache.storage.keys.LAYOUT_VERSION`):
+
+* full-space sub-pools (``C4_KV``, ``C4_INDEXER``, ``C128_KV``, MHA ``FULL_KV``):
+  the whole page row of every layer (a TP shard of an MHA row: its heads);
+* SWA-space sub-pools: **only the rows a restore at the end of that page reads**
+  (:func:`window_rows`; ``../../shared/DSV4_MODEL.md`` §3.6): the trailing
+  ``window - 1`` tokens of ``SWA_KV``, and of each compressor-state ring
+  (``C4_STATE``, ``C4_INDEXER_STATE``, slots ``[kv_A | kv_B | score_A | score_B]``)
+  the A halves (``kv_A``, ``score_A``) of the last 4 slots, the tokens
+  ``P-4 .. P-1`` the first compressed entry after ``P`` overlaps. A load writes
+  those rows and leaves every other row of the slot untouched. For DSV4-Flash
+  that is 3,619,304 B per page instead of 8,160,000.
 
 The payload does not depend on the host slab layout: a ``page_first`` slab gives
-each sub-pool's rows of one page as one contiguous block that is read from /
-written to directly; a ``layer_first`` slab (or a TP shard of an MHA row) goes
-through one gather / scatter copy. Sub-pools with no layer on the stage add
-nothing (and have no object).
+each selected row block of one page as a few contiguous byte runs that are read
+into / written from directly (:meth:`StagePages.direct`); a ``layer_first`` slab
+goes through one gather / scatter copy per part. Sub-pools with no layer on the
+stage add nothing (and have no object).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from collections.abc import Sequence
 from typing import final
 
@@ -26,7 +40,7 @@ import numpy as np
 
 from jaxhicache.layer_map import StageLayerMap
 from jaxhicache.pools.host import HostPools
-from jaxhicache.spec import ModelCacheSpec, PageSpace, PoolKind
+from jaxhicache.spec import C4_RATIO, KVFormat, ModelCacheSpec, PageSpace, PoolKind
 from kernels_pallas.common import Layout
 
 from .keys import Namespace
@@ -39,7 +53,11 @@ __all__ = [
     "check_host_ids",
     "plan_units",
     "stored_bytes_per_page",
+    "window_rows",
 ]
+
+MAX_DIRECT_RUNS = 1024
+"""Most contiguous byte runs one object may have for direct (scatter) I/O; more go staged."""
 
 
 class ObjectLayout(enum.StrEnum):
@@ -52,11 +70,17 @@ class ObjectLayout(enum.StrEnum):
 @final
 @dataclasses.dataclass(frozen=True)
 class Part:
-    """One sub-pool's rows of one page inside an object's payload."""
+    """One sub-pool's rows of one page inside an object's payload.
+
+    A layer's row (``spec.row_shape(kind)``) is viewed as ``shape`` (``()``: as it
+    is), then ``index`` picks the stored elements (``()``: all of them); the
+    payload part is ``[n_kind, *selected]`` in C order.
+    """
 
     kind: PoolKind
-    index: tuple[slice, ...]  # selects this TP shard inside a row; () = whole rows
-    nbytes: int  # bytes per page
+    index: tuple[slice, ...]  # picks the stored elements of a (reshaped) row; () = whole rows
+    nbytes: int  # payload bytes per page (all layers of the stage)
+    shape: tuple[int, ...] = ()  # the row viewed as this shape before ``index``
 
 
 @final
@@ -72,22 +96,60 @@ class Unit:
         return sum(p.nbytes for p in self.parts)
 
 
+def window_rows(spec: ModelCacheSpec, kind: PoolKind) -> tuple[tuple[int, ...], tuple[slice, ...]]:
+    """``(shape, index)``: the elements of one layer's row of SWA-space sub-pool ``kind``
+    that a restore at the end of that SWA page reads (see the module docstring).
+
+    ``SWA_KV``: the last ``window - 1`` tokens; ``C4_STATE`` / ``C4_INDEXER_STATE``
+    (row ``[ring, 4 d]`` = ``[kv_A | kv_B | score_A | score_B]`` per slot): the row
+    viewed as ``[ring, 2 (kv, score), 2 (A, B), d]``, slots ``ring-4 ..`` , A halves.
+    """
+    spec.check_kind(kind)
+    if kind.page_space is not PageSpace.SWA:
+        raise ValueError(f"{kind.value!r} is not an SWA-space sub-pool: stored whole")
+    if spec.swa_trailing_pages != 1:  # a spec guarantees window <= page_size
+        raise ValueError(
+            f"window {spec.window} spans {spec.swa_trailing_pages} pages of {spec.page_size}"
+        )
+    page = spec.page_size
+    if kind is PoolKind.SWA_KV:
+        first = page - (spec.window - 1)  # keys P-W+1 .. P-1 of a restore at P
+        if spec.kv_format is KVFormat.FLOAT:
+            return (), (slice(first, page),)
+        tok = spec.fp8_token_bytes
+        return (), (slice(first * tok, page * tok),)
+    ring, width = spec.row_shape(kind)
+    d = width // 4
+    # a restore at P (a multiple of the ring) reads tokens P-4..P-1: the last 4 slots
+    return (ring, 2, 2, d), (slice(ring - C4_RATIO, ring), slice(None), slice(0, 1))
+
+
+def _selected(shape: Sequence[int], index: Sequence[slice]) -> list[int]:
+    out = list(shape)
+    for ax, s in enumerate(index):
+        out[ax] = len(range(*s.indices(out[ax])))
+    return out
+
+
 def _part(spec: ModelCacheSpec, m: StageLayerMap, ns: Namespace, kind: PoolKind) -> Part | None:
     n = m.num_layers_of(kind)
     if n == 0:
         return None
     row = spec.row_shape(kind)
-    nbytes = n * spec.row_bytes(kind)
+    item = spec.row_dtype(kind).itemsize
+    shape: tuple[int, ...] = ()
     index: tuple[slice, ...] = ()
-    if kind in ns.tp_sharded:  # MHA FULL_KV row (2, page, heads, head_dim): heads on 'tp'
+    if kind.page_space is PageSpace.SWA:
+        shape, index = window_rows(spec, kind)
+    elif kind in ns.tp_sharded:  # MHA FULL_KV row (2, page, heads, head_dim): heads on 'tp'
         heads = row[2]
         if heads % ns.tp_size:
             raise ValueError(f"{heads} KV heads do not split over tp={ns.tp_size}")
         per = heads // ns.tp_size
         r = ns.tp_rank or 0
         index = (slice(None), slice(None), slice(r * per, (r + 1) * per))
-        nbytes //= ns.tp_size
-    return Part(kind, index, nbytes)
+    nbytes = n * math.prod(_selected(shape or row, index)) * item
+    return Part(kind, index, nbytes, shape)
 
 
 def plan_units(
@@ -116,13 +178,48 @@ def plan_units(
 def stored_bytes_per_page(
     spec: ModelCacheSpec, layer_map: StageLayerMap | None, space: PageSpace
 ) -> int:
-    """Payload bytes one page of ``space`` stores (one stage, or the whole model if ``None``)."""
+    """Payload bytes one page of ``space`` stores (one stage, or the whole model if ``None``).
+
+    SWA space: the window rows only (:func:`window_rows`). TP shards are not divided.
+    """
     total = 0
     for k in spec.kinds():
         if k.page_space is PageSpace(space):
             n = len(spec.layers_with(k)) if layer_map is None else layer_map.num_layers_of(k)
-            total += n * spec.row_bytes(k)
+            per_row = spec.row_bytes(k)
+            if k.page_space is PageSpace.SWA:
+                shape, index = window_rows(spec, k)
+                per_row = math.prod(_selected(shape or spec.row_shape(k), index))
+                per_row *= spec.row_dtype(k).itemsize
+            total += n * per_row
     return total
+
+
+def _as_rows(page: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``page`` ``[n, *row]`` viewed as ``[n, *shape]`` (a view, never a copy)."""
+    v = page.view()
+    v.shape = (page.shape[0], *shape)  # splits the trailing (contiguous) row axes only
+    return v
+
+
+def _runs(v: np.ndarray, base: int) -> list[tuple[int, int]]:
+    """``v``'s bytes in C order as ``(start, stop)`` byte offsets from address ``base``,
+    adjacent runs merged."""
+    k, run = v.ndim, v.itemsize
+    while k and (v.shape[k - 1] == 1 or v.strides[k - 1] == run):
+        run *= v.shape[k - 1]
+        k -= 1
+    offs = np.zeros(1, np.int64)
+    for ax in range(k):
+        offs = (offs[:, None] + np.arange(v.shape[ax], dtype=np.int64) * v.strides[ax]).ravel()
+    out: list[tuple[int, int]] = []
+    start = v.ctypes.data - base
+    for o in (offs + start).tolist():
+        if out and out[-1][1] == o:
+            out[-1] = (out[-1][0], o + run)
+        else:
+            out.append((o, o + run))
+    return out
 
 
 class StagePages:
@@ -132,48 +229,50 @@ class StagePages:
         self.units = tuple(units)
         self._slabs = {p.kind: host.slab(rank, p.kind) for u in self.units for p in u.parts}
         self._page_first = host.layout is Layout.PAGE_FIRST
-        # contiguity of a page's rows depends on the layout and the part, not on the page
-        self.contiguous = all(
-            self.view(p, 0).flags.c_contiguous for u in self.units for p in u.parts
-        )
-        # fast byte views: page h of a page_first stage is row h of a 2-D uint8 view of
-        # the stage's (contiguous) part of the stacked array; its first nbytes are ours
-        self._rows: list[list[tuple[np.ndarray, int]]] | None = None
-        if (
-            self.contiguous
-            and self._page_first
-            and not any(p.index for u in self.units for p in u.parts)
-        ):
-            rows = []
+        # page h of a page_first stage is row h of a 2-D uint8 view of the stage's
+        # (contiguous) part of the stacked array; a part's stored bytes are a fixed
+        # list of byte runs inside that row, the same for every page
+        self._runs: list[list[tuple[np.ndarray, list[tuple[int, int]]]]] | None = None
+        if self._page_first:
+            runs = []
             for u in self.units:
                 per = []
                 for p in u.parts:
                     stage = host.stacked(p.kind)[host.position(rank)]  # [pages, max_k, *row]
-                    per.append((stage.reshape(stage.shape[0], -1).view(np.uint8), p.nbytes))
-                rows.append(per)
-            self._rows = rows
+                    u8 = stage.reshape(stage.shape[0], -1).view(np.uint8)
+                    per.append((u8, _runs(self.view(p, 0), u8.ctypes.data)))
+                runs.append(per)
+            if all(sum(len(r) for _, r in per) <= MAX_DIRECT_RUNS for per in runs):
+                self._runs = runs
+        # whether direct() byte views exist (the name predates window-only objects)
+        self.contiguous = self._runs is not None
 
     def view(self, part: Part, host_id: int) -> np.ndarray:
-        """``[n_kind, *row_part]`` view of one page's rows of ``part`` in its slab."""
+        """``[n_kind, *selected]`` view of one page's stored elements of ``part`` in its slab."""
         slab = self._slabs[part.kind]
         page = slab[host_id] if self._page_first else slab[:, host_id]
+        if part.shape:
+            page = _as_rows(page, part.shape)
         return page[(slice(None), *part.index)] if part.index else page
 
     def direct(self, j: int, host_id: int) -> list[memoryview]:
-        """Writable byte views of unit ``j``'s rows of page ``host_id`` (needs ``contiguous``)."""
-        if self._rows is not None:
-            return [memoryview(u8[host_id, :n]) for u8, n in self._rows[j]]
-        return [
-            memoryview(self.view(p, host_id).reshape(-1).view(np.uint8))
-            for p in self.units[j].parts
-        ]
+        """Writable byte views of unit ``j``'s stored bytes of page ``host_id``, in payload
+        order (needs ``contiguous``)."""
+        assert self._runs is not None
+        out: list[memoryview] = []
+        for u8, runs in self._runs[j]:
+            row = memoryview(u8[host_id])
+            out += [row[a:b] for a, b in runs]
+        return out
 
     def source(self, j: int, host_id: int) -> list[memoryview]:
         """Unit ``j``'s payload of page ``host_id`` as contiguous byte buffers.
 
-        Zero-copy views of the slab where the rows are contiguous (page_first, whole
-        rows); a gathered copy otherwise.
+        Zero-copy views of the slab (its byte runs) where :meth:`direct` exists; one
+        gathered copy per part otherwise.
         """
+        if self._runs is not None:
+            return self.direct(j, host_id)
         out = []
         for p in self.units[j].parts:
             v = self.view(p, host_id)
@@ -196,7 +295,7 @@ class StagePages:
         assert off == payload.nbytes, (off, payload.nbytes)
 
     def scrub(self, host_id: int) -> None:
-        """Zeroes every row of page ``host_id`` these units cover."""
+        """Zeroes the stored rows of page ``host_id`` (of every unit); other rows stay."""
         for u in self.units:
             for p in u.parts:
                 self.view(p, host_id)[...] = 0
