@@ -1,0 +1,260 @@
+"""The L3 tier at object-store latency (issue 16 §0): a lookup is one batch of round
+trips, the fetch has enough requests in flight, the cost model fetches only what is
+cheaper than recomputing, a stalled store costs at most the lookup bound, and a lookup
+started when a request is queued is off its critical path.
+
+The store is :class:`~jaxhicache.storage.latency.LatencyBackend` over a directory: a
+fixed latency per object request, and a count of *sequential* round trips that follows
+the code's data dependencies (the same on a loaded machine).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+from test_cache import _stamp  # the stand-in forward
+
+from jaxhicache.cache import HiCache, HiCacheConfig, WritePolicy
+from jaxhicache.cache.l3 import PrefetchPolicy, StorageConfig
+from jaxhicache.cache.l3_cost import CostModel
+from jaxhicache.cache.l3_lookup import window_pages
+from jaxhicache.mesh import make_mesh
+from jaxhicache.spec import ModelCacheSpec
+from jaxhicache.storage import FileBackend
+from jaxhicache.storage.latency import LatencyBackend
+
+SPEC = ModelCacheSpec.tiny_dsv4()  # page 16, one trailing SWA page
+PAGE = SPEC.page_size
+
+
+def _cache(store, pp=2, **kw):
+    kw.setdefault("prefetch_policy", PrefetchPolicy.WAIT_COMPLETE)
+    st = StorageConfig(model_id="tiny", prefetch_threshold=PAGE, **kw)
+    config = HiCacheConfig(
+        device_pages=24, host_pages=48, write_policy=WritePolicy.WRITE_THROUGH, storage=st
+    )
+    c = HiCache(SPEC, make_mesh(pp, 1), config, store=store)
+    return c, c.new_device_pools()
+
+
+def _tokens(seed, pages, extra=1):
+    return np.random.default_rng(seed).integers(0, 1000, pages * PAGE + extra).astype(np.int32)
+
+
+def _write(root, tokens, pp=2, **kw):
+    """Another instance computes ``tokens`` and writes every page to the directory store."""
+    c, pools = _cache(FileBackend(root), pp, **kw)
+    pools, batch = c.admit(pools, [tokens])
+    (req,) = batch.requests
+    pools = _stamp(pools, req, 3.0)
+    c.insert(pools, req, tokens)
+    c.release(req)
+    c.close()
+
+
+def _admit(c, pools, tokens):
+    pools, batch = c.admit(pools, [tokens])
+    (req,) = batch.requests
+    batch.wait()
+    return pools, req
+
+
+@pytest.mark.parametrize("pp", [1, 2, 4])
+def test_a_lookup_is_one_batch_of_round_trips(tmp_path, pp):
+    """Every existence check of a lookup (every stage, full and SWA space, every candidate
+    window) is issued at once: 1 round trip. The loop it replaced (one pipeline per stage,
+    then one probe per candidate window) took 2 + pages here."""
+    toks = _tokens(0, 10)
+    _write(tmp_path, toks, pp)
+    store = LatencyBackend(FileBackend(tmp_path), 0.01)
+    c, pools = _cache(store, pp, cost_model=False)
+    store.reset_round_trips()
+    pools, req = _admit(c, pools, toks)
+    assert req.storage_hit_tokens == 10 * PAGE
+    assert store.round_trips("stat") == 1, store.requests()
+    # every stage's full and SWA objects of every page (k = 1: every page is a candidate;
+    # at PP 4 the first stages of the 6-layer spec have no full-space layer)
+    spaces = sum(bool(st.full[0]) + bool(st.swa[0]) for st in c.l3.lookups.stages)
+    assert spaces == (2 * pp if pp < 4 else 6)
+    assert store.requests()["stat"] == spaces * 10
+    # the fetch: every stage and space at once, each get in one round
+    assert store.round_trips("read") <= 2, store.requests()
+    c.release(req)
+    c.close()
+
+
+@pytest.mark.parametrize("in_flight", [4, 7, 64])
+def test_lookup_round_trips_are_checks_over_lookup_in_flight(tmp_path, in_flight):
+    toks = _tokens(1, 10)
+    _write(tmp_path, toks)
+    store = LatencyBackend(FileBackend(tmp_path), 0.005)
+    c, pools = _cache(store, cost_model=False, lookup_in_flight=in_flight)
+    store.reset_round_trips()
+    pools, req = _admit(c, pools, toks)
+    checks = store.requests()["stat"]
+    assert checks == 40 and req.storage_hit_tokens == 10 * PAGE
+    assert store.round_trips("stat") == math.ceil(checks / in_flight)
+    c.release(req)
+    c.close()
+
+
+@pytest.mark.parametrize(("k", "pages", "trips"), [(4, 12, 1), (4, 10, 2), (16, 10, 2)])
+def test_checkpoints_window_end_costs_at_most_one_more_round_trip(tmp_path, k, pages, trips):
+    """With ``swa_checkpoint_every = k`` the batch checks the windows of the checkpoints
+    and of the last page; a hit ending elsewhere (a sequence end, 10 here) costs one more
+    round trip to check its window, never one per candidate."""
+    stored = _tokens(2, pages)
+    _write(tmp_path, stored, swa_checkpoint_every=k)
+    longer = np.concatenate([stored[:-1], _tokens(3, 4)])  # the next turn: 4 pages more
+    store = LatencyBackend(FileBackend(tmp_path), 0.005)
+    c, pools = _cache(store, cost_model=False, swa_checkpoint_every=k)
+    store.reset_round_trips()
+    pools, req = _admit(c, pools, longer)
+    assert req.storage_hit_tokens == pages * PAGE  # ends at the stored sequence's end
+    assert store.round_trips("stat") == trips, store.requests()
+    c.release(req)
+    c.close()
+
+
+def test_window_pages_are_the_checkpoint_windows_and_the_last():
+    assert window_pages(0, 10, 1, 1) == list(range(10))
+    assert window_pages(0, 10, 1, 4) == [3, 7, 9]
+    assert window_pages(2, 10, 2, 4) == [2, 3, 6, 7, 8, 9]
+    assert window_pages(3, 4, 2, 1) == []  # the window would reach into the tree's pages
+
+
+@pytest.mark.parametrize("recompute", [1e-7, 1e-2], ids=["cheap", "dear"])
+def test_the_cost_model_fetches_only_what_is_cheaper_than_recompute(tmp_path, recompute):
+    toks = _tokens(4, 6)
+    _write(tmp_path, toks)
+    store = LatencyBackend(FileBackend(tmp_path), 0.01)
+    c, pools = _cache(store)
+    c.l3.observe_recompute(1000, 1000 * recompute)  # what the engine measured
+    store.reset_round_trips()
+    pools, req = _admit(c, pools, toks)
+    s = c.stats()
+    if recompute < 1e-3:  # 0.1 us per token: no store round trip is worth it
+        assert req.storage_hit_tokens == 0
+        assert s["storage_declined_tokens"] == 6 * PAGE
+        assert store.requests().get("read", 0) == 0  # nothing fetched
+    else:
+        assert req.storage_hit_tokens == 6 * PAGE
+        assert s["storage_declined_tokens"] == 0
+    c.release(req)
+    c.check_invariants()
+    c.close()
+
+
+def test_a_stalled_store_costs_at_most_the_lookup_bound(tmp_path):
+    toks = _tokens(5, 4)
+    _write(tmp_path, toks)
+    store = LatencyBackend(FileBackend(tmp_path), 2.0)  # every request stalls 2 s
+    c, pools = _cache(store, lookup_timeout_s=0.1)
+    t0 = time.perf_counter()
+    pools, req = _admit(c, pools, toks)
+    waited = time.perf_counter() - t0
+    assert req.storage_hit_tokens == 0 and req.cached_tokens == 0
+    s = c.stats()
+    assert s["storage_lookup_timeouts"] == 1 and s["storage_lookups"] == 1
+    assert s["storage_lookup_seconds"] < 1.0 and waited < 1.5, waited
+    c.release(req)
+    c.check_invariants()
+    c.close()
+
+
+def test_a_queued_lookup_is_off_the_critical_path(tmp_path):
+    """start_lookup when the request is queued: its admission issues no existence check
+    and waits for none (the lookup ran meanwhile); the hit is the same."""
+    toks = _tokens(6, 5)
+    _write(tmp_path, toks)
+    store = LatencyBackend(FileBackend(tmp_path), 0.02)
+    c, pools = _cache(store, cost_model=False)
+    assert c.l3.start_lookup(toks[:-1])
+    assert not c.l3.start_lookup(toks[:-1])  # one per key
+    time.sleep(0.2)  # the request waits in the queue
+    store.reset_round_trips()
+    pools, req = _admit(c, pools, toks)
+    assert req.storage_hit_tokens == 5 * PAGE
+    assert store.requests().get("stat", 0) == 0
+    s = c.stats()
+    assert s["storage_early_lookups"] == 1 and s["storage_lookups"] == 1
+    assert s["storage_lookup_seconds"] < 0.02  # found done: less than one round trip
+    c.release(req)
+    c.close()
+
+
+def test_a_queued_lookup_from_a_longer_match_is_not_used(tmp_path):
+    """The tree lost pages between queueing and admission: the queued lookup does not
+    cover them, a fresh one runs (the hit starts where the admission's match ends)."""
+    toks = _tokens(7, 5)
+    _write(tmp_path, toks)
+    store = FileBackend(tmp_path)
+    c, pools = _cache(store, cost_model=False)
+    pools, first = _admit(c, pools, toks[: 2 * PAGE + 1])  # two pages from L3 into the tree
+    c.insert(pools, first, toks[: 2 * PAGE + 1])
+    c.release(first)
+    assert c.l3.start_lookup(toks[:-1])  # looks up pages 2..4 only
+    c.poll(wait=True)
+    c.evict(pools, 10**6)
+    c.evict_host(10**6)  # the tree forgets pages 0..1
+    pools, req = _admit(c, pools, toks)
+    assert (req.device_hit_tokens, req.host_hit_tokens, req.storage_hit_tokens) == (0, 0, 80)
+    c.release(req)
+    c.check_invariants()
+    c.close()
+
+
+def test_cost_model_estimates():
+    m = CostModel(0.005, 1e9, 1e-4)
+    assert m.load_seconds(64, 0, 32) == pytest.approx(0.01)
+    m.observe_lookup(requests=40, in_flight=20, seconds=0.04)  # 2 rounds of 20 ms
+    assert m.latency_s == pytest.approx(0.02)  # the first observation replaces the prior
+    m.observe_lookup(requests=10, in_flight=20, seconds=0.01)
+    assert m.latency_s == pytest.approx(0.02 + 0.3 * (0.01 - 0.02))
+    m.observe_fetch(objects=20, nbytes=10**6, in_flight=20, seconds=0.017 + 0.01)
+    assert m.bytes_per_s == pytest.approx(10**6 / 0.01)
+    m.observe_recompute(100, 0.05)
+    assert m.recompute_seconds(10) == pytest.approx(0.005)
+    for bad in (0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match=r"seconds|tokens"):
+            m.observe_recompute(10 if bad is not True else bad, bad if bad is not True else 1.0)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("lookup_in_flight", 0),
+        ("fetch_in_flight", 1.5),
+        ("lookup_timeout_s", 0.0),
+        ("store_latency_s", -1.0),
+        ("store_bytes_per_s", float("inf")),
+        ("recompute_s_per_token", 0),
+        ("cost_model", 1),
+    ],
+)
+def test_storage_config_rejects_bad_knobs(field, value):
+    with pytest.raises(ValueError, match=f"StorageConfig.{field} .*{value!r}"):
+        StorageConfig(model_id="m", **{field: value})
+
+
+def test_latency_backend_counts_dependent_requests(tmp_path):
+    from jaxhicache.layer_map import build_layer_maps
+    from jaxhicache.spec import PageSpace
+    from jaxhicache.storage import Namespace, page_hashes
+
+    ns = Namespace.for_stage(SPEC, build_layer_maps(SPEC, 1)[0])
+    hs = page_hashes(np.arange(8 * PAGE), PAGE)
+    store = LatencyBackend(FileBackend(tmp_path), 0.005, max_in_flight=64)
+    store.reset_round_trips()
+    store.exists(ns, PageSpace.FULL, hs)  # one batch
+    assert store.round_trips() == 1
+    for h in hs:  # one call per page, each after the previous answer
+        store.exists(ns, PageSpace.FULL, [h])
+    assert store.round_trips() == 1 + 8
+    store.reset_round_trips()
+    assert store.round_trips() == 0 and store.requests() == {}
+    with pytest.raises(ValueError, match=r"latency_s .*-0\.1"):
+        LatencyBackend(FileBackend(tmp_path), -0.1)
