@@ -420,6 +420,8 @@ def _multiturn(args) -> int:
             probe_reps=args.probe_reps,
             out_dir=args.out,
             quick=args.quick,
+            concurrency=args.concurrency,
+            think_ms=args.think_ms,
         )
         mt.check(config)
         if args.store is not None:
@@ -512,6 +514,19 @@ def _build_parser() -> _Parser:
     )
     m.add_argument(
         "--quick", action="store_true", help="small model, 3 clients x 3 turns (about a minute)"
+    )
+    m.add_argument(
+        "--concurrency",
+        type=_count,
+        default=None,
+        help="clients in flight at once "
+        "(continuous-batching engine; default: one request after another)",
+    )
+    m.add_argument(
+        "--think-ms",
+        type=_ratio,
+        default=0.0,
+        help="with --concurrency: pause between a client's answer and its next turn (ms)",
     )
     m.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     m.set_defaults(run=_multiturn)

@@ -22,13 +22,12 @@ from jaxhicache.cli import main
 from models.multiturn import (
     ModelPreset,
     MultiturnConfig,
-    _mismatches,
-    _Record,
     check,
     format_table,
     run_multiturn,
     summary,
 )
+from models.multiturn_results import RequestRecord, mismatches
 from models.serving import RequestReport
 from models.workload import Transcript, Workload, WorkloadConfig
 
@@ -179,10 +178,10 @@ def _report(generated, ttft=0.01):
 
 
 def test_mismatched_tokens_are_reported():
-    same = _Record(0, 0, 1, 10, 3, _report([1, 2, 3]), _report([1, 2, 3]), 0.0)
-    differ = _Record(1, 1, 2, 10, 3, _report([1, 2, 3]), _report([1, 5, 3]), 0.0)
+    same = RequestRecord(0, 0, 1, 10, 3, _report([1, 2, 3]), _report([1, 2, 3]), 0.0)
+    differ = RequestRecord(1, 1, 2, 10, 3, _report([1, 2, 3]), _report([1, 5, 3]), 0.0)
     assert same.row()["tokens_match"] and not differ.row()["tokens_match"]
-    assert _mismatches([same, differ]) == [{"index": 1, "client": 1, "turn": 2, "first_step": 1}]
+    assert mismatches([same, differ]) == [{"index": 1, "client": 1, "turn": 2, "first_step": 1}]
 
 
 def test_table_shows_a_dash_for_missing_figures(job):

@@ -1,0 +1,217 @@
+"""What the main job runs with: the model presets, :class:`MultiturnConfig` and the
+pre-flight :func:`check` (devices, layer split, tier capacities).
+
+``MultiturnConfig.concurrency`` picks the job: ``None`` (default) serves the
+schedule one request after another through ``ServingLoop`` (``models.multiturn``);
+an int serves it with that many clients in flight through the continuous-batching
+``Engine`` (``models.multiturn_concurrent``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import os
+from pathlib import Path
+from typing import final
+
+import jax
+
+from jaxhicache.cache import PrefetchPolicy, WritePolicy
+from jaxhicache.layer_map import build_layer_maps
+from models.config import TinyDSV4Config
+from models.workload import Workload, WorkloadConfig
+
+__all__ = ["ModelPreset", "MultiturnConfig", "check"]
+
+
+class ModelPreset(enum.Enum):
+    """Tiny DSV4 model sizes for the job (random weights, seed 0)."""
+
+    BENCH = "bench"  # default: page 64, W 32, hidden 256, 8 layers (~0.2 ms per token prefill)
+    SMALL = "small"  # --quick: page 32, W 16, hidden 128, 6 layers
+    TINY = "tiny"  # tests: the mini preset (page 16, W 8), 4 layers, fast compilation
+
+    def model_config(self) -> TinyDSV4Config:
+        if self is ModelPreset.TINY:
+            return TinyDSV4Config.mini(num_layers=4)
+        page, hidden, layers = (64, 256, 8) if self is ModelPreset.BENCH else (32, 128, 6)
+        return TinyDSV4Config.mini(
+            num_layers=layers,
+            page_size=page,
+            window=page // 2,
+            hca_ratio=page // 2,
+            hidden=hidden,
+            mlp_hidden=2 * hidden,
+            vocab=512,
+            head_dim=32,
+            q_lora=hidden // 2,
+            o_lora=hidden // 4,
+            index_head_dim=16,
+            index_topk=8,
+        )
+
+    @property
+    def fast_compile(self) -> bool:
+        """XLA opt level 0 (3× faster compiles, slower programs): the test preset only."""
+        return self is ModelPreset.TINY
+
+    def workload(self, seed: int = 0, *, quick: bool = False) -> WorkloadConfig:
+        """The default traffic for this preset (``quick``: 4 clients × 3 turns, else 6 × 4)."""
+        if self is ModelPreset.TINY:  # sized for the tests: every tier hit with 11 / 14 pages
+            return WorkloadConfig(
+                seed=seed, clients=3, turns=3, system_prompts=1, system_prompt_len=32,
+                user_tokens=24, gen_tokens=8, vocab=128,
+            )  # fmt: skip
+        page = self.model_config().page_size
+        return WorkloadConfig(
+            seed=seed, clients=4 if quick else 6, turns=3 if quick else 4, system_prompts=2,
+            system_prompt_len=16 * page, user_tokens=2 * page, gen_tokens=page // 2, vocab=512,
+        )  # fmt: skip
+
+
+def _positive(name: str, value, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if type(value) is bool or not isinstance(value, int) or value < 1:
+        raise ValueError(f"MultiturnConfig.{name} must be a positive int, got {value!r}")
+
+
+@final
+@dataclasses.dataclass(frozen=True)
+class MultiturnConfig:
+    """Everything the job runs with (frozen; ``ValueError`` names a bad field and value).
+
+    Attributes:
+      preset: the model.
+      workload: the traffic (``None``: the preset's).
+      pp / tp: the mesh (``pp * tp`` devices).
+      device_pages / host_pages: tier capacities in pages (``None``: sized from the
+        workload so that device and host each hold less than its working set).
+      host_ratio: host capacity relative to device, when ``host_pages`` is unset.
+      write_policy / prefetch_policy: the cache's knobs.
+      store: how the L3 store was given (recorded; ``None``: a temporary directory).
+      probe_reps: L3 probes (one client each, at most ``clients``).
+      out_dir: where ``results.json`` and the PNG go (``None``: nowhere).
+      concurrency: ``None``: the sequential job; ``N``: ``N`` clients in flight at
+        once through the continuous-batching engine (at most ``workload.clients``).
+      think_ms: with ``concurrency``, the pause between a client's answer and its
+        next turn.
+    """
+
+    preset: ModelPreset = ModelPreset.BENCH
+    workload: WorkloadConfig | None = None
+    pp: int = 1
+    tp: int = 1
+    device_pages: int | None = None
+    host_pages: int | None = None
+    host_ratio: float | None = None
+    write_policy: WritePolicy = WritePolicy.WRITE_THROUGH
+    prefetch_policy: PrefetchPolicy = PrefetchPolicy.TIMEOUT
+    store: str | None = None
+    probe_reps: int = 3
+    out_dir: str | os.PathLike | None = None
+    quick: bool = False
+    concurrency: int | None = None
+    think_ms: float = 0.0
+
+    def __post_init__(self):
+        if not isinstance(self.preset, ModelPreset):
+            raise ValueError(f"MultiturnConfig.preset must be a ModelPreset, got {self.preset!r}")
+        if self.workload is None:
+            object.__setattr__(self, "workload", self.preset.workload(quick=self.quick))
+        if self.out_dir is not None:
+            object.__setattr__(self, "out_dir", Path(self.out_dir))
+        if not isinstance(self.workload, WorkloadConfig):
+            raise ValueError(
+                f"MultiturnConfig.workload must be a WorkloadConfig, got {self.workload!r}"
+            )
+        for name in ("pp", "tp", "probe_reps"):
+            _positive(name, getattr(self, name))
+        _positive("device_pages", self.device_pages, allow_none=True)
+        _positive("host_pages", self.host_pages, allow_none=True)
+        r = self.host_ratio
+        if r is not None:
+            if type(r) is bool or not isinstance(r, int | float) or not math.isfinite(r) or r <= 0:
+                raise ValueError(f"MultiturnConfig.host_ratio must be a number > 0, got {r!r}")
+            if self.host_pages is not None:
+                raise ValueError("give host_pages or host_ratio, not both")
+        if not isinstance(self.write_policy, WritePolicy):
+            raise ValueError(
+                f"MultiturnConfig.write_policy must be a WritePolicy, got {self.write_policy!r}"
+            )
+        if not isinstance(self.prefetch_policy, PrefetchPolicy):
+            raise ValueError(
+                f"MultiturnConfig.prefetch_policy must be a PrefetchPolicy, got {self.prefetch_policy!r}"
+            )
+        _positive("concurrency", self.concurrency, allow_none=True)
+        if self.concurrency is not None and self.concurrency > self.workload.clients:
+            raise ValueError(
+                f"MultiturnConfig.concurrency={self.concurrency} exceeds the workload's "
+                f"{self.workload.clients} clients"
+            )
+        t = self.think_ms
+        if type(t) is bool or not isinstance(t, int | float) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"MultiturnConfig.think_ms must be a number >= 0, got {t!r}")
+        if t and self.concurrency is None:
+            raise ValueError(f"MultiturnConfig.think_ms={t} needs a concurrency")
+        if self.workload.vocab > self.preset.model_config().vocab:
+            raise ValueError(
+                f"workload vocab {self.workload.vocab} exceeds the {self.preset.value} model's "
+                f"{self.preset.model_config().vocab}"
+            )
+
+    def pool_sizes(self, workload: Workload) -> tuple[int, int]:
+        """``(device_pages, host_pages)``: given, or sized so that every tier gets hits.
+
+        Auto: device holds about 35 % and host about 70 % of the distinct pages the
+        workload inserts; device never less than one request, host at least 15 % of the
+        working set more than device (with write-through, host pages mirror device
+        pages first: only the rest holds pages evicted from device).
+        Raises ``ValueError`` when a given device capacity cannot hold one request.
+        """
+        page = self.preset.model_config().page_size
+        need = workload.request_pages(page) + 1
+        distinct = workload.distinct_pages(page)
+        dev = self.device_pages or max(need * (self.concurrency or 1), math.ceil(0.35 * distinct))
+        if dev < need:
+            raise ValueError(
+                f"device_pages={dev} cannot hold the largest request of this workload ({need} pages)"
+            )
+        if self.host_pages is not None:
+            host = self.host_pages
+        elif self.host_ratio is not None:
+            host = max(1, int(dev * self.host_ratio))
+        else:
+            host = max(math.ceil(0.7 * distinct), dev + math.ceil(0.15 * distinct))
+        return dev, host
+
+
+def check(config: MultiturnConfig) -> dict:
+    """Checks what the job needs before it builds anything: devices for ``pp * tp``, a
+    layer split for ``pp``, tier capacities for the workload. ``ValueError`` names the
+    bad value; returns ``{device_pages, host_pages, request_pages, distinct_pages}``."""
+    if not isinstance(config, MultiturnConfig):
+        raise ValueError(f"config must be a MultiturnConfig, got {type(config).__name__}")
+    need = config.pp * config.tp
+    devices = jax.devices()
+    if need > len(devices):
+        hint = " (on CPU: JAX_NUM_CPU_DEVICES=N)" if devices[0].platform == "cpu" else ""
+        raise ValueError(
+            f"--pp {config.pp} --tp {config.tp} needs {need} devices; "
+            f"{len(devices)} {devices[0].platform} device(s) available{hint}"
+        )
+    mcfg = config.preset.model_config()
+    try:
+        build_layer_maps(mcfg.cache_spec(), config.pp)
+    except ValueError as e:
+        raise ValueError(f"--pp {config.pp} for the {config.preset.value} model: {e}") from None
+    wl = Workload(config.workload)
+    dev, host = config.pool_sizes(wl)
+    return {
+        "device_pages": dev,
+        "host_pages": host,
+        "request_pages": wl.request_pages(mcfg.page_size),
+        "distinct_pages": wl.distinct_pages(mcfg.page_size),
+    }
