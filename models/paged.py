@@ -21,6 +21,12 @@ The HCA partial-window state is request-scoped: a :class:`RequestScratch`
 (``[pp, max_hca, r, 2D]``, sharded like the pools) that a request carries from
 its prefill into its decode steps.  It is never cached: restores happen at page
 boundaries, where it is empty.
+
+:meth:`PagedModel.forward` runs B requests' chunks in one program (a batched
+decode step is ``T = 1``): each row has its own tokens, start, valid count and
+page tables, and its HCA scratch lives in a row of an engine-owned
+:class:`ScratchSlab`.  ``prefill`` and ``decode_step`` are the same program with
+B = 1 (a ``RequestScratch`` is a one-slot slab): one copy of the layer math.
 """
 
 from __future__ import annotations
