@@ -13,7 +13,9 @@ MODE: ``normal``; ``l3`` (an L3 file store in OUT_DIR/store as well, and the hos
 tier emptied after every turn too, so later turns come back from storage: every
 process reads and writes its own stages' objects); ``disagree`` (process 1 is told one backup failed; the
 agreement step resolves it); ``disagree-unagreed`` (the same without the agreement
-step: the digest check must fire); ``die`` (process 1 dies after the first turn).
+step: the digest check must fire); ``die`` (process 1 dies after the first turn);
+``engine`` (the continuous-batching engine over a fixed request stream with
+arrivals, an abort and retractions; the digest is checked after every cache call).
 """
 
 from __future__ import annotations
@@ -63,6 +65,42 @@ def serve_all(loop, vocab: int, after_turn=None, *, evict_host: bool = False):
     return prompts, reports
 
 
+def serve_engine(model, **config):
+    """The engine over a fixed stream (the same in every process): 14 requests sharing a
+    system prompt, two arriving per step, request 3 aborted at step 4, a device pool
+    small enough to retract. Returns the engine after it went idle."""
+    from jaxhicache.cache import HiCache, HiCacheConfig, WritePolicy
+    from models.engine import Engine, EngineConfig
+
+    partition = tuple(m.num_local_layers for m in model.layer_maps)
+    cfg = HiCacheConfig(
+        device_pages=10,
+        host_ratio=4.0,
+        write_policy=WritePolicy.WRITE_THROUGH,
+        partition=partition,
+        **config,
+    )
+    cache = HiCache(model.spec, model.mesh, cfg)
+    eng = Engine(model, cache, EngineConfig(max_running=4, prefill_tokens=32))
+    rng = np.random.default_rng(5)
+    vocab = model.config.vocab
+    system = rng.integers(0, vocab, SYSTEM)
+    stream = [
+        (np.concatenate([system, rng.integers(0, vocab, int(rng.integers(3, 30)))]), int(n))
+        for n in rng.integers(8, 30, 14)
+    ]
+    step = 0
+    while stream or not eng.idle:
+        for prompt, n in stream[:2]:
+            eng.submit(prompt, n)
+        stream = stream[2:]
+        if step == 4 and 3 in eng._all and eng._all[3].phase.value != "finished":
+            eng.abort(3)
+        eng.step()
+        step += 1
+    return eng
+
+
 def main(pp: int, out: Path, mode: str) -> int:
     from jaxhicache.distributed import initialize
 
@@ -80,6 +118,25 @@ def main(pp: int, out: Path, mode: str) -> int:
     me = jax.process_index()
     cfg = TinyDSV4Config.mini(num_layers=6)
     model = PagedModel(cfg, init_params(cfg, 0), mesh=make_mesh(pp))
+    if mode == "engine":
+        eng = serve_engine(model, check_every=1)
+        eng.cache.poll(wait=True)
+        eng.cache.check_invariants()
+        done = [eng.done[r] for r in sorted(eng.done)]
+        np.savez(
+            out / f"p{me}.npz",
+            generated=np.concatenate([c.generated for c in done]),
+            aborted=np.array([c.aborted for c in done]),
+        )
+        info = {
+            "digest": eng.cache.digest().hex(),
+            "retractions": eng.retractions,
+            "stats": {k: v for k, v in eng.cache.stats().items() if isinstance(v, int | float)},
+        }
+        eng.cache.check_agreement()
+        (out / f"p{me}.json").write_text(json.dumps(info))
+        eng.cache.close()
+        return 0
     l3 = {}
     if mode == "l3":
         l3 = {

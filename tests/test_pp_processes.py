@@ -148,3 +148,23 @@ def test_l3_across_processes(tmp_path, single_process):
         assert out["storage_tokens"].sum() == infos[i]["stats"]["storage_hit_tokens"]
         np.testing.assert_array_equal(out["generated"], single_process["generated"])
         np.testing.assert_allclose(out["step_logits"], out["uncached_step_logits"], atol=TOL)
+
+
+def test_engine_under_two_processes(tmp_path):
+    """The continuous-batching engine on PP 2 over 2 processes: digests checked after
+    every cache call and equal at the end, equal to one process driving both stages,
+    with the same tokens."""
+    codes, _ = _run(tmp_path, 2, 2, "engine")
+    assert codes == [0, 0], _logs(tmp_path, 2)
+    infos = [json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2)]
+    outs = [np.load(tmp_path / f"p{i}.npz") for i in range(2)]
+    cfg = TinyDSV4Config.mini(num_layers=6)
+    eng = _worker_module().serve_engine(PagedModel(cfg, init_params(cfg, 0), pp=2))
+    done = [eng.done[r] for r in sorted(eng.done)]
+    assert infos[0]["digest"] == infos[1]["digest"] == eng.cache.digest().hex()
+    assert infos[0]["retractions"] == eng.retractions > 0
+    assert infos[0]["stats"]["device_hit_tokens"] > 0 and infos[0]["stats"]["divergence_checks"]
+    for out in outs:
+        np.testing.assert_array_equal(out["generated"], np.concatenate([c.generated for c in done]))
+        assert out["aborted"].sum() == 1
+    eng.cache.close()
