@@ -298,8 +298,8 @@ class StorageTier:
         ]
         if not jobs:
             return len(hashes)
-        per = max(1, self.config.fetch_in_flight // len(jobs)) if self._io else None
-        in_flight = self.config.fetch_in_flight
+        in_flight = self.config.fetch_in_flight if self.backend.concurrent else 1
+        per = max(1, in_flight // len(jobs)) if self._io else None
 
         def get(job):
             st, space, hs, ids = job

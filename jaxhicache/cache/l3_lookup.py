@@ -137,8 +137,8 @@ def probe(
     if swa_pages:
         swa[np.asarray(swa_pages) - first] = swa_sub
     requests = issued[0]
-    if costs is not None:
-        costs.observe_lookup(requests, in_flight, seconds)
+    if costs is not None:  # a backend running each check inline has one in flight
+        costs.observe_lookup(requests, in_flight if backend.concurrent else 1, seconds)
     return Probe(first, stop, full, swa, frozenset(swa_pages), requests, seconds)
 
 
@@ -255,7 +255,8 @@ class Lookups:
         n, nw = end - first, min(self._w, end - first)
         objects = sum(st.full[0] * n + st.swa[0] * nw for st in self.stages)
         nbytes = sum(st.full[1] * n + st.swa[1] * nw for st in self.stages)
-        load = self.costs.load_seconds(objects, nbytes, self.config.fetch_in_flight)
+        in_flight = self.config.fetch_in_flight if self.backend.concurrent else 1
+        load = self.costs.load_seconds(objects, nbytes, in_flight)
         return load <= self.costs.recompute_seconds(n * self._ps)
 
     def _agree(self, got: Probe, hashes: Sequence[str], first: int) -> int:
