@@ -66,7 +66,8 @@ def _mismatches(off: dict, on: dict) -> list[dict]:
     return out
 
 
-def _row(off, on) -> dict:
+def _row(off, on, t_off: float, t_on: float) -> dict:
+    """One turn, both passes; ready / end times in ms from each pass's start."""
     a, b = off.completion, on.completion
     return {
         "client": off.client,
@@ -85,6 +86,10 @@ def _row(off, on) -> dict:
         "retractions_off": a.retractions,
         "retractions_on": b.retractions,
         "tokens_match": bool(np.array_equal(a.generated, b.generated)),
+        "ready_off_ms": (off.ready_s - t_off) * 1e3,
+        "end_off_ms": (a.end_s - t_off) * 1e3,
+        "ready_on_ms": (on.ready_s - t_on) * 1e3,
+        "end_on_ms": (b.end_s - t_on) * 1e3,
     }
 
 
@@ -120,6 +125,8 @@ def concurrent_results(job, off: dict, on: dict, before, after, usage, **tm) -> 
             }
         )
     r_off, r_on = tm["retractions"]
+    t_off = min(s.ready_s for s in off.values())
+    t_on = min(s.ready_s for s in on.values())
     return {
         "job": "multiturn",
         "mode": "concurrent",
@@ -201,7 +208,7 @@ def concurrent_results(job, off: dict, on: dict, before, after, usage, **tm) -> 
             "devices": f"{len(jax.devices())} x {jax.devices()[0].platform}",
             "cpu_count": os.cpu_count(),
         },
-        "per_request": [_row(off[k], on[k]) for k in keys],
+        "per_request": [_row(off[k], on[k], t_off, t_on) for k in keys],
     }
 
 

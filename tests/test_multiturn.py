@@ -9,7 +9,9 @@ eviction, so every tier serves hits.
 import contextlib
 import copy
 import io
+import itertools
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -283,3 +285,99 @@ def test_multiturn_config_validation_and_sizing():
     assert MultiturnConfig(out_dir=os.path.join("a", "b")).out_dir == Path("a", "b")
     assert PrefetchPolicy.TIMEOUT is MultiturnConfig().prefetch_policy
     assert WritePolicy.WRITE_THROUGH is MultiturnConfig().write_policy
+
+
+# ---------------------------------------------------------------- concurrency
+@pytest.fixture(scope="module")
+def conc(tmp_path_factory):
+    """``--concurrency 3`` on the tiny model, 4 clients (so one waits for a place)."""
+    out = tmp_path_factory.mktemp("multiturn_conc") / "out"
+    argv = [
+        "bench", "multiturn", "--model", "tiny", "--concurrency", "3", "--clients", "4",
+        "--device-pages", "13", "--host-pages", "16", "--prefetch-policy", "wait_complete",
+        "--out", str(out), "--no-progress",
+    ]  # fmt: skip
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main(argv)
+    assert code == 0, stderr.getvalue()
+    results = json.loads((out / "results.json").read_text(), parse_constant=_no_nan)
+    return {"out": out, "stdout": stdout.getvalue(), "results": results}
+
+
+def test_concurrent_run_end_to_end(conc):
+    r = conc["results"]
+    assert r["mode"] == "concurrent" and r["concurrency"] == 3 and r["requests"] == 12
+    assert r["tokens_match"] is True and r["mismatches"] == []
+    assert all(row["tokens_match"] for row in r["per_request"])
+    hit = r["hit_tokens"]
+    assert hit["device"] > 0 and hit["host"] > 0, hit
+    for name in ("cache_off", "cache_on"):
+        t = r["throughput"][name]
+        assert t["requests"] == 12 and t["output_tokens"] > 0
+        for k in ("tokens_per_s", "requests_per_s", "seconds"):
+            assert math.isfinite(t[k]) and t[k] > 0, (name, k, t[k])
+    on, off = r["throughput"]["cache_on"], r["throughput"]["cache_off"]
+    assert r["throughput_ratio"] == pytest.approx(on["tokens_per_s"] / off["tokens_per_s"])
+    assert on["output_tokens"] == off["output_tokens"]  # same answers, same lengths
+    for block in ("turn1", "later_turns"):
+        t = r["ttft"][block]
+        assert all(math.isfinite(t[k]) and t[k] > 0 for k in ("off_p50_ms", "on_p90_ms"))
+    itl = r["itl_ms"]
+    assert 0 < itl["cache_off_p50"] <= itl["cache_off_p90"]
+    assert 0 < itl["cache_on_p50"] <= itl["cache_on_p90"]
+    assert set(r["retractions"]) == {"cache_off", "cache_on"}
+    pre = r["prefill_tokens"]
+    assert pre["cache_on"] < pre["cache_off"]
+    if r["retractions"]["cache_on"] == 0:  # no re-prefill: every prompt token hit or computed
+        assert pre["cache_on"] + sum(hit.values()) == pre["cache_off"]
+    assert r["compiles_in_timed_steps"] == 0, r["compiled_in_timed_steps"]
+
+
+def test_concurrent_clients_wait_for_their_answers_and_for_a_place(conc):
+    rows = conc["results"]["per_request"]
+    for side in ("off", "on"):
+        by_client = {}
+        for row in rows:
+            by_client.setdefault(row["client"], []).append(row)
+        for turns in by_client.values():
+            turns.sort(key=lambda x: x["turn"])
+            for a, b in itertools.pairwise(turns):  # next turn after the answer
+                assert b[f"ready_{side}_ms"] >= a[f"end_{side}_ms"], (side, a, b)
+        # at most 3 turns in flight at any moment; client 3 starts when one finished
+        for row in rows:
+            t = row[f"ready_{side}_ms"]
+            live = [x for x in rows if x[f"ready_{side}_ms"] <= t < x[f"end_{side}_ms"]]
+            assert len(live) <= 3, (side, t, live)
+        first_done = min(x[f"end_{side}_ms"] for x in by_client[0] + by_client[1] + by_client[2])
+        assert by_client[3][0][f"ready_{side}_ms"] >= first_done
+
+
+def test_concurrent_table_json_line_and_plot(conc):
+    lines = conc["stdout"].strip().splitlines()
+    text = "\n".join(lines)
+    for needle in (
+        "--concurrency 3", "output tokens / s", "requests / s", "TTFT turn 1 p50 / p90",
+        "TTFT turns >= 2 p50 / p90", "inter-token p50 / p90", "hit tokens device / host / L3",
+        "retractions", "tokens equal to cache off",
+    ):  # fmt: skip
+        assert needle in text, needle
+    last = json.loads(lines[-1])
+    assert last == summary(conc["results"])
+    assert last["mode"] == "concurrent" and last["tokens_match"] is True
+    assert last["throughput_ratio"] == round(conc["results"]["throughput_ratio"], 4)
+    import matplotlib.image
+
+    img = matplotlib.image.imread(str(conc["out"] / "multiturn.png"))
+    assert img.shape[1] > 1200 and img.std() > 0.05  # three panels, not blank
+
+
+def test_concurrency_config_refusals():
+    with pytest.raises(ValueError, match="concurrency=4 exceeds the workload's 3 clients"):
+        MultiturnConfig(preset=ModelPreset.TINY, concurrency=4)
+    with pytest.raises(ValueError, match="concurrency must be a positive int, got 0"):
+        MultiturnConfig(preset=ModelPreset.TINY, concurrency=0)
+    with pytest.raises(ValueError, match="think_ms must be a number >= 0, got -1"):
+        MultiturnConfig(preset=ModelPreset.TINY, concurrency=2, think_ms=-1)
+    with pytest.raises(ValueError, match="think_ms=5 needs a concurrency"):
+        MultiturnConfig(preset=ModelPreset.TINY, think_ms=5)
