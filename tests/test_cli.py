@@ -5,6 +5,7 @@
 """
 
 import json
+import os
 import subprocess
 import sys
 
@@ -176,3 +177,42 @@ def test_module_entry_point_help_and_layer_map():
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "jaxhicache: error: argument --clients: must be a positive integer, got '0'"
     ]
+
+
+def _bench_tiny(tmp_path, name, *flags, env=None):
+    """``jaxhicache bench multiturn`` on the smallest workload, in a fresh process (so no
+    program is already compiled in memory)."""
+    out = tmp_path / name
+    argv = [
+        sys.executable, "-m", "jaxhicache", "bench", "multiturn", "--model", "tiny",
+        "--clients", "1", "--turns", "1", "--probe-reps", "1", "--no-progress",
+        "--out", str(out), *flags,
+    ]  # fmt: skip
+    run_env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=run_env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return p.stdout
+
+
+def test_bench_uses_a_persistent_compile_cache_unless_told_not_to(tmp_path):
+    default = tmp_path / "default-cache"
+    env = {"JAXHICACHE_COMPILE_CACHE_DIR": str(default)}
+    off = _bench_tiny(tmp_path, "off", "--no-compile-cache", env=env)
+    assert "compile cache: off" in off.splitlines()[0]
+    assert not default.exists()  # nothing written anywhere we know of
+    on = _bench_tiny(tmp_path, "on", env=env)
+    assert on.splitlines()[0].startswith(f"compile cache: {default} ")
+    entries = [n for n in os.listdir(default) if not n.startswith(".")]
+    assert len(entries) >= 5, entries  # the job's programs
+    json.loads(on.strip().splitlines()[-1])  # the job's JSON line is still last
+
+
+def test_compile_cache_flags_exclude_each_other_and_check_the_path(tmp_path, capsys):
+    assert main(["bench", "multiturn", "--compile-cache", "x", "--no-compile-cache"]) == 2
+    assert "--no-compile-cache" in capsys.readouterr().err
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    argv = ["bench", "multiturn", "--model", "tiny", "--clients", "1", "--turns", "1"]
+    assert main([*argv, "--out", str(tmp_path / "o"), "--compile-cache", str(a_file)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("jaxhicache: error: --compile-cache") and str(a_file) in err

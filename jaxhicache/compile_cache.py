@@ -1,0 +1,119 @@
+"""Fast restarts: JAX's persistent compilation cache for the programs jaxhicache runs.
+
+A serving process compiles one program per transfer bucket, chunk shape and
+batch size; on CPU the main job spends most of its warm-up compiling. With the
+persistent cache, a restarted process loads those executables from disk::
+
+    import jaxhicache
+    jaxhicache.enable_compile_cache()   # returns the directory; later compiles are cached
+
+The ``jaxhicache`` command line does this by default (``--no-compile-cache`` turns
+it off, ``--compile-cache DIR`` picks the directory) and prints where.
+
+Default directory: ``$JAXHICACHE_COMPILE_CACHE_DIR``, else
+``$XDG_CACHE_HOME/jaxhicache/jax`` (``~/.cache/jaxhicache/jax``). JAX treats the
+directory as trusted code: keep it private to the user (it is created ``0700``).
+Entries are keyed by JAX on the program, the jax/jaxlib version and the devices,
+so a changed program or an upgraded jax compiles afresh and never loads a stale
+executable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import jax
+
+__all__ = [
+    "compile_cache",
+    "compile_cache_dir",
+    "default_compile_cache_dir",
+    "disable_compile_cache",
+    "enable_compile_cache",
+]
+
+ENV = "JAXHICACHE_COMPILE_CACHE_DIR"
+_SETTINGS = (
+    "jax_compilation_cache_dir",
+    "jax_persistent_cache_min_compile_time_secs",
+    "jax_persistent_cache_min_entry_size_bytes",
+)
+
+
+def default_compile_cache_dir() -> str:
+    """``$JAXHICACHE_COMPILE_CACHE_DIR``, else ``$XDG_CACHE_HOME/jaxhicache/jax``
+    (``~/.cache/jaxhicache/jax``)."""
+    env = os.environ.get(ENV)
+    if env:
+        return env
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "jaxhicache", "jax")
+
+
+def compile_cache_dir() -> str | None:
+    """The persistent compilation cache directory in use, or ``None`` when off."""
+    return jax.config.jax_compilation_cache_dir or None
+
+
+def _reset() -> None:
+    # JAX binds its cache to a directory at the first cached compile; forget that
+    # binding so a directory set later (or none) takes effect
+    from jax.experimental.compilation_cache import compilation_cache
+
+    compilation_cache.reset_cache()
+
+
+def enable_compile_cache(
+    path: str | os.PathLike | None = None, *, min_compile_time_s: float = 0.0
+) -> str:
+    """Turns JAX's persistent compilation cache on in ``path`` (default
+    :func:`default_compile_cache_dir`); returns the absolute directory.
+
+    ``min_compile_time_s``: programs that compile faster are not written (JAX's own
+    default is 1 s, which would skip most of jaxhicache's small programs on CPU).
+    Raises ``ValueError`` for a negative time or a path that is not a directory.
+    """
+    if isinstance(min_compile_time_s, bool) or not float(min_compile_time_s) >= 0:
+        raise ValueError(f"min_compile_time_s must be a number >= 0, got {min_compile_time_s!r}")
+    raw = default_compile_cache_dir() if path is None else os.fspath(path)
+    if not raw:
+        raise ValueError("the compile cache path is empty")
+    d = os.path.abspath(os.path.expanduser(raw))
+    if os.path.exists(d) and not os.path.isdir(d):
+        raise ValueError(f"compile cache path {d!r} exists and is not a directory")
+    try:
+        os.makedirs(d, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create the compile cache directory {d!r}: {e}") from None
+    jax.config.update("jax_compilation_cache_dir", d)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_s))
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # every size
+    _reset()
+    return d
+
+
+def disable_compile_cache() -> None:
+    """Turns the persistent compilation cache off (programs compile in memory only)."""
+    jax.config.update("jax_compilation_cache_dir", None)
+    _reset()
+
+
+@contextlib.contextmanager
+def compile_cache(
+    path: str | os.PathLike | None = None, *, enabled: bool = True
+) -> Iterator[str | None]:
+    """Within the block the cache is on in ``path`` (or off when ``enabled`` is false);
+    JAX's previous settings come back afterwards. Yields the directory (or ``None``)."""
+    before = {name: getattr(jax.config, name) for name in _SETTINGS}
+    try:
+        if enabled:
+            yield enable_compile_cache(path)
+        else:
+            disable_compile_cache()
+            yield None
+    finally:
+        for name, value in before.items():
+            jax.config.update(name, value)
+        _reset()
