@@ -261,3 +261,37 @@ def test_batched_calls_refuse_before_changing_anything():
     with pytest.raises(ValueError, match="request is released; retract needs open"):
         c.retract(pools, a, p)
     c.check_invariants()
+
+
+# ------------------------------------------------------- connector-shaped calls
+def test_lookup_reports_a_hit_without_taking_or_touching_it():
+    """``get_num_new_matched_tokens``: the hit length, no lock, no allocation, and the
+    LRU order unchanged (an inspected prefix is not kept alive by being inspected)."""
+    c, pools = _cache(device_pages=8, host_pages=8, policy=WritePolicy.WRITE_BACK)
+    old, new = _tokens(40, 2 * PAGE + 1), _tokens(41, 2 * PAGE + 1)
+    for toks in (old, new):  # old is the LRU one
+        pools, batch = c.admit(pools, [toks])
+        c.insert(pools, batch.requests, [toks])
+        c.release(batch.requests)
+    used = c.stats()["device_full_pages_used"]
+    assert c.lookup(old).matched_len == 2 * PAGE  # inspect the old one ...
+    assert c.stats()["device_full_pages_used"] == used and _unlocked(c)
+    assert c.evict(pools, 2) == 2  # ... it is still the LRU leaf: it goes first
+    assert c.lookup(new).device_len == 2 * PAGE
+    assert c.lookup(old).device_len == 0
+    c.check_invariants()
+
+
+@pytest.mark.parametrize("policy", [WritePolicy.WRITE_THROUGH, WritePolicy.WRITE_BACK])
+def test_backed_up_reports_per_request_save_completion(policy):
+    c, pools = _cache(policy=policy)
+    toks = _tokens(42, 3 * PAGE + 1)
+    pools, batch = c.admit(pools, [toks])
+    (a,) = batch.requests
+    c.insert(pools, a, toks)
+    c.release(a)
+    c.poll(wait=True)
+    assert c.backed_up(a) is (policy is WritePolicy.WRITE_THROUGH)
+    if policy is WritePolicy.WRITE_BACK:
+        assert c.evict(pools, 3) == 3  # write-back: backed up, then demoted
+        assert c.backed_up(a)

@@ -205,12 +205,24 @@ class HiCache:
 
     # ------------------------------------------------------------------ match
     def lookup(self, tokens, *, salt=None) -> MatchResult:
-        """The longest usable cached prefix of ``tokens`` (whole pages, SWA window present).
+        """The longest usable cached prefix of ``tokens`` on device and host (whole
+        pages, SWA window present): the hit a request would get, reported without
+        taking it. An inspection: takes no lock, counts no hit, moves no data and
+        leaves the LRU order as it was (it may split a node where the match ends,
+        which changes no decision)."""
+        key = check_tokens(tokens, "tokens", allow_empty=True)
+        return self.tree.match_prefix(key, salt=salt, touch=False)
 
-        For inspection: takes no lock, counts no hit, moves no data (it does
-        refresh the LRU order of the matched path, as any match does).
-        """
-        return self.tree.match_prefix(check_tokens(tokens, "tokens", allow_empty=True), salt=salt)
+    def backed_up(self, request: Request) -> bool:
+        """Whether every page ``request`` inserted has its host copy recorded (its
+        write-through backups landed and a poll point recorded them): the per-request
+        save completion a connector reports. Call :meth:`poll` to record landed ones."""
+        node = request.node
+        while node is not None and node.parent is not None:
+            if node.host_full is None:
+                return False
+            node = node.parent
+        return node is self.tree.root or node is None
 
     # ------------------------------------------------------------------ admit
     def admit(

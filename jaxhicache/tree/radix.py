@@ -180,13 +180,13 @@ class RadixTree:
         return new
 
     # ------------------------------------------------------------------ match
-    def match_prefix(self, key, *, salt=None) -> MatchResult:
+    def match_prefix(self, key, *, salt=None, touch: bool = True) -> MatchResult:
         """Longest usable page-aligned prefix of ``key`` (any length; whole pages only)
         among the pages inserted with the same ``salt`` (``str`` / ``bytes``, ``None``
         = unsalted: only unsalted pages).
 
-        Splits a node where the match ends inside it, bumps ``last_access`` and
-        ``hit_count`` along the usable path.
+        Splits a node where the match ends inside it; with ``touch`` (a use, not an
+        inspection) bumps ``last_access`` and ``hit_count`` along the usable path.
         """
         if type(key) is np.ndarray and key.dtype is TOK_DT and key.ndim == 1:  # fast path
             ps = self.page_size
@@ -235,13 +235,13 @@ class RadixTree:
                     break
             if usable < full_pages:
                 path = self._cut_path(path, usable)
-        self._tick += 1
+        self._tick += touch
         tick = self._tick
-        dev_parts = []
-        host_parts = []
+        dev_parts, host_parts = [], []
         for n in path:
-            n.last_access = tick
-            n.hit_count += 1
+            if touch:
+                n.last_access = tick
+                n.hit_count += 1
             if n.device_full is not None:
                 dev_parts.append(n.device_full)
             else:
