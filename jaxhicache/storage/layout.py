@@ -246,6 +246,20 @@ class StagePages:
                 self._runs = runs
         # whether direct() byte views exist (the name predates window-only objects)
         self.contiguous = self._runs is not None
+        # parts stored as at most one byte run per layer (whole rows, the SWA KV window)
+        # are moved in place; the others (compressor-state A halves, TP head shards:
+        # many short runs) through one small contiguous buffer per part
+        self._big = [
+            [
+                self._runs is not None and len(self._runs[j][i][1]) <= self.view(p, 0).shape[0]
+                for i, p in enumerate(u.parts)
+            ]
+            for j, u in enumerate(self.units)
+        ]
+        self.staged_nbytes = [
+            sum(p.nbytes for p, big in zip(u.parts, self._big[j], strict=True) if not big)
+            for j, u in enumerate(self.units)
+        ]
 
     def view(self, part: Part, host_id: int) -> np.ndarray:
         """``[n_kind, *selected]`` view of one page's stored elements of ``part`` in its slab."""
@@ -268,18 +282,47 @@ class StagePages:
     def source(self, j: int, host_id: int) -> list[memoryview]:
         """Unit ``j``'s payload of page ``host_id`` as contiguous byte buffers.
 
-        Zero-copy views of the slab (its byte runs) where :meth:`direct` exists; one
-        gathered copy per part otherwise.
+        Zero-copy views of the slab's byte runs for parts stored as one run per layer
+        (page_first); one gathered copy per other part.
         """
-        if self._runs is not None:
-            return self.direct(j, host_id)
-        out = []
-        for p in self.units[j].parts:
+        out: list[memoryview] = []
+        for i, p in enumerate(self.units[j].parts):
+            if self._big[j][i]:
+                u8, runs = self._runs[j][i]  # type: ignore[index]
+                row = memoryview(u8[host_id])
+                out += [row[a:b] for a, b in runs]
+                continue
             v = self.view(p, host_id)
             if not v.flags.c_contiguous:
                 v = np.ascontiguousarray(v)
             out.append(memoryview(v.reshape(-1).view(np.uint8)))
         return out
+
+    def direct_staged(self, j: int, host_id: int, staging: memoryview) -> list[memoryview]:
+        """Like :meth:`direct`, but the bytes of parts with many short runs go to
+        ``staging`` (``staged_nbytes[j]`` bytes, in payload order); call
+        :meth:`unstage` to move them into the slab. Fewer, longer buffers to read
+        into and to hash."""
+        out: list[memoryview] = []
+        off = 0
+        for i, p in enumerate(self.units[j].parts):
+            if self._big[j][i]:
+                u8, runs = self._runs[j][i]  # type: ignore[index]
+                row = memoryview(u8[host_id])
+                out += [row[a:b] for a, b in runs]
+            else:
+                out.append(staging[off : off + p.nbytes])
+                off += p.nbytes
+        return out
+
+    def unstage(self, j: int, host_id: int, staging: np.ndarray) -> None:
+        """Copies the staged parts of unit ``j`` (see :meth:`direct_staged`) into the slab."""
+        off = 0
+        for i, p in enumerate(self.units[j].parts):
+            if not self._big[j][i]:
+                v = self.view(p, host_id)
+                v[...] = staging[off : off + p.nbytes].view(v.dtype).reshape(v.shape)
+                off += p.nbytes
 
     def write(self, j: int, host_id: int, payload: memoryview) -> None:
         """Copies a verified payload of unit ``j`` into page ``host_id`` (one copy per part)."""
