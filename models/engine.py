@@ -128,7 +128,7 @@ class Completion:
     """What one request did (times in ``time.perf_counter`` seconds)."""
 
     rid: int
-    prompt_len: int
+    prompt: np.ndarray
     generated: np.ndarray
     device_cached_tokens: int  # of its first admission
     host_cached_tokens: int
@@ -140,6 +140,10 @@ class Completion:
     retractions: int
     aborted: bool
     step_logits: np.ndarray | None  # [len(generated), vocab] with record_logits
+
+    @property
+    def prompt_len(self) -> int:
+        return self.prompt.size
 
     @property
     def ttft_s(self) -> float:
@@ -435,7 +439,7 @@ class Engine:
         r.phase = Phase.ABORTED if aborted else Phase.FINISHED
         c = Completion(
             rid=r.rid,
-            prompt_len=r.prompt.size,
+            prompt=r.prompt,
             generated=np.asarray(r.generated, np.int32),
             device_cached_tokens=r.hits[0],
             host_cached_tokens=r.hits[1],

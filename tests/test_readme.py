@@ -24,6 +24,11 @@ def test_readme_python_blocks_run():
     assert namespace["spec"].page_bytes() == 9_158_208
     stats = namespace["cache"].stats()
     assert stats["requests"] == 2 and stats["device_hit_tokens"] == 48
+    engine = namespace["engine"]
+    assert engine.idle and len(engine.done) == 3
+    for c in engine.done.values():  # the engine's answers are the uncached answers
+        want, _ = engine.uncached(c.prompt, 6)
+        assert list(c.generated) == list(want)
 
 
 def test_readme_setup_commands_are_the_main_job_and_ci_test_command():
