@@ -17,7 +17,9 @@ import jax
 import numpy as np
 import pytest
 
+from jaxhicache.pools.host import HostPools
 from jaxhicache.spec import PoolKind
+from jaxhicache.transfer import CopyPath, PageMove, TransferEngine
 from models.config import TinyDSV4Config
 from models.dsv4 import init_params
 from models.paged import PagedModel
@@ -391,3 +393,46 @@ def test_fresh_resets_a_reused_slot(setup):
     assert np.isnan(got[:, :, 1:]).all() and np.isnan(got[~hca]).all()
     assert slab.starts[slot] == 0
     np.testing.assert_array_equal(np.delete(slab.starts, slot), np.delete(run.b_starts, slot))
+
+
+def test_fused_load_in_a_batched_step(setup):
+    """Request 5's prefix pages come back from host inside the batched decode step
+    (``load=``): bit-identical to the step on intact pools; without the load the
+    zeroed pages are caught (negative control)."""
+    run = _run(setup, 1)
+    m = run.m
+    full5, swa5 = _tables(5)
+    dev_full, dev_swa = full5[:3], swa5[2:3]  # prefix pages < 48 and the window page
+    move = PageMove.of(dev_full, [0, 1, 2], dev_swa, [0])
+    host = HostPools(m.spec, m.layer_maps, 4, 4)
+    eng = TransferEngine(m.mesh, m.layer_maps, host, copy_path=CopyPath.DIRECT)
+    try:
+        pools, slab = _oracle_state(run)
+        eng.backup(pools, move).wait()
+        live = [r for r in ROWS if r is not None]
+        toks = {r: int(np.argmax(run.o_steps[r][-1])) for r in live}
+        pos = {r: LENS[r] + STEPS for r in live}
+        args = run.decode_batch(toks, pos)
+        row5 = ROWS.index(5)
+        want, _, _ = m.forward(pools, slab, *args)
+
+        def zeroed():
+            pools, slab = _oracle_state(run)
+            arrays = {}
+            for kind, a in pools.arrays.items():
+                a = np.array(a, copy=True)
+                swa_space = kind in (PoolKind.SWA_KV, PoolKind.C4_STATE, PoolKind.C4_INDEXER_STATE)
+                a[:, :, dev_swa if swa_space else dev_full] = 0
+                arrays[kind] = jax.device_put(a, pools[kind].sharding)
+            return pools.replace(arrays=arrays), slab
+
+        pools, slab = zeroed()
+        lw = eng.prepare_layerwise(pools, move)
+        got, _, _ = m.forward(pools, slab, *args, load=lw)
+        np.testing.assert_array_equal(got[ROWS.index(5)], want[row5])
+        bad, _, _ = m.forward(*zeroed(), *args)
+        assert _diff(bad[row5], want[row5]) > TOL
+        others = [i for i, r in enumerate(ROWS) if r not in (None, 5)]
+        np.testing.assert_array_equal(got[others], want[others])
+    finally:
+        eng.close()
