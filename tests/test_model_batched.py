@@ -23,7 +23,7 @@ from jaxhicache.transfer import CopyPath, PageMove, TransferEngine
 from models.config import TinyDSV4Config
 from models.dsv4 import init_params
 from models.paged import PagedModel
-from models.streaming import BatchArgs
+from models.streaming import BatchArgs, check_batch
 
 TOL = 1e-4  # see tests/test_model.py
 PAGE = 16
@@ -351,11 +351,12 @@ def test_refusals(setup, case):
     run = _run(setup, 1)
     m = run.m
     args = _ok_args(run)
-    mutate, match = REFUSALS[case]
-    mutate(args)
     pools, slab = m.init_pools(PAGES, PAGES), m.new_scratch_slab(len(ROWS))
     slab.starts[:] = 0
     slab.starts[SPARE] = -1
+    check_batch(m.config, *args, slab.starts)  # the unmutated batch passes
+    mutate, match = REFUSALS[case]
+    mutate(args)
     with pytest.raises(ValueError, match=match):
         m.forward(pools, slab, *args)
 
