@@ -64,3 +64,43 @@ def test_second_process_serves_the_prefix_from_s3(tmp_path, monkeypatch):
         _two_processes(2, {"kind": "s3", "kvstore": s3_spec(server)}, tmp_path)
     finally:
         server.stop()
+
+
+def _run_mp(mode: str, tmp_path: Path, pp: int = 2, processes: int = 2) -> list[dict]:
+    from jaxhicache.launch import launch_local
+
+    codes = launch_local(
+        [sys.executable, str(WORKER), "mp", mode, str(pp), str(tmp_path)],
+        processes,
+        pp // processes,
+        heartbeat_timeout_s=10,
+        grace_s=60.0,
+        log_dir=tmp_path,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
+    logs = "\n".join(
+        (tmp_path / f"p{i}.log").read_text(errors="replace")[-3000:] for i in range(processes)
+    )
+    assert codes == [0] * processes, logs
+    return [json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(processes)]
+
+
+@pytest.mark.parametrize("mode", ["agree", "fail-read", "fail-stat"])
+def test_processes_disagreeing_about_storage_both_miss_and_agree(tmp_path, mode):
+    """2 processes, PP 2 (one stage each), one file store. When only process 1's storage
+    reads (or existence checks) fail, both processes miss turn 2's L3 prefix, take the
+    same decisions (digests compared at every step) and match recomputation. Control
+    (``agree``): without the fault both serve it from L3."""
+    infos = _run_mp(mode, tmp_path)
+    assert infos[0]["digest"] == infos[1]["digest"]
+    want = PREFIX if mode == "agree" else 0
+    assert [i["storage"] for i in infos] == [want, want], infos
+    assert infos[0]["stats"]["divergence_checks"] > 0
+    for info in infos:
+        assert info["diff"] <= TOL and info["same_tokens"], info
+    if mode == "fail-read":  # the lookup agreed on a hit; process 1's fetch failed
+        assert infos[1]["injected"] > 0 and infos[0]["stats"]["storage_prefetches"] == 1
+        assert infos[0]["stats"]["l3_prefetched_pages_total"] > 0  # process 0's loaded
+    if mode == "fail-stat":  # process 1 saw nothing: no prefetch was started anywhere
+        assert infos[1]["injected"] > 0
+        assert [i["stats"]["storage_prefetches"] for i in infos] == [0, 0]
