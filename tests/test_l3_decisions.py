@@ -113,15 +113,18 @@ def test_a_stage_lacking_a_full_object_ends_the_hit_there_for_every_stage(tmp_pa
 
 
 # ---------------------------------------------------------------- prefetch timing
+@pytest.mark.parametrize("policy", [PrefetchPolicy.BEST_EFFORT, PrefetchPolicy.TIMEOUT])
 @pytest.mark.parametrize("claimer", ["other_offset", "same_offset"])
-def test_a_late_prefetch_is_never_loaded_at_another_offset(tmp_path, claimer):
-    """R1's prefetch lands after R1 was admitted (best effort, slow store). A later
-    request whose match ends at page 2 (R1 inserted pages 0..1) must not take it (it
-    holds pages 0..1); a request whose match ends at page 0 takes it at page 0."""
+def test_a_late_prefetch_is_never_loaded_at_another_offset(tmp_path, claimer, policy):
+    """R1's prefetch lands after R1 was admitted (best effort, or a timeout shorter than
+    the slow store's round trip). A later request whose match ends at page 2 (R1
+    inserted pages 0..1) must not take it (it holds pages 0..1); a request whose match
+    ends at page 0 takes it at page 0."""
     x = _tokens(1, 2)
     _write(tmp_path, x)
-    store = LatencyBackend(FileBackend(tmp_path), 0.05)
-    c, pools = _cache(store, policy=PrefetchPolicy.BEST_EFFORT)
+    store = LatencyBackend(FileBackend(tmp_path), 0.1)
+    timeouts = {"timeout_base_s": 0.01, "timeout_per_1k_tokens_s": 0.0, "timeout_max_s": 0.01}
+    c, pools = _cache(store, policy=policy, **timeouts)
     pools, batch = c.admit(pools, [x])
     (r1,) = batch.requests
     assert r1.storage_hit_tokens == 0  # the prefetch has not landed
