@@ -119,11 +119,40 @@ def test_checkpoints_window_end_costs_at_most_one_more_round_trip(tmp_path, k, p
     c.close()
 
 
+@pytest.mark.parametrize("lacking", [False, True], ids=["complete", "end_window_lacking"])
+def test_end_window_lookups_trade_a_round_trip_for_half_the_checks(tmp_path, lacking):
+    """``lookup_all_windows=False``: the full-space checks and the last page's window
+    first, then the hit end's window (2 round trips, about half the checks); if that
+    window is incomplete on a stage, the checkpoints below it (a 3rd round trip)."""
+    from jaxhicache.layer_map import build_layer_maps
+    from jaxhicache.spec import PageSpace
+    from jaxhicache.storage import Namespace, object_key, page_hashes
+
+    stored = _tokens(8, 10)
+    _write(tmp_path, stored)
+    if lacking:  # stage 1 lacks the window of page 10 (the hit's end)
+        ns = Namespace.for_stage(SPEC, build_layer_maps(SPEC, 2)[1], model_id="tiny")
+        h = page_hashes(stored[: 10 * PAGE], PAGE)[9]
+        (tmp_path / object_key(ns, PageSpace.SWA, h)).unlink()
+    longer = np.concatenate([stored[:-1], _tokens(9, 4)])  # 14 pages, 10 of them stored
+    store = LatencyBackend(FileBackend(tmp_path), 0.005)
+    c, pools = _cache(store, cost_model=False, lookup_all_windows=False)
+    store.reset_round_trips()
+    pools, req = _admit(c, pools, longer)
+    assert req.storage_hit_tokens == (9 if lacking else 10) * PAGE
+    assert store.round_trips("stat") == (3 if lacking else 2), store.requests()
+    # 2 stages x 14 full + the windows of pages 14 and 10 (and 1..9 when lacking)
+    assert store.requests()["stat"] == 2 * 14 + 2 + 2 + (2 * 9 if lacking else 0)
+    c.release(req)
+    c.close()
+
+
 def test_window_pages_are_the_checkpoint_windows_and_the_last():
     assert window_pages(0, 10, 1, 1) == list(range(10))
     assert window_pages(0, 10, 1, 4) == [3, 7, 9]
     assert window_pages(2, 10, 2, 4) == [2, 3, 6, 7, 8, 9]
     assert window_pages(3, 4, 2, 1) == []  # the window would reach into the tree's pages
+    assert window_pages(0, 10, 1, 1, all_windows=False) == [9]
 
 
 @pytest.mark.parametrize("recompute", [1e-7, 1e-2], ids=["cheap", "dear"])

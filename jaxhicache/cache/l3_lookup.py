@@ -86,13 +86,16 @@ class Probe:
         )
 
 
-def window_pages(first: int, stop: int, w: int, k: int) -> list[int]:
+def window_pages(first: int, stop: int, w: int, k: int, all_windows: bool = True) -> list[int]:
     """The pages whose SWA objects a lookup of ``[first, stop)`` checks up front: the
     windows (``w`` pages) of the hit ends ``e`` in ``[first + w, stop]`` that are a
-    multiple of ``k`` or ``stop`` itself. Deterministic: every process checks the same."""
+    multiple of ``k`` or ``stop`` itself (``all_windows=False``: ``stop``'s only).
+    Deterministic: every process checks the same."""
     if w <= 0 or stop - first < w:
         return []
-    ends = [e for e in range(first + max(w, 1), stop + 1) if e % k == 0 or e == stop]
+    ends = [
+        e for e in range(first + max(w, 1), stop + 1) if e == stop or (all_windows and e % k == 0)
+    ]
     return sorted({p for e in ends for p in range(e - w, e)})
 
 
@@ -219,7 +222,8 @@ class Lookups:
     # ---------------------------------------------------------------- internals
     def _probe(self, hashes: Sequence[str], first: int, stop: int) -> Probe:
         """Lookup thread: one batch of every existence check of pages ``[first, stop)``."""
-        swa = window_pages(first, stop, self._w, self.config.swa_checkpoint_every)
+        k, every = self.config.swa_checkpoint_every, self.config.lookup_all_windows
+        swa = window_pages(first, stop, self._w, k, every)
         return probe(
             self.backend, self.stages, hashes, first, swa, self.config.lookup_in_flight, self.costs
         )
@@ -265,10 +269,11 @@ class Lookups:
         loading is cheaper than recomputing (``first``: none).
 
         One MIN collective over ``[consecutive pages present, per candidate end: window
-        present, per candidate end: worth loading]``. The hit's own end ``first + n``
-        (``n`` the agreed consecutive pages) may lie outside the windows checked up
-        front (``swa_checkpoint_every > 1``): then its window is checked and agreed in
-        a second step (every process knows that from the agreed ``n``).
+        present, per candidate end: worth loading]`` for the windows the batch checked.
+        Windows it did not check (see :func:`window_pages`) are checked and agreed in
+        later steps that every process takes alike (they follow from agreed values):
+        the window of the hit's own end ``first + n`` (``n`` the agreed consecutive
+        pages), then, if that one is incomplete, those of the checkpoints below it.
         """
         w, k = self._w, self.config.swa_checkpoint_every
         n_local = got.present_prefix()
@@ -281,26 +286,48 @@ class Lookups:
             (e for e, v in zip(ends, agreed[1 : 1 + m], strict=True) if v), default=first
         )
         best = max((e for e, v in zip(ends, agreed[1 + m :], strict=True) if v), default=first)
-        e = first + int(agreed[0])
-        up_front = set(window_pages(first, got.stop, w, k))
-        if w and e > best_valid and e - first >= w and not set(range(e - w, e)) <= up_front:
-            here = self._window(hashes, first, e)
-            v2, w2 = self.agreement.min([here, here and self.worth(first, e)])
-            best_valid, best = (e if v2 else best_valid), (e if w2 else best)
+        end = first + int(agreed[0])
+        checked = set(window_pages(first, got.stop, w, k, self.config.lookup_all_windows))
+        steps = [[end], [e for e in range(end - 1, first + w - 1, -1) if e % k == 0]]
+        for step in steps if w else ():
+            todo = [
+                e for e in step if e > best_valid and e - first >= w
+                and not set(range(e - w, e)) <= checked
+            ]  # fmt: skip
+            if not todo:
+                continue
+            here = self._windows(hashes, first, todo)
+            checked |= {p for e in todo for p in range(e - w, e)}
+            cheap = [h and self.worth(first, e) for h, e in zip(here, todo, strict=True)]
+            ok = self.agreement.min([*here, *cheap])
+            best_valid = max([best_valid, *(e for e, v in zip(todo, ok, strict=False) if v)])
+            best = max([best, *(e for e, v in zip(todo, ok[len(todo) :], strict=True) if v)])
         self._stats.storage_declined_tokens += max(best_valid - best, 0) * self._ps
         return best
 
-    def _window(self, hashes: Sequence[str], first: int, end: int) -> bool:
-        """Whether the SWA objects of the window before ``end`` are on every local stage."""
-        lo = max(end - self._w, first)
+    def _windows(self, hashes: Sequence[str], first: int, ends: Sequence[int]) -> list[bool]:
+        """Per end: whether the SWA objects of its window are on every local stage (one
+        batch; all ``False`` if it does not answer within ``lookup_timeout_s``)."""
+        w = self._w
+        pages = sorted({p for e in ends for p in range(max(e - w, first), e)})
         stages = [dataclasses.replace(st, full=(0, 0)) for st in self.stages]
-        sub = hashes[lo - first : end - first]
-        args = (self.backend, stages, sub, lo, list(range(lo, end)), self.config.lookup_in_flight)
+        sub = [hashes[p - first] for p in pages]
+        args = (self.backend, stages, sub, first, self.config.lookup_in_flight)
         try:
-            got = self._pool.submit(probe, *args).result(timeout=self.config.lookup_timeout_s)
-            return got.window_present(end, self._w)
+            fut = self._pool.submit(_probe_pages, *args, pages)
+            got = fut.result(timeout=self.config.lookup_timeout_s)
+            return [got.window_present(e, w) for e in ends]
         except concurrent.futures.TimeoutError:
             self._stats.storage_lookup_timeouts += 1
         except Exception:  # a backend bug: counted, a miss
             self._stats.storage_read_failures += 1
-        return False
+        return [False] * len(ends)
+
+
+def _probe_pages(backend, stages, sub_hashes, first, in_flight, pages) -> Probe:
+    """A probe of the SWA objects of ``pages`` only (``sub_hashes[i]``: page ``pages[i]``)."""
+    stop = max(pages) + 1
+    hashes = ["0" * 64] * (stop - first)  # never looked up: the stages have no full query
+    for p, h in zip(pages, sub_hashes, strict=True):
+        hashes[p - first] = h
+    return probe(backend, stages, hashes, first, pages, in_flight)
