@@ -1,5 +1,7 @@
-"""The layers of one pipeline stage over a chunk: a scan over the stage's local
-layers with ``lax.switch`` on the traced attention kind of each layer.
+"""The layers of one pipeline stage over a batch of chunks (B requests, one chunk
+each): a scan over the stage's local layers with ``lax.switch`` on the traced
+attention kind of each layer; inside, ``jax.vmap`` of the per-row layer over the
+B rows against the unbatched pools, then one scatter per sub-pool.
 
 Weights and pools are addressed with the library's stage layer maps
 (:mod:`jaxhicache.layer_map`), in the same three index spaces as the cache:
