@@ -20,6 +20,7 @@ from jaxhicache.spec import ModelCacheSpec, PageSpace, PoolKind
 from jaxhicache.storage import FileBackend
 from jaxhicache.storage.backend import StorageBackend
 from jaxhicache.storage.faults import FaultInjectionBackend
+from jaxhicache.storage.layout import window_rows
 
 SPEC = ModelCacheSpec.tiny_dsv4()  # page 16, window 8: one trailing SWA page
 PAGE = SPEC.page_size
@@ -63,8 +64,17 @@ def _read(store, tokens, salt=None, pp=2, **kw):
 
 
 def _rows(cache, pools, kind, ids):
+    """Per stage ``[n_kind, len(ids), *stored]``: what L3 holds of these pages (SWA space:
+    the window rows, ``storage.layout.window_rows``)."""
     got = np.asarray(pools[kind])[:, :, np.asarray(ids)]
-    return [got[r, : m.num_layers_of(kind)] for r, m in enumerate(cache.layer_maps)]
+    out = [got[r, : m.num_layers_of(kind)] for r, m in enumerate(cache.layer_maps)]
+    if kind.page_space is PageSpace.SWA:
+        shape, index = window_rows(SPEC, kind)
+        out = [
+            x.reshape(*x.shape[:2], *(shape or x.shape[2:]))[(slice(None),) * 2 + index]
+            for x in out
+        ]
+    return out
 
 
 @pytest.mark.parametrize("pp", [1, 2])

@@ -260,6 +260,18 @@ class StagePages:
             sum(p.nbytes for p, big in zip(u.parts, self._big[j], strict=True) if not big)
             for j, u in enumerate(self.units)
         ]
+        # per unit, per part: (flat byte view of the stage, bytes per page, runs) for
+        # in-place parts, (None, nbytes, None) for staged ones
+        self._plan: list[list[tuple[memoryview | None, int, list[tuple[int, int]] | None]]] = []
+        for j, u in enumerate(self.units):
+            plan = []
+            for i, p in enumerate(u.parts):
+                if self._big[j][i]:
+                    u8, runs = self._runs[j][i]  # type: ignore[index]
+                    plan.append((memoryview(u8.reshape(-1)), u8.shape[1], runs))
+                else:
+                    plan.append((None, p.nbytes, None))
+            self._plan.append(plan)
 
     def view(self, part: Part, host_id: int) -> np.ndarray:
         """``[n_kind, *selected]`` view of one page's stored elements of ``part`` in its slab."""
@@ -305,14 +317,13 @@ class StagePages:
         into and to hash."""
         out: list[memoryview] = []
         off = 0
-        for i, p in enumerate(self.units[j].parts):
-            if self._big[j][i]:
-                u8, runs = self._runs[j][i]  # type: ignore[index]
-                row = memoryview(u8[host_id])
-                out += [row[a:b] for a, b in runs]
+        for flat, n, runs in self._plan[j]:
+            if runs is None:
+                out.append(staging[off : off + n])
+                off += n
             else:
-                out.append(staging[off : off + p.nbytes])
-                off += p.nbytes
+                base = host_id * n
+                out += [flat[base + a : base + b] for a, b in runs]
         return out
 
     def unstage(self, j: int, host_id: int, staging: np.ndarray) -> None:
