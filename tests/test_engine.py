@@ -123,3 +123,36 @@ def test_engine_config_refuses_bad_values():
         EngineConfig(decode_reserve=-1)
     with pytest.raises(ValueError, match="prefill_tokens=20 is not a multiple of chunk 16"):
         EngineConfig(chunk_size=16, prefill_tokens=20)
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [WritePolicy.WRITE_THROUGH, WritePolicy.WRITE_THROUGH_SELECTIVE, WritePolicy.WRITE_BACK],
+)
+def test_every_write_policy_with_host_load_back(model, policy):
+    """Two waves of chats over shared prompts in a device pool that cannot hold them:
+    the second wave loads prefixes back from host (merged per step) under every write
+    policy, and every answer equals its uncached run."""
+    rng = np.random.default_rng(4)
+    systems = [_prompt(rng, 2 * PAGE) for _ in range(6)]  # 12 pages: more than the device
+    waves = [
+        [np.concatenate([s, _prompt(rng, int(rng.integers(3, 20)))]) for s in systems]
+        for _ in range(2)
+    ]
+    cache = HiCache(
+        model.spec,
+        model.mesh,
+        HiCacheConfig(device_pages=10, host_pages=40, write_policy=policy),
+    )
+    eng = Engine(model, cache, EngineConfig(max_running=3, record_logits=True))
+    prompts = []
+    for wave in waves:
+        for p in wave:
+            eng.submit(p, 5)
+            prompts.append(p)
+        eng.run(max_steps=300)
+    done = eng.done
+    assert sum(c.host_cached_tokens for c in done.values()) > 0
+    _check_against_uncached(eng, prompts, [5] * len(prompts), done)
+    cache.poll(wait=True)
+    cache.check_invariants()

@@ -399,10 +399,12 @@ class HiCache:
         tree.dec_lock(req.node)
         req.node = res.node
         req.inserted_pages = whole - req.own_start
-        full, swa = tree.device_ids(res.node)
-        req.full_page_ids[:whole] = full
+        full, swa = tree.device_ids(res.node)  # new arrays: tables handed out stay as they were
         keep = np.arange(whole) >= whole - self.spec.swa_trailing_pages  # the lock's window
-        req.swa_page_ids[:whole] = np.where(keep, swa, -1)
+        req.full_page_ids = np.concatenate([full, req.full_page_ids[whole:]]).astype(np.int32)
+        req.swa_page_ids = np.concatenate(
+            [np.where(keep, swa, -1), req.swa_page_ids[whole:]]
+        ).astype(np.int32)
         return res.node if should_backup_on_insert(self.write_policy, res.node) else None
 
     def extend(self, pools: DevicePools, requests: Request | Sequence[Request], num_pages) -> None:
