@@ -159,7 +159,13 @@ def empty_tiers(cache: HiCache, pools, device_pages: int, host_pages: int) -> No
 class ConcurrentJob:
     """The model, a cache-off engine and a cache-on engine of the same shapes."""
 
-    def __init__(self, config: MultiturnConfig, store: StorageBackend, progress: bool):
+    def __init__(
+        self,
+        config: MultiturnConfig,
+        store: StorageBackend,
+        progress: bool,
+        engine: EngineConfig | None = None,
+    ):
         self.config = c = config
         self.store = store
         self.mcfg = c.preset.model_config()
@@ -195,7 +201,11 @@ class ConcurrentJob:
             dataclasses.replace(base, storage=storage),
             store=store,
         )
-        ecfg = EngineConfig(max_running=self.concurrency)
+        ecfg = engine or EngineConfig(max_running=self.concurrency)
+        if ecfg.max_running < self.concurrency:
+            raise ValueError(
+                f"EngineConfig.max_running={ecfg.max_running} < concurrency {self.concurrency}"
+            )
         self.off = Engine(self.model, self.cache_off, dataclasses.replace(ecfg, use_cache=False))
         self.on = Engine(self.model, self.cache_on, ecfg)
         self.think_s = c.think_ms / 1e3
@@ -239,9 +249,12 @@ def run_concurrent(
     store: StorageBackend | None = None,
     progress: bool = True,
     store_usage=None,
+    engine: EngineConfig | None = None,
 ) -> dict:
     """Runs the concurrent job (see the module docstring); returns the results dict and
-    writes ``results.json`` and ``multiturn.png`` into ``config.out_dir`` when set."""
+    writes ``results.json`` and ``multiturn.png`` into ``config.out_dir`` when set.
+    ``engine``: both engines' knobs (default ``EngineConfig(max_running=concurrency)``;
+    ``use_cache`` is set per pass)."""
     check(config)
     if config.concurrency is None:
         raise ValueError("run_concurrent needs MultiturnConfig.concurrency")
@@ -258,21 +271,21 @@ def run_concurrent(
     counter = CompileCounter()
     job = None
     try:
-        job = ConcurrentJob(config, store, progress)
+        job = ConcurrentJob(config, store, progress, engine)
         t0 = time.perf_counter()
         job.bar.set_description("warm-up")
         job.warm_up()
         warmup_s = time.perf_counter() - t0
         with counter.active():
             job.bar.set_description("cache off")
-            r0 = job.off.retractions
+            r0, s0 = job.off.retractions, job.off.steps
             off, off_s = job.pass_off(job.workload)
-            off_retractions = job.off.retractions - r0
+            off_retractions, off_steps = job.off.retractions - r0, job.off.steps - s0
             job.bar.set_description("cache on")
             before = snapshot(job.cache_on)
-            r0 = job.on.retractions
+            r0, s0 = job.on.retractions, job.on.steps
             on, on_s = job.pass_on(job.workload, {k: s.prompt for k, s in off.items()})
-            on_retractions = job.on.retractions - r0
+            on_retractions, on_steps = job.on.retractions - r0, job.on.steps - s0
             job.cache_on.poll(wait=True)
             after = snapshot(job.cache_on)
         job.bar.close()
@@ -280,6 +293,7 @@ def run_concurrent(
         results = concurrent_results(
             job, off, on, before, after, usage,
             off_s=off_s, on_s=on_s, retractions=(off_retractions, on_retractions),
+            steps=(off_steps, on_steps),
             warmup_s=warmup_s, compiles=counter, wall_s=time.perf_counter() - t_start,
             temp_store=tmp is not None,
         )  # fmt: skip

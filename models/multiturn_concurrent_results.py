@@ -174,7 +174,7 @@ def concurrent_results(job, off: dict, on: dict, before, after, usage, **tm) -> 
         },
         "per_turn": per_turn,
         "cache_counters": d,
-        "engine_steps": {"cache_off": job.off.steps, "cache_on": job.on.steps},
+        "engine_steps": {"cache_off": tm["steps"][0], "cache_on": tm["steps"][1]},
         "warmup_s": tm["warmup_s"],
         "cache_off_s": tm["off_s"],
         "cache_on_s": tm["on_s"],
