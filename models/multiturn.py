@@ -1,6 +1,11 @@
 """The main job: a multi-turn chat workload served with the cache off, then on (L1, L2, L3).
 
-``jaxhicache bench multiturn`` runs :func:`run_multiturn`. Data flow::
+``jaxhicache bench multiturn`` runs :func:`run_multiturn`: this module is the
+sequential job (one request after another through ``ServingLoop``); with
+``--concurrency N`` (``MultiturnConfig.concurrency``) it hands over to
+``models/multiturn_concurrent.py`` (N clients on the continuous-batching engine).
+Configuration: ``models/multiturn_config.py``; figures: ``models/multiturn_results.py``;
+table and PNG: ``models/multiturn_report.py``. Data flow of the sequential job::
 
     MultiturnConfig ──> tiny DSV4 model (preset) + ServingLoop over one HiCache
                         (device pages < working set, host pages < working set,
