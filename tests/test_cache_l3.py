@@ -27,6 +27,7 @@ PAGE = SPEC.page_size
 
 
 def _config(policy=PrefetchPolicy.WAIT_COMPLETE, **kw):
+    kw.setdefault("cost_model", False)  # these tests pin what is served (test_l3_latency: when)
     st = StorageConfig(model_id="tiny", prefetch_threshold=PAGE, prefetch_policy=policy, **kw)
     return HiCacheConfig(
         device_pages=16, host_pages=32, write_policy=WritePolicy.WRITE_THROUGH, storage=st

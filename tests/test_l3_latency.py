@@ -155,25 +155,50 @@ def test_window_pages_are_the_checkpoint_windows_and_the_last():
     assert window_pages(0, 10, 1, 1, all_windows=False) == [9]
 
 
+@pytest.mark.parametrize("queued", [False, True], ids=["at_admission", "queued"])
 @pytest.mark.parametrize("recompute", [1e-7, 1e-2], ids=["cheap", "dear"])
-def test_the_cost_model_fetches_only_what_is_cheaper_than_recompute(tmp_path, recompute):
+def test_the_cost_model_fetches_only_what_is_cheaper_than_recompute(tmp_path, recompute, queued):
+    """Recomputing at 0.1 us per token: no store round trip is worth it. At admission
+    the lookup itself is skipped (not even a whole hit would repay it); a lookup
+    started when the request was queued finds the hit, which is then declined. At
+    10 ms per token the hit is fetched."""
     toks = _tokens(4, 6)
     _write(tmp_path, toks)
     store = LatencyBackend(FileBackend(tmp_path), 0.01)
     c, pools = _cache(store)
     c.l3.observe_recompute(1000, 1000 * recompute)  # what the engine measured
+    c.l3.costs.observe_lookup(8, 64, 0.0101, first_s=0.01)  # an earlier lookup's timing
+    if queued:
+        assert c.l3.start_lookup(toks[:-1])
     store.reset_round_trips()
     pools, req = _admit(c, pools, toks)
     s = c.stats()
-    if recompute < 1e-3:  # 0.1 us per token: no store round trip is worth it
+    if recompute < 1e-3:
         assert req.storage_hit_tokens == 0
-        assert s["storage_declined_tokens"] == 6 * PAGE
         assert store.requests().get("read", 0) == 0  # nothing fetched
+        if queued:
+            assert s["storage_declined_tokens"] == 6 * PAGE
+        else:
+            assert s["storage_lookups_skipped"] == 1 and store.requests() == {}
     else:
         assert req.storage_hit_tokens == 6 * PAGE
-        assert s["storage_declined_tokens"] == 0
+        assert s["storage_declined_tokens"] == s["storage_lookups_skipped"] == 0
     c.release(req)
     c.check_invariants()
+    c.close()
+
+
+def test_skipped_lookups_still_run_now_and_then(tmp_path):
+    """Until a lookup was observed nothing is skipped (the priors must not keep the
+    estimates from being learnt); then one in eight lookups the cost model would skip
+    still runs (a store that was slow may have recovered)."""
+    c, _pools = _cache(FileBackend(tmp_path))
+    lk = c.l3.lookups
+    c.l3.observe_recompute(1000, 1e-4)  # recomputing is nearly free
+    assert all(lk.worth_looking(0, 4) for _ in range(20))  # no lookup observed yet
+    c.l3.costs.observe_lookup(8, 64, 0.0101, first_s=0.01)
+    runs = [lk.worth_looking(0, 4) for _ in range(24)]
+    assert runs == ([False] * 7 + [True]) * 3
     c.close()
 
 
@@ -182,6 +207,7 @@ def test_a_stalled_store_costs_at_most_the_lookup_bound(tmp_path):
     _write(tmp_path, toks)
     store = LatencyBackend(FileBackend(tmp_path), 2.0)  # every request stalls 2 s
     c, pools = _cache(store, lookup_timeout_s=0.1)
+    c.l3.observe_recompute(64, 10.0)  # recomputing is dear: the lookup is worth trying
     t0 = time.perf_counter()
     pools, req = _admit(c, pools, toks)
     waited = time.perf_counter() - t0
@@ -238,18 +264,34 @@ def test_a_queued_lookup_from_a_longer_match_is_not_used(tmp_path):
 
 def test_cost_model_estimates():
     m = CostModel(0.005, 1e9, 1e-4)
-    assert m.load_seconds(64, 0, 32) == pytest.approx(0.01)
-    m.observe_lookup(requests=40, in_flight=20, seconds=0.04)  # 2 rounds of 20 ms
+    assert m.load_seconds(64, 0, 32) == pytest.approx(0.01)  # 2 rounds of the prior latency
+    # a far store: 40 checks answered together after 20 ms
+    m.observe_lookup(requests=40, in_flight=64, seconds=0.0201, first_s=0.02)
     assert m.latency_s == pytest.approx(0.02)  # the first observation replaces the prior
-    m.observe_lookup(requests=10, in_flight=20, seconds=0.01)
-    assert m.latency_s == pytest.approx(0.02 + 0.3 * (0.01 - 0.02))
-    m.observe_fetch(objects=20, nbytes=10**6, in_flight=20, seconds=0.017 + 0.01)
-    assert m.bytes_per_s == pytest.approx(10**6 / 0.01)
-    m.observe_recompute(100, 0.05)
-    assert m.recompute_seconds(10) == pytest.approx(0.005)
-    for bad in (0, -1.0, float("nan"), True):
+    assert m.request_s == pytest.approx(0.0001 / 39)
+    m.observe_lookup(requests=10, in_flight=64, seconds=0.01, first_s=0.01)
+    assert m.latency_s == pytest.approx(0.015)  # the median of the observations
+    for _ in range(3):
+        m.observe_lookup(requests=10, in_flight=64, seconds=0.01, first_s=0.01)
+    m.observe_lookup(requests=10, in_flight=64, seconds=5.0, first_s=5.0)  # one stall
+    assert m.latency_s == pytest.approx(0.01)  # does not swing the estimate
+    # a store serving one request after another: 2 ms each, however many in flight
+    s = CostModel(0.005, 1e9, 1e-4)
+    s.observe_lookup(requests=50, in_flight=64, seconds=0.1, first_s=0.002)
+    assert s.latency_s == pytest.approx(0.002) and s.request_s == pytest.approx(0.098 / 49)
+    assert s.load_seconds(25, 0, 32) == pytest.approx(0.002 + 25 * 0.002, rel=0.01)
+    s.observe_fetch(objects=25, nbytes=10**6, in_flight=32, seconds=0.052 + 0.03)
+    assert s.bytes_per_s == pytest.approx(10**6 / 0.03, rel=0.01)  # after the requests
+    s.observe_fetch(objects=25, nbytes=10**6, in_flight=32, seconds=0.052 + 0.01)
+    # the transfer counts at least a quarter of the fetch; the median of 2 is their mean
+    assert s.bytes_per_s == pytest.approx((10**6 / 0.0155 + 10**6 / 0.03) / 2, rel=0.01)
+    s.observe_fetch(objects=25, nbytes=10**6, in_flight=32, seconds=0.052 + 0.03)
+    assert s.bytes_per_s == pytest.approx(10**6 / 0.03, rel=0.01)  # the median of 3
+    s.observe_recompute(100, 0.05)
+    assert s.recompute_seconds(10) == pytest.approx(0.005)
+    for tokens, seconds in ((0, 1.0), (10, -1.0), (10, float("nan")), (True, 1.0)):
         with pytest.raises(ValueError, match=r"seconds|tokens"):
-            m.observe_recompute(10 if bad is not True else bad, bad if bad is not True else 1.0)
+            s.observe_recompute(tokens, seconds)
 
 
 @pytest.mark.parametrize(

@@ -29,8 +29,11 @@ def model():
 
 
 def _loop(model, store) -> ServingLoop:
-    l3 = StorageConfig(
-        model_id="tiny", prefetch_threshold=PAGE, prefetch_policy=PrefetchPolicy.WAIT_COMPLETE
+    l3 = StorageConfig(  # the cost model off: these tests pin what is served, not when
+        model_id="tiny",
+        prefetch_threshold=PAGE,
+        prefetch_policy=PrefetchPolicy.WAIT_COMPLETE,
+        cost_model=False,
     )
     return ServingLoop.for_model(
         model, device_pages=8, write_policy=WritePolicy.WRITE_THROUGH, storage=l3, store=store

@@ -125,8 +125,9 @@ def probe(
             kinds.append(PageSpace.SWA)
     t0 = time.perf_counter()
     issued: list[int] = []
+    done: list[float] = []
     masks = backend.exists_batch(
-        queries, max_in_flight=in_flight, stop_at_absent=True, started=issued
+        queries, max_in_flight=in_flight, stop_at_absent=True, started=issued, finished=done
     )
     seconds = time.perf_counter() - t0
     full = np.ones(stop - first, bool)
@@ -140,8 +141,9 @@ def probe(
     if swa_pages:
         swa[np.asarray(swa_pages) - first] = swa_sub
     requests = issued[0]
-    if costs is not None:  # a backend running each check inline has one in flight
-        costs.observe_lookup(requests, in_flight if backend.concurrent else 1, seconds)
+    if costs is not None and done:  # a backend running checks inline has one in flight
+        eff = in_flight if backend.concurrent else 1
+        costs.observe_lookup(requests, eff, seconds, first_s=done[0] - t0)
     return Probe(first, stop, full, swa, frozenset(swa_pages), requests, seconds)
 
 
@@ -154,6 +156,7 @@ class _Early:
 
 
 _EARLY_MAX = 256  # queued lookups kept; the oldest are forgotten beyond this
+_EXPLORE = 8  # one in this many lookups the cost model would skip still runs
 
 
 class Lookups:
@@ -186,6 +189,7 @@ class Lookups:
             4, thread_name_prefix="jaxhicache-l3-lookup"
         )
         self._early: collections.OrderedDict[tuple, _Early] = collections.OrderedDict()
+        self._skips = 0  # lookups in a row the cost model would skip
 
     def start(self, key: np.ndarray, salt: bytes | None) -> bool:
         """Starts the lookup of a queued request's ``key`` (what admission will match)
@@ -213,7 +217,12 @@ class Lookups:
         lookup :meth:`start` queued for the key if it covers the pages."""
         stop = first + len(hashes)
         early = self._early.pop((salt, key[: stop * self._ps].tobytes()), None)
-        return self._agree(self._await(early, hashes, first, stop), hashes, first)
+        if early is None and not self.worth_looking(first, stop):
+            self._stats.storage_lookups_skipped += 1
+            got = Probe.nothing(first, stop)  # still agreed: every process takes the step
+        else:
+            got = self._await(early, hashes, first, stop)
+        return self._agree(got, hashes, first)
 
     def close(self) -> None:
         self._early.clear()
@@ -251,17 +260,50 @@ class Lookups:
             got = dataclasses.replace(got, first=first, full=got.full[cut:], swa=got.swa[cut:])
         return got
 
+    def _in_flight(self, n: int) -> int:
+        return n if self.backend.concurrent else 1  # inline operations: one at a time
+
+    def _fetch_seconds(self, first: int, end: int) -> float:
+        """Modelled time to fetch pages ``[first, end)`` and the window before ``end``."""
+        n, nw = end - first, min(self._w, end - first)
+        objects = sum(st.full[0] * n + st.swa[0] * nw for st in self.stages)
+        nbytes = sum(st.full[1] * n + st.swa[1] * nw for st in self.stages)
+        return self.costs.load_seconds(
+            objects, nbytes, self._in_flight(self.config.fetch_in_flight)
+        )
+
     def worth(self, first: int, end: int) -> bool:
         """Whether loading pages ``[first, end)`` (and the window before ``end``) is
         cheaper than recomputing them, by this process's estimates."""
         if not self.config.cost_model or end <= first:
             return True
-        n, nw = end - first, min(self._w, end - first)
-        objects = sum(st.full[0] * n + st.swa[0] * nw for st in self.stages)
-        nbytes = sum(st.full[1] * n + st.swa[1] * nw for st in self.stages)
-        in_flight = self.config.fetch_in_flight if self.backend.concurrent else 1
-        load = self.costs.load_seconds(objects, nbytes, in_flight)
-        return load <= self.costs.recompute_seconds(n * self._ps)
+        return self._fetch_seconds(first, end) <= self.costs.recompute_seconds(
+            (end - first) * self._ps
+        )
+
+    def worth_looking(self, first: int, stop: int) -> bool:
+        """Whether even a hit of every page ``[first, stop)`` would save more than the
+        lookup and the fetch cost (else the lookup is skipped: a miss for nothing).
+
+        Always true until a lookup was observed (the priors decide nothing that would
+        keep the estimates from being learnt), and for every ``_EXPLORE``-th lookup in
+        a row that would be skipped (a store that was slow may have recovered)."""
+        if not self.config.cost_model or not self.costs.observed["latency"]:
+            return True
+        self._skips += 1
+        if self._skips % _EXPLORE == 0:
+            return True
+        k, every = self.config.swa_checkpoint_every, self.config.lookup_all_windows
+        windows = len(window_pages(first, stop, self._w, k, every))
+        checks = sum(
+            (st.full[0] > 0) * (stop - first) + (st.swa[0] > 0) * windows for st in self.stages
+        )
+        lookup = self.costs.load_seconds(checks, 0, self._in_flight(self.config.lookup_in_flight))
+        save = self.costs.recompute_seconds((stop - first) * self._ps)
+        if lookup + self._fetch_seconds(first, stop) < save:
+            self._skips = 0
+            return True
+        return False
 
     def _agree(self, got: Probe, hashes: Sequence[str], first: int) -> int:
         """The largest ``e`` such that on every process's stages the full-space objects

@@ -46,6 +46,7 @@ class CacheStats:
     storage_lookups: int = 0  # L3 lookups an admission waited for (or found done)
     storage_early_lookups: int = 0  # lookups started when their request was queued
     storage_lookup_timeouts: int = 0  # lookups not back within lookup_timeout_s: misses
+    storage_lookups_skipped: int = 0  # not even a whole hit would repay the lookup: misses
     storage_lookup_seconds: float = 0.0  # admission time spent waiting for lookups
     storage_declined_tokens: int = 0  # L3 hit tokens recomputed: cheaper than loading
     divergence_checks: int = 0  # cross-process digest comparisons (check_every)

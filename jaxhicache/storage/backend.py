@@ -160,6 +160,7 @@ class StorageBackend(abc.ABC):
         max_in_flight: int | None = None,
         stop_at_absent: bool = False,
         started: list[int] | None = None,
+        finished: list[float] | None = None,
     ) -> list[np.ndarray]:
         """The existence checks of several (namespace, space, pages) queries in ONE pipeline.
 
@@ -172,7 +173,8 @@ class StorageBackend(abc.ABC):
         are not started (their pages read ``False``). Returns one bool mask per query
         (``True``: every object of the page is present). An I/O error is an absent
         page plus ``read_errors_total``. ``started``: the number of checks issued is
-        appended to it.
+        appended to it; ``finished``: the ``time.perf_counter()`` at which each issued
+        check's answer was taken, in order.
         """
         queries = [ExistsQuery(*q) for q in queries]
         items: list[tuple[int, int, int, str]] = []  # (page index, query, position, key)
@@ -212,6 +214,8 @@ class StorageBackend(abc.ABC):
             except Exception:
                 errors += 1
                 ok = False
+            if finished is not None:
+                finished.append(time.perf_counter())
             if not ok:
                 masks[qi][i] = False
                 if queries[qi].prefix:
