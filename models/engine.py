@@ -4,11 +4,13 @@ Shaped like the reference system's scheduler, small enough to read. The engine
 owns the device pools, an HCA scratch slab with one slot per request in flight,
 a waiting queue and a running batch. One :meth:`Engine.step`::
 
-    admission   waiting requests in order, while slots and the prefill token budget
-       │        last: cache.admit(prompt, reserve) — prefix matched, locked, loads
-       │        merged; at most one request is mid-prefill (a long prompt is cut into
-       │        chunks over several steps); a request that does not fit waits
-    prefill     ONE forward for this step's chunks (rows [B, chunk], B bucketed);
+    admission   a request mid-prefill takes its share of the prefill token budget
+       │        first; then waiting requests in order, while slots and budget last:
+       │        cache.admit(prompt, reserve) — prefix matched, locked, loads merged;
+       │        the last one may be cut short (at most one request is mid-prefill);
+       │        a request that does not fit waits
+    prefill     ONE forward for this step's pieces (rows [B, T], B bucketed, T the
+       │        chunk or the budget);
        │        the admission's layer-wise load rides on it; after it:
        │        cache.insert(new whole pages) for every row, first tokens sampled
     grow        running requests whose next position has no page: cache.extend, all
@@ -56,10 +58,13 @@ class EngineConfig:
     Attributes:
       max_running: requests in flight at once (prefilling + decoding); the scratch
         slab has this many slots and the decode batch is at most this.
-      chunk_size: prefill chunk length (the prefill program's ``T``; default: the
-        page size, so each chunk inserts whole pages).
+      chunk_size: the short prefill length (default: the page size): a step whose
+        rows each need at most this many tokens runs the prefill program with
+        ``T = chunk_size``, any other with ``T = prefill_tokens`` (two compiled
+        lengths, so short prompts are not padded to the budget).
       prefill_tokens: prefill token budget per step (a multiple of ``chunk_size``;
-        default ``4 * chunk_size``): at most that many prompt tokens per step.
+        default ``4 * chunk_size``): at most that many prompt tokens per step; a
+        longer prompt is cut into pieces of at most this over several steps.
       decode_reserve: decode tokens a request gets pages for at admission (more come
         from ``extend`` as it decodes; default 1).
       min_table_pages: smallest page-table bucket.
@@ -260,30 +265,30 @@ class Engine:
     def _admit(self) -> tuple[list[tuple[_Req, int]], object]:
         """This step's prefill rows ``(request, tokens)`` and the admission's load.
 
-        Requests still prefilling get their next chunk first. New requests are
-        admitted only when every one of those finishes its prompt in this step, in
-        order, while slots and the token budget last, and admission stops after a
-        request that needs more than one chunk: at most one request is mid-prefill.
+        The step's prompt tokens are capped by ``prefill_tokens``. A request still
+        prefilling takes what it needs of it first; new requests are admitted, in
+        order and while scratch slots last, only while budget is left, and the last
+        one may be cut short: at most one request is ever mid-prefill.
         """
         rows: list[tuple[_Req, int]] = []
         budget = self.budget
-        open_after = False
+        cut = False  # a request's prompt does not end in this step
         for r in self.running:
-            if r.phase is Phase.PREFILL and budget >= self.chunk:
-                n = min(self.chunk, r.cache_req.prompt.size - r.computed)
-                rows.append((r, n))
-                budget -= self.chunk
-                open_after |= r.computed + n < r.cache_req.prompt.size
-            elif r.phase is Phase.PREFILL:
-                open_after = True
+            if r.phase is Phase.PREFILL:
+                rest = r.cache_req.prompt.size - r.computed
+                n = min(rest, budget)
+                if n:
+                    rows.append((r, n))
+                budget -= n
+                cut |= n < rest
         todo: list[_Req] = []
-        while self.waiting and budget >= self.chunk and not open_after:
-            if len(todo) >= len(self._free_slots):
-                break
+        left = budget
+        while self.waiting and left > 0 and not cut and len(todo) < len(self._free_slots):
             r = self.waiting.popleft()
             todo.append(r)
-            budget -= self.chunk
-            open_after = r.seq.size - self._expected_cached(r) > self.chunk
+            rest = r.seq.size - self._expected_cached(r)
+            cut = rest > left
+            left -= min(rest, left)
         if not todo:
             return rows, None
         reserve = [min(r.max_new - len(r.generated), 1 + self.config.decode_reserve) for r in todo]
@@ -308,7 +313,10 @@ class Engine:
             if not r.retractions:
                 r.hits = (req.device_hit_tokens, req.host_hit_tokens, req.storage_hit_tokens)
             self.running.append(r)
-            rows.append((r, min(self.chunk, req.prompt.size - r.computed)))
+            n = min(req.prompt.size - r.computed, budget)  # the estimate may have been short
+            if n:
+                rows.append((r, n))
+            budget -= n
         return rows, batch.layerwise
 
     def _expected_cached(self, r: _Req) -> int:
@@ -319,7 +327,8 @@ class Engine:
         width = bucket_pages(
             max(r.cache_req.num_pages for r, _ in rows), self.config.min_table_pages
         )
-        tokens = np.zeros((b, self.chunk), np.int32)
+        t_len = self.chunk if max(n for _, n in rows) <= self.chunk else self.budget
+        tokens = np.zeros((b, t_len), np.int32)  # two compiled lengths: a chunk, the budget
         starts, n_valid = np.zeros(b, np.int32), np.zeros(b, np.int32)
         for i, (r, n) in enumerate(rows):
             tokens[i, :n] = r.cache_req.prompt[r.computed : r.computed + n]
