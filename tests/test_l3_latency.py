@@ -121,7 +121,7 @@ def test_checkpoints_window_end_costs_at_most_one_more_round_trip(tmp_path, k, p
 
 @pytest.mark.parametrize("lacking", [False, True], ids=["complete", "end_window_lacking"])
 def test_end_window_lookups_trade_a_round_trip_for_half_the_checks(tmp_path, lacking):
-    """``lookup_all_windows=False``: the full-space checks and the last page's window
+    """``lookup_windows="end"``: the full-space checks and the last page's window
     first, then the hit end's window (2 round trips, about half the checks); if that
     window is incomplete on a stage, the checkpoints below it (a 3rd round trip)."""
     from jaxhicache.layer_map import build_layer_maps
@@ -136,7 +136,7 @@ def test_end_window_lookups_trade_a_round_trip_for_half_the_checks(tmp_path, lac
         (tmp_path / object_key(ns, PageSpace.SWA, h)).unlink()
     longer = np.concatenate([stored[:-1], _tokens(9, 4)])  # 14 pages, 10 of them stored
     store = LatencyBackend(FileBackend(tmp_path), 0.005)
-    c, pools = _cache(store, cost_model=False, lookup_all_windows=False)
+    c, pools = _cache(store, cost_model=False, lookup_windows="end")
     store.reset_round_trips()
     pools, req = _admit(c, pools, longer)
     assert req.storage_hit_tokens == (9 if lacking else 10) * PAGE
@@ -144,6 +144,22 @@ def test_end_window_lookups_trade_a_round_trip_for_half_the_checks(tmp_path, lac
     # 2 stages x 14 full + the windows of pages 14 and 10 (and 1..9 when lacking)
     assert store.requests()["stat"] == 2 * 14 + 2 + 2 + (2 * 9 if lacking else 0)
     c.release(req)
+    c.close()
+
+
+def test_auto_windows_follow_the_store_model(tmp_path):
+    """``lookup_windows="auto"``: every window up front (one round trip) for a store that
+    answers many requests at once; the hit end's only for one that serves requests one
+    after another (the extra checks would cost more than the round trip they save)."""
+    c, _pools = _cache(FileBackend(tmp_path))
+    lk = c.l3.lookups
+    assert lk._all_windows(0, 20)  # nothing observed: one round trip
+    lk.costs.observe_lookup(40, 64, 0.0201, first_s=0.02)  # far away, all at once
+    assert lk._all_windows(0, 20)
+    serial = CostModel(0.005, 1e9, 1e-4)
+    serial.observe_lookup(40, 64, 0.08, first_s=0.002)  # 2 ms per request, serialized
+    lk.costs = serial
+    assert not lk._all_windows(0, 20)
     c.close()
 
 
@@ -304,6 +320,7 @@ def test_cost_model_estimates():
         ("store_bytes_per_s", float("inf")),
         ("recompute_s_per_token", 0),
         ("cost_model", 1),
+        ("lookup_windows", "some"),
     ],
 )
 def test_storage_config_rejects_bad_knobs(field, value):

@@ -39,12 +39,14 @@ class StorageConfig:
       fetch_in_flight: objects read at once by one prefetch, over all its stages and
         page spaces (cover the store's latency: a store answering in ``L`` seconds at
         ``B`` bytes/s wants about ``L * B / object bytes`` in flight).
-      lookup_all_windows: check, in a lookup's one batch, the SWA window of every
-        checkpoint (with ``swa_checkpoint_every=1``: every page) so a hit ending anywhere
-        costs one round trip. ``False``: only the last page's window up front, the hit
-        end's window in a second round trip (and the checkpoints below it in a third if
-        that one is incomplete): about half the requests, for stores that charge per
-        request or serve requests one after another.
+      lookup_windows: which SWA windows a lookup's one batch checks. ``"all"``: the
+        window of every checkpoint (with ``swa_checkpoint_every=1``: every page), so a
+        hit ending anywhere costs one round trip. ``"end"``: the last page's only; the
+        hit end's window costs a second round trip (the checkpoints below it a third
+        if that one is incomplete), for about half the requests. ``"auto"``
+        (default): ``"all"`` unless the cost model's estimates say the extra checks
+        take the store longer than a round trip (a store serving requests one after
+        another).
       lookup_timeout_s: the most a lookup may delay an admission; a lookup not back
         by then is a miss (a stalled store costs at most this).
       cost_model: fetch only the part of a hit that the running estimates say is
@@ -65,7 +67,7 @@ class StorageConfig:
     backup: bool = True
     lookup_in_flight: int = 128
     fetch_in_flight: int = 32
-    lookup_all_windows: bool = True
+    lookup_windows: str = "auto"
     lookup_timeout_s: float = 1.0
     cost_model: bool = True
     store_latency_s: float = 0.005
@@ -111,7 +113,12 @@ class StorageConfig:
                     f"StorageConfig.{name} must be a finite number {'>' if positive else '>='} 0, "
                     f"got {v!r}"
                 )
-        for name in ("backup", "cost_model", "lookup_all_windows"):
+        if self.lookup_windows not in ("auto", "all", "end"):
+            raise ValueError(
+                "StorageConfig.lookup_windows must be 'auto', 'all' or 'end', "
+                f"got {self.lookup_windows!r}"
+            )
+        for name in ("backup", "cost_model"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(
                     f"StorageConfig.{name} must be a bool, got {getattr(self, name)!r}"

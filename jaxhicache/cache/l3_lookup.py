@@ -63,15 +63,14 @@ class Probe:
     checked: frozenset[int]
     requests: int = 0
     seconds: float = 0.0
-    timed_out: bool = False
+    final: bool = False  # the lookup gave up (timed out, skipped): look no further
 
     @classmethod
-    def nothing(cls, first: int, stop: int, *, timed_out: bool = False) -> Probe:
-        """A lookup that found nothing (or did not answer in time)."""
+    def nothing(cls, first: int, stop: int) -> Probe:
+        """A lookup that found nothing and looks no further (not answered in time, or
+        skipped)."""
         n = max(stop - first, 0)
-        return cls(
-            first, stop, np.zeros(n, bool), np.zeros(n, bool), frozenset(), 0, 0.0, timed_out
-        )
+        return cls(first, stop, np.zeros(n, bool), np.zeros(n, bool), frozenset(), final=True)
 
     def present_prefix(self) -> int:
         """Consecutive pages from ``first`` with their full-space objects on every stage."""
@@ -216,13 +215,17 @@ class Lookups:
         (``hashes[i]``: page ``first + i``); ``first`` when there is none. Uses the
         lookup :meth:`start` queued for the key if it covers the pages."""
         stop = first + len(hashes)
+        t0 = time.perf_counter()
+        deadline = t0 + self.config.lookup_timeout_s
         early = self._early.pop((salt, key[: stop * self._ps].tobytes()), None)
         if early is None and not self.worth_looking(first, stop):
             self._stats.storage_lookups_skipped += 1
             got = Probe.nothing(first, stop)  # still agreed: every process takes the step
         else:
-            got = self._await(early, hashes, first, stop)
-        return self._agree(got, hashes, first)
+            got = self._await(early, hashes, first, stop, deadline)
+        end = self._agree(got, hashes, first, deadline)
+        self._stats.storage_lookup_seconds += time.perf_counter() - t0
+        return end
 
     def close(self) -> None:
         self._early.clear()
@@ -231,13 +234,13 @@ class Lookups:
     # ---------------------------------------------------------------- internals
     def _probe(self, hashes: Sequence[str], first: int, stop: int) -> Probe:
         """Lookup thread: one batch of every existence check of pages ``[first, stop)``."""
-        k, every = self.config.swa_checkpoint_every, self.config.lookup_all_windows
-        swa = window_pages(first, stop, self._w, k, every)
+        k = self.config.swa_checkpoint_every
+        swa = window_pages(first, stop, self._w, k, self._all_windows(first, stop))
         return probe(
             self.backend, self.stages, hashes, first, swa, self.config.lookup_in_flight, self.costs
         )
 
-    def _await(self, early: _Early | None, hashes, first: int, stop: int) -> Probe:
+    def _await(self, early: _Early | None, hashes, first: int, stop: int, deadline: float) -> Probe:
         """The local lookup of pages ``[first, stop)``: the queued one if it covers them,
         else a fresh one; waited for at most ``lookup_timeout_s`` (then: nothing found)."""
         if early is None or early.first > first:  # the tree lost pages since it was queued
@@ -246,15 +249,14 @@ class Lookups:
             fut = early.future
         t0 = time.perf_counter()
         try:
-            got = fut.result(timeout=self.config.lookup_timeout_s)
+            got = fut.result(timeout=max(deadline - t0, 0.0))
         except concurrent.futures.TimeoutError:
-            got = Probe.nothing(first, stop, timed_out=True)
+            got = Probe.nothing(first, stop)
             self._stats.storage_lookup_timeouts += 1
         except Exception:  # a backend bug: counted, a miss
             got = Probe.nothing(first, stop)
             self._stats.storage_read_failures += 1
         self._stats.storage_lookups += 1
-        self._stats.storage_lookup_seconds += time.perf_counter() - t0
         if got.first < first:  # queued from a shorter match: keep our pages only
             cut = first - got.first
             got = dataclasses.replace(got, first=first, full=got.full[cut:], swa=got.swa[cut:])
@@ -281,6 +283,19 @@ class Lookups:
             (end - first) * self._ps
         )
 
+    def _all_windows(self, first: int, stop: int) -> bool:
+        """Whether a lookup checks every checkpoint's window up front (``lookup_windows``;
+        ``"auto"``: unless the extra checks would take the store longer than the round
+        trip they save). A local choice: the agreement does not depend on it."""
+        mode = self.config.lookup_windows
+        if mode != "auto" or not self.costs.observed["request"]:
+            return mode != "end"
+        k, w = self.config.swa_checkpoint_every, self._w
+        extra = len(window_pages(first, stop, w, k)) - len(window_pages(first, stop, w, k, False))
+        stages = sum(st.swa[0] > 0 for st in self.stages)
+        snap = self.costs.snapshot()
+        return snap["request_s"] * extra * stages <= snap["latency_s"]
+
     def worth_looking(self, first: int, stop: int) -> bool:
         """Whether even a hit of every page ``[first, stop)`` would save more than the
         lookup and the fetch cost (else the lookup is skipped: a miss for nothing).
@@ -293,8 +308,8 @@ class Lookups:
         self._skips += 1
         if self._skips % _EXPLORE == 0:
             return True
-        k, every = self.config.swa_checkpoint_every, self.config.lookup_all_windows
-        windows = len(window_pages(first, stop, self._w, k, every))
+        k = self.config.swa_checkpoint_every
+        windows = len(window_pages(first, stop, self._w, k, self._all_windows(first, stop)))
         checks = sum(
             (st.full[0] > 0) * (stop - first) + (st.swa[0] > 0) * windows for st in self.stages
         )
@@ -305,17 +320,18 @@ class Lookups:
             return True
         return False
 
-    def _agree(self, got: Probe, hashes: Sequence[str], first: int) -> int:
+    def _agree(self, got: Probe, hashes: Sequence[str], first: int, deadline: float) -> int:
         """The largest ``e`` such that on every process's stages the full-space objects
         of ``[first, e)`` and the SWA objects of the window before ``e`` are present and
         loading is cheaper than recomputing (``first``: none).
 
         One MIN collective over ``[consecutive pages present, per candidate end: window
-        present, per candidate end: worth loading]`` for the windows the batch checked.
-        Windows it did not check (see :func:`window_pages`) are checked and agreed in
-        later steps that every process takes alike (they follow from agreed values):
-        the window of the hit's own end ``first + n`` (``n`` the agreed consecutive
-        pages), then, if that one is incomplete, those of the checkpoints below it.
+        present, per candidate end: worth loading]`` for the windows this process's
+        batch checked. The windows of the hit's own end ``first + n`` (``n`` the agreed
+        consecutive pages) and then of the checkpoints below it, where no complete one
+        was agreed yet, are agreed in later steps every process takes alike (they
+        follow from agreed values only); a process answers them from its batch where it
+        checked those windows, else with one more batch (until ``deadline``).
         """
         w, k = self._w, self.config.swa_checkpoint_every
         n_local = got.present_prefix()
@@ -329,17 +345,12 @@ class Lookups:
         )
         best = max((e for e, v in zip(ends, agreed[1 + m :], strict=True) if v), default=first)
         end = first + int(agreed[0])
-        checked = set(window_pages(first, got.stop, w, k, self.config.lookup_all_windows))
         steps = [[end], [e for e in range(end - 1, first + w - 1, -1) if e % k == 0]]
         for step in steps if w else ():
-            todo = [
-                e for e in step if e > best_valid and e - first >= w
-                and not set(range(e - w, e)) <= checked
-            ]  # fmt: skip
+            todo = [e for e in step if e > best_valid and e - first >= w]
             if not todo:
                 continue
-            here = self._windows(hashes, first, todo)
-            checked |= {p for e in todo for p in range(e - w, e)}
+            here = self._windows(got, hashes, first, todo, deadline)
             cheap = [h and self.worth(first, e) for h, e in zip(here, todo, strict=True)]
             ok = self.agreement.min([*here, *cheap])
             best_valid = max([best_valid, *(e for e, v in zip(todo, ok, strict=False) if v)])
@@ -347,23 +358,29 @@ class Lookups:
         self._stats.storage_declined_tokens += max(best_valid - best, 0) * self._ps
         return best
 
-    def _windows(self, hashes: Sequence[str], first: int, ends: Sequence[int]) -> list[bool]:
-        """Per end: whether the SWA objects of its window are on every local stage (one
-        batch; all ``False`` if it does not answer within ``lookup_timeout_s``)."""
+    def _windows(
+        self, got: Probe, hashes: Sequence[str], first: int, ends: Sequence[int], deadline: float
+    ) -> list[bool]:
+        """Per end: whether the SWA objects of its window are on every local stage: from
+        ``got`` where it checked them, else from one more batch (``False`` when the
+        lookup gave up, or the batch does not answer before ``deadline``)."""
         w = self._w
-        pages = sorted({p for e in ends for p in range(max(e - w, first), e)})
-        stages = [dataclasses.replace(st, full=(0, 0)) for st in self.stages]
-        sub = [hashes[p - first] for p in pages]
-        args = (self.backend, stages, sub, first, self.config.lookup_in_flight)
-        try:
-            fut = self._pool.submit(_probe_pages, *args, pages)
-            got = fut.result(timeout=self.config.lookup_timeout_s)
-            return [got.window_present(e, w) for e in ends]
-        except concurrent.futures.TimeoutError:
-            self._stats.storage_lookup_timeouts += 1
-        except Exception:  # a backend bug: counted, a miss
-            self._stats.storage_read_failures += 1
-        return [False] * len(ends)
+        known = {e for e in ends if all(p in got.checked for p in range(e - w, e))}
+        ask = [e for e in ends if e not in known]
+        pages = sorted({p for e in ask for p in range(max(e - w, first), e)})
+        remaining = deadline - time.perf_counter()
+        if pages and not got.final and remaining > 0:
+            stages = [dataclasses.replace(st, full=(0, 0)) for st in self.stages]
+            sub = [hashes[p - first] for p in pages]
+            args = (self.backend, stages, sub, first, self.config.lookup_in_flight, pages)
+            try:
+                more = self._pool.submit(_probe_pages, *args).result(timeout=remaining)
+                return [(got if e in known else more).window_present(e, w) for e in ends]
+            except concurrent.futures.TimeoutError:
+                self._stats.storage_lookup_timeouts += 1
+            except Exception:  # a backend bug: counted, a miss
+                self._stats.storage_read_failures += 1
+        return [e in known and got.window_present(e, w) for e in ends]
 
 
 def _probe_pages(backend, stages, sub_hashes, first, in_flight, pages) -> Probe:
