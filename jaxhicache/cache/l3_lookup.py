@@ -233,12 +233,26 @@ class Lookups:
 
     # ---------------------------------------------------------------- internals
     def _probe(self, hashes: Sequence[str], first: int, stop: int) -> Probe:
-        """Lookup thread: one batch of every existence check of pages ``[first, stop)``."""
-        k = self.config.swa_checkpoint_every
-        swa = window_pages(first, stop, self._w, k, self._all_windows(first, stop))
-        return probe(
+        """Lookup thread: one batch of every existence check of pages ``[first, stop)``;
+        then, if that batch did not check the window of the end of the pages present
+        here, one more for it (so a queued lookup has it by admission)."""
+        k, w = self.config.swa_checkpoint_every, self._w
+        swa = window_pages(first, stop, w, k, self._all_windows(first, stop))
+        got = probe(
             self.backend, self.stages, hashes, first, swa, self.config.lookup_in_flight, self.costs
         )
+        end = first + got.present_prefix()
+        pages = [p for p in range(end - w, end) if p not in got.checked]
+        if w and end - first >= w and pages:
+            stages = [dataclasses.replace(st, full=(0, 0)) for st in self.stages]
+            sub = [hashes[p - first] for p in pages]
+            more = _probe_pages(
+                self.backend, stages, sub, first, self.config.lookup_in_flight, pages
+            )
+            got.swa[np.asarray(pages) - first] = more.swa[np.asarray(pages) - first]
+            got.checked = got.checked | more.checked
+            got.requests += more.requests
+        return got
 
     def _await(self, early: _Early | None, hashes, first: int, stop: int, deadline: float) -> Probe:
         """The local lookup of pages ``[first, stop)``: the queued one if it covers them,
