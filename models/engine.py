@@ -195,6 +195,8 @@ class Engine:
         self._next += 1
         self._all[r.rid] = r
         self.waiting.append(r)
+        if self.config.use_cache:
+            self.cache.prefetch(prompt, salt=salt)  # L3 lookup off the critical path
         return r.rid
 
     def abort(self, rid: int) -> None:
@@ -333,8 +335,11 @@ class Engine:
         for i, (r, n) in enumerate(rows):
             tokens[i, :n] = r.cache_req.prompt[r.computed : r.computed + n]
             starts[i], n_valid[i] = r.computed, n
+        t0 = time.perf_counter()
         logits = self._forward([r for r, _ in rows], b, width, tokens, starts, n_valid, load)
         t = time.perf_counter()
+        if self.config.use_cache:  # the L3 cost model's recompute estimate
+            self.cache.observe_prefill(int(n_valid.sum()), t - t0)
         inserts = []
         for i, (r, n) in enumerate(rows):
             r.computed += n

@@ -295,3 +295,32 @@ def test_backed_up_reports_per_request_save_completion(policy):
     if policy is WritePolicy.WRITE_BACK:
         assert c.evict(pools, 3) == 3  # write-back: backed up, then demoted
         assert c.backed_up(a)
+
+
+def test_prefetch_starts_a_queued_requests_l3_lookup(tmp_path):
+    from jaxhicache.cache import StorageConfig
+    from jaxhicache.storage import FileBackend
+
+    c, pools = _cache()
+    assert c.prefetch(_tokens(50, 3 * PAGE + 1)) is False  # no L3 tier: nothing to start
+    c.observe_prefill(16, 0.01)  # a no-op without L3
+    storage = StorageConfig(model_id="inflight", prefetch_threshold=PAGE, cost_model=False)
+    cfg = HiCacheConfig(device_pages=16, host_pages=32, storage=storage)
+    c = HiCache(SPEC, make_mesh(2, 1), cfg, store=FileBackend(tmp_path))
+    pools = c.new_device_pools()
+    toks = _tokens(51, 3 * PAGE + 1)
+    pools, batch = c.admit(pools, [toks])
+    pools = _stamp(pools, batch.requests[0], 0, 4, 1.0)
+    c.insert(pools, batch.requests, [toks])
+    c.release(batch.requests)
+    c.poll(wait=True)
+    c.l3.finish_writes()
+    c.evict(pools, 16)
+    c.evict_host(32)
+    assert c.lookup(toks).matched_len == 0
+    assert c.prefetch(toks) is True  # queued: its lookup runs before admission
+    c.observe_prefill(16, 0.01)
+    pools, batch = c.admit(pools, [toks])
+    assert batch.requests[0].storage_hit_tokens == 3 * PAGE
+    c.release(batch.requests)
+    c.close()

@@ -20,13 +20,14 @@ to): see ``cache/README.md``, *Admission*.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, final
 
 import numpy as np
 
 from jaxhicache.cache.eviction import Evictor
 from jaxhicache.cache.ledger import PageLedger
-from jaxhicache.cache.requests import LoadParts, Request
+from jaxhicache.cache.requests import LoadParts, Request, check_tokens
 from jaxhicache.cache.stats import CacheStats
 from jaxhicache.pools.allocator import OutOfPages
 from jaxhicache.spec import PageSpace
@@ -35,9 +36,32 @@ from jaxhicache.tree import RadixTree, TreeNode, should_backup_on_hit
 if TYPE_CHECKING:
     from jaxhicache.cache.l3 import StorageTier
 
-__all__ = ["Admission"]
+__all__ = ["Admission", "check_admission"]
 
 _EMPTY = np.zeros(0, np.int32)
+
+
+def check_admission(prompts, max_new_tokens, salts) -> tuple[list, list, list]:
+    """``admit``'s arguments as per-request lists; ``ValueError`` naming a bad one."""
+    if isinstance(prompts, np.ndarray) and prompts.ndim == 1:
+        raise ValueError("prompts must be a sequence of token sequences, got one 1-D array")
+    prompts = [check_tokens(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
+    if isinstance(max_new_tokens, Sequence):
+        new = list(max_new_tokens)
+        if len(new) != len(prompts):
+            raise ValueError(f"{len(new)} max_new_tokens values for {len(prompts)} prompts")
+    else:
+        new = [max_new_tokens] * len(prompts)
+    for i, n in enumerate(new):
+        if type(n) is bool or not isinstance(n, int | np.integer) or n < 1:
+            raise ValueError(f"max_new_tokens[{i}] must be an int >= 1, got {n!r}")
+    salts = [None] * len(prompts) if salts is None else list(salts)
+    if len(salts) != len(prompts):
+        raise ValueError(f"{len(salts)} salts for {len(prompts)} prompts")
+    for i, salt in enumerate(salts):
+        if salt is not None and (not isinstance(salt, str | bytes) or not salt):
+            raise ValueError(f"salts[{i}] must be a non-empty str or bytes, got {salt!r}")
+    return prompts, new, salts
 
 
 @final

@@ -47,7 +47,7 @@ from typing import final
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxhicache.cache.admission import Admission
+from jaxhicache.cache.admission import Admission, check_admission
 from jaxhicache.cache.backups import Backups
 from jaxhicache.cache.config import HiCacheConfig
 from jaxhicache.cache.eviction import Evictor
@@ -213,6 +213,21 @@ class HiCache:
         key = check_tokens(tokens, "tokens", allow_empty=True)
         return self.tree.match_prefix(key, salt=salt, touch=False)
 
+    def prefetch(self, tokens, *, salt=None) -> bool:
+        """Starts the L3 lookup of a request that is queued, not yet admitted, so its
+        admission finds the answer instead of waiting for the store. Returns whether a
+        lookup started (``False`` without an L3 tier, or when the tree holds nearly
+        all of it)."""
+        if self.l3 is None:
+            return False
+        return self.l3.start_lookup(check_tokens(tokens, "tokens")[:-1], salt)
+
+    def observe_prefill(self, tokens: int, seconds: float) -> None:
+        """Feeds the L3 cost model one measurement: prefilling ``tokens`` took
+        ``seconds`` (it fetches only what is cheaper to load than to recompute)."""
+        if self.l3 is not None:
+            self.l3.observe_recompute(tokens, seconds)
+
     def backed_up(self, request: Request) -> bool:
         """Whether every page ``request`` inserted has its host copy recorded (its
         write-through backups landed and a poll point recorded them): the per-request
@@ -254,24 +269,7 @@ class HiCache:
         is counted. Raises :class:`OutOfPages` when not even the first request fits.
         """
         self._check_pools(pools)
-        if isinstance(prompts, np.ndarray) and prompts.ndim == 1:
-            raise ValueError("prompts must be a sequence of token sequences, got one 1-D array")
-        prompts = [check_tokens(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
-        if isinstance(max_new_tokens, Sequence):
-            new = list(max_new_tokens)
-            if len(new) != len(prompts):
-                raise ValueError(f"{len(new)} max_new_tokens values for {len(prompts)} prompts")
-        else:
-            new = [max_new_tokens] * len(prompts)
-        for i, n in enumerate(new):
-            if type(n) is bool or not isinstance(n, int | np.integer) or n < 1:
-                raise ValueError(f"max_new_tokens[{i}] must be an int >= 1, got {n!r}")
-        salts = [None] * len(prompts) if salts is None else list(salts)
-        if len(salts) != len(prompts):
-            raise ValueError(f"{len(salts)} salts for {len(prompts)} prompts")
-        for i, salt in enumerate(salts):
-            if salt is not None and (not isinstance(salt, str | bytes) or not salt):
-                raise ValueError(f"salts[{i}] must be a non-empty str or bytes, got {salt!r}")
+        prompts, new, salts = check_admission(prompts, max_new_tokens, salts)
         self._poll()
         admitted: list[Request] = []
         deferred: list[int] = []
