@@ -67,7 +67,7 @@ def main(argv=None) -> dict:
 
     import jax
 
-    jax.config.update("jax_num_cpu_devices", 8)
+    jax.config.update("jax_num_cpu_devices", max(args.pp, 1))
     from jaxhicache.cache import PrefetchPolicy, StorageConfig, WritePolicy
     from jaxhicache.mesh import make_mesh
     from jaxhicache.storage.latency import LatencyBackend
@@ -95,8 +95,8 @@ def main(argv=None) -> dict:
             )
             loop = ServingLoop.for_model(
                 model,
-                device_pages=4 * args.pages,
-                host_pages=4 * args.pages,
+                device_pages=args.pages + 4,
+                host_pages=2 * args.pages,
                 write_policy=WritePolicy.WRITE_THROUGH,
                 storage=storage,
                 store=store,
