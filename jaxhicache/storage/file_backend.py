@@ -153,6 +153,7 @@ class FileBackend(StorageBackend):
         self._pool = ThreadPoolExecutor(io_threads, "jaxhicache-l3") if io_threads else None
         self._buffers = _Buffers()
         self._tmp_ids = itertools.count()
+        self._dirs: set[str] = set()  # object directories known to exist
 
     def __repr__(self) -> str:
         return f"FileBackend({self.root!r}, layout={self.object_layout.value})"
@@ -303,9 +304,12 @@ class FileBackend(StorageBackend):
     def _write(self, path: str, bufs: list[memoryview]) -> None:
         d = os.path.dirname(path)
         tmp = f"{path}.{os.getpid()}-{threading.get_ident()}-{next(self._tmp_ids)}.tmp"
+        if d not in self._dirs:  # a fan-out directory first met: make it (no failed open)
+            os.makedirs(d, exist_ok=True)
+            self._dirs.add(d)
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        except FileNotFoundError:
+        except FileNotFoundError:  # removed since (clear): make it again
             os.makedirs(d, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
@@ -344,6 +348,7 @@ class FileBackend(StorageBackend):
 
     def _clear(self, prefix: str) -> None:
         target = self._path(prefix.rstrip("/"))
+        self._dirs.clear()
         if os.path.isdir(target):
             shutil.rmtree(target)
 
