@@ -201,6 +201,8 @@ class ServingLoop:
         self.pools, prefill_logits, step_logits, generated, ttft, decode = self._generate(
             self.pools, tokens, p, full, swa, req.max_new_tokens, t0, load=load
         )
+        if tokens.size > p:  # the L3 cost model's recompute estimate
+            cache.observe_prefill(int(tokens.size - p), ttft)
         computed = np.concatenate([tokens, generated[:-1]])
         cache.insert(self.pools, req, computed)
         cache.release(req)

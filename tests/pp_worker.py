@@ -145,6 +145,7 @@ def main(pp: int, out: Path, mode: str) -> int:
                 model_id="tiny-mini-6",
                 prefetch_threshold=16,
                 prefetch_policy=PrefetchPolicy.WAIT_COMPLETE,
+                cost_model=False,  # what is served must not depend on timing
             ),
         }
     loop = ServingLoop.for_model(
