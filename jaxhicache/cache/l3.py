@@ -45,6 +45,7 @@ import numpy as np
 
 from jaxhicache.cache.l3_config import PrefetchPolicy, StorageConfig
 from jaxhicache.cache.l3_lookup import Lookups, StageObjects
+from jaxhicache.cache.l3_writer import WriteBack, WriteItem
 from jaxhicache.cache.ledger import PageLedger
 from jaxhicache.cache.stats import CacheStats
 from jaxhicache.distributed import Agreement
@@ -70,11 +71,6 @@ class Prefetch:
     swa_first: int  # window pages [swa_first, end) fetched in the SWA space
     host_full: np.ndarray  # slots for pages [first, end)
     host_swa: np.ndarray  # slots for pages [swa_first, end)
-    future: concurrent.futures.Future
-
-
-@dataclasses.dataclass(eq=False)
-class _Write:
     future: concurrent.futures.Future
 
 
@@ -114,7 +110,7 @@ class StorageTier:
         # Frees host slots for a prefetch (the cache's host eviction); the caller holds
         # a lock on the match, so the prefix a prefetch continues is never evicted.
         self._make_room = make_room
-        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxhicache-l3")
+        self._writeback = WriteBack(self._put, nice=config.write_nice)
         self._fetcher = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="jaxhicache-l3-fetch"
         )
@@ -145,7 +141,6 @@ class StorageTier:
         )
         self.costs = self.lookups.costs
         self._prefetches: list[Prefetch] = []
-        self._writes: list[_Write] = []
 
     @property
     def agreement(self) -> Agreement:
@@ -361,26 +356,30 @@ class StorageTier:
             ends = {e for e in range(lo + 1, total + 1) if e % k == 0} | {total}
             swa_pages = sorted({i for e in ends for i in range(max(e - w, 0), e)})
             swa_pages = [i for i in swa_pages if path_swa[i] >= 0]
-        fut = self._worker.submit(
-            self._put,
-            hashes[lo:],
-            path_full[lo:].copy(),
-            [hashes[i] for i in swa_pages],
-            path_swa[swa_pages].copy() if swa_pages else np.zeros(0, np.int32),
+        self._writeback.add(
+            WriteItem(
+                hashes[lo:],
+                path_full[lo:].copy(),
+                [hashes[i] for i in swa_pages],
+                path_swa[swa_pages].copy() if swa_pages else np.zeros(0, np.int32),
+            )
         )
-        self._writes.append(_Write(fut))
 
-    def _put(self, hashes, host_full, swa_hashes, host_swa) -> int:
+    def _put(self, items: list[WriteItem]) -> int:
+        """Writes the absent objects of a batch of items (the write-back thread): one
+        existence check and one put per stage and page space for all of them."""
         written = 0
-        for r, ns in self.namespaces.items():
-            for space, hs, ids in (
-                (PageSpace.FULL, hashes, host_full),
-                (PageSpace.SWA, swa_hashes, host_swa),
-            ):
+        for space, pairs in (
+            (PageSpace.FULL, [(it.hashes, it.host_full) for it in items]),
+            (PageSpace.SWA, [(it.swa_hashes, it.host_swa) for it in items]),
+        ):
+            # A page in two items (a shared window) is written once.
+            unique = {h: i for hs, ids in pairs for h, i in zip(hs, ids.tolist(), strict=True)}
+            hs, ids = list(unique), np.fromiter(unique.values(), np.int32, len(unique))
+            for r, ns in self.namespaces.items():
                 if not hs or not _has_space(ns, self.spec, space):
                     continue
-                present = self.backend.exists(ns, space, hs)
-                todo = np.flatnonzero(~present)
+                todo = np.flatnonzero(~self.backend.exists(ns, space, hs))
                 if todo.size:
                     ok = self.backend.put(ns, space, [hs[i] for i in todo], self.host, r, ids[todo])
                     written += int(ok.sum())
@@ -428,23 +427,16 @@ class StorageTier:
         self._record_writes(wait=True)
 
     def _record_writes(self, wait: bool) -> None:
-        writes = []
-        for wr in self._writes:
-            if not (wait or wr.future.done()):
-                writes.append(wr)
-                continue
-            try:
-                self._stats.storage_backed_up_pages += int(wr.future.result())
-            except Exception:  # a backend bug must not take the cache down; counted
-                self._stats.storage_write_failures += 1
-        self._writes = writes
+        written, failed = self._writeback.collect(wait)
+        self._stats.storage_backed_up_pages += written
+        self._stats.storage_write_failures += failed
 
     def close(self) -> None:
         self.poll(wait=True)
         self.drop_landed()
         self.lookups.close()
         self._fetcher.shutdown(wait=True)
-        self._worker.shutdown(wait=True)
+        self._writeback.close()
         if self._io is not None:
             self._io.shutdown(wait=True)
 

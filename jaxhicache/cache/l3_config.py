@@ -55,6 +55,9 @@ class StorageConfig:
         priors until observed (a store request's round trip, the store's read
         bandwidth, the prefill cost of one token; the last is fed by the serving
         engine through ``StorageTier.observe_recompute``).
+      write_nice: how much lower the write-back thread's CPU priority is than the
+        serving thread's (Linux nice steps, 0 to 19; 0: the same), so writes to
+        storage yield the cores to decode steps; writes are batched per drain.
     """
 
     model_id: str
@@ -73,6 +76,7 @@ class StorageConfig:
     store_latency_s: float = 0.005
     store_bytes_per_s: float = 500e6
     recompute_s_per_token: float = 1e-4
+    write_nice: int = 10
 
     def __post_init__(self):
         if not isinstance(self.model_id, str) or not self.model_id:
@@ -88,6 +92,9 @@ class StorageConfig:
             v = getattr(self, name)
             if type(v) is bool or not isinstance(v, int) or v < lo:
                 raise ValueError(f"StorageConfig.{name} must be an int >= {lo}, got {v!r}")
+        n = self.write_nice
+        if type(n) is bool or not isinstance(n, int) or not 0 <= n <= 19:
+            raise ValueError(f"StorageConfig.write_nice must be an int in [0, 19], got {n!r}")
         if not isinstance(self.prefetch_policy, PrefetchPolicy):
             raise ValueError(
                 f"StorageConfig.prefetch_policy must be a PrefetchPolicy, got {self.prefetch_policy!r}"

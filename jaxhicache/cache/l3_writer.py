@@ -1,0 +1,128 @@
+"""``WriteBack``: the L3 tier's writes, batched and yielding to the serving thread.
+
+Backed-up pages are written to storage by one worker thread that must not slow the
+decode steps it runs beside::
+
+    add(item)  (main thread, after a backup landed)      pending ──┐
+                                                                    │ one drain at a time
+    worker: take EVERY pending item, one exists + one put per (stage, space) for all
+            of them (fewer round trips and less Python per page), repeat until empty
+            ─ runs at a lower CPU priority (``nice``) so the cores go to serving first
+    finish()   (before host slots are freed): waits for the drain in flight
+    collect()  (poll points): counters of finished writes, failures counted, never raised
+
+Invariants: the worker only reads host slots of pages the tree holds (backed up);
+nothing frees those slots before :meth:`finish`. Order does not matter: objects are
+content-addressed and written only where absent.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+import threading
+from collections.abc import Callable
+from typing import final
+
+import numpy as np
+
+__all__ = ["WriteBack", "WriteItem", "lower_thread_priority"]
+
+
+@dataclasses.dataclass(frozen=True)
+class WriteItem:
+    """The objects of one backed-up path: full-space pages and the SWA checkpoints."""
+
+    hashes: list
+    host_full: np.ndarray
+    swa_hashes: list
+    host_swa: np.ndarray
+
+    @property
+    def pages(self) -> int:
+        return len(self.hashes)
+
+
+def lower_thread_priority(nice: int) -> bool:
+    """Raises the calling thread's nice value by ``nice`` (Linux: per thread); returns
+    whether it took effect. Best effort: elsewhere, or without permission, a no-op."""
+    if nice <= 0:
+        return False
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except (AttributeError, OSError):
+        return False
+    return True
+
+
+@final
+class WriteBack:
+    """Coalescing write-back over ``put(items) -> pages written`` (the tier's writer)."""
+
+    def __init__(self, put: Callable[[list[WriteItem]], int], *, nice: int = 10):
+        self._put = put
+        self._lock = threading.Lock()
+        self._pending: list[WriteItem] = []
+        self._drain: concurrent.futures.Future | None = None
+        self._written = self._failed = 0
+        self.batches = 0  # put calls: one per drain round, however many items it took
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            1,
+            thread_name_prefix="jaxhicache-l3-write",
+            initializer=lower_thread_priority,
+            initargs=(nice,),
+        )
+
+    def add(self, item: WriteItem) -> None:
+        """Queues ``item``; starts a drain unless one is running (it will take it)."""
+        with self._lock:
+            self._pending.append(item)
+            if self._drain is None:
+                self._drain = self._pool.submit(self._run)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                items, self._pending = self._pending, []
+                if not items:
+                    self._drain = None
+                    return
+            try:
+                written = self._put(items)
+            except Exception:  # a backend bug must not take the cache down; counted
+                written, failed = 0, 1
+            else:
+                failed = 0
+            with self._lock:
+                self.batches += 1
+                self._written += written
+                self._failed += failed
+
+    def pending(self) -> bool:
+        with self._lock:
+            return bool(self._pending) or self._drain is not None
+
+    def finish(self) -> None:
+        """Waits until every queued item was written (or failed)."""
+        while True:
+            with self._lock:
+                fut = self._drain
+            if fut is None:
+                return
+            fut.result()
+
+    def collect(self, wait: bool = False) -> tuple[int, int]:
+        """``(pages written, failed batches)`` since the last call (``wait``: finish
+        first)."""
+        if wait:
+            self.finish()
+        with self._lock:
+            out = (self._written, self._failed)
+            self._written = self._failed = 0
+        return out
+
+    def close(self) -> None:
+        self.finish()
+        self._pool.shutdown(wait=True)

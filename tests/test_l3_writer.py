@@ -1,0 +1,76 @@
+"""The L3 write-back: batched drains, a lower CPU priority, failures counted not raised."""
+
+import os
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from jaxhicache.cache import StorageConfig
+from jaxhicache.cache.l3_writer import WriteBack, WriteItem
+
+
+def _item(k):
+    return WriteItem([f"{k:064x}"], np.array([k], np.int32), [], np.zeros(0, np.int32))
+
+
+def test_items_queued_during_a_drain_go_in_one_batch():
+    gate, started = threading.Event(), threading.Event()
+    calls = []
+
+    def put(items):
+        calls.append(len(items))
+        started.set()
+        gate.wait(5)
+        return sum(it.pages for it in items)
+
+    wb = WriteBack(put, nice=0)
+    wb.add(_item(0))  # the first drain starts and blocks in put
+    assert started.wait(5)
+    for k in range(1, 9):
+        wb.add(_item(k))  # queued behind it
+    gate.set()
+    wb.finish()
+    assert calls == [1, 8] and wb.batches == 2
+    assert wb.collect() == (9, 0) and wb.collect() == (0, 0)
+    wb.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_the_writer_runs_at_a_lower_priority_than_the_caller():
+    seen = []
+
+    def put(items):
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return 0
+
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    wb = WriteBack(put, nice=7)
+    wb.add(_item(1))
+    wb.finish()
+    assert seen == [min(19, mine + 7)]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine  # caller unchanged
+    wb.close()
+
+
+def test_a_failing_put_is_counted_and_later_items_still_written():
+    def put(items):
+        if any(int(it.hashes[0], 16) == 3 for it in items):
+            raise OSError("injected: the store refused the batch")
+        return len(items)
+
+    wb = WriteBack(put, nice=0)
+    wb.add(_item(3))
+    wb.finish()
+    wb.add(_item(4))
+    wb.add(_item(5))
+    assert wb.collect(wait=True) == (2, 1)
+    wb.close()
+
+
+def test_write_nice_is_validated():
+    with pytest.raises(ValueError, match=r"write_nice must be an int in \[0, 19\], got 20"):
+        StorageConfig(model_id="m", write_nice=20)
+    with pytest.raises(ValueError, match=r"write_nice must be an int in \[0, 19\], got True"):
+        StorageConfig(model_id="m", write_nice=True)
