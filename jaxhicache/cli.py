@@ -22,7 +22,6 @@ lazily, inside ``bench multiturn``; the core library never imports ``models``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -31,6 +30,7 @@ import urllib.parse
 from collections.abc import Sequence
 from typing import NoReturn, final
 
+from jaxhicache import compile_cache
 from jaxhicache.layer_map import build_layer_maps
 from jaxhicache.spec import ModelCacheSpec, PoolKind
 
@@ -425,39 +425,24 @@ def _multiturn(args) -> int:
             think_ms=args.think_ms,
         )
         mt.check(config)
+        cache = compile_cache.cli_cache(args)  # JAX's persistent cache, on by default
         if args.store is not None:
             store = open_store(args.store)
     except ValueError as e:
         raise CliError(_one_line(e)) from None
-    with contextlib.ExitStack() as stack:
+    try:
+        with cache:
+            results = mt.run_multiturn(
+                config, store=store, progress=not args.no_progress, store_usage=store_usage
+            )
+    finally:
         if store is not None:
-            stack.callback(store.close)
-        _compile_cache(stack, args)
-        results = mt.run_multiturn(
-            config, store=store, progress=not args.no_progress, store_usage=store_usage
-        )
+            store.close()
     print(mt.format_table(results))
     if args.out is not None:
         print(f"wrote {results['files']['results']} and {results['files']['plot']}")
     print(json.dumps(mt.summary(results)))
     return 0
-
-
-def _compile_cache(stack: contextlib.ExitStack, args) -> None:
-    """JAX's persistent compilation cache for the rest of the command (on unless
-    --no-compile-cache), its directory printed; jax's settings come back afterwards."""
-    from jaxhicache.compile_cache import compile_cache
-
-    try:
-        d = stack.enter_context(
-            compile_cache(args.compile_cache, enabled=not args.no_compile_cache)
-        )
-    except ValueError as e:
-        raise CliError(f"--compile-cache: {_one_line(e)}") from None
-    if d is None:
-        print("compile cache: off (--no-compile-cache)", flush=True)
-    else:
-        print(f"compile cache: {d} (reruns load their programs from it)", flush=True)
 
 
 # ---------------------------------------------------------------------- main
@@ -547,15 +532,7 @@ def _build_parser() -> _Parser:
         help="with --concurrency: pause between a client's answer and its next turn (ms)",
     )
     m.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    cc = m.add_mutually_exclusive_group()
-    cc.add_argument(
-        "--compile-cache",
-        default=None,
-        metavar="DIR",
-        help="JAX persistent compilation cache (default $JAXHICACHE_COMPILE_CACHE_DIR, "
-        "else ~/.cache/jaxhicache/jax): a second run skips most compiling",
-    )
-    cc.add_argument("--no-compile-cache", action="store_true", help="compile every program afresh")
+    compile_cache.add_cli_flags(m)
     m.set_defaults(run=_multiturn)
 
     lm = sub.add_parser(

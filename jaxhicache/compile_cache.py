@@ -27,6 +27,8 @@ from collections.abc import Iterator
 import jax
 
 __all__ = [
+    "add_cli_flags",
+    "cli_cache",
     "compile_cache",
     "compile_cache_dir",
     "default_compile_cache_dir",
@@ -65,6 +67,22 @@ def _reset() -> None:
     compilation_cache.reset_cache()
 
 
+def _directory(path: str | os.PathLike | None) -> str:
+    """``path`` (default :func:`default_compile_cache_dir`) made absolute and created
+    (``0700``); ``ValueError`` naming it if that fails."""
+    raw = default_compile_cache_dir() if path is None else os.fspath(path)
+    if not raw:
+        raise ValueError("the compile cache path is empty")
+    d = os.path.abspath(os.path.expanduser(raw))
+    if os.path.exists(d) and not os.path.isdir(d):
+        raise ValueError(f"compile cache path {d!r} exists and is not a directory")
+    try:
+        os.makedirs(d, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create the compile cache directory {d!r}: {e}") from None
+    return d
+
+
 def enable_compile_cache(
     path: str | os.PathLike | None = None, *, min_compile_time_s: float = 0.0
 ) -> str:
@@ -77,16 +95,7 @@ def enable_compile_cache(
     """
     if isinstance(min_compile_time_s, bool) or not float(min_compile_time_s) >= 0:
         raise ValueError(f"min_compile_time_s must be a number >= 0, got {min_compile_time_s!r}")
-    raw = default_compile_cache_dir() if path is None else os.fspath(path)
-    if not raw:
-        raise ValueError("the compile cache path is empty")
-    d = os.path.abspath(os.path.expanduser(raw))
-    if os.path.exists(d) and not os.path.isdir(d):
-        raise ValueError(f"compile cache path {d!r} exists and is not a directory")
-    try:
-        os.makedirs(d, mode=0o700, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"cannot create the compile cache directory {d!r}: {e}") from None
+    d = _directory(path)
     jax.config.update("jax_compilation_cache_dir", d)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_s))
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # every size
@@ -117,3 +126,39 @@ def compile_cache(
         for name, value in before.items():
             jax.config.update(name, value)
         _reset()
+
+
+# ------------------------------------------------------------ the command line
+def add_cli_flags(parser) -> None:
+    """``--compile-cache DIR`` and ``--no-compile-cache`` (exclusive) on an argparse parser."""
+    g = parser.add_mutually_exclusive_group()
+    g.add_argument(
+        "--compile-cache",
+        default=None,
+        metavar="DIR",
+        help="JAX persistent compilation cache (default $JAXHICACHE_COMPILE_CACHE_DIR, "
+        "else ~/.cache/jaxhicache/jax): a second run skips most compiling",
+    )
+    g.add_argument("--no-compile-cache", action="store_true", help="compile every program afresh")
+
+
+def cli_cache(args) -> contextlib.AbstractContextManager[str | None]:
+    """The cache those flags ask for, as a block that prints where it is and restores
+    jax's settings at its end. The directory is checked (and made) now: ``ValueError``
+    naming it, before the command starts any work."""
+    if args.no_compile_cache:
+        return _announced(None)
+    try:
+        return _announced(_directory(args.compile_cache))
+    except ValueError as e:
+        raise ValueError(f"--compile-cache: {e}") from None
+
+
+@contextlib.contextmanager
+def _announced(d: str | None) -> Iterator[str | None]:
+    with compile_cache(d, enabled=d is not None) as got:
+        if got is None:
+            print("compile cache: off (--no-compile-cache)", flush=True)
+        else:
+            print(f"compile cache: {got} (reruns load their programs from it)", flush=True)
+        yield got
