@@ -237,11 +237,12 @@ def test_two_instances_with_one_partition_share_objects_other_partitions_do_not(
             assert reader.exists_prefix(ns, PageSpace.FULL, hs) == 4
 
 
-def test_mha_tp_shards_store_their_heads_only():
+@pytest.mark.parametrize("kind", ["ts-memory", "file"])  # file: heads through its staging
+def test_mha_tp_shards_store_their_heads_only(kind, tmp_path):
     spec = ModelCacheSpec.mha(2, num_kv_heads=4, head_dim=8, page_size=4, dtype="float32")
     maps = build_layer_maps(spec, 1)
     src, dst = _filled(spec, maps, pages=4), _poisoned(spec, maps, pages=4)
-    be = TensorStoreBackend("memory://")
+    be = _make(kind, tmp_path)
     hs = _hashes(spec, 2)
     nss = [Namespace.for_stage(spec, maps[0], tp_rank=r, tp_size=2) for r in range(2)]
     for ns in nss:
