@@ -7,8 +7,15 @@ real accelerator; ``gpu``-marked tests skip when no GPU backend is present.
 from __future__ import annotations
 
 import os
+import tempfile
 
 _GPU_RUN = os.environ.get("JAXHICACHE_TEST_PLATFORM", "cpu") == "gpu"
+# Commands run in-process (bench multiturn) keep their persistent compile cache out
+# of the user's home directory.
+os.environ.setdefault(
+    "JAXHICACHE_COMPILE_CACHE_DIR",
+    os.path.join(tempfile.gettempdir(), "jaxhicache-tests-compile-cache"),
+)
 if not _GPU_RUN:
     os.environ["JAX_PLATFORMS"] = "cpu"
 
