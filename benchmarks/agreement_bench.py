@@ -55,7 +55,11 @@ def _worker(out: Path, calls: int) -> None:
     cfg = TinyDSV4Config.mini(num_layers=6)
     model = PagedModel(cfg, init_params(cfg, 0), mesh=make_mesh(jax.process_count()))
     loop = ServingLoop.for_model(
-        model, device_pages=32, host_ratio=4.0, write_policy=WritePolicy.WRITE_THROUGH
+        model,
+        device_pages=32,
+        host_ratio=4.0,
+        write_policy=WritePolicy.WRITE_THROUGH,
+        layerwise=True,
     )
     rng = np.random.default_rng(0)
 

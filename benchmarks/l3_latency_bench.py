@@ -100,6 +100,7 @@ def main(argv=None) -> dict:
                 write_policy=WritePolicy.WRITE_THROUGH,
                 storage=storage,
                 store=store,
+                layerwise=True,
             )
             tier = loop.cache.l3
             probes = []

@@ -259,6 +259,7 @@ def _loop(model, store_dir: str, every: int, pages: int):
         write_policy=WritePolicy.WRITE_THROUGH,
         storage=storage,
         store=FileBackend(store_dir),
+        layerwise=True,
     )
 
 

@@ -118,6 +118,7 @@ class _Job:
             write_policy=c.write_policy,
             storage=storage,
             store=store,
+            layerwise=True,  # the measured path: the load rides in the first chunk
         )
         self.namespaces = [
             Namespace.for_stage(self.model.spec, m, model_id=self.model_id)

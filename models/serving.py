@@ -70,7 +70,7 @@ class RequestReport:
     ttft_s: float  # batch start -> first token known on the host
     decode_s: float  # first token -> last token known on the host (the decode steps only)
     total_s: float
-    loaded_pages: int  # full pages brought back from host
+    loaded_pages: int  # full pages copied host -> device: host hits and L3 (storage) hits
     inserted_tokens: int  # page-aligned tokens the tree holds for this request afterwards
     used_cache: bool
     full_page_ids: np.ndarray  # the request's page table (unpadded), prefix then own pages
@@ -89,7 +89,9 @@ class ServingLoop:
       chunk_size: prefill chunk length (default: the page size).
       min_table_pages: smallest page-table bucket.
       layerwise: apply the prefix load inside the first prefill chunk, layer by
-        layer (default), instead of one separate load dispatch before it.
+        layer, instead of one separate load dispatch before it (default ``False``,
+        as :meth:`HiCache.admit`: a load is dispatched unless the caller opts in
+        to applying it in its forward).
     """
 
     def __init__(
@@ -99,7 +101,7 @@ class ServingLoop:
         *,
         chunk_size: int | None = None,
         min_table_pages: int = 8,
-        layerwise: bool = True,
+        layerwise: bool = False,
     ):
         _check_compatible(model, cache)
         self.model = model
@@ -120,7 +122,7 @@ class ServingLoop:
         *,
         chunk_size: int | None = None,
         min_table_pages: int = 8,
-        layerwise: bool = True,
+        layerwise: bool = False,
         store: StorageBackend | None = None,
         **config_fields,
     ) -> ServingLoop:

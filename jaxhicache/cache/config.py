@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import final
 
 from jaxhicache.cache.l3 import StorageConfig
+from jaxhicache.pools.host import DEFAULT_RESERVE_BYTES
 from jaxhicache.spec import ModelCacheSpec
 from jaxhicache.transfer import CopyPath
 from jaxhicache.tree import WritePolicy
@@ -54,7 +56,12 @@ class HiCacheConfig:
       copy_path: ``STAGED`` (gather kernel → pinned-host staging; GPUs) or
         ``DIRECT`` (rows copied between pool buffers and slabs; CPU meshes only).
         ``None`` follows the mesh's device platform.
-      partition: explicit per-stage layer counts (default: the reference split).
+      host_reserve_bytes: host memory the host slabs must leave available to
+        everything else; building the cache raises ``ValueError`` when
+        ``MemAvailable`` minus this is smaller than the slabs (default 2 GiB;
+        0: only the slabs must fit).
+      partition: explicit per-stage layer counts, any sequence of positive ints
+        (stored as a tuple; default: the reference split).
       storage: the L3 tier's knobs (``None``: no L3); the backend is passed to
         ``HiCache`` itself.
       check_every: debug (multi-process): every ``check_every`` control-plane steps
@@ -72,11 +79,12 @@ class HiCacheConfig:
     backend: Backend | None = None
     tuning: PagedCopyTuning | None = None
     copy_path: CopyPath | None = None
+    host_reserve_bytes: int = DEFAULT_RESERVE_BYTES
     partition: tuple[int, ...] | None = None
     storage: StorageConfig | None = None
     check_every: int = 0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _positive_int("device_pages", self.device_pages)
         for name in ("device_swa_pages", "host_pages", "host_swa_pages"):
             _positive_int(name, getattr(self, name), allow_none=True)
@@ -94,13 +102,19 @@ class HiCacheConfig:
         c = self.check_every
         if type(c) is not int or c < 0:
             raise ValueError(f"HiCacheConfig.check_every must be an int >= 0, got {c!r}")
+        b = self.host_reserve_bytes
+        if type(b) is not int or b < 0:
+            raise ValueError(f"HiCacheConfig.host_reserve_bytes must be an int >= 0, got {b!r}")
         if self.partition is not None:
-            if not isinstance(self.partition, tuple):
+            if isinstance(self.partition, str | bytes) or not isinstance(self.partition, Sequence):
                 raise ValueError(
-                    f"HiCacheConfig.partition must be a tuple of ints, got {self.partition!r}"
+                    "HiCacheConfig.partition must be a sequence of ints (list or tuple), "
+                    f"got {self.partition!r}"
                 )
             for c in self.partition:
                 _positive_int("partition entry", c)
+            # A list is accepted as PagedModel accepts it; stored as a tuple (hashable).
+            object.__setattr__(self, "partition", tuple(int(c) for c in self.partition))
 
     # ------------------------------------------------------------- capacities
     def device_swa_capacity(self, spec: ModelCacheSpec) -> int:

@@ -115,6 +115,7 @@ class HiCache:
             host_pages,
             host_swa,
             layout=config.host_layout,
+            reserve_bytes=config.host_reserve_bytes,
             ranks=local_stages(mesh),
         )
         self.ledger = PageLedger(config.device_pages, self._device_swa, host_pages, host_swa)

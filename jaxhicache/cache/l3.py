@@ -232,7 +232,7 @@ class StorageTier:
         salt = salt_bytes(salt)
         first = match.matched_len // ps
         pages = key.size // ps
-        if (pages - first) * ps < max(self.config.prefetch_threshold, 1) or self.find(
+        if (pages - first) * ps < self.config.prefetch_threshold or self.find(
             key[: pages * ps], salt
         ):
             return None
@@ -242,7 +242,7 @@ class StorageTier:
             key[first * ps : pages * ps], ps, salt=None if parent else salt, parent=parent
         )
         end = self.lookups.hit_end(key, salt, hashes, first)
-        if (end - first) * ps < max(self.config.prefetch_threshold, 1) or end - first < w:
+        if (end - first) * ps < self.config.prefetch_threshold or end - first < w:
             return None  # too little, or the window would reach back into the tree's pages
         swa_first = max(end - w, first) if w else end
         host_full = self._alloc_host(PageSpace.FULL, end - first)

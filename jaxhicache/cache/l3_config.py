@@ -27,7 +27,9 @@ class StorageConfig:
     Attributes:
       model_id: the model's id in object keys (instances share objects only
         when their model id, cache format and stage layer ranges agree).
-      prefetch_threshold: tokens an L3 hit must add to be fetched (default 256).
+      prefetch_threshold: tokens an L3 hit must add to be fetched (default 256; at
+        least 1: a hit adds whole pages, so 0 would mean the same as 1 and is
+        refused with ``ValueError``).
       prefetch_policy / timeout_base_s / timeout_per_1k_tokens_s / timeout_max_s:
         how long ``admit`` waits for a request's prefetch.
       swa_checkpoint_every: SWA-space objects (the window a hit ends on) are
@@ -78,13 +80,13 @@ class StorageConfig:
     recompute_s_per_token: float = 1e-4
     write_nice: int = 10
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not isinstance(self.model_id, str) or not self.model_id:
             raise ValueError(
                 f"StorageConfig.model_id must be a non-empty str, got {self.model_id!r}"
             )
         for name, lo in (
-            ("prefetch_threshold", 0),
+            ("prefetch_threshold", 1),
             ("swa_checkpoint_every", 1),
             ("lookup_in_flight", 1),
             ("fetch_in_flight", 1),

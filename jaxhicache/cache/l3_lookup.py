@@ -196,7 +196,7 @@ class Lookups:
         ps = self._ps
         pages = key.size // ps
         first = self._tree.cached_len(key, salt=salt) // ps
-        if (pages - first) * ps < max(self.config.prefetch_threshold, 1):
+        if (pages - first) * ps < self.config.prefetch_threshold:
             return False
         tag = (salt, key[: pages * ps].tobytes())
         if tag in self._early:

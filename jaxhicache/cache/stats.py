@@ -32,14 +32,14 @@ class CacheStats:
     backups_failed: int = 0  # copies that raised (on any process): dropped everywhere
     backed_up_pages: int = 0
     load_dispatches: int = 0  # merged H2D loads (one per admitted batch with host hits)
-    loaded_pages: int = 0  # full pages brought back from host
+    loaded_pages: int = 0  # full pages copied host -> device: host hits and L3 hits
     loaded_swa_pages: int = 0
     device_evicted_pages: int = 0
     host_evicted_pages: int = 0
     device_swa_reclaimed_pages: int = 0
     host_swa_reclaimed_pages: int = 0
     storage_prefetches: int = 0  # L3 fetches started
-    storage_prefetched_tokens: int = 0  # tokens that became host nodes from L3
+    storage_prefetched_tokens: int = 0  # tokens fetched from L3 into host slots (not tree nodes)
     storage_backed_up_pages: int = 0  # stage pages written to L3 (absent ones only)
     storage_read_failures: int = 0  # prefetches that failed as a whole (backend error)
     storage_write_failures: int = 0

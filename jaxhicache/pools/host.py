@@ -97,8 +97,8 @@ class HostPools:
             raise ValueError(
                 f"host pools need {need:,} bytes ({need / 2**30:.2f} GiB) but only "
                 f"{max(0, avail - reserve_bytes):,} bytes are available after a reserve of "
-                f"{reserve_bytes:,}; lower the host page counts ({num_pages} full, "
-                f"{num_swa_pages} SWA)"
+                f"{reserve_bytes:,} (reserve_bytes, HiCacheConfig.host_reserve_bytes); lower "
+                f"the host page counts ({num_pages} full, {num_swa_pages} SWA) or the reserve"
             )
         # One zeroed, page-aligned array per sub-pool holding every local stage, padded to the
         # largest stage (the rows of padding layers are never touched, so the OS never
