@@ -14,9 +14,8 @@ Subcommands::
 ``jaxhicache`` alone prints this help and exits 0. Bad arguments end with one line
 ``jaxhicache: error: ...`` on stderr naming the bad value and exit status 2.
 
-This module is the top of the import stack: it is the one place in ``jaxhicache``
-that reaches into ``models`` (the tiny model and its serving loop), and only
-lazily, inside ``bench multiturn``; the core library never imports ``models``.
+The top of the import stack: the one place in ``jaxhicache`` that reaches into
+``models``, lazily, inside ``bench multiturn``; the core library never imports it.
 """
 
 from __future__ import annotations
@@ -49,6 +48,7 @@ PRESETS = {
     "tiny-faithful": lambda: ModelCacheSpec.tiny_dsv4(window=128, page_size=256, hca_ratio=128),
     "mini": ModelCacheSpec.tiny_dsv4,
 }
+"""Cache specs by ``--preset`` name: name -> a function returning the ModelCacheSpec."""
 
 _ENUM_CHOICES = {
     "write_policy": ("write_through", "write_through_selective", "write_back"),

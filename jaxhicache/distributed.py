@@ -269,6 +269,7 @@ class DistributedConfig:
         )
 
     def env(self) -> dict[str, str]:
+        """The environment variables that :meth:`from_env` reads back into this config (for a launched process)."""
         out = {
             ENV_COORDINATOR: self.coordinator,
             ENV_NUM_PROCESSES: str(self.num_processes),

@@ -106,6 +106,7 @@ def _wait_all(procs: list[subprocess.Popen], grace_s: float) -> list[int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m jaxhicache.launch``: starts the processes of one multi-controller job on this machine; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--" in argv:
         i = argv.index("--")

@@ -163,6 +163,7 @@ class StageLayerMap:
         return (self.start_layer + self.kind_local_ids(kind)).astype(np.int32)
 
     def num_layers_of(self, kind: PoolKind) -> int:
+        """Layers of this stage that hold ``kind`` (the size of its sub-pool layer space)."""
         return int(self.kind_local_ids(kind).size)
 
     def global_to_local(self, global_layer: int) -> int:

@@ -19,7 +19,9 @@ from jaxhicache.spec import ModelCacheSpec, PoolKind
 __all__ = ["PP", "TP", "make_mesh", "pool_partition_spec", "pool_sharding"]
 
 PP = "pp"
+"""The mesh axis of pipeline stages."""
 TP = "tp"
+"""The mesh axis of tensor-parallel ranks."""
 
 
 def make_mesh(pp: int, tp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -45,4 +47,5 @@ def pool_partition_spec(spec: ModelCacheSpec, kind: PoolKind, tp: int = 1) -> Pa
 
 
 def pool_sharding(spec: ModelCacheSpec, mesh: Mesh, kind: PoolKind) -> NamedSharding:
+    """The ``NamedSharding`` of ``kind``'s device pool on ``mesh`` (:func:`pool_partition_spec`)."""
     return NamedSharding(mesh, pool_partition_spec(spec, kind, mesh.shape[TP]))

@@ -154,7 +154,9 @@ class StageLayers(Protocol):
     @property
     def spec(self) -> ModelCacheSpec: ...
 
-    def num_layers_of(self, kind: PoolKind) -> int: ...
+    def num_layers_of(self, kind: PoolKind) -> int:
+        """Layers of this stage that hold ``kind``."""
+        ...
 
 
 _FP8_ROW_ALIGN = 576  # DSV4 KV rows are padded to a multiple of 576 bytes

@@ -393,7 +393,7 @@ def test_admit_refuses_bad_inputs():
         ("host_ratio", float("nan"), "host_ratio must be a finite number > 0, got nan"),
         ("write_policy", "write_back", "write_policy must be one of .*; got 'write_back'"),
         ("copy_path", "direct", "copy_path must be one of .*; got 'direct'"),
-        ("partition", [2, 4], r"partition must be a tuple of ints, got \[2, 4\]"),
+        ("partition", "24", r"partition must be a sequence of ints \(list or tuple\), got .24."),
     ],
 )
 def test_config_refuses_bad_values(field, value, needle):

@@ -35,6 +35,9 @@ _NONE = np.zeros(0, np.int32)
 
 
 class RequestState(enum.Enum):
+    """Lifecycle of a :class:`Request`: ``OPEN`` from admission until ``release`` (or
+    ``retract``), ``RELEASED`` after."""
+
     OPEN = "open"  # admitted: may be inserted, extended, released, retracted
     RELEASED = "released"  # ended: its own pages freed or the tree's, its lock dropped
 

@@ -101,6 +101,7 @@ class PageAllocator:
 
     # ------------------------------------------------------------ alloc/free
     def can_alloc(self, n: int) -> bool:
+        """Whether ``n`` pages can be allocated now (``0 <= n <= free``)."""
         return 0 <= n <= self._top
 
     def alloc(self, n: int) -> np.ndarray:

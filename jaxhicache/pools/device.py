@@ -51,14 +51,17 @@ class DevicePools:
             ) from None
 
     def replace_pool(self, kind: PoolKind, array: jax.Array) -> DevicePools:
+        """A copy with ``kind``'s array replaced by ``array`` (``ValueError`` for a kind these pools lack)."""
         self[kind]  # raises for an unknown kind
         return self.replace(arrays={**self.arrays, kind: array})
 
     def kinds(self) -> tuple[PoolKind, ...]:
+        """The pool kinds held, in the spec's order."""
         return tuple(self.arrays)
 
 
 def pages_of_space(kind: PoolKind, num_pages: int, num_swa_pages: int) -> int:
+    """The page count of ``kind``'s page space: ``num_pages`` (full) or ``num_swa_pages`` (SWA)."""
     return num_pages if kind.page_space is PageSpace.FULL else num_swa_pages
 
 

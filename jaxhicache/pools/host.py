@@ -154,6 +154,7 @@ class HostPools:
         return cls(spec, layer_maps, pages, pages if has_swa else 0, **kw)
 
     def pages_of(self, space: PageSpace) -> int:
+        """Host pages of ``space`` (full or SWA)."""
         return self.num_pages if space is PageSpace.FULL else self.num_swa_pages
 
     def _stacked_shape(self, kind: PoolKind) -> tuple[int, ...]:

@@ -159,6 +159,7 @@ class FileBackend(StorageBackend):
         return f"FileBackend({self.root!r}, layout={self.object_layout.value})"
 
     def close(self) -> None:
+        """Waits for the reader/writer threads and stops them; the files stay."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)
 

@@ -233,6 +233,7 @@ class Namespace:
         )
 
     def unit_is_sharded(self, unit: PageSpace | PoolKind) -> bool:
+        """Whether ``unit`` (a pool kind, or a page space: any of its kinds) is TP-sharded, so its keys carry the TP rank."""
         if isinstance(unit, PoolKind):
             return unit in self.tp_sharded
         return any(k.page_space is unit for k in self.tp_sharded)

@@ -17,7 +17,9 @@ __all__ = ["ExistsQuery", "ObjectRead", "Pending"]
 class Pending(Protocol):
     """A started object operation (a future)."""
 
-    def result(self) -> Any: ...
+    def result(self) -> Any:
+        """Blocks until the operation finished; returns its value or raises its error."""
+        ...
 
 
 class ObjectRead(NamedTuple):

@@ -71,5 +71,6 @@ class StorageStats:
         )
 
     def add(self, other: StorageStats) -> None:
+        """Adds every counter of ``other`` to this one (in place)."""
         for f in dataclasses.fields(self):
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))

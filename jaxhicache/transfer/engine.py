@@ -133,6 +133,7 @@ class TransferEngine:
         self.strategy: CopyStrategy = _STRATEGIES[self.copy_path](ctx)
 
     def close(self) -> None:
+        """Stops the copy strategy's worker threads (in-flight copies finish first)."""
         self.strategy.close()
 
     def stats_snapshot(self) -> TransferStats:

@@ -41,7 +41,7 @@ __all__ = ["LayerwiseLoad", "apply_layer", "fetch_layer", "load_layer"]
 class LayerwiseLoad:
     """The pages of one (possibly merged) load-back, ready for a forward to apply per layer.
 
-    Fields (pytree leaves):
+    Attributes:
       rows: per kind. Staged: the host rows, layer-first ``[pp, Lk, nb, *row]``,
         sharded like the pools, in host memory (``pinned_host``). Direct: the host
         slabs (``[pp, pages, Lk, *row]`` page-first or ``[pp, Lk, pages, *row]``)

@@ -97,9 +97,11 @@ class BackupHandle:
         self._future = future
 
     def done(self) -> bool:
+        """Whether the backup finished (landed or failed); never blocks."""
         return self._future.done()
 
     def wait(self, timeout: float | None = None) -> int:
+        """Blocks until the backup finished (at most ``timeout`` seconds); returns the pages copied, raises the copy's error or ``TimeoutError``."""
         return self._future.result(timeout)
 
 

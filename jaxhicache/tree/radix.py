@@ -125,9 +125,11 @@ class RadixTree:
         return self._r.host_pages
 
     def total_device_swa_pages(self) -> int:
+        """Live SWA pages with a device value."""
         return self._w.dev_live
 
     def total_host_swa_pages(self) -> int:
+        """Live SWA pages with a host value."""
         return self._w.host_live
 
     def reclaimable_swa_pages(self, tier: Tier) -> int:
@@ -144,6 +146,7 @@ class RadixTree:
         return self._r.evictable_host
 
     def protected_device_pages(self) -> int:
+        """Device full pages in locked nodes (not evictable now)."""
         return self._r.dev_pages - self._r.evictable_dev
 
     def _split(self, child: TreeNode, k: int) -> TreeNode:
@@ -568,6 +571,7 @@ class RadixTree:
         return np.frombuffer(b"".join(parts), dtype=TOK)
 
     def stats(self) -> dict:
+        """Node and page counts of the tree (a dict of ints, for reports)."""
         w, r = self._w, self._r
         return {
             "nodes": r.num_nodes,
@@ -588,13 +592,7 @@ class RadixTree:
             self._root,
             self.page_size,
             self._w,
-            counters={
-                "device pages": r.dev_pages,
-                "host pages": r.host_pages,
-                "evictable device pages": r.evictable_dev,
-                "evictable host pages": r.evictable_host,
-                "nodes": r.num_nodes,
-            },
+            counters=r.counters(),
             dev_leaves=r.dev_leaves,
             host_leaves=r.host_leaves,
         )

@@ -60,6 +60,16 @@ class Residency:
         self.dev_leaves: set[TreeNode] = set()  # device nodes without a device child
         self.host_leaves: set[TreeNode] = set()  # childless host-only nodes
 
+    def counters(self) -> dict[str, int]:
+        """The O(1) counters by name (``check_tree`` compares them with a recount)."""
+        return {
+            "device pages": self.dev_pages,
+            "host pages": self.host_pages,
+            "evictable device pages": self.evictable_dev,
+            "evictable host pages": self.evictable_host,
+            "nodes": self.num_nodes,
+        }
+
     # ------------------------------------------------------------------ values
     def set_device(self, n: TreeNode, full: np.ndarray, swa: tuple | None) -> None:
         """Give a node without a device value its device value; keeps all counters."""
