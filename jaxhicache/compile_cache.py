@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import Any, cast
 
 import jax
 
@@ -56,7 +57,7 @@ def default_compile_cache_dir() -> str:
 
 def compile_cache_dir() -> str | None:
     """The persistent compilation cache directory in use, or ``None`` when off."""
-    return jax.config.jax_compilation_cache_dir or None
+    return cast(Any, jax.config).jax_compilation_cache_dir or None  # not in its stubs
 
 
 def _reset() -> None:

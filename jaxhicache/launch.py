@@ -94,8 +94,9 @@ def _wait_all(procs: list[subprocess.Popen], grace_s: float) -> list[int]:
     failed_at = None
     while True:
         codes = [p.poll() for p in procs]
-        if all(c is not None for c in codes):
-            return codes
+        done = [c for c in codes if c is not None]
+        if len(done) == len(codes):
+            return done
         if failed_at is None and any(c not in (None, 0) for c in codes):
             failed_at = time.monotonic()
         if failed_at is not None and time.monotonic() - failed_at > grace_s:

@@ -37,7 +37,7 @@ def make_mesh(pp: int, tp: int = 1, devices: Sequence[jax.Device] | None = None)
 
 def pool_partition_spec(spec: ModelCacheSpec, kind: PoolKind, tp: int = 1) -> PartitionSpec:
     """``P('pp', None, None, *row)``; MHA heads over ``'tp'`` when ``tp > 1``."""
-    row = [None] * len(spec.row_shape(kind))
+    row: list[str | None] = [None] * len(spec.row_shape(kind))
     if kind is PoolKind.FULL_KV and tp > 1:
         heads = spec.row_shape(kind)[2]
         if heads % tp:

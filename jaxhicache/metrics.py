@@ -303,7 +303,8 @@ class _Rate:
     def buckets(self) -> list[tuple[str, float]]:
         from prometheus_client.utils import floatToGoString
 
-        out, acc = [], 0
+        out: list[tuple[str, float]] = []
+        acc = 0
         for b, n in zip((*self.bounds, math.inf), self.counts, strict=True):
             acc += n
             out.append((floatToGoString(b), acc))

@@ -358,8 +358,8 @@ def _plan_launch(
     pool: jax.Array, nb: int, *, layout: Layout, per_layer: bool, tuning: PagedCopyTuning
 ) -> _Launch:
     """Reinterprets ``pool [L, P, *row]`` as kernel words and tiles ``nb`` pages."""
-    num_layers, num_pages, *row = pool.shape
-    row = tuple(row)
+    num_layers, num_pages = pool.shape[:2]
+    row = tuple(pool.shape[2:])
     if jnp.issubdtype(pool.dtype, jnp.complexfloating):
         raise ValueError(f"pool dtype {pool.dtype} unsupported by the Pallas backends; use XLA")
     row_elems = math.prod(row)
@@ -370,6 +370,8 @@ def _plan_launch(
     kelems = kpool.shape[-1]
     chunk = min(tuning.chunk_elems, pl.next_power_of_2(kelems))
     num_chunks = pl.cdiv(kelems, chunk)
+    grid: tuple[int, ...]
+    stage_shape: tuple[int, ...]
     if per_layer:
         grid = (nb, num_chunks)
         stage_shape = (nb, kelems)

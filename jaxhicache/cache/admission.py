@@ -119,7 +119,7 @@ class Admission:
             full, swa = self._evictor.allocate(pools, n_load + own, n_swa_load + n_own_swa)
         except OutOfPages:
             tree.dec_lock(m.node)
-            if pre is not None:
+            if pre is not None and self._l3 is not None:
                 self._l3.drop(pre)
             raise
         load_full, own_full = full[:n_load], full[n_load:]

@@ -110,6 +110,7 @@ class Evictor:
             freed += res.evicted_pages
             if not res.needs_backup or freed >= num_pages:
                 break
+            assert self.backups is not None, "HiCache sets backups before any eviction"
             self.backups.issue(pools, res.needs_backup)  # write_back: then demote
             self.backups.poll(wait=True)
         self._stats.device_evicted_pages += freed

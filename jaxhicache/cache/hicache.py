@@ -143,7 +143,7 @@ class HiCache:
             )
         self.l3 = (
             None
-            if store is None
+            if store is None or config.storage is None  # both or neither (checked above)
             else StorageTier(
                 store,
                 config.storage,
@@ -389,7 +389,7 @@ class HiCache:
         own_swa = req.swa_page_ids[done:whole] if self._has_swa else None
         res = tree.insert(tokens[: whole * ps], own_full, own_swa, salt=req.salt)
         self.ledger.unhold(PageSpace.FULL, k)
-        if self._has_swa:
+        if own_swa is not None:
             self.ledger.unhold(PageSpace.SWA, int((own_swa >= 0).sum()))
         self.ledger.free(Tier.DEVICE, PageSpace.FULL, res.dup_full_ids)
         self.ledger.free(Tier.DEVICE, PageSpace.SWA, res.free_swa_ids)
@@ -461,7 +461,7 @@ class HiCache:
                 swa = req.swa_page_ids[rest:]
                 self.ledger.unhold(PageSpace.SWA, int((swa >= 0).sum()))
                 self.ledger.free(Tier.DEVICE, PageSpace.SWA, swa)
-            if req.l3_host_full is not None:  # the L3 slots: the load read them by now
+            if req.l3_host_full is not None and req.l3_host_swa is not None:  # the L3 slots
                 self.ledger.unhold_host(PageSpace.FULL, req.l3_host_full.size)
                 self.ledger.unhold_host(PageSpace.SWA, req.l3_host_swa.size)
                 self.ledger.free(Tier.HOST, PageSpace.FULL, req.l3_host_full)

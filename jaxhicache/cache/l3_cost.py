@@ -69,7 +69,7 @@ class CostModel:
         if type(window) is bool or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be an int >= 1, got {window!r}")
         self.observed = {"latency": 0, "request": 0, "bandwidth": 0, "recompute": 0}
-        self._samples = {k: deque(maxlen=window) for k in self.observed}
+        self._samples: dict[str, deque[float]] = {k: deque(maxlen=window) for k in self.observed}
         self._lock = threading.Lock()
 
     def _mix(self, name: str, attr: str, sample: float) -> None:

@@ -14,6 +14,7 @@ lives in the allocators and the radix tree.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import jax
@@ -53,7 +54,7 @@ class DevicePools:
     def replace_pool(self, kind: PoolKind, array: jax.Array) -> DevicePools:
         """A copy with ``kind``'s array replaced by ``array`` (``ValueError`` for a kind these pools lack)."""
         self[kind]  # raises for an unknown kind
-        return self.replace(arrays={**self.arrays, kind: array})
+        return dataclasses.replace(self, arrays={**self.arrays, kind: array})
 
     def kinds(self) -> tuple[PoolKind, ...]:
         """The pool kinds held, in the spec's order."""

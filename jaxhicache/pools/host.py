@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from typing import final
+from typing import Any, final
 
 import numpy as np
 
@@ -262,7 +262,10 @@ class HostPools:
         stage's sub-pool. ``row_index`` selects the part of each row ``data`` holds (e.g.
         the heads of one ``'tp'`` shard); empty means whole rows."""
         s = self.slab(rank, kind)
+        index: tuple[Any, ...]
         if self.layout is Layout.PAGE_FIRST:
-            s[(host_ids, slice(None), *row_index)] = np.swapaxes(data, 0, 1)
+            index = (host_ids, slice(None), *row_index)
+            s[index] = np.swapaxes(data, 0, 1)
         else:
-            s[(slice(None), host_ids, *row_index)] = data
+            index = (slice(None), host_ids, *row_index)
+            s[index] = data

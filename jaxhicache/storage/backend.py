@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import math
 import threading
 import time
@@ -349,7 +350,7 @@ class StorageBackend(abc.ABC):
         touched = np.zeros(n, bool)  # a direct read wrote (or may have) into the slot
         got: dict[int, list[tuple[memoryview, ObjectRead]]] = {}
         held: dict[tuple[int, int], tuple[bytearray, list[memoryview]]] = {}
-        deletes: list[Pending] = []
+        deletes: list[Pending | None] = []  # _safe: never None for a started delete
         st = StorageStats()
 
         def start(item):
@@ -392,6 +393,7 @@ class StorageBackend(abc.ABC):
                 touched[i] = True
                 st.read_objects_total += 1
                 st.read_bytes_total += r.size
+                assert header is not None and views is not None, "held since start()"
                 try:
                     _, _, digest = verify_header(key, header, r.size, units[j].nbytes)
                     verify_payload(key, views, digest)
@@ -427,7 +429,7 @@ class StorageBackend(abc.ABC):
             pages.scrub(int(ids[i]))  # never leave unverified bytes in a slot
         for d in deletes:
             try:
-                if d.result() is not False:
+                if d is not None and d.result() is not False:
                     st.deleted_objects_total += 1
             except Exception:
                 st.delete_errors_total += 1
@@ -526,7 +528,7 @@ class StorageBackend(abc.ABC):
         kinds = [k for k in ns.stage_kinds if k.page_space is space]
         if not kinds:
             return []
-        return [space] if self.object_layout is ObjectLayout.PER_SPACE else kinds
+        return [space] if self.object_layout is ObjectLayout.PER_SPACE else [*kinds]
 
     def _plan(self, ns: Namespace, space: PageSpace, host: HostPools, rank: int) -> StagePages:
         """The objects of one page of ``space`` on stage ``rank`` and their slab views.
@@ -582,7 +584,7 @@ class StorageBackend(abc.ABC):
         for item in items:
             if len(window) >= limit:
                 finish(*window.popleft())
-            window.append((item, _safe(lambda item=item: start(item))))
+            window.append((item, _safe(functools.partial(start, item))))
         while window:
             finish(*window.popleft())
 

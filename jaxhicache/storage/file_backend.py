@@ -215,7 +215,7 @@ class FileBackend(StorageBackend):
             return ObjectRead(None)
         try:
             st = os.fstat(fd)
-            bufs = [header, *views]
+            bufs: list[memoryview | bytearray] = [header, *views]
             if len(bufs) > _IOV_MAX or os.readv(fd, bufs) < st.st_size:
                 # short read (network file systems, signals, a longer object) or too
                 # many buffers for one call: read on until the buffers or the file end
@@ -255,6 +255,7 @@ class FileBackend(StorageBackend):
                         fst = os.fstat(fd)
                         size = fst.st_size
                         touched[i] = True  # (as the base class: a failed page is scrubbed)
+                        bufs: list[memoryview | bytearray]
                         if size != totals[j]:  # wrong length: the header says why
                             views = []
                             bufs = [header]
@@ -374,20 +375,20 @@ def _advance(bufs: list[memoryview], k: int) -> None:
             k = 0
 
 
-def _readv_fully(fd: int, bufs: list[memoryview], limit: int) -> None:
+def _readv_fully(fd: int, bufs: Sequence[memoryview | bytearray], limit: int) -> None:
     """Scatter-reads up to ``limit`` bytes into ``bufs`` (stops early at end of file).
 
     One ``readv`` reads a whole object on local file systems; the loop handles
     short reads (network file systems, signals)."""
-    bufs = [m for b in bufs if (m := memoryview(b).cast("B")).nbytes]
-    todo = min(limit, sum(b.nbytes for b in bufs))
+    views = [m for b in bufs if (m := memoryview(b).cast("B")).nbytes]
+    todo = min(limit, sum(b.nbytes for b in views))
     while todo > 0:
-        k = os.readv(fd, bufs[:_IOV_MAX])
+        k = os.readv(fd, views[:_IOV_MAX])
         if k == 0:
             return
         todo -= k
         if todo > 0:
-            _advance(bufs, k)
+            _advance(views, k)
 
 
 def _write_fully(fd: int, bufs: list[memoryview]) -> None:

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
+from typing import Any
 
+xxhash: Any
 try:
     import xxhash
 except ImportError:  # pragma: no cover - the storage extra is not installed

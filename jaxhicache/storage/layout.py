@@ -264,11 +264,11 @@ class StagePages:
         # in-place parts, (None, nbytes, None) for staged ones
         self._plan: list[list[tuple[memoryview | None, int, list[tuple[int, int]] | None]]] = []
         for j, u in enumerate(self.units):
-            plan = []
+            plan: list[tuple[memoryview | None, int, list[tuple[int, int]] | None]] = []
             for i, p in enumerate(u.parts):
                 if self._big[j][i]:
-                    u8, runs = self._runs[j][i]  # type: ignore[index]
-                    plan.append((memoryview(u8.reshape(-1)), u8.shape[1], runs))
+                    u8, part_runs = self._runs[j][i]  # type: ignore[index]
+                    plan.append((memoryview(u8.reshape(-1)), u8.shape[1], part_runs))
                 else:
                     plan.append((None, p.nbytes, None))
             self._plan.append(plan)
@@ -318,7 +318,7 @@ class StagePages:
         out: list[memoryview] = []
         off = 0
         for flat, n, runs in self._plan[j]:
-            if runs is None:
+            if runs is None or flat is None:  # staged (both None) or in place (neither)
                 out.append(staging[off : off + n])
                 off += n
             else:

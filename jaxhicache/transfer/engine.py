@@ -180,7 +180,7 @@ class TransferEngine:
         self._check_host_ids(move, unique=False)
         arrays, token, nbytes = self.strategy.load_all(pools, move, ids)
         self._count_load(nbytes, t0)
-        return pools.replace(arrays=arrays), LoadHandle({None: token})
+        return dataclasses.replace(pools, arrays=arrays), LoadHandle({None: token})
 
     def load_layerwise(self, pools: DevicePools, move: PageMove) -> tuple[DevicePools, LoadHandle]:
         """Loads layer by layer (stage-local order): one program per layer, each donating the pools.
@@ -232,7 +232,7 @@ class TransferEngine:
             arrays, tokens[lyr] = self.programs.layer_load(arrays, lw, layer)
             if isinstance(self.strategy, DirectCopy):
                 self.strategy.reading_slabs(tokens[lyr])
-        return pools.replace(arrays=arrays), LoadHandle(tokens)
+        return dataclasses.replace(pools, arrays=arrays), LoadHandle(tokens)
 
     # -------------------------------------------------------------- internals
 

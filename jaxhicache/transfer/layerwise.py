@@ -22,7 +22,9 @@ sentinel (the page count of their space), which no copy writes.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -80,15 +82,16 @@ class LayerwiseLoad:
     def specs(self) -> LayerwiseLoad:
         """The ``shard_map`` in_specs of this load (same pytree structure)."""
         specs = dict(self.row_specs)
-        return self.replace(
-            rows={k: specs[k] for k in self.rows},
-            device_ids={s: P() for s in self.device_ids},
-            host_ids={s: P() for s in self.host_ids},
-        )
+        spec_of: dict[str, Any] = {  # the same pytree with PartitionSpec leaves
+            "rows": {k: specs[k] for k in self.rows},
+            "device_ids": {s: P() for s in self.device_ids},
+            "host_ids": {s: P() for s in self.host_ids},
+        }
+        return dataclasses.replace(self, **spec_of)
 
     def stage_local(self) -> LayerwiseLoad:
         """Inside ``shard_map``: drop the stage axis of the rows (``[1, ...] -> [...]``)."""
-        return self.replace(rows={k: a[0] for k, a in self.rows.items()})
+        return dataclasses.replace(self, rows={k: a[0] for k, a in self.rows.items()})
 
 
 def _subpool_row(view: StageView, kind: PoolKind, local_layer) -> jax.Array:
@@ -164,7 +167,7 @@ def apply_layer(
                 ids,
                 load.host_ids[kind.page_space],
                 layer=row,
-                layout=load.slab_layout,
+                layout=cast(Layout, load.slab_layout),  # direct loads always have one
             )
     return pools
 

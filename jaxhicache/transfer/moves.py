@@ -125,4 +125,5 @@ class LoadHandle:
         elif None in self._tokens:  # an all-layer load covers every layer
             jax.block_until_ready(self._tokens[None])
         else:
-            raise ValueError(f"layer {layer} was not part of this load ({sorted(self._tokens)})")
+            have = sorted(k for k in self._tokens if k is not None)
+            raise ValueError(f"layer {layer} was not part of this load ({have})")

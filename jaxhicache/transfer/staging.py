@@ -72,6 +72,7 @@ def alias_sharded(
     shape = (num_stages, *buf.shape[1:])
     arrays = []
     for d, idx in sharding.addressable_devices_indices_map(shape).items():
+        assert idx is not None, "a NamedSharding gives every device an index"
         rank = idx[0].start or 0
         i = pos[rank]
         target = SingleDeviceSharding(d, memory_kind=sharding.memory_kind)

@@ -257,8 +257,12 @@ class StagedCopy(CopyStrategy):
         for kind in ctx.kinds:
             host_ids = move.ids(kind.page_space)[1]
             nb, n = ids[kind.page_space].shape[0], host_ids.size
-            shape = (len(ctx.host.ranks), ctx.stacked.max_layers_of(kind), nb)
-            shape += ctx.host.spec.row_shape(kind)
+            shape = (
+                len(ctx.host.ranks),
+                ctx.stacked.max_layers_of(kind),
+                nb,
+                *ctx.host.spec.row_shape(kind),
+            )
             buf = self._buffers.take(kind, shape, ctx.host.spec.row_dtype(kind))
             for i, m in enumerate(ctx.host.local_maps):
                 nk = m.num_layers_of(kind)

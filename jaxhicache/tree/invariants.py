@@ -211,9 +211,10 @@ def check_tree(
                 _fail(f"node {p.id}: short-children set is stale")
     for name, parts in owned.items():
         if parts:
-            u, c = np.unique(concat(parts), return_counts=True)
-            if (c > 1).any():
-                _fail(f"{name.replace('_', ' ')} page ids owned twice: {u[c > 1][:8].tolist()}")
+            ids, counts = np.unique(concat(parts), return_counts=True)
+            if (counts > 1).any():
+                twice = ids[counts > 1][:8].tolist()
+                _fail(f"{name.replace('_', ' ')} page ids owned twice: {twice}")
     cnt["device SWA pages"] = sum(a.size for a in owned["device_swa"])
     cnt["host SWA pages"] = sum(a.size for a in owned["host_swa"])
     have = {**counters, "device SWA pages": w.dev_live, "host SWA pages": w.host_live}

@@ -193,9 +193,9 @@ class RadixTree:
         """
         if type(key) is np.ndarray and key.dtype is TOK_DT and key.ndim == 1:  # fast path
             ps = self.page_size
-            n = len(key)
-            r = n % ps
-            kb = key.tobytes() if not r else key[: n - r].tobytes()
+            klen = len(key)
+            r = klen % ps
+            kb = key.tobytes() if not r else key[: klen - r].tobytes()
         else:
             kb, _ = key_bytes(key, self.page_size, aligned=False)
         pb = self._pb
