@@ -164,6 +164,7 @@ class Agreement:
 
     @property
     def active(self) -> bool:
+        """Whether there is more than one process to agree with."""
         return self.processes > 1
 
     def min(self, values: Sequence[int] | np.ndarray) -> np.ndarray:

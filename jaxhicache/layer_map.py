@@ -134,6 +134,7 @@ class StageLayerMap:
 
     @property
     def num_local_layers(self) -> int:
+        """Layers of this stage (``end_layer - start_layer``)."""
         return self.end_layer - self.start_layer
 
     @property

@@ -321,6 +321,7 @@ class MetricsServer:
 
     @property
     def host(self) -> str:
+        """The bound address."""
         return str(self._httpd.server_address[0])
 
     @property
@@ -330,6 +331,7 @@ class MetricsServer:
 
     @property
     def url(self) -> str:
+        """The scrape URL of the metrics page."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}/metrics"
 

@@ -92,12 +92,14 @@ class PoolKind(enum.StrEnum):
 
     @property
     def page_space(self) -> PageSpace:
+        """The page space whose ids address this kind's rows (SWA or full)."""
         if self in (PoolKind.SWA_KV, PoolKind.C4_STATE, PoolKind.C4_INDEXER_STATE):
             return PageSpace.SWA
         return PageSpace.FULL
 
     @property
     def hit_policy(self) -> HitPolicy:
+        """Which pages of a prefix a restore needs: all of them, or the trailing window's."""
         if self.page_space is PageSpace.SWA:
             return HitPolicy.TRAILING_PAGES
         return HitPolicy.ALL_PAGES
@@ -152,7 +154,9 @@ class StageLayers(Protocol):
     """
 
     @property
-    def spec(self) -> ModelCacheSpec: ...
+    def spec(self) -> ModelCacheSpec:
+        """The model cache spec."""
+        ...
 
     def num_layers_of(self, kind: PoolKind) -> int:
         """Layers of this stage that hold ``kind``."""
@@ -355,6 +359,7 @@ class ModelCacheSpec:
 
     @property
     def is_dsv4(self) -> bool:
+        """Whether the spec has DSV4 per-layer compression ratios."""
         return self.compress_ratios is not None
 
     @property

@@ -78,8 +78,10 @@ def test_every_public_name_has_a_docstring(module, name):
     obj = getattr(importlib.import_module(module), name)
     if inspect.isclass(obj) or inspect.isfunction(obj):
         assert _own_doc(obj), f"{module}.{name} has no docstring of its own"
-        if inspect.isclass(obj):  # and its public methods
+        if inspect.isclass(obj):  # and its public methods and properties
             for attr, member in vars(obj).items():
+                if isinstance(member, property | classmethod | staticmethod):
+                    member = member.fget if isinstance(member, property) else member.__func__
                 if attr.startswith("_") or not inspect.isfunction(member):
                     continue
                 # an override may take the text of the method it implements

@@ -176,10 +176,12 @@ class HiCache:
 
     @property
     def page_size(self) -> int:
+        """Tokens per page (the spec's)."""
         return self.spec.page_size
 
     @property
     def write_policy(self):
+        """When device pages are backed up to host (``config.write_policy``)."""
         return self.config.write_policy
 
     # ------------------------------------------------------------------ pools

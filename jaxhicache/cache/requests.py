@@ -95,6 +95,7 @@ class Request:
 
     @property
     def num_pages(self) -> int:
+        """Full pages in the request's page table (prefix and own)."""
         return self.full_page_ids.size
 
     @property

@@ -74,18 +74,22 @@ class PageAllocator:
     # ------------------------------------------------------------------ sizes
     @property
     def name(self) -> str:
+        """The allocator's name (in error messages)."""
         return self._name
 
     @property
     def capacity(self) -> int:
+        """Pages it manages."""
         return self._num_pages
 
     @property
     def num_free(self) -> int:
+        """Pages free now."""
         return self._top
 
     @property
     def num_used(self) -> int:
+        """Pages allocated now."""
         return self._num_pages - self._top
 
     def __repr__(self) -> str:

@@ -73,10 +73,12 @@ class LayerwiseLoad:
 
     @property
     def staged(self) -> bool:
+        """Whether the rows are staged host rows (else the host slabs, direct path)."""
         return self.slab_layout is None
 
     @property
     def kinds(self) -> tuple[PoolKind, ...]:
+        """The pool kinds this load writes."""
         return tuple(self.rows)
 
     def specs(self) -> LayerwiseLoad:

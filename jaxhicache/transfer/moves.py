@@ -42,6 +42,7 @@ class PageMove:
 
     @classmethod
     def of(cls, full_device=(), full_host=(), swa_device=(), swa_host=()) -> PageMove:
+        """A move from id sequences (int32, flattened); ``ValueError`` when a space's device and host ids differ in count."""
         arrs = [
             np.asarray(x, np.int32).reshape(-1)
             for x in (full_device, full_host, swa_device, swa_host)
@@ -60,6 +61,7 @@ class PageMove:
 
     @property
     def empty(self) -> bool:
+        """Whether the move copies no page."""
         return not (self.full_device.size or self.swa_device.size)
 
 

@@ -134,6 +134,7 @@ class TreeNode:
 
     @property
     def is_root(self) -> bool:
+        """Whether this is the tree's root (no parent, no pages)."""
         return self.parent is None and self.start == 0 and self.num_pages == 0
 
     @property

@@ -78,8 +78,7 @@ class RadixTree:
 
     Args:
       page_size: tokens per page (>= 1).
-      swa_pages: trailing pages that cover the sliding window (0 = no SWA
-        component: a plain full-attention tree).
+      swa_pages: trailing pages covering the sliding window (0: no SWA, full attention).
       write_policy: default for :meth:`evict_device` (``WRITE_BACK`` reports
         unbacked leaves instead of deleting them); otherwise informational.
     """
@@ -110,10 +109,12 @@ class RadixTree:
     # ------------------------------------------------------------------ counters (O(1))
     @property
     def root(self) -> TreeNode:
+        """The root node (no pages)."""
         return self._root
 
     @property
     def num_nodes(self) -> int:
+        """Nodes in the tree, the root excluded."""
         return self._r.num_nodes
 
     def total_device_pages(self) -> int:
