@@ -141,7 +141,10 @@ def model():
 
 def test_scraped_endpoint_equals_stats_after_device_host_and_storage_hits(model, tmp_path):
     l3 = StorageConfig(
-        model_id="tiny", prefetch_threshold=16, prefetch_policy=PrefetchPolicy.WAIT_COMPLETE
+        model_id="tiny",
+        prefetch_threshold=16,
+        prefetch_policy=PrefetchPolicy.WAIT_COMPLETE,
+        cost_model=False,  # every tier must serve: the tiny model recomputes cheaply
     )
     loop = ServingLoop.for_model(
         model,
@@ -150,6 +153,7 @@ def test_scraped_endpoint_equals_stats_after_device_host_and_storage_hits(model,
         write_policy=WritePolicy.WRITE_THROUGH,
         storage=l3,
         store=FileBackend(tmp_path),
+        layerwise=True,
     )
     cache = loop.cache
     metrics = CacheMetrics(cache)

@@ -32,6 +32,7 @@ def _loop(model, root) -> ServingLoop:
         model_id="tiny-window",
         prefetch_threshold=PAGE,
         prefetch_policy=PrefetchPolicy.WAIT_COMPLETE,
+        cost_model=False,  # a 3-page prefix recomputes cheaply: pin the restore itself
     )
     return ServingLoop.for_model(
         model,
@@ -39,6 +40,7 @@ def _loop(model, root) -> ServingLoop:
         write_policy=WritePolicy.WRITE_THROUGH,
         storage=l3,
         store=FileBackend(root),
+        layerwise=True,
     )
 
 
