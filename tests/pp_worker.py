@@ -81,7 +81,7 @@ def serve_engine(model, **config):
         **config,
     )
     cache = HiCache(model.spec, model.mesh, cfg)
-    eng = Engine(model, cache, EngineConfig(max_running=4, prefill_tokens=32))
+    eng = Engine(model, cache, EngineConfig(max_running=4, prefill_tokens=16))
     rng = np.random.default_rng(5)
     vocab = model.config.vocab
     system = rng.integers(0, vocab, SYSTEM)
@@ -154,6 +154,7 @@ def main(pp: int, out: Path, mode: str) -> int:
         host_ratio=4.0,
         write_policy=WritePolicy.WRITE_THROUGH,
         check_every=1 if mode in ("disagree-unagreed", "l3") else 0,
+        layerwise=True,  # the engine's path (the default dispatches the load)
         **l3,
     )
     cache = loop.cache
