@@ -18,24 +18,13 @@ import jax
 import numpy as np
 
 from models.multiturn_report import json_default
-from models.multiturn_results import percentile
+from models.multiturn_results import percentile, ttft_block
 
 __all__ = ["concurrent_results", "concurrent_summary"]
 
 
 def _ttft_block(off: list, on: list) -> dict:
-    a = [s.ttft_s * 1e3 for s in off]
-    b = [s.ttft_s * 1e3 for s in on]
-    out = {
-        "requests": len(a),
-        "off_p50_ms": percentile(a, 50),
-        "off_p90_ms": percentile(a, 90),
-        "on_p50_ms": percentile(b, 50),
-        "on_p90_ms": percentile(b, 90),
-    }
-    out["ratio_p50"] = out["on_p50_ms"] / out["off_p50_ms"] if a else None
-    out["ratio_p90"] = out["on_p90_ms"] / out["off_p90_ms"] if a else None
-    return out
+    return ttft_block([s.ttft_s * 1e3 for s in off], [s.ttft_s * 1e3 for s in on])
 
 
 def _throughput(served: dict, seconds: float) -> dict:

@@ -104,20 +104,24 @@ def percentile(xs, q) -> float | None:
     return float(np.percentile(np.asarray(xs, float), q)) if len(xs) else None
 
 
+def ttft_block(off_ms: list[float], on_ms: list[float]) -> dict:
+    """TTFT p50/p90 cache off and on (milliseconds, one value per request) and their
+    ratios (``None`` without requests)."""
+    out = {
+        "requests": len(off_ms),
+        "off_p50_ms": percentile(off_ms, 50),
+        "off_p90_ms": percentile(off_ms, 90),
+        "on_p50_ms": percentile(on_ms, 50),
+        "on_p90_ms": percentile(on_ms, 90),
+    }
+    out["ratio_p50"] = out["on_p50_ms"] / out["off_p50_ms"] if off_ms else None
+    out["ratio_p90"] = out["on_p90_ms"] / out["off_p90_ms"] if off_ms else None
+    return out
+
+
 def _ttft_block(records: list[RequestRecord], sel: Callable[[RequestRecord], bool]) -> dict:
     rs = [r for r in records if sel(r)]
-    off = [r.ttft_off_s * 1e3 for r in rs]
-    on = [r.ttft_on_s * 1e3 for r in rs]
-    out = {
-        "requests": len(rs),
-        "off_p50_ms": percentile(off, 50),
-        "off_p90_ms": percentile(off, 90),
-        "on_p50_ms": percentile(on, 50),
-        "on_p90_ms": percentile(on, 90),
-    }
-    out["ratio_p50"] = out["on_p50_ms"] / out["off_p50_ms"] if rs else None
-    out["ratio_p90"] = out["on_p90_ms"] / out["off_p90_ms"] if rs else None
-    return out
+    return ttft_block([r.ttft_off_s * 1e3 for r in rs], [r.ttft_on_s * 1e3 for r in rs])
 
 
 def mismatches(records: list[RequestRecord]) -> list[dict]:
