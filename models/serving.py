@@ -156,13 +156,20 @@ class ServingLoop:
         return self.serve_batch([tokens], [max_new_tokens], [salt])[0]
 
     def serve_batch(
-        self, prompts: Sequence, max_new_tokens: Sequence[int], salts: Sequence | None = None
+        self,
+        prompts: Sequence,
+        max_new_tokens: int | Sequence[int],
+        salts: Sequence | None = None,
     ) -> list[RequestReport]:
         """Runs a batch: one admission (merged prefix loads), then each request in order.
+
+        ``max_new_tokens``: one per request, or one int for all (as :meth:`HiCache.admit`).
 
         Requests the cache defers are admitted again once the others finished;
         ``OutOfPages`` only when a request cannot fit on its own.
         """
+        if isinstance(max_new_tokens, int | np.integer):
+            max_new_tokens = [int(max_new_tokens)] * len(prompts)
         prompts = [_prompt(p, n) for p, n in zip(prompts, max_new_tokens, strict=True)]
         new = [int(n) for n in max_new_tokens]
         salts = [None] * len(prompts) if salts is None else list(salts)

@@ -55,6 +55,7 @@ def _loop(model, store, **kw):
         write_policy=WritePolicy.WRITE_THROUGH,
         storage=storage,
         store=store,
+        layerwise=True,  # the engine's path (the default dispatches the load)
         **kw,
     )
 

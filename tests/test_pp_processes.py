@@ -59,7 +59,11 @@ def single_process():
     cfg = TinyDSV4Config.mini(num_layers=6)
     model = PagedModel(cfg, init_params(cfg, 0), pp=2)
     loop = ServingLoop.for_model(
-        model, device_pages=16, host_ratio=4.0, write_policy=WritePolicy.WRITE_THROUGH
+        model,
+        device_pages=16,
+        host_ratio=4.0,
+        write_policy=WritePolicy.WRITE_THROUGH,
+        layerwise=True,  # as tests/pp_worker.py
     )
     _, reports = worker.serve_all(loop, cfg.vocab)
     loop.close()

@@ -56,6 +56,7 @@ class _Models:
 
     def loop(self, pp: int, path: CopyPath = CopyPath.DIRECT, **kw) -> ServingLoop:
         kw.setdefault("device_pages", DEVICE_PAGES)
+        kw.setdefault("layerwise", True)  # the engine's path; the default is tested below
         return ServingLoop.for_model(self.model(pp), copy_path=path, **kw)
 
     def uncached(self, loop: ServingLoop, pp: int, tokens, max_new: int):
@@ -261,7 +262,7 @@ def test_batch_with_host_hits_shares_one_load(models, path):
     _evict_all_to_host(loop, min_pages=2 * PREFIX // PAGE)
     loads = loop.cache.stats()["load_dispatches"]
     prompts = [_turn2(loop, s, r) for s, r in zip((51, 52), firsts, strict=True)]
-    reports = loop.serve_batch(prompts, [TURN2_NEW, TURN2_NEW])
+    reports = loop.serve_batch(prompts, TURN2_NEW)  # one int for all, as HiCache.admit
     assert loop.cache.stats()["load_dispatches"] == loads + 1
     for p2, r2 in zip(prompts, reports, strict=True):
         _check_report(loop, r2, p2, TURN2_NEW)

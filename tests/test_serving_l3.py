@@ -36,7 +36,12 @@ def _loop(model, store) -> ServingLoop:
         cost_model=False,
     )
     return ServingLoop.for_model(
-        model, device_pages=8, write_policy=WritePolicy.WRITE_THROUGH, storage=l3, store=store
+        model,
+        device_pages=8,
+        write_policy=WritePolicy.WRITE_THROUGH,
+        storage=l3,
+        store=store,
+        layerwise=True,
     )
 
 

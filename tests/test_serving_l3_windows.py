@@ -43,7 +43,12 @@ def _loop(model, store, k) -> ServingLoop:
         cost_model=False,  # the window decision alone
     )
     return ServingLoop.for_model(
-        model, device_pages=40, write_policy=WritePolicy.WRITE_THROUGH, storage=l3, store=store
+        model,
+        device_pages=40,
+        write_policy=WritePolicy.WRITE_THROUGH,
+        storage=l3,
+        store=store,
+        layerwise=True,
     )
 
 
