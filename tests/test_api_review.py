@@ -22,6 +22,20 @@ from models.serving import ServingLoop
 SPEC = ModelCacheSpec.tiny_dsv4()
 
 
+# ------------------------------------------- review: one type per knob (WritePolicy)
+@pytest.mark.parametrize("bad", ["write_back", None, 1])
+def test_the_tree_takes_a_write_policy_as_the_config_does(bad):
+    from jaxhicache.tree import RadixTree, WritePolicy
+
+    with pytest.raises(ValueError, match="write_policy"):
+        RadixTree(4, 2, write_policy=bad)
+    with pytest.raises(ValueError, match="write_policy"):
+        HiCacheConfig(device_pages=4, write_policy=bad)
+    assert (
+        RadixTree(4, 2, write_policy=WritePolicy.WRITE_BACK).write_policy is WritePolicy.WRITE_BACK
+    )
+
+
 # ---------------------------------------------------------- 2: the host reserve
 def test_host_reserve_is_a_config_field_that_reaches_the_host_pools():
     assert HiCacheConfig(device_pages=4).host_reserve_bytes == DEFAULT_RESERVE_BYTES

@@ -25,6 +25,15 @@ class WritePolicy(enum.Enum):
     WRITE_BACK = "write_back"  # back up when evicted from device
 
 
+def _check_write_policy(value: object) -> WritePolicy:
+    """``value`` if it is a :class:`WritePolicy`; ``ValueError`` naming it otherwise (no
+    strings turned into members: the same rule as ``HiCacheConfig.write_policy``)."""
+    if not isinstance(value, WritePolicy):
+        choices = ", ".join(f"WritePolicy.{m.name}" for m in WritePolicy)
+        raise ValueError(f"write_policy must be one of {choices}; got {value!r}")
+    return value
+
+
 def should_backup_on_insert(policy: WritePolicy, node: TreeNode) -> bool:
     """True when ``policy`` wants ``node`` (and its unbacked ancestors) backed up after insert."""
     return policy is WritePolicy.WRITE_THROUGH and not node.is_root and node.host_full is None

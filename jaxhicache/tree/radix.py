@@ -58,7 +58,7 @@ from jaxhicache.tree.node import (
     child_key,
     salt_prefix,
 )
-from jaxhicache.tree.policy import WritePolicy
+from jaxhicache.tree.policy import WritePolicy, _check_write_policy
 from jaxhicache.tree.residency import Residency
 from jaxhicache.tree.window import SwaWindows
 
@@ -88,7 +88,7 @@ class RadixTree:
         page_size: int,
         swa_pages: int = 0,
         *,
-        write_policy: WritePolicy | str = WritePolicy.WRITE_THROUGH,
+        write_policy: WritePolicy = WritePolicy.WRITE_THROUGH,
     ):
         if int(page_size) != page_size or page_size < 1:
             raise ValueError(f"page_size must be a positive integer, got {page_size!r}")
@@ -96,7 +96,7 @@ class RadixTree:
             raise ValueError(f"swa_pages must be a non-negative integer, got {swa_pages!r}")
         self.page_size = int(page_size)
         self.swa_pages = int(swa_pages)
-        self.write_policy = WritePolicy(write_policy)
+        self.write_policy = _check_write_policy(write_policy)
         self._pb = self.page_size * TOK_BYTES
         self._next_id = 1
         self._tick = 0
