@@ -56,7 +56,7 @@ from models.compile_counter import CompileCounter
 from models.dsv4 import init_params
 from models.multiturn_concurrent import empty_tiers, run_concurrent
 from models.multiturn_concurrent_results import concurrent_summary
-from models.multiturn_config import ModelPreset, MultiturnConfig, check
+from models.multiturn_config import ModelPreset, MultiturnConfig, check, check_store
 from models.multiturn_report import format_table, write_outputs
 from models.multiturn_results import RequestRecord, build_results, snapshot
 from models.multiturn_results import summary as sequential_summary
@@ -250,11 +250,7 @@ def run_multiturn(
     if isinstance(config, MultiturnConfig) and config.concurrency is not None:
         return run_concurrent(config, store=store, progress=progress, store_usage=store_usage)
     check(config)
-    if (store is None) != (config.store is None):
-        raise ValueError(
-            "pass the opened L3 backend as store= exactly when config.store names it "
-            f"(config.store={config.store!r}, store={store!r})"
-        )
+    check_store(config, store)
     t_start = time.perf_counter()
     tmp = None
     if store is None:

@@ -47,7 +47,7 @@ from models.compile_counter import CompileCounter
 from models.dsv4 import init_params
 from models.engine import Completion, Engine, EngineConfig
 from models.multiturn_concurrent_results import concurrent_results
-from models.multiturn_config import MultiturnConfig, check
+from models.multiturn_config import MultiturnConfig, check, check_store
 from models.multiturn_report import write_outputs
 from models.multiturn_results import snapshot
 from models.paged import PagedModel
@@ -258,11 +258,7 @@ def run_concurrent(
     check(config)
     if config.concurrency is None:
         raise ValueError("run_concurrent needs MultiturnConfig.concurrency")
-    if (store is None) != (config.store is None):
-        raise ValueError(
-            "pass the opened L3 backend as store= exactly when config.store names it "
-            f"(config.store={config.store!r}, store={store!r})"
-        )
+    check_store(config, store)
     t_start = time.perf_counter()
     tmp = None
     if store is None:

@@ -23,7 +23,7 @@ from jaxhicache.layer_map import build_layer_maps
 from models.config import TinyDSV4Config
 from models.workload import Workload, WorkloadConfig
 
-__all__ = ["ModelPreset", "MultiturnConfig", "check"]
+__all__ = ["ModelPreset", "MultiturnConfig", "check", "check_store"]
 
 
 class ModelPreset(enum.Enum):
@@ -215,3 +215,13 @@ def check(config: MultiturnConfig) -> dict:
         "request_pages": wl.request_pages(mcfg.page_size),
         "distinct_pages": wl.distinct_pages(mcfg.page_size),
     }
+
+
+def check_store(config: MultiturnConfig, store) -> None:
+    """``ValueError`` unless ``store`` (the opened L3 backend) is given exactly when
+    ``config.store`` names one."""
+    if (store is None) != (config.store is None):
+        raise ValueError(
+            "pass the opened L3 backend as store= exactly when config.store names it "
+            f"(config.store={config.store!r}, store={store!r})"
+        )
