@@ -36,6 +36,7 @@ import numpy as np
 from .backend import ObjectRead, StorageBackend
 from .format import IntegrityError, header_length, verify_header, verify_payload
 from .layout import ObjectLayout, StagePages
+from .ops import Done, Raised
 
 __all__ = ["FileBackend", "default_cache_dir"]
 
@@ -51,26 +52,6 @@ def default_cache_dir() -> str:
         return env
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "jaxhicache", "l3")
-
-
-class _Done:
-    __slots__ = ("value",)
-
-    def __init__(self, value):
-        self.value = value
-
-    def result(self):
-        return self.value
-
-
-class _Raised:
-    __slots__ = ("exc",)
-
-    def __init__(self, exc: BaseException):
-        self.exc = exc
-
-    def result(self):
-        raise self.exc
 
 
 class _Buffers:
@@ -175,9 +156,9 @@ class FileBackend(StorageBackend):
         if self._pool is not None:
             return self._pool.submit(fn)
         try:
-            return _Done(fn())
+            return Done(fn())
         except Exception as e:
-            return _Raised(e)
+            return Raised(e)
 
     # ------------------------------------------------------------ primitives
 

@@ -26,6 +26,7 @@ import time
 from collections import Counter
 
 from .backend import StorageBackend
+from .ops import Done, Raised
 
 __all__ = ["LatencyBackend"]
 
@@ -133,7 +134,7 @@ class LatencyBackend(StorageBackend):
         try:
             inner = start()
         except Exception as e:  # a failure to start is still answered after the latency
-            inner = _Raise(e)
+            inner = Raised(e)
         return _Delayed(inner, due, self._trips, epoch, depth)
 
     def _start_read(self, key):
@@ -152,27 +153,7 @@ class LatencyBackend(StorageBackend):
         return self._delay("delete", lambda: self.inner._start_delete(key, generation))
 
     def _clear(self, prefix):
-        self._delay("delete", lambda: _Done(self.inner._clear(prefix))).result()
+        self._delay("delete", lambda: Done(self.inner._clear(prefix))).result()
 
     def close(self) -> None:
         self.inner.close()
-
-
-class _Raise:
-    __slots__ = ("exc",)
-
-    def __init__(self, exc: BaseException):
-        self.exc = exc
-
-    def result(self):
-        raise self.exc
-
-
-class _Done:
-    __slots__ = ("value",)
-
-    def __init__(self, value):
-        self.value = value
-
-    def result(self):
-        return self.value

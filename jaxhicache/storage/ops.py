@@ -11,7 +11,7 @@ from jaxhicache.spec import PageSpace
 
 from .keys import Namespace
 
-__all__ = ["ExistsQuery", "ObjectRead", "Pending"]
+__all__ = ["Done", "ExistsQuery", "ObjectRead", "Pending", "Raised"]
 
 
 class Pending(Protocol):
@@ -20,6 +20,32 @@ class Pending(Protocol):
     def result(self) -> Any:
         """Blocks until the operation finished; returns its value or raises its error."""
         ...
+
+
+class Done:
+    """An operation that already finished with ``value`` (a :class:`Pending` run inline)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        """Returns the value."""
+        return self.value
+
+
+class Raised:
+    """An operation that already failed with ``exc`` (a :class:`Pending` run inline)."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+    def result(self):
+        """Raises the error."""
+        raise self.exc
 
 
 class ObjectRead(NamedTuple):
