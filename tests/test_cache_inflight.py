@@ -12,6 +12,7 @@ import pytest
 from jaxhicache.cache import HiCache, HiCacheConfig, OutOfPages, Request, WritePolicy
 from jaxhicache.mesh import make_mesh
 from jaxhicache.spec import ModelCacheSpec, PageSpace
+from jaxhicache.transfer import CopyPath
 
 SPEC = ModelCacheSpec.tiny_dsv4()  # page 16, window 8: one trailing SWA page
 PAGE = SPEC.page_size
@@ -217,24 +218,41 @@ def test_abort_at_any_point_leaks_nothing():
 
 
 # --------------------------------------------------------------- batched calls
-def test_batched_insert_is_one_poll_and_one_backup_dispatch(monkeypatch):
-    c, pools = _cache(device_pages=24, host_pages=48)
+@pytest.mark.parametrize("path", [CopyPath.DIRECT, CopyPath.STAGED])
+def test_batched_insert_is_one_poll_and_one_backup_dispatch(monkeypatch, path):
+    c, pools = _cache(device_pages=24, host_pages=48, copy_path=path)
     prompts = [_tokens(20 + i, 2 * PAGE + 1) for i in range(3)]
     pools, batch = c.admit(pools, prompts, 2)
-    for r in batch.requests:
-        pools = _stamp(pools, r, 0, 3, 1.0)
+    for i, r in enumerate(batch.requests):
+        pools = _stamp(pools, r, 0, 3, 1.0 + i)
     dispatches = c.engine.stats_snapshot().backups
     calls = []
     real = c._backups.agreement.min
     monkeypatch.setattr(c._backups.agreement, "min", lambda v: calls.append(1) or real(v))
     c.insert(pools, list(batch.requests), prompts)
-    assert c.engine.stats_snapshot().backups == dispatches + 1  # three nodes, one copy
     assert c.stats()["backups_issued"] == 3
+    c.poll(wait=True)  # the staged path counts a copy when it lands
+    assert c.engine.stats_snapshot().backups == dispatches + 1  # three nodes, one copy
+    calls.clear()
     c.insert(pools, list(batch.requests), [np.concatenate([p, [7] * (PAGE - 1)]) for p in prompts])
     assert len(calls) <= 1  # one agreement round for the second batch's poll
     c.release(batch.requests)
     c.poll(wait=True)
     assert c.stats()["backed_up_pages"] == 9
+    c.check_invariants()
+    # The one copy put each request's pages in its own host pages: served back from host.
+    assert c.evict(pools, 24) == 9
+    pools = pools.replace(arrays={k: a * 0 - 5.0 for k, a in pools.arrays.items()})
+    for i, p in enumerate(prompts):
+        pools, batch = c.admit(pools, [p])
+        batch.wait()
+        (r,) = batch.requests
+        assert r.host_hit_tokens == 2 * PAGE
+        for kind in (k for k in SPEC.kinds() if k.page_space is PageSpace.FULL):
+            rows = np.asarray(pools[kind])[:, :, r.full_page_ids[1]]
+            for stage, m in enumerate(c.layer_maps):  # the sub-pool rows of real layers
+                assert (rows[stage, : m.num_layers_of(kind)] == 1.0 + i).all(), (kind, stage)
+        c.release(r)
     c.check_invariants()
 
 
