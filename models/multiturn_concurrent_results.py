@@ -12,13 +12,11 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import os
 
-import jax
 import numpy as np
 
 from models.multiturn_report import json_default
-from models.multiturn_results import percentile, ttft_block
+from models.multiturn_results import config_fields, percentile, timing_fields, ttft_block
 
 __all__ = ["concurrent_results", "concurrent_summary"]
 
@@ -164,38 +162,14 @@ def concurrent_results(job, off: dict, on: dict, before, after, usage, **tm) -> 
         "per_turn": per_turn,
         "cache_counters": d,
         "engine_steps": {"cache_off": tm["steps"][0], "cache_on": tm["steps"][1]},
-        "warmup_s": tm["warmup_s"],
-        "cache_off_s": tm["off_s"],
-        "cache_on_s": tm["on_s"],
-        "wall_s": tm["wall_s"],
-        "compiles_in_timed_steps": tm["compiles"].count,
-        "compiled_in_timed_steps": tm["compiles"].names,
+        **timing_fields(tm),
         "config": {
-            "preset": c.preset.value,
-            "quick": c.quick,
-            "model": dataclasses.asdict(job.mcfg),
-            "fast_compile": c.preset.fast_compile,
-            "pp": c.pp,
-            "tp": c.tp,
+            **config_fields(job, job.mcfg, tm["temp_store"]),
             "concurrency": job.concurrency,
             "think_ms": c.think_ms,
             "engine": dataclasses.asdict(job.on.config),
             "chunk_size": job.on.chunk,
             "prefill_tokens_per_step": job.on.budget,
-            "device_pages": job.device_pages,
-            "host_pages": job.host_pages,
-            "page_size": job.page,
-            "write_policy": c.write_policy.value,
-            "prefetch_policy": c.prefetch_policy.value,
-            "prefetch_threshold": job.page,
-            "store": c.store or "temporary FileBackend directory",
-            "store_backend": repr(job.store) if not tm["temp_store"] else "FileBackend(<temp>)",
-            "model_id": job.model_id,
-            "workload": dataclasses.asdict(c.workload),
-            "workload_digest": job.workload.digest(),
-            "jax": jax.__version__,
-            "devices": f"{len(jax.devices())} x {jax.devices()[0].platform}",
-            "cpu_count": os.cpu_count(),
         },
         "per_request": [_row(off[k], on[k], t_off, t_on) for k in keys],
     }

@@ -140,6 +140,46 @@ def _gbps(nbytes: float, seconds: float) -> float | None:
     return nbytes / seconds / 1e9 if seconds > 0 else None
 
 
+def timing_fields(tm: dict) -> dict:
+    """Wall times of the job's passes and the compilations counted inside them."""
+    return {
+        "warmup_s": tm["warmup_s"],
+        "cache_off_s": tm["off_s"],
+        "cache_on_s": tm["on_s"],
+        "wall_s": tm["wall_s"],
+        "compiles_in_timed_steps": tm["compiles"].count,
+        "compiled_in_timed_steps": tm["compiles"].names,
+    }
+
+
+def config_fields(job, model_config, temp_store: bool) -> dict:
+    """The configuration both jobs record: preset, model, mesh, pools, policies, store,
+    workload and the machine (``job``: a sequential or concurrent job)."""
+    c = job.config
+    return {
+        "preset": c.preset.value,
+        "quick": c.quick,
+        "model": dataclasses.asdict(model_config),
+        "fast_compile": c.preset.fast_compile,
+        "pp": c.pp,
+        "tp": c.tp,
+        "device_pages": job.device_pages,
+        "host_pages": job.host_pages,
+        "page_size": job.page,
+        "write_policy": c.write_policy.value,
+        "prefetch_policy": c.prefetch_policy.value,
+        "prefetch_threshold": job.page,
+        "store": c.store or "temporary FileBackend directory",
+        "store_backend": repr(job.store) if not temp_store else "FileBackend(<temp>)",
+        "model_id": job.model_id,
+        "workload": dataclasses.asdict(c.workload),
+        "workload_digest": job.workload.digest(),
+        "jax": jax.__version__,
+        "devices": f"{len(jax.devices())} x {jax.devices()[0].platform}",
+        "cpu_count": os.cpu_count(),
+    }
+
+
 def build_results(job, records, probes, before, after, usage, **tm) -> dict:
     c = job.config
     d = {
@@ -235,35 +275,11 @@ def build_results(job, records, probes, before, after, usage, **tm) -> dict:
         "per_turn": per_turn,
         "cache_counters": d,  # the cache-on pass's deltas of HiCache.stats()
         "host_headroom_s": sum(r.headroom_s for r in records),  # inside the cache-on TTFTs
-        "warmup_s": tm["warmup_s"],
-        "cache_off_s": tm["off_s"],
-        "cache_on_s": tm["on_s"],
-        "wall_s": tm["wall_s"],
-        "compiles_in_timed_steps": tm["compiles"].count,
-        "compiled_in_timed_steps": tm["compiles"].names,
+        **timing_fields(tm),
         "config": {
-            "preset": c.preset.value,
-            "quick": c.quick,
-            "model": dataclasses.asdict(mc),
-            "fast_compile": c.preset.fast_compile,
-            "pp": c.pp,
-            "tp": c.tp,
-            "device_pages": job.device_pages,
-            "host_pages": job.host_pages,
-            "page_size": job.page,
+            **config_fields(job, mc, tm["temp_store"]),
             "chunk_size": job.loop.chunk_size,
-            "write_policy": c.write_policy.value,
-            "prefetch_policy": c.prefetch_policy.value,
-            "prefetch_threshold": job.page,
-            "store": c.store or "temporary FileBackend directory",
-            "store_backend": repr(job.store) if not tm["temp_store"] else "FileBackend(<temp>)",
-            "model_id": job.model_id,
-            "workload": dataclasses.asdict(c.workload),
-            "workload_digest": job.workload.digest(),
             "probe_clients": job.probe_clients,
-            "jax": jax.__version__,
-            "devices": f"{len(jax.devices())} x {jax.devices()[0].platform}",
-            "cpu_count": os.cpu_count(),
         },
         "per_request": [r.row() for r in records],
     }
