@@ -1,4 +1,4 @@
-"""``python -m jaxhicache``: the command line, :func:`jaxhicache.cli.main` (see ``cli.py``)."""
+"""``python -m jaxhicache``: the command line, :func:`jaxhicache.cli.main` (see ``cli/``)."""
 
 import sys
 

@@ -1,0 +1,109 @@
+"""``jaxhicache layer-map``: stage layer maps and per-stage pool byte budgets of a
+cache spec preset at a PP size (a table, then one JSON line; ``--json``: the line only)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from jaxhicache.cli.common import CliError, count
+from jaxhicache.layer_map import build_layer_maps
+from jaxhicache.spec import ModelCacheSpec, PoolKind
+
+__all__ = ["PRESETS", "add_parser", "describe", "run"]
+
+PRESETS = {
+    "deepseek-v4-flash": ModelCacheSpec.deepseek_v4_flash,
+    "tiny-faithful": lambda: ModelCacheSpec.tiny_dsv4(window=128, page_size=256, hca_ratio=128),
+    "mini": ModelCacheSpec.tiny_dsv4,
+}
+"""Cache specs by ``--model`` name: name -> a function returning the ModelCacheSpec."""
+
+
+def _parse_partition(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise CliError(f"--partition must be comma-separated ints, got {text!r}") from None
+
+
+def describe(spec: ModelCacheSpec, pp: int, partition: Sequence[int] | None, pages: int) -> dict:
+    """Stage maps and byte budgets as a JSON-friendly dict."""
+    from jaxhicache.pools.device import device_bytes_per_stage
+
+    maps = build_layer_maps(spec, pp, partition)
+    swa_pages = pages  # one SWA page per full page is the upper bound
+    dev = device_bytes_per_stage(spec, maps, pages, swa_pages, padded=True)
+    stages = []
+    for m, dev_bytes in zip(maps, dev, strict=True):
+        stages.append(
+            {
+                "rank": m.pp_rank,
+                "layers": [m.start_layer, m.end_layer],
+                "layer_counts": {k.value: m.num_layers_of(k) for k in spec.kinds()},
+                "c4_state_global_ids": (
+                    m.subpool_to_global(PoolKind.C4_STATE).tolist()
+                    if PoolKind.C4_STATE in spec.kinds()
+                    else []
+                ),
+                "page_bytes": spec.page_bytes(m),
+                "device_bytes_padded": dev_bytes,
+            }
+        )
+    return {
+        "model": spec.name,
+        "pp": pp,
+        "page_size": spec.page_size,
+        "row_bytes": {k.value: spec.row_bytes(k) for k in spec.kinds()},
+        "page_bytes": spec.page_bytes(),
+        "pages": pages,
+        "stages": stages,
+    }
+
+
+def run(args) -> int:
+    """Runs ``jaxhicache layer-map``; returns the exit status."""
+    try:
+        info = describe(
+            PRESETS[args.model](), args.pp, _parse_partition(args.partition), args.pages
+        )
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    if not args.json:
+        _print_layer_table(info)
+    print(json.dumps(info))
+    return 0
+
+
+def _print_layer_table(info: dict) -> None:
+    kinds = list(info["row_bytes"])
+    print(
+        f"{info['model']}  pp={info['pp']}  page={info['page_size']} tokens  "
+        f"page bytes (all layers)={info['page_bytes']:,}"
+    )
+    print("row bytes per layer: " + ", ".join(f"{k}={v:,}" for k, v in info["row_bytes"].items()))
+    head = f"{'stage':>5} {'layers':>10} " + " ".join(f"{k:>16}" for k in kinds)
+    print(head + f" {'page bytes':>12} {'device GiB':>11}")
+    for s in info["stages"]:
+        counts = " ".join(f"{s['layer_counts'][k]:>16}" for k in kinds)
+        rng = f"[{s['layers'][0]},{s['layers'][1]})"
+        gib = s["device_bytes_padded"] / 2**30
+        print(f"{s['rank']:>5} {rng:>10} {counts} {s['page_bytes']:>12,} {gib:>11.2f}")
+    print(f"(device GiB for {info['pages']} full pages + {info['pages']} SWA pages, stage-padded)")
+
+
+def add_parser(sub) -> None:
+    """Adds the ``layer-map`` command to the top-level subparsers ``sub``."""
+    lm = sub.add_parser(
+        "layer-map",
+        help="stage layer maps and per-stage pool byte budgets",
+        description="Stage layer maps and per-stage device byte budgets of a model at a PP size.",
+    )
+    lm.add_argument("--model", choices=sorted(PRESETS), default="deepseek-v4-flash")
+    lm.add_argument("--pp", type=count, default=2, help="pipeline-parallel size (default 2)")
+    lm.add_argument("--partition", default=None, help="explicit layers per stage, e.g. 10,11,11,11")
+    lm.add_argument("--pages", type=count, default=1024, help="device pages to size the budget for")
+    lm.add_argument("--json", action="store_true", help="print one JSON object only")
+    lm.set_defaults(run=run)
