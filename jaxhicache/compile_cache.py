@@ -46,8 +46,13 @@ _SETTINGS = (
 
 
 def default_compile_cache_dir() -> str:
-    """``$JAXHICACHE_COMPILE_CACHE_DIR``, else ``$XDG_CACHE_HOME/jaxhicache/jax``
-    (``~/.cache/jaxhicache/jax``)."""
+    """The directory :func:`enable_compile_cache` uses when given none.
+
+    Returns:
+      ``$JAXHICACHE_COMPILE_CACHE_DIR`` if set and non-empty, else
+      ``$XDG_CACHE_HOME/jaxhicache/jax`` (``~/.cache/jaxhicache/jax`` without
+      ``XDG_CACHE_HOME``). Nothing is created.
+    """
     env = os.environ.get(ENV)
     if env:
         return env
@@ -56,7 +61,11 @@ def default_compile_cache_dir() -> str:
 
 
 def compile_cache_dir() -> str | None:
-    """The persistent compilation cache directory in use, or ``None`` when off."""
+    """The persistent compilation cache directory JAX is configured with now.
+
+    Returns:
+      The directory, or ``None`` when the cache is off.
+    """
     return cast(Any, jax.config).jax_compilation_cache_dir or None  # not in its stubs
 
 
@@ -87,12 +96,21 @@ def _directory(path: str | os.PathLike | None) -> str:
 def enable_compile_cache(
     path: str | os.PathLike | None = None, *, min_compile_time_s: float = 0.0
 ) -> str:
-    """Turns JAX's persistent compilation cache on in ``path`` (default
-    :func:`default_compile_cache_dir`); returns the absolute directory.
+    """Turns JAX's persistent compilation cache on in ``path``.
 
-    ``min_compile_time_s``: programs that compile faster are not written (JAX's own
-    default is 1 s, which would skip most of jaxhicache's small programs on CPU).
-    Raises ``ValueError`` for a negative time or a path that is not a directory.
+    Args:
+      path: the cache directory (``~`` expanded, created ``0700`` if missing);
+        ``None``: :func:`default_compile_cache_dir`.
+      min_compile_time_s: programs that compile faster are not written (JAX's own
+        default is 1 s, which would skip most of jaxhicache's small programs on
+        CPU). Every entry size is written.
+
+    Returns:
+      The absolute directory.
+
+    Raises:
+      ValueError: ``min_compile_time_s`` negative, NaN or a ``bool``;
+        ``path`` empty, an existing non-directory, or not creatable.
     """
     if isinstance(min_compile_time_s, bool) or not float(min_compile_time_s) >= 0:
         raise ValueError(f"min_compile_time_s must be a number >= 0, got {min_compile_time_s!r}")
@@ -114,8 +132,21 @@ def disable_compile_cache() -> None:
 def compile_cache(
     path: str | os.PathLike | None = None, *, enabled: bool = True
 ) -> Iterator[str | None]:
-    """Within the block the cache is on in ``path`` (or off when ``enabled`` is false);
-    JAX's previous settings come back afterwards. Yields the directory (or ``None``)."""
+    """A block within which the persistent cache is on in ``path`` (or off).
+
+    JAX's previous cache settings (directory, minimum compile time, minimum entry
+    size) come back when the block ends, also on an exception.
+
+    Args:
+      path: as for :func:`enable_compile_cache`.
+      enabled: ``False`` turns the cache off inside the block instead.
+
+    Yields:
+      The absolute directory, or ``None`` when ``enabled`` is false.
+
+    Raises:
+      ValueError: on entry, as :func:`enable_compile_cache` raises it.
+    """
     before = {name: getattr(jax.config, name) for name in _SETTINGS}
     try:
         if enabled:
@@ -131,7 +162,12 @@ def compile_cache(
 
 # ------------------------------------------------------------ the command line
 def add_cli_flags(parser) -> None:
-    """``--compile-cache DIR`` and ``--no-compile-cache`` (exclusive) on an argparse parser."""
+    """Adds ``--compile-cache DIR`` and ``--no-compile-cache`` to a command line.
+
+    Args:
+      parser: an ``argparse.ArgumentParser`` (or argument group); the two flags go
+        in a mutually exclusive group. Read them back with :func:`cli_cache`.
+    """
     g = parser.add_mutually_exclusive_group()
     g.add_argument(
         "--compile-cache",
@@ -144,9 +180,23 @@ def add_cli_flags(parser) -> None:
 
 
 def cli_cache(args) -> contextlib.AbstractContextManager[str | None]:
-    """The cache those flags ask for, as a block that prints where it is and restores
-    jax's settings at its end. The directory is checked (and made) now: ``ValueError``
-    naming it, before the command starts any work."""
+    """The cache the :func:`add_cli_flags` flags ask for, as a ``with`` block.
+
+    The directory is checked (and made) now, before the command starts any work.
+
+    Args:
+      args: the parsed ``argparse.Namespace`` (``compile_cache``,
+        ``no_compile_cache``).
+
+    Returns:
+      A context manager that prints where the cache is (or that it is off),
+      yields the directory (``None`` when off) and restores JAX's settings at
+      its end.
+
+    Raises:
+      ValueError: the directory cannot be used; the message starts with
+        ``--compile-cache:`` and names it.
+    """
     if args.no_compile_cache:
         return _announced(None)
     try:

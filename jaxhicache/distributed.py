@@ -80,10 +80,17 @@ class DivergenceError(RuntimeError):
 
 
 def local_stages(mesh: Mesh) -> tuple[int, ...]:
-    """The ``'pp'`` ranks whose devices this process holds (all ranks in one process).
+    """The ``'pp'`` ranks whose devices this process holds.
 
-    Raises ``ValueError`` when a stage's devices span processes: a stage's host
-    slabs and its bytes would then have no single owner.
+    Args:
+      mesh: the ``('pp', 'tp')`` mesh.
+
+    Returns:
+      This process's stage ranks, ascending (every rank in a single process).
+
+    Raises:
+      ValueError: a stage's devices span processes (its host slabs and bytes would
+        have no single owner), or this process holds no stage.
     """
     me = jax.process_index()
     grid = mesh.devices.reshape(mesh.shape[PP], -1)
@@ -113,6 +120,13 @@ def put_global(x, sharding: NamedSharding) -> jax.Array:
 
     Each process fills only its addressable shards; nothing is compared or sent
     (unlike ``jax.device_put`` of host data to a multi-process sharding).
+
+    Args:
+      x: an array-like of the global shape, identical in every process.
+      sharding: the global array's sharding.
+
+    Returns:
+      The global ``jax.Array``.
     """
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
@@ -124,7 +138,17 @@ def put_global_tree(tree, sharding: NamedSharding):
 
 
 def fetch(x: jax.Array) -> np.ndarray:
-    """A replicated or fully addressable array as numpy on this process."""
+    """A replicated or fully addressable array as numpy on this process.
+
+    Args:
+      x: the array.
+
+    Returns:
+      Its value (for a replicated array, this process's first copy).
+
+    Raises:
+      ValueError: ``x`` is sharded across processes and not replicated.
+    """
     if x.is_fully_addressable:
         return np.asarray(x)
     if x.sharding.is_fully_replicated:
@@ -146,6 +170,10 @@ class Agreement:
     with a vector of the same length. Single process: returns the input, no
     collective; so is ``local_only=True`` (for tests that show what agreement
     prevents). ``calls`` and ``seconds`` count the collectives taken.
+
+    Args:
+      local_only: agree with no one (act as a single process even in a
+        multi-process run).
     """
 
     def __init__(self, *, local_only: bool = False):
@@ -168,7 +196,19 @@ class Agreement:
         return self.processes > 1
 
     def min(self, values: Sequence[int] | np.ndarray) -> np.ndarray:
-        """The element-wise minimum over processes of ``values`` (int64 vector)."""
+        """The element-wise minimum over processes of ``values``.
+
+        Args:
+          values: a flat int vector, the same length in every process.
+
+        Returns:
+          An int64 vector of that length (``values`` itself, as int64, when there is
+          no other process or the vector is empty).
+
+        Raises:
+          ValueError: a value does not fit int32.
+          PeerFailure: the all-reduce failed: another process died or left.
+        """
         v = np.asarray(values, np.int64).reshape(-1)
         if not self.active or v.size == 0:
             return v
@@ -199,7 +239,18 @@ class Agreement:
         return self._fns[n]
 
     def digests_equal(self, digest: bytes) -> bool:
-        """Whether every process passed the same ``digest`` (compares 8 bytes of its hash)."""
+        """Whether every process passed the same ``digest``.
+
+        Args:
+          digest: this process's bytes (e.g. a tree digest); 8 bytes of their
+            BLAKE2b hash are compared, in one all-reduce.
+
+        Returns:
+          ``True`` when all processes agree (always, with one process).
+
+        Raises:
+          PeerFailure: as :meth:`min` raises it.
+        """
         if not self.active:
             return True
         h = np.frombuffer(hashlib.blake2b(digest, digest_size=8).digest(), np.uint16)
@@ -215,9 +266,19 @@ class Agreement:
 class DistributedConfig:
     """Where this process sits in a multi-process run (see :func:`initialize`).
 
-    ``coordinator``: ``HOST:PORT`` of process 0's coordination service;
-    ``local_devices``: fake CPU devices per process (CPU runs only);
-    ``heartbeat_timeout_s``: a process that stops answering this long fails the others.
+    Attributes:
+      coordinator: ``HOST:PORT`` of process 0's coordination service.
+      num_processes: processes in the run (``>= 1``).
+      process_id: this process's index, in ``[0, num_processes)``.
+      local_devices: fake CPU devices per process (CPU runs only; ``None``: JAX's
+        default).
+      heartbeat_timeout_s: a process that stops answering this long fails the
+        others (seconds, ``>= 1``; also the shutdown timeout).
+      init_timeout_s: how long start-up waits for every process (seconds, ``>= 1``).
+
+    Raises:
+      ValueError: a count or timeout that is not an int in range, ``process_id``
+        not below ``num_processes``, or ``coordinator`` not ``HOST:PORT``.
     """
 
     coordinator: str
@@ -250,7 +311,20 @@ class DistributedConfig:
 
     @classmethod
     def from_env(cls, environ=None) -> DistributedConfig | None:
-        """The config the launcher put in the environment, or ``None`` if there is none."""
+        """The config the launcher put in the environment.
+
+        Args:
+          environ: the mapping to read (default ``os.environ``): the
+            ``JAXHICACHE_COORDINATOR``, ``_NUM_PROCESSES``, ``_PROCESS_ID``,
+            ``_LOCAL_DEVICES`` and ``_HEARTBEAT_TIMEOUT_S`` variables.
+
+        Returns:
+          The config, or ``None`` when ``JAXHICACHE_COORDINATOR`` is not set.
+
+        Raises:
+          ValueError: a required number is missing or not an int, or the values
+            fail the config's checks.
+        """
         env = os.environ if environ is None else environ
         if ENV_COORDINATOR not in env:
             return None
@@ -270,7 +344,12 @@ class DistributedConfig:
         )
 
     def env(self) -> dict[str, str]:
-        """The environment variables that :meth:`from_env` reads back into this config (for a launched process)."""
+        """This config as environment variables, for a launched process.
+
+        Returns:
+          The variables :meth:`from_env` reads back into an equal config (except
+          ``init_timeout_s``, which is not passed).
+        """
         out = {
             ENV_COORDINATOR: self.coordinator,
             ENV_NUM_PROCESSES: str(self.num_processes),
@@ -283,12 +362,19 @@ class DistributedConfig:
 
 
 def initialize(config: DistributedConfig | None = None, *, cpu: bool | None = None) -> bool:
-    """Starts multi-controller JAX from ``config`` (default: the environment).
+    """Starts multi-controller JAX (``jax.distributed.initialize``). Must run before
+    any other JAX call.
 
-    Returns ``False`` (and does nothing) when neither names a multi-process run.
-    With ``cpu`` (default: when ``JAX_PLATFORMS`` is ``cpu``) the process gets
-    ``local_devices`` fake CPU devices and gloo collectives. Must run before any
-    other JAX call.
+    Args:
+      config: where this process sits; ``None``: :meth:`DistributedConfig.from_env`.
+      cpu: run on CPU with ``local_devices`` fake devices and gloo collectives;
+        ``None``: when ``JAX_PLATFORMS`` is ``cpu``.
+
+    Returns:
+      ``True`` once started; ``False`` (and nothing done) when there is no config.
+
+    Raises:
+      ValueError: from :meth:`DistributedConfig.from_env` (a malformed environment).
     """
     config = config if config is not None else DistributedConfig.from_env()
     if config is None:

@@ -42,7 +42,14 @@ __all__ = ["free_port", "launch_local", "main"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free on ``host`` a moment ago."""
+    """A TCP port that was free on ``host`` a moment ago (another process may take it).
+
+    Args:
+      host: the address to bind to while asking the system for a port.
+
+    Returns:
+      The port number.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -59,11 +66,30 @@ def launch_local(
     cpu: bool = True,
     log_dir: str | os.PathLike | None = None,
 ) -> list[int]:
-    """Runs ``command`` as ``processes`` cooperating processes; returns their exit codes.
+    """Runs ``command`` as ``processes`` cooperating processes on this machine and
+    waits for all of them.
 
-    ``cpu``: fake CPU devices (``devices_per_process`` each) and gloo collectives.
-    ``log_dir``: each process's stdout and stderr go to ``log_dir/p{i}.log``
-    (default: this process's).
+    The coordinator is a free port on 127.0.0.1; each process gets its
+    :class:`~jaxhicache.distributed.DistributedConfig` in its environment. Once one
+    process fails, the others get ``grace_s`` seconds to end, then are killed.
+
+    Args:
+      command: the program and its arguments, the same for every process.
+      processes: how many processes to start.
+      devices_per_process: fake CPU devices each (``None``: JAX's default).
+      heartbeat_timeout_s: a process that stops answering this long fails the others.
+      grace_s: seconds the others get after the first failure.
+      env: the base environment of the processes (default: this process's).
+      cpu: run on CPU (``JAX_PLATFORMS=cpu``, gloo collectives); ``False``: real
+        accelerators.
+      log_dir: an existing directory; each process's stdout and stderr go to
+        ``log_dir/p{i}.log`` (default: this process's).
+
+    Returns:
+      The exit codes in process order (negative: killed by that signal).
+
+    Raises:
+      ValueError: an empty ``command``, or a count or timeout the config refuses.
     """
     if not command:
         raise ValueError("no command to launch")
@@ -107,7 +133,20 @@ def _wait_all(procs: list[subprocess.Popen], grace_s: float) -> list[int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m jaxhicache.launch``: starts the processes of one multi-controller job on this machine; returns the exit status."""
+    """``python -m jaxhicache.launch``: starts the processes of one multi-controller job.
+
+    Without ``--coordinator`` it starts ``--processes`` local processes
+    (:func:`launch_local`); with it, only this host's process (``--process-id``).
+    A usage error is printed, not raised.
+
+    Args:
+      argv: the arguments, the command after ``--`` (default ``sys.argv[1:]``).
+
+    Returns:
+      2 for a usage error. With ``--coordinator``: the process's own exit code.
+      Locally: 0 when every process succeeded, else the first failing process's
+      code (``128 + n`` when killed by signal ``n``).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--" in argv:
         i = argv.index("--")
