@@ -313,7 +313,15 @@ class _Rate:
 
 @final
 class MetricsServer:
-    """A ``/metrics`` HTTP endpoint on a daemon thread; ``close()`` stops it."""
+    """A ``/metrics`` HTTP endpoint on a daemon thread; ``close()`` stops it.
+
+    Made by :meth:`CacheMetrics.start_http_server`; also a context manager that
+    closes it on exit.
+
+    Args:
+      httpd: the running HTTP server (``prometheus_client.start_http_server``'s).
+      thread: the daemon thread serving it.
+    """
 
     def __init__(self, httpd, thread: threading.Thread):
         self._httpd = httpd
@@ -364,8 +372,11 @@ class CacheMetrics:
         registry refuses duplicate metric names whatever the labels.
       bandwidth_buckets: GB/s upper bounds of the bandwidth histograms, increasing.
 
-    Raises ``ImportError`` naming ``pip install jaxhicache[metrics]`` without
-    ``prometheus_client``; ``ValueError`` naming a bad argument.
+    Raises:
+      ImportError: ``prometheus_client`` is not installed (the message names
+        ``pip install jaxhicache[metrics]``).
+      ValueError: ``cache`` is not a ``HiCache``, or a bad prefix, label or bucket
+        bound (named); also the registry's refusal of a duplicate metric name.
     """
 
     def __init__(
@@ -417,11 +428,20 @@ class CacheMetrics:
 
     # ---------------------------------------------------------- collector
     def describe(self) -> list:
-        """The metric families (without samples), for the registry's duplicate check."""
+        """The metric families without samples, for the registry's duplicate check.
+
+        Returns:
+          One family per metric this collector exports (the L3 ones only when the
+          cache has an L3 tier).
+        """
         return list(self._families(None))
 
     def collect(self) -> Iterator:
-        """One scrape: reads ``cache.stats()``, advances the bandwidth histograms."""
+        """One scrape: reads ``cache.stats()``, advances the bandwidth histograms.
+
+        Yields:
+          The metric families with their samples.
+        """
         with self._lock:
             stats = self.cache.stats()
             self._advance(stats)
@@ -492,10 +512,19 @@ class CacheMetrics:
 
     # --------------------------------------------------------------- HTTP
     def start_http_server(self, port: int, addr: str = "127.0.0.1") -> MetricsServer:
-        """Serves this registry on ``http://addr:port/metrics`` (``port=0``: a free port).
+        """Serves this registry on ``http://addr:port/metrics``.
 
-        Returns the running :class:`MetricsServer`; ``close()`` it when done. The
-        default address is loopback only; pass ``"0.0.0.0"`` to expose it.
+        Args:
+          port: the TCP port, ``0``: a free one (read it back from the server).
+          addr: the address to bind; the default is loopback only, pass
+            ``"0.0.0.0"`` to expose it.
+
+        Returns:
+          The running :class:`MetricsServer`; ``close()`` it when done.
+
+        Raises:
+          ValueError: ``port`` not an int in ``[0, 65535]`` or ``addr`` not a
+            non-empty string.
         """
         if type(port) is bool or not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"port must be an int in [0, 65535], got {port!r}")

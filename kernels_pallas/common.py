@@ -89,7 +89,11 @@ class Backend(enum.Enum):
 
 
 def default_backend() -> Backend:
-    """``TRITON`` when jax's default backend is a GPU, else ``XLA``."""
+    """The paged-copy backend used when a call passes ``backend=None``.
+
+    Returns:
+      ``TRITON`` when jax's default backend is a GPU, else ``XLA``.
+    """
     return Backend.TRITON if jax.default_backend() in ("gpu", "cuda", "rocm") else Backend.XLA
 
 
@@ -118,6 +122,9 @@ class PagedCopyTuning:
       pack_words: reinterpret sub-4-byte rows as the widest unsigned word (up
         to 4 bytes) that divides the row byte size. Automatic, regardless of
         this flag, for 1-byte pools over 2 GiB.
+
+    Raises:
+      ValueError: a field of the wrong type or out of its range (named).
     """
 
     num_warps: int = 4
@@ -134,7 +141,17 @@ class PagedCopyTuning:
 
 
 def bucket_size(n: int) -> int:
-    """Next power of two ``>= n`` (minimum 1): the padded page count of a transfer."""
+    """The padded page count of a transfer of ``n`` pages (one compile per bucket).
+
+    Args:
+      n: the page count.
+
+    Returns:
+      The next power of two ``>= n``, at least 1.
+
+    Raises:
+      ValueError: ``n`` is negative.
+    """
     if n < 0:
         raise ValueError(f"bucket_size: n={n} is negative")
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
@@ -145,12 +162,21 @@ def _is_concrete(x: Any) -> bool:
 
 
 def validate_page_ids(page_ids: Any, num_pages: int, *, unique: bool) -> np.ndarray:
-    """Host-side check of concrete page ids; returns them as an int32 numpy ``[n]``.
+    """Host-side check of concrete page ids (traced ids cannot be checked; callers
+    skip them).
 
-    Raises ``ValueError`` naming the offending ids when an id is outside
-    ``[0, num_pages)``, when ``unique`` and an id repeats (a scatter with
-    duplicate ids has no defined result), or when ``page_ids`` is not 1-D
-    integer. Traced ids cannot be checked; callers skip them.
+    Args:
+      page_ids: the ids, any array-like.
+      num_pages: the pool's page count; ids must lie in ``[0, num_pages)``.
+      unique: also refuse a repeated id (a scatter with duplicate ids has no
+        defined result).
+
+    Returns:
+      The ids as an int32 numpy ``[n]``.
+
+    Raises:
+      ValueError: ``page_ids`` is not 1-D or not integer, an id is out of range,
+        or (``unique``) an id repeats; the message names the offending ids.
     """
     ids = np.asarray(page_ids)
     if ids.ndim != 1:

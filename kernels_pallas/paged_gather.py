@@ -53,10 +53,18 @@ def paged_gather_reference(
     layout: Layout = Layout.PAGE_FIRST,
     layer: int | jax.Array | None = None,
 ) -> jax.Array:
-    """Plain-``jnp`` gather. ``pool [L, P, *row]``, ``page_ids [n]`` →
-    ``[n, L, *row]`` (PAGE_FIRST), ``[L, n, *row]`` (LAYER_FIRST) or
-    ``[n, *row]`` (``layer`` given). Ids outside ``[0, P)`` (the bucket padding
-    sentinel ``P``) read zeros. Does not validate ids.
+    """Plain-``jnp`` gather, the reference the kernels are tested against.
+
+    Args:
+      pool: ``[L, P, *row]``.
+      page_ids: int ``[n]``, not validated; ids outside ``[0, P)`` (the bucket
+        padding sentinel ``P``) read zeros.
+      layout: staging layout, as in :func:`paged_gather`.
+      layer: if given, gather only that layer.
+
+    Returns:
+      ``[n, L, *row]`` (``PAGE_FIRST``), ``[L, n, *row]`` (``LAYER_FIRST``) or
+      ``[n, *row]`` (``layer`` given), dtype of ``pool``.
     """
     page_ids = _skip_invalid(jnp.asarray(page_ids, jnp.int32), pool.shape[1])
     if layer is not None:
@@ -172,6 +180,12 @@ def paged_gather(
 
     Returns:
       The staging buffer with exactly ``n`` pages, dtype of ``pool``.
+
+    Raises:
+      ValueError: ``pool`` has fewer than 2 dimensions, ``tuning`` is not a
+        :class:`PagedCopyTuning`, ``page_ids`` is not 1-D (or, when concrete, not
+        integer or out of range), or a concrete ``layer`` is not an integer in
+        ``[0, L)``.
     """
     backend, tuning, layout = _resolve(backend, tuning, layout)
     num_layers, num_pages, row = _check_pool(pool)

@@ -65,11 +65,20 @@ def paged_scatter_reference(
     layout: Layout = Layout.PAGE_FIRST,
     layer: int | jax.Array | None = None,
 ) -> jax.Array:
-    """Plain-``jnp`` scatter: ``pool`` with pages ``page_ids`` replaced by
-    ``staging`` (shapes as in ``paged_gather_reference``'s output). Ids outside
-    ``[0, P)`` (the bucket padding sentinel ``P``) and a ``layer`` outside
-    ``[0, L)`` are dropped; other pages keep their bytes. Does not validate ids
-    (duplicates: last write wins in XLA).
+    """Plain-``jnp`` scatter, the reference the kernels are tested against.
+
+    Args:
+      pool: ``[L, P, *row]``.
+      page_ids: int ``[n]``, not validated: ids outside ``[0, P)`` (the bucket
+        padding sentinel ``P``) are dropped; duplicates: last write wins in XLA.
+      staging: shaped as :func:`paged_gather_reference`'s output for the same
+        ``layout`` / ``layer``; cast to the pool's dtype.
+      layout: staging layout.
+      layer: if given, write only that layer (one outside ``[0, L)`` writes
+        nothing).
+
+    Returns:
+      ``pool`` with those pages replaced; other pages keep their bytes.
     """
     page_ids = _skip_invalid(jnp.asarray(page_ids, jnp.int32), pool.shape[1])
     staging = staging.astype(pool.dtype)
@@ -265,6 +274,10 @@ def paged_scatter(
       its bytes. Does not donate ``pool`` (XLA copies it before the in-place
       kernel); use ``paged_scatter_donated`` or call inside your own ``jax.jit``
       with ``donate_argnums`` on the pool to update it in place.
+
+    Raises:
+      ValueError: as :func:`~kernels_pallas.paged_gather` raises it, a repeated
+        concrete id, or ``staging`` of the wrong dtype or shape.
     """
     return _scatter(
         _scatter_jit,
@@ -288,11 +301,20 @@ def paged_scatter_donated(
     backend: Backend | None = None,
     tuning: PagedCopyTuning | None = None,
 ) -> jax.Array:
-    """``paged_scatter`` through a jit that donates ``pool`` (``donate_argnums=0``).
+    """:func:`paged_scatter` through a jit that donates ``pool`` (``donate_argnums=0``).
 
-    Shapes as in ``paged_scatter``. The Pallas kernel aliases the pool to its
-    output, so with donation the pages are written into the existing buffer: no
-    pool copy. ``pool`` is invalidated; use the returned array.
+    The Pallas kernel aliases the pool to its output, so with donation the pages
+    are written into the existing buffer: no pool copy.
+
+    Args:
+      pool: ``[L, P, *row]``; invalidated by the call (use the returned array).
+      page_ids, staging, layout, layer, backend, tuning: as in :func:`paged_scatter`.
+
+    Returns:
+      The updated pool, in ``pool``'s buffer.
+
+    Raises:
+      ValueError: as :func:`paged_scatter` raises it.
     """
     return _scatter(
         _scatter_donated_jit,
