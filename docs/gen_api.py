@@ -23,6 +23,7 @@ PUBLIC = (
     "jaxhicache.storage",
     "jaxhicache.tree",
     "jaxhicache.transfer",
+    "jaxhicache.kinds",
     "jaxhicache.spec",
     "jaxhicache.layer_map",
     "jaxhicache.mesh",

@@ -1,9 +1,10 @@
 """The ``('pp', 'tp')`` device mesh and the shardings of cache state.
 
 A sub-pool's device array is ``[pp, max_layers_of_kind, pages, *row]``; its
-leading stage axis is sharded over ``'pp'``. DSV4's single KV head is
-replicated over ``'tp'``; an MHA ``FULL_KV`` row ``(2, page, heads, head_dim)``
-shards its heads over ``'tp'``.
+leading stage axis is sharded over ``'pp'``. Sub-pools follow
+:attr:`PoolKind.tp_sharding`: DSV4's single KV head, the MLA latent and the DSA
+indexer keys are replicated over ``'tp'``; an MHA ``FULL_KV`` row
+``(2, page, heads, head_dim)`` shards its heads over ``'tp'``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from jaxhicache.spec import ModelCacheSpec, PoolKind
+from jaxhicache.spec import ModelCacheSpec, PoolKind, TPSharding
 
 __all__ = ["PP", "TP", "make_mesh", "pool_partition_spec", "pool_sharding"]
 
@@ -38,7 +39,7 @@ def make_mesh(pp: int, tp: int = 1, devices: Sequence[jax.Device] | None = None)
 def pool_partition_spec(spec: ModelCacheSpec, kind: PoolKind, tp: int = 1) -> PartitionSpec:
     """``P('pp', None, None, *row)``; MHA heads over ``'tp'`` when ``tp > 1``."""
     row: list[str | None] = [None] * len(spec.row_shape(kind))
-    if kind is PoolKind.FULL_KV and tp > 1:
+    if kind.tp_sharding is TPSharding.HEADS and tp > 1:  # MHA FULL_KV (2, page, heads, d)
         heads = spec.row_shape(kind)[2]
         if heads % tp:
             raise ValueError(f"num_kv_heads {heads} is not divisible by tp={tp}")

@@ -9,37 +9,41 @@ KV state of one model. It answers three questions and nothing else:
   (:meth:`ModelCacheSpec.row_shape`, :meth:`ModelCacheSpec.row_dtype`);
 * bytes: :meth:`ModelCacheSpec.row_bytes` and :meth:`ModelCacheSpec.page_bytes`.
 
-Invariants (checked in ``__post_init__``, violations raise ``ValueError``
-naming the bad value):
-
-* DSV4 specs: ``len(compress_ratios) == num_layers + 1`` (the trailing entry is
-  the MTP/next-n slot, ratio 0, and is never a layer); ratios are 0, 4 and one
-  HCA ratio > 4; ``page_size`` is a multiple of 4, of the C4 ring and of the
-  HCA ratio; ``window <= page_size``.
-* MHA specs cache one ``FULL_KV`` sub-pool (K and V) for every layer.
-
-Pool rows (one page of one layer)::
-
-    kind              page space  hit policy      FLOAT row           FP8_DSV4 row
-    SWA_KV            SWA         trailing pages  (page, D)           uint8 bytes, 584 B/token, padded to 576
-    C4_KV             FULL        all pages       (page/4, D)         uint8, same token format
-    C4_INDEXER        FULL        all pages       (page/4, D_I)       uint8, D_I fp8 + fp32 scale per entry
-    C128_KV           FULL        all pages       (page/hca, D)       uint8, 584 B/entry, padded to 576
-    C4_STATE          SWA         trailing pages  (ring, 4*D) fp32    same
-    C4_INDEXER_STATE  SWA         trailing pages  (ring, 4*D_I) fp32  same
-    FULL_KV (MHA)     FULL        all pages       (2, page, H_kv, hd) dtype
+Invariants (checked in ``__post_init__``; violations raise ``ValueError`` naming the
+bad value): DSV4 ratios as :func:`check_dsv4_ratios` (the trailing MTP slot is never a
+layer), ``page_size`` a multiple of 4, of the C4 ring and of the HCA ratio,
+``window <= page_size``; MHA specs cache one ``FULL_KV`` sub-pool for every layer;
+MLA specs (``layer_kinds``, :func:`check_mla_layer_kinds`) one latent row per token
+(``num_kv_heads == 1``, ``head_dim = kv_lora_rank + rope_dim``). Row layouts and TP sharding: :mod:`jaxhicache.kinds`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Protocol, final
 
 import numpy as np
+
+from jaxhicache.kinds import (
+    C4_RATIO,
+    C4_RING,
+    AttentionKind,
+    HitPolicy,
+    KVFormat,
+    PageSpace,
+    PoolKind,
+    Tier,
+    TPSharding,
+    check_dsv4_ratios,
+    check_mla_layer_kinds,
+    dsv4_ratios,
+    mla_layer_kinds,
+    pool_kinds_of,
+    shared_indexer_layers,
+)
 
 __all__ = [
     "C4_RATIO",
@@ -51,99 +55,13 @@ __all__ = [
     "PageSpace",
     "PoolKind",
     "StageLayers",
+    "TPSharding",
     "Tier",
     "dsv4_ratios",
+    "mla_layer_kinds",
     "pool_kinds_of",
+    "shared_indexer_layers",
 ]
-
-
-class PageSpace(enum.StrEnum):
-    """Which page-id space addresses a sub-pool's rows."""
-
-    FULL = "full"  # one id per token page of the prefix (the anchor's ids)
-    SWA = "swa"  # sliding-window pages: only the trailing ones are kept
-
-
-class Tier(enum.StrEnum):
-    """Where a cached page lives: device pools (L1), host slabs (L2), shared storage (L3)."""
-
-    DEVICE = "device"
-    HOST = "host"
-    STORAGE = "storage"
-
-
-class HitPolicy(enum.StrEnum):
-    """Which pages of a prefix a restore needs from a sub-pool (DESIGN §4)."""
-
-    ALL_PAGES = "all_pages"
-    TRAILING_PAGES = "trailing_pages"
-
-
-class PoolKind(enum.StrEnum):
-    """A sub-pool of cached per-layer state."""
-
-    SWA_KV = "swa_kv"
-    C4_KV = "c4_kv"
-    C4_INDEXER = "c4_indexer"
-    C128_KV = "c128_kv"  # the HCA pool, whatever the HCA ratio of the spec
-    C4_STATE = "c4_state"
-    C4_INDEXER_STATE = "c4_indexer_state"
-    FULL_KV = "full_kv"
-
-    @property
-    def page_space(self) -> PageSpace:
-        """The page space whose ids address this kind's rows (SWA or full)."""
-        if self in (PoolKind.SWA_KV, PoolKind.C4_STATE, PoolKind.C4_INDEXER_STATE):
-            return PageSpace.SWA
-        return PageSpace.FULL
-
-    @property
-    def hit_policy(self) -> HitPolicy:
-        """Which pages of a prefix a restore needs: all of them, or the trailing window's."""
-        if self.page_space is PageSpace.SWA:
-            return HitPolicy.TRAILING_PAGES
-        return HitPolicy.ALL_PAGES
-
-
-class AttentionKind(enum.IntEnum):
-    """Attention of one layer; the int value is the branch index used in traced code."""
-
-    SWA = 0  # DSV4 ratio 0: sliding window only
-    CSA = 1  # DSV4 ratio 4: overlapping compressor + lightning indexer (+ SWA)
-    HCA = 2  # DSV4 HCA ratio (128): disjoint compressor, dense compressed attention (+ SWA)
-    FULL = 3  # ordinary MHA/GQA attention over the whole prefix
-
-
-class KVFormat(enum.Enum):
-    """How KV rows are stored."""
-
-    FLOAT = "float"  # logical arrays in ``ModelCacheSpec.dtype`` (tiny test models)
-    FP8_DSV4 = "fp8_dsv4"  # DSV4 byte rows: fp8 nope + bf16 rope + scales, uint8 storage
-
-
-_KINDS_OF_ATTENTION: dict[AttentionKind, tuple[PoolKind, ...]] = {
-    AttentionKind.SWA: (PoolKind.SWA_KV,),
-    AttentionKind.CSA: (
-        PoolKind.SWA_KV,
-        PoolKind.C4_KV,
-        PoolKind.C4_INDEXER,
-        PoolKind.C4_STATE,
-        PoolKind.C4_INDEXER_STATE,
-    ),
-    AttentionKind.HCA: (PoolKind.SWA_KV, PoolKind.C128_KV),
-    AttentionKind.FULL: (PoolKind.FULL_KV,),
-}
-
-
-def pool_kinds_of(attention: AttentionKind) -> tuple[PoolKind, ...]:
-    """Sub-pools a layer of attention kind ``attention`` has a row in."""
-    return _KINDS_OF_ATTENTION[AttentionKind(attention)]
-
-
-C4_RATIO = 4
-"""Compression ratio of CSA (C4) layers; fixed by DSV4 (it carries the A/B overlap)."""
-C4_RING = 8
-"""Default C4 compressor-state ring: slots per SWA page (2 x the ratio)."""
 
 
 class StageLayers(Protocol):
@@ -165,6 +83,7 @@ class StageLayers(Protocol):
 
 _FP8_ROW_ALIGN = 576  # DSV4 KV rows are padded to a multiple of 576 bytes
 _FP8_SCALE_GROUP = 64  # one UE8M0 scale per 64 fp8 "nope" values
+_FP8_MLA_SCALE_GROUP = 128  # one fp32 scale per 128 fp8 latent values
 
 
 @final
@@ -184,8 +103,15 @@ class ModelCacheSpec:
       indexer_head_dim: ``D_I`` of the lightning indexer (DSV4).
       num_kv_heads: KV heads (DSV4: 1, MQA, replicated over ``'tp'``).
       c4_ring: slots of the C4 compressor-state ring per SWA page (8).
-      kv_format: FLOAT (logical arrays) or FP8_DSV4 (byte rows).
+      kv_format: FLOAT (logical arrays), FP8_DSV4 or FP8_MLA (byte rows).
       dtype: storage dtype of FLOAT rows (states are always float32).
+      layer_kinds: MLA specs only: the attention kind of every layer
+        (:attr:`AttentionKind.MLA` or :attr:`AttentionKind.MLA_DSA`); DSV4 specs
+        derive theirs from ``compress_ratios``, MHA specs are all ``FULL``.
+
+    For MLA specs ``head_dim`` is the cached key width ``kv_lora_rank + rope_dim``
+    (576 for DeepSeek V3.2): the latent followed by the decoupled RoPE key, the
+    same "trailing rotary slice" convention as DSV4's heads.
     """
 
     name: str
@@ -200,6 +126,7 @@ class ModelCacheSpec:
     c4_ring: int = C4_RING
     kv_format: KVFormat = KVFormat.FLOAT
     dtype: str = "float32"
+    layer_kinds: tuple[AttentionKind, ...] | None = None
 
     def __post_init__(self):
         if self.num_layers < 1:
@@ -210,9 +137,12 @@ class ModelCacheSpec:
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
         try:
-            np.dtype(self.dtype)
+            _np_dtype(self.dtype)
         except TypeError as e:
             raise ValueError(f"unknown dtype {self.dtype!r}") from e
+        if self.layer_kinds is not None:
+            self._validate_mla()
+            return
         if self.compress_ratios is None:
             if self.kv_format is not KVFormat.FLOAT:
                 raise ValueError(f"MHA specs store FLOAT rows, got kv_format={self.kv_format}")
@@ -220,29 +150,9 @@ class ModelCacheSpec:
         self._validate_dsv4()
 
     def _validate_dsv4(self) -> None:
-        ratios = self.compress_ratios
-        assert ratios is not None
-        if len(ratios) != self.num_layers + 1:
-            raise ValueError(
-                f"compress_ratios must have num_layers + 1 = {self.num_layers + 1} entries "
-                f"(the last is the MTP slot), got {len(ratios)}"
-            )
-        if ratios[-1] != 0:
-            raise ValueError(
-                f"the trailing MTP entry of compress_ratios must be 0, got {ratios[-1]}"
-            )
-        bad = sorted({r for r in ratios if r not in (0, C4_RATIO) and r <= C4_RATIO})
-        if bad:
-            raise ValueError(f"compress ratios must be 0, 4 or one HCA ratio > 4; got {bad}")
-        hca = sorted({r for r in ratios if r > C4_RATIO})
-        if len(hca) > 1:
-            raise ValueError(f"a spec has at most one HCA ratio, got {hca}")
-        if self.num_kv_heads != 1:
-            raise ValueError(f"DSV4 attention is MQA (num_kv_heads=1), got {self.num_kv_heads}")
-        if not 0 < self.rope_dim < self.head_dim or self.rope_dim % 2:
-            raise ValueError(
-                f"rope_dim must be even and in (0, head_dim={self.head_dim}), got {self.rope_dim}"
-            )
+        assert self.compress_ratios is not None
+        hca = check_dsv4_ratios(self.compress_ratios, self.num_layers)
+        self._check_shared_row("DSV4")
         if self.indexer_head_dim < 1:
             raise ValueError(f"indexer_head_dim must be >= 1, got {self.indexer_head_dim}")
         if self.page_size % C4_RATIO:
@@ -253,13 +163,44 @@ class ModelCacheSpec:
             raise ValueError(
                 f"page_size {self.page_size} must be a multiple of the C4 ring {self.c4_ring}"
             )
-        if hca and self.page_size % hca[0]:
+        if hca and self.page_size % hca:
             raise ValueError(
-                f"page_size {self.page_size} must be a multiple of the HCA ratio {hca[0]}"
+                f"page_size {self.page_size} must be a multiple of the HCA ratio {hca}"
             )
         if not C4_RATIO <= self.window <= self.page_size:
             raise ValueError(
                 f"window must be in [4, page_size={self.page_size}], got {self.window}"
+            )
+
+    def _check_shared_row(self, family: str) -> None:
+        """DSV4 and MLA cache one row per token shared by all heads, RoPE slice last."""
+        if self.num_kv_heads != 1:
+            raise ValueError(
+                f"{family} caches one row per token for all heads (num_kv_heads=1), "
+                f"got {self.num_kv_heads}"
+            )
+        if not 0 < self.rope_dim < self.head_dim or self.rope_dim % 2:
+            raise ValueError(
+                f"rope_dim must be even and in (0, head_dim={self.head_dim}), got {self.rope_dim}"
+            )
+
+    def _validate_mla(self) -> None:
+        assert self.layer_kinds is not None
+        if self.compress_ratios is not None:
+            raise ValueError("a spec has compress_ratios (DSV4) or layer_kinds (MLA), not both")
+        kinds = check_mla_layer_kinds(self.layer_kinds, self.num_layers)
+        object.__setattr__(self, "layer_kinds", kinds)
+        self._check_shared_row("MLA")
+        if AttentionKind.MLA_DSA in kinds and self.indexer_head_dim < 1:
+            raise ValueError(
+                f"MLA_DSA layers need indexer_head_dim >= 1, got {self.indexer_head_dim}"
+            )
+        if self.kv_format is KVFormat.FP8_DSV4:
+            raise ValueError("MLA specs store FLOAT or FP8_MLA rows, got kv_format=FP8_DSV4")
+        if self.kv_format is KVFormat.FP8_MLA and self.kv_lora_rank % _FP8_MLA_SCALE_GROUP:
+            raise ValueError(
+                f"FP8_MLA needs kv_lora_rank a multiple of {_FP8_MLA_SCALE_GROUP}, "
+                f"got {self.kv_lora_rank}"
             )
 
     # ------------------------------------------------------------------ presets
@@ -355,12 +296,146 @@ class ModelCacheSpec:
             dtype=dtype,
         )
 
+    @classmethod
+    def deepseek_v3_2(cls, kv_format: KVFormat = KVFormat.FLOAT) -> ModelCacheSpec:
+        """DeepSeek V3.2: 61 MLA layers, each with its own DSA indexer; page 64.
+
+        Public config: ``kv_lora_rank`` 512, ``qk_rope_head_dim`` 64, ``index_head_dim`` 128.
+
+        Args:
+          kv_format: ``FLOAT`` (bf16 latent, 1,152 B per token and layer) or ``FP8_MLA`` (656 B).
+
+        Returns:
+          The spec.
+        """
+        return cls._mla("deepseek-v3.2", 61, range(61), kv_format=kv_format)
+
+    @classmethod
+    def glm5(cls, kv_format: KVFormat = KVFormat.FLOAT) -> ModelCacheSpec:
+        """GLM-5 (``glm_moe_dsa``): 78 MLA layers, each with its own DSA indexer; page 64.
+
+        Public config: as DeepSeek V3.2's latent and indexer; no ``indexer_types``.
+
+        Args:
+          kv_format: ``FLOAT`` (bf16 latent) or ``FP8_MLA`` (656 B per token and layer).
+
+        Returns:
+          The spec.
+        """
+        return cls._mla("glm-5", 78, range(78), kv_format=kv_format)
+
+    @classmethod
+    def glm5_2(cls, kv_format: KVFormat = KVFormat.FLOAT) -> ModelCacheSpec:
+        """GLM-5.2: 78 MLA layers sharing DSA indexers; 21 own one; page 64.
+
+        ``indexer_types`` marks 21 layers ``"full"``: :func:`shared_indexer_layers` with
+        ``index_topk_freq`` 4, ``index_skip_topk_offset`` 3 (0, 1, 2, 6, 10, ..., 74).
+        The other 57 have no indexer-key pool: its sub-pool ids are not the local ids.
+
+        Args:
+          kv_format: ``FLOAT`` (bf16 latent) or ``FP8_MLA`` (656 B per token and layer).
+
+        Returns:
+          The spec.
+        """
+        owners = shared_indexer_layers(78, freq=4, offset=3)
+        return cls._mla("glm-5.2", 78, owners, kv_format=kv_format)
+
+    @classmethod
+    def tiny_mla(
+        cls,
+        num_layers: int = 4,
+        *,
+        page_size: int = 16,
+        kv_lora_rank: int = 32,
+        rope_dim: int = 8,
+        indexer_head_dim: int = 16,
+        indexer_layers: Sequence[int] | None = None,
+        kv_format: KVFormat = KVFormat.FLOAT,
+        dtype: str = "float32",
+        name: str | None = None,
+    ) -> ModelCacheSpec:
+        """A small MLA + DSA spec for tests.
+
+        Args:
+          num_layers: model layers.
+          page_size: tokens per page.
+          kv_lora_rank: width of the compressed latent.
+          rope_dim: width of the decoupled RoPE key.
+          indexer_head_dim: width of one DSA indexer key.
+          indexer_layers: global ids of the layers that own an indexer (the others
+            reuse the previous owner's selection); ``None``: every layer owns one.
+          kv_format: ``FLOAT`` rows or ``FP8_MLA`` byte rows.
+          dtype: dtype of ``FLOAT`` rows.
+          name: model id; derived from the geometry when ``None``.
+
+        Returns:
+          The spec.
+
+        Raises:
+          ValueError: an indexer layer id outside ``[0, num_layers)``, or a geometry the
+            spec rejects.
+        """
+        owners = range(num_layers) if indexer_layers is None else indexer_layers
+        tag = "all" if indexer_layers is None else "-".join(map(str, sorted(set(owners))))
+        return cls._mla(
+            name or f"tiny-mla-l{num_layers}-r{kv_lora_rank}-p{page_size}-i{tag}",
+            num_layers,
+            owners,
+            kv_format=kv_format,
+            page_size=page_size,
+            kv_lora_rank=kv_lora_rank,
+            rope_dim=rope_dim,
+            indexer_head_dim=indexer_head_dim,
+            dtype=dtype,
+        )
+
+    @classmethod
+    def _mla(
+        cls,
+        name: str,
+        num_layers: int,
+        indexer_layers: Iterable[int],
+        *,
+        kv_format: KVFormat,
+        page_size: int = 64,
+        kv_lora_rank: int = 512,
+        rope_dim: int = 64,
+        indexer_head_dim: int = 128,
+        dtype: str = "bfloat16",
+    ) -> ModelCacheSpec:
+        return cls(
+            name=name,
+            num_layers=num_layers,
+            compress_ratios=None,
+            page_size=page_size,
+            window=page_size,
+            head_dim=kv_lora_rank + rope_dim,
+            rope_dim=rope_dim,
+            indexer_head_dim=indexer_head_dim,
+            kv_format=kv_format,
+            dtype=dtype,
+            layer_kinds=mla_layer_kinds(num_layers, indexer_layers),
+        )
+
     # ---------------------------------------------------------------- queries
 
     @property
     def is_dsv4(self) -> bool:
         """Whether the spec has DSV4 per-layer compression ratios."""
         return self.compress_ratios is not None
+
+    @property
+    def is_mla(self) -> bool:
+        """Whether the spec caches an MLA latent (MLA / MLA + DSA layers)."""
+        return self.layer_kinds is not None
+
+    @property
+    def kv_lora_rank(self) -> int:
+        """MLA only: width of the compressed latent, ``head_dim - rope_dim`` (512 for V3.2)."""
+        if not self.is_mla:
+            raise ValueError(f"spec {self.name!r} is not an MLA spec")
+        return self.head_dim - self.rope_dim
 
     @property
     def hca_ratio(self) -> int | None:
@@ -373,6 +448,8 @@ class ModelCacheSpec:
     @functools.cached_property
     def attention_kinds(self) -> tuple[AttentionKind, ...]:
         """Attention kind of each global layer (length ``num_layers``, no MTP slot)."""
+        if self.layer_kinds is not None:
+            return self.layer_kinds
         if self.compress_ratios is None:
             return (AttentionKind.FULL,) * self.num_layers
         to_kind = {0: AttentionKind.SWA, C4_RATIO: AttentionKind.CSA}
@@ -391,7 +468,7 @@ class ModelCacheSpec:
 
     @functools.cached_property
     def _kinds(self) -> tuple[PoolKind, ...]:
-        present = {k for a in set(self.attention_kinds) for k in _KINDS_OF_ATTENTION[a]}
+        present = {k for a in set(self.attention_kinds) for k in pool_kinds_of(a)}
         return tuple(k for k in PoolKind if k in present)
 
     def check_kind(self, kind: PoolKind) -> PoolKind:
@@ -410,14 +487,12 @@ class ModelCacheSpec:
         self.check_kind(kind)
         if not 0 <= global_layer < self.num_layers:
             raise ValueError(f"global layer {global_layer} not in [0, {self.num_layers})")
-        return kind in _KINDS_OF_ATTENTION[self.attention_kinds[global_layer]]
+        return kind in pool_kinds_of(self.attention_kinds[global_layer])
 
     def layers_with(self, kind: PoolKind) -> tuple[int, ...]:
         """Global ids of the layers that have sub-pool ``kind``, ascending."""
         self.check_kind(kind)
-        return tuple(
-            g for g, a in enumerate(self.attention_kinds) if kind in _KINDS_OF_ATTENTION[a]
-        )
+        return tuple(g for g, a in enumerate(self.attention_kinds) if kind in pool_kinds_of(a))
 
     def row_shape(self, kind: PoolKind) -> tuple[int, ...]:
         """Shape of one page row of one layer of sub-pool ``kind``."""
@@ -425,6 +500,12 @@ class ModelCacheSpec:
         p, d, di = self.page_size, self.head_dim, self.indexer_head_dim
         if kind is PoolKind.FULL_KV:
             return (2, p, self.num_kv_heads, d)
+        if kind is PoolKind.MLA_LATENT:
+            if self.kv_format is KVFormat.FP8_MLA:
+                return (p * self.fp8_mla_token_bytes,)
+            return (p, d)
+        if kind is PoolKind.DSA_INDEXER:  # page x D_I fp8 keys, then page x fp32 scales
+            return (p * (di + 4),)
         if kind is PoolKind.C4_STATE:
             return (self.c4_ring, 4 * d)
         if kind is PoolKind.C4_INDEXER_STATE:
@@ -439,7 +520,7 @@ class ModelCacheSpec:
         self.check_kind(kind)
         if kind in (PoolKind.C4_STATE, PoolKind.C4_INDEXER_STATE):
             return np.dtype(np.float32)
-        if self.kv_format is KVFormat.FP8_DSV4:
+        if kind is PoolKind.DSA_INDEXER or self.kv_format is not KVFormat.FLOAT:
             return np.dtype(np.uint8)
         return _np_dtype(self.dtype)
 
@@ -491,18 +572,21 @@ class ModelCacheSpec:
         nope = self.head_dim - self.rope_dim
         return nope + 2 * self.rope_dim + math.ceil(nope / _FP8_SCALE_GROUP) + 1
 
+    @property
+    def fp8_mla_token_bytes(self) -> int:
+        """Bytes of one token in an FP8_MLA latent row (656 for DeepSeek V3.2).
+
+        Token ``i`` of a row is at bytes ``[i * n, (i + 1) * n)``: ``kv_lora_rank``
+        fp8 (e4m3) latent values, one fp32 scale per 128 of them, then ``rope_dim``
+        bf16 RoPE-key values.
+        """
+        lat = self.head_dim - self.rope_dim
+        return lat + 4 * math.ceil(lat / _FP8_MLA_SCALE_GROUP) + 2 * self.rope_dim
+
     def _fp8_row_bytes(self, kind: PoolKind, entries: int) -> int:
         if kind is PoolKind.C4_INDEXER:  # fp8 key + one fp32 scale per entry, unpadded
             return entries * (self.indexer_head_dim + 4)
         return _round_up(entries * self.fp8_token_bytes, _FP8_ROW_ALIGN)
-
-
-def dsv4_ratios(num_layers: int, *, hca_ratio: int = 128) -> tuple[int, ...]:
-    """DSV4 ratio pattern: layers 0-1 SWA, then even -> 4, odd -> HCA; plus the MTP 0."""
-    if num_layers < 1:
-        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-    body = tuple(0 if g < 2 else (C4_RATIO if g % 2 == 0 else hca_ratio) for g in range(num_layers))
-    return (*body, 0)
 
 
 def _round_up(x: int, m: int) -> int:

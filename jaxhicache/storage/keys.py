@@ -25,7 +25,8 @@ Object keys (path-like, valid for files, S3 and GCS)::
 * ``layers-start-end``: the stage's global layer range ``[start, end)`` — not the
   PP rank, as two partitions with the same rank hold different layers;
 * ``tp-r-of-n``: only when the unit holds a TP-sharded sub-pool (MHA ``FULL_KV``
-  with ``tp > 1``); DSV4's single replicated KV head never carries it;
+  with ``tp > 1``); replicated sub-pools (DSV4's single KV head, the MLA latent,
+  the DSA indexer keys) never carry it: one object per stage, not per TP rank;
 * ``unit``: a page space (``full`` / ``swa``, one object per page space) or a pool
   kind (``c4_kv``, ... one object per sub-pool); the two never collide;
 * ``h[:2]/h``: a 256-way fan-out so no directory (or S3 prefix) grows unbounded.
@@ -44,7 +45,7 @@ from typing import TYPE_CHECKING, final
 
 import numpy as np
 
-from jaxhicache.spec import ModelCacheSpec, PageSpace, PoolKind
+from jaxhicache.spec import ModelCacheSpec, PageSpace, PoolKind, TPSharding
 
 if TYPE_CHECKING:
     from jaxhicache.layer_map import StageLayerMap
@@ -128,10 +129,21 @@ def check_page_hash(h: str) -> str:
 
 
 def tp_sharded_kinds(spec: ModelCacheSpec, tp_size: int) -> tuple[PoolKind, ...]:
-    """Sub-pools whose rows are split over ``'tp'`` (``jaxhicache.mesh`` rule: MHA heads)."""
-    if tp_size > 1 and PoolKind.FULL_KV in spec.kinds():
-        return (PoolKind.FULL_KV,)
-    return ()
+    """Sub-pools whose rows are split over ``'tp'`` (:attr:`PoolKind.tp_sharding` is HEADS).
+
+    Replicated sub-pools (DSV4's single KV head, the MLA latent, the DSA indexer
+    keys) are stored once per stage, so their objects never carry a TP rank.
+
+    Args:
+      spec: the model's cache spec.
+      tp_size: tensor-parallel ranks.
+
+    Returns:
+      The split sub-pools in canonical order; empty when ``tp_size`` is 1.
+    """
+    if tp_size == 1:
+        return ()
+    return tuple(k for k in spec.kinds() if k.tp_sharding is TPSharding.HEADS)
 
 
 def cache_format(spec: ModelCacheSpec) -> str:
@@ -150,6 +162,8 @@ def cache_format(spec: ModelCacheSpec) -> str:
         "num_layers": spec.num_layers,
         "rows": {k.value: [list(spec.row_shape(k)), spec.row_dtype(k).name] for k in spec.kinds()},
     }
+    if spec.layer_kinds is not None:  # MLA: which layers own an indexer pool
+        desc["layer_kinds"] = [k.name for k in spec.layer_kinds]
     return json.dumps(desc, sort_keys=True, separators=(",", ":"))
 
 
