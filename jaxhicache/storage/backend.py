@@ -67,7 +67,11 @@ class StorageBackend(abc.ABC):
         (page, stage, sub-pool).
 
     Calls are thread-safe (counters are merged under a lock); one call runs its
-    objects pipelined on the calling thread.
+    objects pipelined on the calling thread. Object I/O errors are not raised by
+    the page operations: they count in :meth:`stats` and fail the page.
+
+    Raises:
+      ValueError: ``max_in_flight < 1`` or an unknown ``object_layout``.
     """
 
     def __init__(
@@ -128,7 +132,21 @@ class StorageBackend(abc.ABC):
         *,
         max_in_flight: int | None = None,
     ) -> np.ndarray:
-        """bool ``[n]``: whether every object of each page is present (no integrity check)."""
+        """Whether every object of each page is present (no integrity check).
+
+        Args:
+          ns: the stage's namespace.
+          space: the page space of the pages.
+          hashes: the page hashes (a sequence, not one string).
+          max_in_flight: checks issued at once (default: the backend's).
+
+        Returns:
+          bool ``[n]``, one per hash; an I/O error reads as absent.
+
+        Raises:
+          ValueError: a malformed hash, ``hashes`` given as one string, or a bad
+            ``max_in_flight``.
+        """
         (present,) = self.exists_batch(
             [ExistsQuery(ns, space, hashes)], max_in_flight=max_in_flight
         )
@@ -146,6 +164,15 @@ class StorageBackend(abc.ABC):
 
         Stops issuing requests after the first absent page. Counts ``hit_*`` for
         the prefix and ``miss_*`` for the rest of ``hashes``.
+
+        Args:
+          ns, space, hashes, max_in_flight: as in :meth:`exists`.
+
+        Returns:
+          The length of the leading run of present pages.
+
+        Raises:
+          ValueError: as :meth:`exists` raises it.
         """
         (present,) = self.exists_batch(
             [ExistsQuery(ns, space, hashes, prefix=True)],
@@ -165,17 +192,29 @@ class StorageBackend(abc.ABC):
     ) -> list[np.ndarray]:
         """The existence checks of several (namespace, space, pages) queries in ONE pipeline.
 
-        Every object of every query is checked, at most ``max_in_flight`` (default:
-        the backend's) at a time, in page-index order across the queries: a lookup
-        over all stages and both page spaces costs about ``ceil(objects /
-        max_in_flight)`` sequential round trips, not one pipeline per query.
-        ``stop_at_absent``: once an object of page index ``p`` of a ``prefix`` query
-        is found absent, objects of pages ``>= p`` (of every query) not yet started
-        are not started (their pages read ``False``). Returns one bool mask per query
-        (``True``: every object of the page is present). An I/O error is an absent
-        page plus ``read_errors_total``. ``started``: the number of checks issued is
-        appended to it; ``finished``: the ``time.perf_counter()`` at which each issued
-        check's answer was taken, in order.
+        Every object of every query is checked, at most ``max_in_flight`` at a
+        time, in page-index order across the queries: a lookup over all stages and
+        both page spaces costs about ``ceil(objects / max_in_flight)`` sequential
+        round trips, not one pipeline per query. An I/O error is an absent page
+        plus ``read_errors_total``.
+
+        Args:
+          queries: :class:`ExistsQuery` tuples (namespace, space, hashes, optional
+            page indices, whether the pages are a prefix).
+          max_in_flight: checks issued at once (default: the backend's).
+          stop_at_absent: once an object of page index ``p`` of a ``prefix`` query
+            is found absent, objects of pages ``>= p`` (of every query) not yet
+            started are not started (their pages read ``False``).
+          started: if given, the number of checks issued is appended to it.
+          finished: if given, the ``time.perf_counter()`` at which each issued
+            check's answer was taken is appended, in order.
+
+        Returns:
+          One bool mask per query (``True``: every object of the page is present).
+
+        Raises:
+          ValueError: a query's page indices and hashes differ in number, or as
+            :meth:`exists` raises it.
         """
         queries = [ExistsQuery(*q) for q in queries]
         items: list[tuple[int, int, int, str]] = []  # (page index, query, position, key)
@@ -239,15 +278,38 @@ class StorageBackend(abc.ABC):
     def page_objects(
         self, ns: Namespace, space: PageSpace, host: HostPools, rank: int
     ) -> tuple[int, int]:
-        """``(objects, bytes)`` one page of ``space`` on stage ``rank`` is stored as
-        (headers included); ``(0, 0)`` for a stage without a sub-pool of ``space``."""
+        """What one page of ``space`` on stage ``rank`` is stored as.
+
+        Args:
+          ns: the stage's namespace (must describe stage ``rank`` of ``host``).
+          space: the page space.
+          host: the host slabs.
+          rank: the stage.
+
+        Returns:
+          ``(objects, bytes)``, object headers included; ``(0, 0)`` for a stage
+          without a sub-pool of ``space``.
+
+        Raises:
+          ValueError: ``rank`` is not a stage of ``host`` or ``ns`` does not
+            describe it.
+        """
         units = self._plan(ns, space, host, rank).units
         return len(units), sum(
             u.nbytes + header_length(object_key(ns, u.unit, "0" * 64)) for u in units
         )
 
     def units_per_page(self, ns: Namespace, space: PageSpace) -> int:
-        """Objects one page of ``space`` is stored as on the stage of ``ns`` (0: none)."""
+        """How many objects one page of ``space`` is stored as on the stage of ``ns``.
+
+        Args:
+          ns: the stage's namespace.
+          space: the page space.
+
+        Returns:
+          1 per page space, or one per sub-pool of ``space`` with ``PER_SUBPOOL``;
+          0 when the stage has no sub-pool of ``space``.
+        """
         return len(self._unit_names(ns, space))
 
     @property
@@ -268,9 +330,23 @@ class StorageBackend(abc.ABC):
         """Write host pages ``host_ids`` of stage ``rank`` as pages ``hashes``.
 
         One object per page (and per sub-pool with ``PER_SUBPOOL``), serialised
-        straight from the slab rows into the object bytes. Returns bool ``[n]``:
-        ``True`` where every object of the page was written. Existing objects are
+        straight from the slab rows into the object bytes. Existing objects are
         overwritten (callers skip pages :meth:`exists` reports).
+
+        Args:
+          ns: the stage's namespace (must describe stage ``rank`` of ``host``).
+          space: the page space.
+          hashes: one page hash per page written.
+          host: the host slabs to read.
+          rank: the stage.
+          host_ids: one host page id of ``space`` per hash (repeats allowed).
+
+        Returns:
+          bool ``[n]``: ``True`` where every object of the page was written (a
+          failed write counts in ``write_errors_total``).
+
+        Raises:
+          ValueError: a bad rank, namespace, hash or host id (named).
         """
         t0 = time.perf_counter()
         pages = self._plan(ns, space, host, rank)
@@ -324,10 +400,24 @@ class StorageBackend(abc.ABC):
     ) -> np.ndarray:
         """Load pages ``hashes`` into host pages ``host_ids`` of stage ``rank``.
 
-        ``max_in_flight``: objects read at once in this call (default: the backend's).
+        Args:
+          ns: the stage's namespace (must describe stage ``rank`` of ``host``).
+          space: the page space.
+          hashes: one page hash per page loaded.
+          host: the host slabs to write.
+          rank: the stage.
+          host_ids: one host page id of ``space`` per hash, no repeats.
+          max_in_flight: objects read at once in this call (default: the backend's).
 
-        Returns bool ``[n]``; a ``True`` page passed every check of every one of
-        its objects. What a ``False`` page's slot holds afterwards:
+        Returns:
+          bool ``[n]``; a ``True`` page passed every check of every one of its
+          objects. A corrupt object is counted and deleted.
+
+        Raises:
+          ValueError: a bad rank, namespace, hash, ``max_in_flight`` or host id
+            (repeats included).
+
+        What a ``False`` page's slot holds afterwards:
 
         * staged reads (backends without :meth:`_start_read_into`, or rows that are
           not contiguous in the slab): the slot is untouched — objects are
@@ -479,7 +569,20 @@ class StorageBackend(abc.ABC):
         return self._start_read_into(key, header, views).result()
 
     def delete(self, ns: Namespace, space: PageSpace, hashes: Sequence[str]) -> int:
-        """Delete every object of pages ``hashes``; returns objects whose delete succeeded."""
+        """Delete every object of pages ``hashes``.
+
+        Args:
+          ns: the stage's namespace.
+          space: the page space.
+          hashes: the pages.
+
+        Returns:
+          How many objects were deleted (a failure counts in
+          ``delete_errors_total``).
+
+        Raises:
+          ValueError: a malformed hash or ``hashes`` given as one string.
+        """
         keys = self._keys(ns, self._unit_names(ns, space), hashes)
         st = StorageStats()
 
@@ -495,9 +598,13 @@ class StorageBackend(abc.ABC):
         return st.deleted_objects_total
 
     def clear(self, ns: Namespace | None = None) -> bool:
-        """Delete all jaxhicache objects (or only those of namespace ``ns``).
+        """Delete all jaxhicache objects (or only those of one namespace).
 
-        Returns ``False`` (and counts a delete error) if the store failed.
+        Args:
+          ns: the namespace to clear; ``None``: every key under ``jaxhicache/``.
+
+        Returns:
+          ``True``, or ``False`` (and a delete error counted) if the store failed.
         """
         prefix = "jaxhicache/" if ns is None else ns.prefix + "/"
         try:
@@ -508,7 +615,11 @@ class StorageBackend(abc.ABC):
             return False
 
     def stats(self) -> StorageStats:
-        """A snapshot of the counters."""
+        """A snapshot of the counters.
+
+        Returns:
+          A copy of this backend's :class:`StorageStats` (later calls do not change it).
+        """
         with self._lock:
             return dataclasses.replace(self._stats)
 

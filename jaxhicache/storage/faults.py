@@ -32,7 +32,7 @@ class FaultInjectionBackend(StorageBackend):
 
     Args:
       inner: the backend whose store is used.
-      fail_read / fail_stat / fail_write / fail_delete: ``True`` (every key), a
+      fail_read, fail_stat, fail_write, fail_delete: ``True`` (every key), a
         predicate on the object key, or ``None``; selected operations fail.
       errno: the ``OSError`` errno of injected failures (``EIO`` by default).
     """

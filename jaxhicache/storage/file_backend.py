@@ -46,7 +46,13 @@ _GEN = struct.Struct("<QQq")  # inode, size, mtime_ns
 
 
 def default_cache_dir() -> str:
-    """``$JAXHICACHE_L3_DIR``, else ``$XDG_CACHE_HOME/jaxhicache/l3`` (``~/.cache/...``)."""
+    """The directory a file store uses when given none.
+
+    Returns:
+      ``$JAXHICACHE_L3_DIR`` if set and non-empty, else
+      ``$XDG_CACHE_HOME/jaxhicache/l3`` (``~/.cache/jaxhicache/l3``). Nothing is
+      created.
+    """
     env = os.environ.get("JAXHICACHE_L3_DIR")
     if env:
         return env
@@ -111,6 +117,10 @@ class FileBackend(StorageBackend):
       max_in_flight, object_layout: see :class:`~jaxhicache.storage.StorageBackend`.
       io_threads: worker threads (0: operations run on the calling thread).
       sync: ``fsync`` every object before it is renamed into place.
+
+    Raises:
+      ValueError: ``io_threads < 0``, or as the base class raises it.
+      OSError: ``root`` cannot be created.
     """
 
     def __init__(

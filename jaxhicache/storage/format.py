@@ -57,7 +57,13 @@ Buffer = bytes | bytearray | memoryview
 
 
 class IntegrityError(ValueError):
-    """An object failed a check; ``reason`` is one short word for counters and logs."""
+    """An object failed a check.
+
+    Args:
+      reason: one short word for counters and logs (``truncated``,
+        ``bad_magic``, ``key_mismatch``, ...); kept as ``self.reason``.
+      detail: appended to the message after ``reason: ``.
+    """
 
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)

@@ -18,7 +18,14 @@ class Pending(Protocol):
     """A started object operation (a future)."""
 
     def result(self) -> Any:
-        """Blocks until the operation finished; returns its value or raises its error."""
+        """Blocks until the operation finished.
+
+        Returns:
+          The operation's value (what it is depends on the operation).
+
+        Raises:
+          Exception: the operation's own error (e.g. an ``OSError``), unchanged.
+        """
         ...
 
 
@@ -49,10 +56,15 @@ class Raised:
 
 
 class ObjectRead(NamedTuple):
-    """Result of reading one object: ``value is None`` means missing.
+    """Result of reading one object.
 
-    ``value`` may be a view of a backend-owned buffer; the caller calls
-    ``release()`` (when given) once it no longer needs the bytes.
+    Attributes:
+      value: the object's bytes, ``None`` if it is missing (direct reads: the
+        header only). May be a view of a backend-owned buffer.
+      generation: the store's version of the object (for a conditional delete),
+        if the store has one.
+      release: when given, the caller calls it once it no longer needs ``value``.
+      size: the object's length in bytes.
     """
 
     value: bytes | memoryview | None

@@ -20,19 +20,28 @@ class StorageStats:
     stage (tokens = pages × page size). A PP-4 restore of ``n`` pages of both
     spaces therefore adds ``8 n`` pages; label by stage / space upstream if needed.
 
-    * ``hit_*`` / ``miss_*``: :meth:`StorageBackend.exists_prefix` lookups (the
-      prefix found / the queried pages after it);
-    * ``prefetched_*``: pages :meth:`StorageBackend.get` loaded into host slabs;
-      ``prefetch_failed_pages_total``: pages it could not load (missing object,
-      I/O error or integrity failure);
-    * ``backed_up_*``: pages :meth:`StorageBackend.put` wrote;
-      ``backup_failed_pages_total``: pages it could not write;
-    * bytes / seconds / objects per direction (read = storage → host); seconds
-      are wall time of the calls;
-    * ``integrity_failures_total``: objects that failed a check (each one is then
-      deleted); ``read_errors_total`` / ``write_errors_total`` /
-      ``delete_errors_total``: I/O errors (unreachable store, disk full, ...);
-      ``missing_objects_total``: objects ``get`` found absent.
+    Attributes:
+      hit_pages_total, hit_tokens_total: the prefix
+        :meth:`StorageBackend.exists_prefix` lookups found.
+      miss_pages_total, miss_tokens_total: the queried pages after that prefix.
+      prefetched_pages_total, prefetched_tokens_total: pages
+        :meth:`StorageBackend.get` loaded into host slabs.
+      prefetch_failed_pages_total: pages it could not load (missing object, I/O
+        error or integrity failure).
+      backed_up_pages_total, backed_up_tokens_total: pages
+        :meth:`StorageBackend.put` wrote.
+      backup_failed_pages_total: pages it could not write.
+      read_bytes_total, write_bytes_total: bytes moved per direction (read =
+        storage → host), object headers included.
+      read_seconds_total, write_seconds_total: wall time of the ``get`` / ``put``
+        calls.
+      read_objects_total, write_objects_total: objects read / written.
+      missing_objects_total: objects ``get`` found absent.
+      integrity_failures_total: objects that failed a check (each one is then
+        deleted).
+      read_errors_total, write_errors_total, delete_errors_total: I/O errors
+        (unreachable store, disk full, ...).
+      deleted_objects_total: objects deleted (by ``delete``, or as corrupt).
     """
 
     hit_pages_total: int = 0
@@ -59,7 +68,14 @@ class StorageStats:
     deleted_objects_total: int = 0
 
     def as_prometheus(self, prefix: str = "jaxhicache_storage_") -> dict[str, float]:
-        """``{prefix + field: value}``, one Prometheus counter per field."""
+        """The counters under their Prometheus names.
+
+        Args:
+          prefix: prepended to each field name.
+
+        Returns:
+          ``{prefix + field: value}``, one counter per field.
+        """
         return {prefix + f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def __sub__(self, other: StorageStats) -> StorageStats:
@@ -71,6 +87,10 @@ class StorageStats:
         )
 
     def add(self, other: StorageStats) -> None:
-        """Adds every counter of ``other`` to this one (in place)."""
+        """Adds every counter of ``other`` to this one (in place).
+
+        Args:
+          other: the counters to add.
+        """
         for f in dataclasses.fields(self):
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))

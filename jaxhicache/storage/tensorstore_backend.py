@@ -26,10 +26,18 @@ __all__ = ["TensorStoreBackend", "default_cache_dir", "parse_kvstore_spec"]
 def parse_kvstore_spec(spec_or_url: dict | str | os.PathLike | None) -> dict | str:
     """A tensorstore kvstore spec from what a user gives.
 
-    ``None`` -> the file driver at :func:`default_cache_dir`; a ``dict`` or a JSON
-    object string -> that spec; a string with ``://`` -> a tensorstore kvstore URL
-    (``file:///dir/``, ``memory://``, ``s3://bucket/prefix``, ``gs://bucket/prefix``);
-    any other string or path -> the file driver at that directory.
+    Args:
+      spec_or_url: ``None``: the file driver at :func:`default_cache_dir`; a
+        ``dict`` or a JSON object string: that spec; a string with ``://``: a
+        tensorstore kvstore URL (``file:///dir/``, ``memory://``,
+        ``s3://bucket/prefix``, ``gs://bucket/prefix``); any other string or
+        path: the file driver at that directory.
+
+    Returns:
+      The spec (a copy of a given ``dict``) or the URL string.
+
+    Raises:
+      ValueError: an empty string, invalid JSON, or JSON that is not an object.
     """
     if spec_or_url is None:
         return {"driver": "file", "path": default_cache_dir()}
@@ -103,6 +111,11 @@ class TensorStoreBackend(StorageBackend):
         checks at once (``StorageConfig.lookup_in_flight``); this caps them per store.
       timeout_s: per-object wait, after which the operation counts as an I/O error.
       context: extra tensorstore context resources (override the above).
+
+    Raises:
+      ValueError: ``request_concurrency`` not an int ``>= 1``, a bad
+        ``spec_or_url``, or as the base class raises it; tensorstore's own error
+        when the store cannot be opened.
     """
 
     def __init__(
