@@ -77,6 +77,12 @@ _KERNEL_CASES = [
     _case(jnp.uint8, (1_728,), _T(chunk_elems=256), PF, None, 8, "u8-1728-c256"),
     _case(jnp.uint8, (65_536,), _T(chunk_elems=16384), LF, None, 1, "u8-65536"),
     _case(jnp.uint8, (16_384,), _T(chunk_elems=4096), PF, 0, 5, "u8-16384"),
+    # MLA / DSA byte rows: one token's indexer key (132 B) or fp8 latent (656 B), a
+    # 64-token FP8_MLA latent page (41,984 B) and a tiny-model indexer page (16 x 20 B).
+    _case(jnp.uint8, (132,), _T(chunk_elems=64), LF, None, 5, "u8-132-c64"),
+    _case(jnp.uint8, (656,), _T(chunk_elems=256), PF, 1, 3, "u8-656-c256"),
+    _case(jnp.uint8, (41_984,), _T(chunk_elems=16384), PF, None, 3, "u8-41984"),
+    _case(jnp.uint8, (320,), _T(chunk_elems=128, pack_words=True), LF, 0, 3, "u8-320-pack"),
     # Word packing (uint8 -> uint32; fp8 rows of 14 bytes -> uint16).
     _case(jnp.uint8, (8_448,), _T(chunk_elems=512, pack_words=True), LF, None, 3, "u8-8448-pack"),
     _case(
