@@ -64,7 +64,16 @@ def child_key(n: TreeNode, page_bytes: int) -> bytes:
 
 @final
 class TreeNode:
-    """A run of whole pages. Fields are read-only for callers; mutate through the tree."""
+    """A run of whole pages. Fields are read-only for callers; mutate through the tree.
+
+    Args:
+      node_id: a unique id within the tree (the root's is 0).
+      key: int64 token bytes of this node's pages.
+      num_pages: pages in the run.
+      start: page index of the first page along the root path.
+      parent: the parent node (``None`` for the root).
+      salt: the path's cache salt as bytes (``None`` = unsalted).
+    """
 
     __slots__ = (
         "children",
@@ -143,7 +152,11 @@ class TreeNode:
         return self.start + self.num_pages
 
     def tokens(self) -> np.ndarray:
-        """This node's token ids (int64)."""
+        """This node's token ids.
+
+        Returns:
+          int64 ``[num_pages * page_size]``, a read-only view of ``key``.
+        """
         return np.frombuffer(self.key, dtype=TOK)
 
     def __lt__(self, other: TreeNode) -> bool:  # deterministic heap tie-break
@@ -163,13 +176,22 @@ class MatchResult:
     """Outcome of :meth:`RadixTree.match_prefix`. Lengths are in tokens.
 
     The usable prefix ``[0, matched_len)`` is ``[0, device_len)`` with full pages
-    on device (``device_full_ids``) followed by ``[device_len, matched_len)`` on
-    host only (``host_full_ids``, to load back). ``swa_device_ids`` /
-    ``swa_host_ids`` cover the trailing window (``swa_window_pages`` pages ending
-    at ``matched_len``): the device SWA id per page, ``-1`` where it must be
-    loaded from the host id given in ``swa_host_ids``. ``full_match_len`` is
-    the page-wise match ignoring SWA (what a full-attention tree would return).
-    Lock ``node`` to keep the prefix while it is used.
+    on device followed by ``[device_len, matched_len)`` on host only (to load
+    back). Lock ``node`` to keep the prefix while it is used.
+
+    Attributes:
+      node: the node ending the usable prefix (the root for no match).
+      matched_len: the usable prefix.
+      device_len: its part on device.
+      host_len: its part on host only.
+      full_match_len: the page-wise match ignoring SWA (what a full-attention
+        tree would return).
+      device_full_ids: device full ids of ``[0, device_len)``.
+      host_full_ids: host full ids of ``[device_len, matched_len)``.
+      swa_window_pages: pages of the trailing window, ending at ``matched_len``.
+      swa_device_ids: the device SWA id per window page, ``-1`` where it must be
+        loaded from the host id in ``swa_host_ids``.
+      swa_host_ids: the host SWA id per window page (``-1``: none needed).
     """
 
     node: TreeNode
@@ -194,10 +216,18 @@ class MatchResult:
 class InsertResult:
     """Outcome of :meth:`RadixTree.insert`. The caller frees the returned ids.
 
-    ``dup_full_ids``: the caller's full ids for pages that were already on device
-    (the tree kept its own). ``free_swa_ids``: the caller's SWA ids the tree did
-    not take (their pages already had a device SWA page). The tree never frees
-    SWA pages at insert: out-of-window ones stay, reclaimable (``reclaim_swa``).
+    The tree never frees SWA pages at insert: out-of-window ones stay,
+    reclaimable (``reclaim_swa``).
+
+    Attributes:
+      node: the node ending the inserted key.
+      prefix_len: tokens already cached (device or host) before the insert.
+      adopted_len: host-only tokens that took the caller's device ids.
+      new_len: tokens in new nodes.
+      dup_full_ids: the caller's full ids for pages that were already on device
+        (the tree kept its own).
+      free_swa_ids: the caller's SWA ids the tree did not take (their pages
+        already had a device SWA page).
     """
 
     node: TreeNode
@@ -211,7 +241,17 @@ class InsertResult:
 @final
 @dataclass(slots=True)
 class EvictResult:
-    """Ids freed by an eviction (device or host tier, as asked) and what happened."""
+    """Ids freed by an eviction (device or host tier, as asked) and what happened.
+
+    Attributes:
+      full_ids: the freed full-page ids of the tier, for the caller to free.
+      swa_ids: the freed SWA-page ids of the tier, for the caller to free.
+      evicted_pages: full pages that left the tier.
+      demoted_pages: device eviction: pages kept on host.
+      deleted_pages: pages that left the tree.
+      needs_backup: write-back device eviction: unbacked leaves left in place, to
+        back up before they can go.
+    """
 
     full_ids: np.ndarray
     swa_ids: np.ndarray
@@ -224,7 +264,15 @@ class EvictResult:
 @final
 @dataclass(slots=True)
 class BackupPlan:
-    """Pages of the path ending at ``node`` that are not backed up yet (root order)."""
+    """Pages of the path ending at ``node`` that are not backed up yet (root order).
+
+    Attributes:
+      node: the node the plan was made for.
+      nodes: the unbacked nodes ending its path, root first.
+      num_pages: their pages.
+      device_full_ids: their device full ids, to copy.
+      device_swa_ids: their device SWA ids (``-1`` = tombstone, nothing to copy).
+    """
 
     node: TreeNode
     nodes: list[TreeNode]

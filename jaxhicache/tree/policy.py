@@ -35,12 +35,29 @@ def _check_write_policy(value: object) -> WritePolicy:
 
 
 def should_backup_on_insert(policy: WritePolicy, node: TreeNode) -> bool:
-    """True when ``policy`` wants ``node`` (and its unbacked ancestors) backed up after insert."""
+    """Whether ``policy`` wants ``node`` (and its unbacked ancestors) backed up after insert.
+
+    Args:
+      policy: the cache's write policy.
+      node: the node an insert ended at.
+
+    Returns:
+      ``True`` for ``WRITE_THROUGH`` and a non-root node without a host value.
+    """
     return policy is WritePolicy.WRITE_THROUGH and not node.is_root and node.host_full is None
 
 
 def should_backup_on_hit(policy: WritePolicy, node: TreeNode) -> bool:
-    """True when a match on ``node`` should trigger a backup (selective: from the second hit)."""
+    """Whether a match on ``node`` should trigger a backup.
+
+    Args:
+      policy: the cache's write policy.
+      node: the matched node.
+
+    Returns:
+      ``True`` for ``WRITE_THROUGH_SELECTIVE`` and a non-root node without a host
+      value that has been hit at least ``SELECTIVE_HIT_THRESHOLD`` times.
+    """
     return (
         policy is WritePolicy.WRITE_THROUGH_SELECTIVE
         and not node.is_root

@@ -81,6 +81,10 @@ class RadixTree:
       swa_pages: trailing pages covering the sliding window (0: no SWA, full attention).
       write_policy: default for :meth:`evict_device` (``WRITE_BACK`` reports
         unbacked leaves instead of deleting them); otherwise informational.
+
+    Raises:
+      ValueError: ``page_size`` not a positive integer, ``swa_pages`` negative or
+        not an integer, or ``write_policy`` not a :class:`WritePolicy`.
     """
 
     def __init__(
@@ -118,36 +122,74 @@ class RadixTree:
         return self._r.num_nodes
 
     def total_device_pages(self) -> int:
-        """Full pages with a device value."""
+        """Full pages with a device value.
+
+        Returns:
+          The count (O(1)).
+        """
         return self._r.dev_pages
 
     def total_host_pages(self) -> int:
-        """Full pages with a host value."""
+        """Full pages with a host value.
+
+        Returns:
+          The count (O(1)).
+        """
         return self._r.host_pages
 
     def total_device_swa_pages(self) -> int:
-        """Live SWA pages with a device value."""
+        """Live SWA pages with a device value.
+
+        Returns:
+          The count (O(1)).
+        """
         return self._w.dev_live
 
     def total_host_swa_pages(self) -> int:
-        """Live SWA pages with a host value."""
+        """Live SWA pages with a host value.
+
+        Returns:
+          The count (O(1)).
+        """
         return self._w.host_live
 
     def reclaimable_swa_pages(self, tier: Tier) -> int:
-        """SWA pages of ``tier`` that :meth:`reclaim_swa` may free (classes 1 and 2)."""
+        """SWA pages of ``tier`` that :meth:`reclaim_swa` may free (classes 1 and 2).
+
+        Args:
+          tier: ``Tier.DEVICE`` or ``Tier.HOST``.
+
+        Returns:
+          The live SWA pages of that tier outside every leaf and lock window.
+
+        Raises:
+          ValueError: ``tier`` is ``Tier.STORAGE`` or not a tier.
+        """
         w = self._w
         return w.dev_live - w.dev_prot if _is_device(tier) else w.host_live - w.host_prot
 
     def evictable_device_pages(self) -> int:
-        """Device full pages in unlocked nodes."""
+        """Device full pages in unlocked nodes.
+
+        Returns:
+          The count (O(1)).
+        """
         return self._r.evictable_dev
 
     def evictable_host_pages(self) -> int:
-        """Host full pages in unlocked host-only nodes."""
+        """Host full pages in unlocked host-only nodes.
+
+        Returns:
+          The count (O(1)).
+        """
         return self._r.evictable_host
 
     def protected_device_pages(self) -> int:
-        """Device full pages in locked nodes (not evictable now)."""
+        """Device full pages in locked nodes (not evictable now).
+
+        Returns:
+          The count (O(1)).
+        """
         return self._r.dev_pages - self._r.evictable_dev
 
     def _split(self, child: TreeNode, k: int) -> TreeNode:
@@ -185,12 +227,25 @@ class RadixTree:
 
     # ------------------------------------------------------------------ match
     def match_prefix(self, key, *, salt=None, touch: bool = True) -> MatchResult:
-        """Longest usable page-aligned prefix of ``key`` (any length; whole pages only)
-        among the pages inserted with the same ``salt`` (``str`` / ``bytes``, ``None``
-        = unsalted: only unsalted pages).
+        """Longest usable page-aligned prefix of ``key`` among the pages inserted with
+        the same salt.
 
-        Splits a node where the match ends inside it; with ``touch`` (a use, not an
-        inspection) bumps ``last_access`` and ``hit_count`` along the usable path.
+        Splits a node where the match ends inside it. With SWA the prefix is cut to
+        the last page boundary whose trailing window is still available.
+
+        Args:
+          key: token ids, any length (a partial trailing page is ignored).
+          salt: ``str`` / ``bytes`` cache salt; ``None`` = unsalted (matches only
+            unsalted pages).
+          touch: a use, not an inspection: bump ``last_access`` and ``hit_count``
+            along the usable path.
+
+        Returns:
+          A :class:`MatchResult`: lengths in tokens, the device and host full ids
+          of the prefix, the SWA window's ids and the node to lock.
+
+        Raises:
+          ValueError: ``key`` is not 1-D integer token ids.
         """
         if type(key) is np.ndarray and key.dtype is TOK_DT and key.ndim == 1:  # fast path
             ps = self.page_size
@@ -303,28 +358,48 @@ class RadixTree:
         return path
 
     def cached_len(self, key, *, salt=None) -> int:
-        """Tokens of ``key`` present in the tree page-wise under ``salt`` (no SWA rule,
-        no side effects)."""
+        """How much of ``key`` the tree holds, page-wise (no SWA rule, no side effects).
+
+        Args:
+          key: token ids, any length.
+          salt: as in :meth:`match_prefix`.
+
+        Returns:
+          Tokens of ``key``'s leading whole pages present under ``salt``.
+        """
         kb, _ = key_bytes(key, self.page_size, aligned=False)
         *_, pages = walk(self._root, kb, salt_bytes(salt), self.page_size)
         return pages * self.page_size
 
     # ------------------------------------------------------------------ insert
     def insert(self, key, full_device_ids, swa_device_ids=None, *, salt=None) -> InsertResult:
-        """Insert a page-aligned ``key`` under ``salt`` (as in :meth:`match_prefix`: the
-        pages are shared only with requests of the same salt).
-
-        ``full_device_ids`` holds the caller's own device full-page ids for the
-        *trailing* ``n`` pages of the key (``n <= pages``); the leading pages
-        must already be cached on device (typically the caller's locked match).
-        ``swa_device_ids`` (optional, right-aligned too, any length up to the
-        key's pages, ``-1`` = none) are the caller's device SWA ids; give all the
-        SWA pages the request computed: out-of-window ones stay reclaimable.
+        """Insert a page-aligned ``key`` under ``salt``.
 
         Pages already on device keep their values; the caller's ids for them
         come back in ``dup_full_ids`` / ``free_swa_ids`` (SWA tombstones are
         filled with the caller's id instead). Host-only pages adopt the caller's
-        device ids. New pages get the caller's ids. Nothing is freed.
+        device ids. New pages get the caller's ids. Nothing is freed. Validation
+        happens before any value changes.
+
+        Args:
+          key: token ids, a whole number of pages.
+          full_device_ids: the caller's own device full-page ids for the
+            *trailing* ``n`` pages of the key (``n <= pages``); the leading pages
+            must already be cached on device (typically the caller's locked match).
+          swa_device_ids: the caller's device SWA ids, right-aligned too, any
+            length up to the key's pages, ``-1`` = none; give all the SWA pages
+            the request computed: out-of-window ones stay reclaimable.
+          salt: as in :meth:`match_prefix`: the pages are shared only with
+            requests of the same salt.
+
+        Returns:
+          An :class:`InsertResult`: the node ending the key, the prefix / adopted /
+          new lengths in tokens, and the caller's ids to free.
+
+        Raises:
+          ValueError: a key that is not whole pages of integer tokens, more ids than
+            pages, a negative full id, or leading pages that are not cached on
+            device and have no id.
         """
         ps = self.page_size
         if (
@@ -448,12 +523,25 @@ class RadixTree:
 
     # ------------------------------------------------------------------ SWA reclaim
     def reclaim_swa(self, num_pages: int, tier: Tier, *, keep_branch_windows: bool = False):
-        """Free up to ``num_pages`` SWA pages of ``tier`` (device or host) that no leaf or
-        lock window needs; returns their ids (now ``-1`` in the tree) for the caller to
-        free. LRU by node, pages outside every leaf / lock / branch-point window first,
-        then (unless ``keep_branch_windows``) pages only in branch-point windows. Pages
-        in the window ending at a leaf or at a locked node are never taken: they go
-        with their node (``evict_device`` / ``evict_host``)."""
+        """Free SWA pages that no leaf or lock window needs.
+
+        LRU by node, pages outside every leaf / lock / branch-point window first,
+        then pages only in branch-point windows. Pages in the window ending at a
+        leaf or at a locked node are never taken: they go with their node
+        (``evict_device`` / ``evict_host``).
+
+        Args:
+          num_pages: how many to free, at most.
+          tier: ``Tier.DEVICE`` or ``Tier.HOST``.
+          keep_branch_windows: never take pages of branch-point windows.
+
+        Returns:
+          The freed ids (now ``-1`` in the tree), int32, for the caller to free;
+          empty without SWA.
+
+        Raises:
+          ValueError: ``tier`` is ``Tier.STORAGE`` or not a tier.
+        """
         if not self.swa_pages:
             return EMPTY
         return self._w.reclaim(int(num_pages), _is_device(tier), keep_branch_windows)
@@ -461,31 +549,73 @@ class RadixTree:
     # ------------------------------------------------------------------ locks
     def inc_lock(self, node: TreeNode) -> None:
         """Lock ``node`` and its ancestors (never evicted while locked); the node's
-        trailing SWA window is never reclaimed while locked."""
+        trailing SWA window is never reclaimed while locked.
+
+        Args:
+          node: a node of this tree (the root: nothing to lock).
+
+        Raises:
+          ValueError: ``node`` is no longer in the tree.
+        """
         self._r.inc_lock(node)
 
     def dec_lock(self, node: TreeNode) -> None:
-        """Undo one ``inc_lock(node)``. Below zero raises ``ValueError``."""
+        """Undo one ``inc_lock(node)``.
+
+        Args:
+          node: a node locked with :meth:`inc_lock`.
+
+        Raises:
+          ValueError: ``node`` is no longer in the tree or has no lock of its own.
+        """
         self._r.dec_lock(node)
 
     # ------------------------------------------------------------------ eviction
     def evict_device(self, num_pages: int, *, write_back: bool | None = None) -> EvictResult:
         """Free at least ``num_pages`` device full pages (if possible), LRU over unlocked
         device leaves. Backed-up leaves are demoted (host kept); others are deleted,
-        or with write-back (default: ``write_policy is WRITE_BACK``) reported in
-        ``needs_backup`` and left in place. SWA pages go with their node."""
+        or with write-back reported in ``needs_backup`` and left in place. SWA pages
+        go with their node.
+
+        Args:
+          num_pages: device full pages to free (whole nodes: may free more).
+          write_back: report unbacked leaves instead of deleting them; ``None``:
+            ``write_policy is WRITE_BACK``.
+
+        Returns:
+          An :class:`EvictResult` with the freed device ids for the caller to free.
+        """
         wb = self.write_policy is WritePolicy.WRITE_BACK if write_back is None else write_back
         return self._r.evict_device(num_pages, wb)
 
     def evict_host(self, num_pages: int) -> EvictResult:
         """Free at least ``num_pages`` host full pages (if possible): LRU over unlocked
-        host-only leaves, which leave the tree (with their host SWA pages)."""
+        host-only leaves, which leave the tree (with their host SWA pages).
+
+        Args:
+          num_pages: host full pages to free (whole nodes: may free more).
+
+        Returns:
+          An :class:`EvictResult` with the freed host ids for the caller to free.
+        """
         return self._r.evict_host(num_pages)
 
     # ------------------------------------------------------------------ backup / load back
     def device_ids(self, node: TreeNode) -> tuple[np.ndarray, np.ndarray]:
-        """Device full and SWA page ids (``-1``: tombstone) of the path to ``node``, which
-        must be on device (a locked node is); a request's page table after an insert."""
+        """The device page ids of the path to ``node``: a request's page table after an
+        insert.
+
+        Args:
+          node: a node whose whole path is on device (a locked node's is).
+
+        Returns:
+          ``(full_ids, swa_ids)``, int32, one per page of the path, root first;
+          SWA ``-1``: tombstone (all ``-1`` without SWA).
+
+        Raises:
+          ValueError: a node of the path is not on device, or ``node`` is no
+            longer in the tree.
+        """
         path = self._path(node) if node is not self._root else []
         if any(n.device_full is None for n in path):
             raise ValueError(f"the path to node {node.id} is not all on device")
@@ -494,19 +624,61 @@ class RadixTree:
         return full, swa
 
     def backup_plan(self, node: TreeNode) -> BackupPlan:
-        """What to copy to host so ``node``'s whole path is backed up."""
+        """What to copy to host so ``node``'s whole path is backed up.
+
+        Args:
+          node: a node of this tree.
+
+        Returns:
+          A :class:`BackupPlan`: the unbacked nodes ending the path and their device
+          ids (empty when the path is backed up already).
+        """
         return self._r.backup_plan(node)
 
     def mark_backed_up(
         self, node: TreeNode, host_full_ids, host_swa_ids=None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Record host copies of ``node``'s unbacked pages; see :meth:`Residency.mark_backed_up`."""
+        """Record host copies for the pages of ``node``'s path that are not backed up.
+
+        Args:
+          node: the node of the :meth:`backup_plan`.
+          host_full_ids: host full ids, root order, covering at least the trailing
+            unbacked pages of the path.
+          host_swa_ids: host SWA ids, one per ``host_full_ids`` entry (``-1`` = no
+            SWA page copied); all kept (out-of-window ones reclaimable).
+
+        Returns:
+          ``(unused_full_ids, unused_swa_ids)``: leading surplus ids (pages an
+          overlapping backup recorded meanwhile), for the caller to free.
+
+        Raises:
+          ValueError: ``node`` is no longer in the tree or a node of its unbacked
+            path is not on device, too few or negative ids, or SWA ids of another
+            length.
+        """
         return self._r.mark_backed_up(node, host_full_ids, host_swa_ids)
 
     def set_device_value(
         self, node: TreeNode, full_ids, swa_ids=None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Load-back bookkeeping; see :meth:`Residency.set_device_value`."""
+        """Load-back bookkeeping: device ids for the host-only pages ending ``node``'s path.
+
+        Args:
+          node: the matched node (e.g. ``MatchResult.node``).
+          full_ids: device full ids, root order, covering at least the trailing
+            host-only pages of the path (``match.host_len / page_size`` ids).
+          swa_ids: device SWA ids, right-aligned over the path, ``-1`` = none; they
+            fill device SWA tombstones (e.g. the trailing window loaded from host).
+
+        Returns:
+          ``(unused_full_ids, unused_swa_ids)``: ids that were not needed (leading
+          surplus full ids, SWA ids for pages that already have a device SWA page,
+          as after an overlapping load or insert), for the caller to free.
+
+        Raises:
+          ValueError: ``node`` is no longer in the tree, too few or negative full
+            ids, or more SWA ids than the path has pages.
+        """
         return self._r.set_device_value(node, full_ids, swa_ids)
 
     def _path(self, node: TreeNode) -> list[TreeNode]:
@@ -522,7 +694,11 @@ class RadixTree:
 
     # ------------------------------------------------------------------ inspection
     def iter_nodes(self) -> Iterator[TreeNode]:
-        """All nodes except the root, parents before children."""
+        """All nodes except the root.
+
+        Yields:
+          Each node once, parents before children.
+        """
         stack = list(self._root.children.values())
         while stack:
             n = stack.pop()
@@ -534,6 +710,9 @@ class RadixTree:
         key order) its tokens, salt, page ids on every tier, locks and LRU stamp.
 
         Processes that replay the same request stream must have equal digests.
+
+        Returns:
+          16 bytes (BLAKE2b).
         """
         h = hashlib.blake2b(digest_size=16)
         stack = [self._root]
@@ -551,7 +730,17 @@ class RadixTree:
         """L3 page hashes (64-char hex) of the path from the root to the end of ``node``,
         root first: ``storage.keys.page_hashes(path_tokens(node), page_size,
         salt=node.salt)``. Computed on first request per node and kept on the nodes
-        (``node.page_hashes``); splits slice them. ``[]`` for the root."""
+        (``node.page_hashes``); splits slice them.
+
+        Args:
+          node: a node of this tree.
+
+        Returns:
+          One hash per page of the path; ``[]`` for the root.
+
+        Raises:
+          ValueError: ``node`` is no longer in the tree.
+        """
         if node.parent is None:
             if node is self._root:
                 return []
@@ -563,16 +752,38 @@ class RadixTree:
         ``storage.keys.page_hashes(key, page_size, salt)``, but the pages the tree holds
         (under that salt) take their hashes from the nodes (computing and keeping them
         there if needed) and only the rest are hashed. No other side effect: no split,
-        no LRU bump. For the L3 lookup / backup of pages beyond a match."""
+        no LRU bump. For the L3 lookup / backup of pages beyond a match.
+
+        Args:
+          key: token ids (a partial trailing page is ignored).
+          salt: as in :meth:`match_prefix`.
+
+        Returns:
+          One 64-char hex hash per whole page of ``key``.
+        """
         return _key_hashes(self._root, key, self.page_size, salt)
 
     def path_tokens(self, node: TreeNode) -> np.ndarray:
-        """Token ids of the path from the root to the end of ``node``."""
+        """Token ids of the path from the root to the end of ``node``.
+
+        Args:
+          node: a node of this tree.
+
+        Returns:
+          int64 ``[node.end * page_size]`` (empty for the root, and for a node no
+          longer in the tree).
+        """
         parts = [n.key for n in self._path(node)] if node.parent is not None else []
         return np.frombuffer(b"".join(parts), dtype=TOK)
 
     def stats(self) -> dict:
-        """Node and page counts of the tree (a dict of ints, for reports)."""
+        """Node and page counts of the tree, for reports.
+
+        Returns:
+          ``{"nodes", "device_pages", "host_pages", "device_swa_pages",
+          "host_swa_pages", "reclaimable_{device,host}_swa_pages",
+          "evictable_{device,host}_pages"}`` → int.
+        """
         w, r = self._w, self._r
         return {
             "nodes": r.num_nodes,
