@@ -70,7 +70,12 @@ class TransferEngine:
         host page was freed or reallocated since the backup was issued are not
         written (the allocator's generation check). ``None``: always current.
       copy_path: :class:`CopyPath`; ``None``: DIRECT iff the mesh's devices are
-        CPUs, else STAGED. DIRECT on a non-CPU mesh raises ``ValueError``.
+        CPUs, else STAGED.
+
+    Raises:
+      ValueError: the mesh's ``pp`` size differs from the number of layer maps,
+        the host pools hold other stages than this process owns, DIRECT on a
+        non-CPU mesh, or a mesh mixing device platforms.
     """
 
     def __init__(
@@ -137,7 +142,11 @@ class TransferEngine:
         self.strategy.close()
 
     def stats_snapshot(self) -> TransferStats:
-        """A consistent copy of the counters (the D2H worker updates them concurrently)."""
+        """A consistent copy of the counters (the D2H worker updates them concurrently).
+
+        Returns:
+          A new :class:`TransferStats`.
+        """
         with self._lock:
             return dataclasses.replace(self.stats)
 
@@ -146,9 +155,19 @@ class TransferEngine:
     def backup(self, pools: DevicePools, move: PageMove, host_generations=None) -> BackupHandle:
         """Starts a D2H backup of ``move`` for all local layers of every sub-pool.
 
-        ``host_generations``: ``{space: generations of move's host ids}`` taken when
-        the host pages were allocated; rows whose pages changed generation since
-        are skipped when the copy lands. Reads ``pools``, never keeps them.
+        Args:
+          pools: the device pools; read, never kept or donated.
+          move: device pages to copy and the host pages they go to (host ids
+            distinct per space).
+          host_generations: ``{space: generations of move's host ids}`` taken when
+            the host pages were allocated; rows whose pages changed generation
+            since are skipped when the copy lands (with ``host_is_current``).
+
+        Returns:
+          A :class:`BackupHandle` (already finished on the DIRECT path).
+
+        Raises:
+          ValueError: an id out of range, or a repeated host id.
         """
         t0 = time.perf_counter()
         ids = self._device_ids(pools, move, unique=False)
@@ -162,9 +181,20 @@ class TransferEngine:
     ) -> tuple[DevicePools, LoadHandle]:
         """H2D: writes ``move``'s host pages into the (donated) device pools.
 
-        ``layer``: one stage-local layer id (every stage loads its own local layer
-        ``layer`` into the sub-pool rows that layer owns, if any), or ``None`` for
-        all layers. Returns the new pools and a handle to wait on.
+        Args:
+          pools: the device pools; donated (use the returned ones).
+          move: host pages to copy and the device pages they go to (device ids
+            distinct per space).
+          layer: one stage-local layer id (every stage loads its own local layer
+            ``layer`` into the sub-pool rows that layer owns, if any), or ``None``
+            for all layers.
+
+        Returns:
+          ``(pools, handle)``: the new pools and a :class:`LoadHandle` to wait on.
+
+        Raises:
+          ValueError: ``layer`` outside ``[0, max local layers)``, an id out of
+            range, or a repeated device id.
         """
         t0 = time.perf_counter()
         if layer is not None and not 0 <= layer < self.stacked.max_local_layers:
@@ -185,10 +215,19 @@ class TransferEngine:
     def load_layerwise(self, pools: DevicePools, move: PageMove) -> tuple[DevicePools, LoadHandle]:
         """Loads layer by layer (stage-local order): one program per layer, each donating the pools.
 
-        ``handle.wait(l)`` returns once layer ``l`` landed. On the DIRECT path (CPU,
-        no link to overlap) this is one all-layer load and every layer's wait is
-        its completion. A forward that should start before the last layer landed
-        takes :meth:`prepare_layerwise`'s load instead.
+        On the DIRECT path (CPU, no link to overlap) this is one all-layer load and
+        every layer's wait is its completion. A forward that should start before
+        the last layer landed takes :meth:`prepare_layerwise`'s load instead.
+
+        Args:
+          pools: the device pools; donated (use the returned ones).
+          move: as in :meth:`load`.
+
+        Returns:
+          ``(pools, handle)``; ``handle.wait(l)`` returns once layer ``l`` landed.
+
+        Raises:
+          ValueError: as :meth:`load` raises it.
         """
         if self.copy_path is CopyPath.DIRECT:
             pools, handle = self.load(pools, move)
@@ -202,10 +241,19 @@ class TransferEngine:
     def prepare_layerwise(self, pools: DevicePools, move: PageMove) -> LayerwiseLoad | None:
         """``move`` as a :class:`LayerwiseLoad` for a forward to apply layer by layer.
 
-        ``pools`` is only read for its page counts (the ids' sentinels); it is
-        neither donated nor kept. Ids are validated here. ``None`` when the move
-        is empty. The load's host pages must not be rewritten until the consuming
-        program ran (a cache keeps them locked).
+        The load's host pages must not be rewritten until the consuming program
+        ran (a cache keeps them locked).
+
+        Args:
+          pools: only read for its page counts (the ids' sentinels); neither
+            donated nor kept.
+          move: as in :meth:`load`.
+
+        Returns:
+          The load, or ``None`` when the move is empty.
+
+        Raises:
+          ValueError: an id out of range, or a repeated device id (validated here).
         """
         t0 = time.perf_counter()
         if move.empty:
@@ -221,7 +269,15 @@ class TransferEngine:
     ) -> tuple[DevicePools, LoadHandle]:
         """Applies a prepared layer-wise load on its own (every layer), e.g. when the
         forward that was to carry it will not run: its pages must land anyway, the
-        cache already counts them as device-resident."""
+        cache already counts them as device-resident.
+
+        Args:
+          pools: the device pools; donated (use the returned ones).
+          load: what :meth:`prepare_layerwise` returned.
+
+        Returns:
+          ``(pools, handle)`` as :meth:`load_layerwise` returns them.
+        """
         return self._apply_layers(pools, load, range(self.stacked.max_local_layers))
 
     def _apply_layers(self, pools: DevicePools, lw: LayerwiseLoad, layers):

@@ -51,12 +51,14 @@ class LayerwiseLoad:
       device_ids: per page space, int32 ``[nb]``, padded with the sentinel.
       host_ids: direct only: per page space, int32 ``[nb]`` host pages (padding 0,
         never used: its device id is the sentinel). Empty when staged.
-
-    Static fields: ``slab_layout`` (``None``: staged rows; else the slabs' layout),
-    ``row_specs`` (the ``PartitionSpec`` of each kind's rows), ``num_pages`` /
-    ``num_swa_pages`` (the device pools' page counts: the sentinels), ``nbytes``
-    (real row bytes), ``backend`` / ``tuning`` (the scatter kernel) and
-    ``guarded`` (staged: copy a kind's rows only when the layer has a row in it).
+      slab_layout: static. ``None``: staged rows; else the slabs' layout.
+      row_specs: static. The ``PartitionSpec`` of each kind's rows.
+      num_pages, num_swa_pages: static. The device pools' page counts (the
+        sentinels).
+      nbytes: static. Real row bytes.
+      backend, tuning: static. The scatter kernel's backend and launch parameters.
+      guarded: static. Staged: copy a kind's rows only when the layer has a row in
+        it.
     """
 
     rows: dict[PoolKind, jax.Array]
@@ -82,7 +84,11 @@ class LayerwiseLoad:
         return tuple(self.rows)
 
     def specs(self) -> LayerwiseLoad:
-        """The ``shard_map`` in_specs of this load (same pytree structure)."""
+        """The ``shard_map`` in_specs of this load.
+
+        Returns:
+          A load of the same pytree structure with ``PartitionSpec`` leaves.
+        """
         specs = dict(self.row_specs)
         spec_of: dict[str, Any] = {  # the same pytree with PartitionSpec leaves
             "rows": {k: specs[k] for k in self.rows},
@@ -92,7 +98,11 @@ class LayerwiseLoad:
         return dataclasses.replace(self, **spec_of)
 
     def stage_local(self) -> LayerwiseLoad:
-        """Inside ``shard_map``: drop the stage axis of the rows (``[1, ...] -> [...]``)."""
+        """Inside ``shard_map``: drop the stage axis of the rows.
+
+        Returns:
+          The load with rows ``[1, ...] -> [...]``.
+        """
         return dataclasses.replace(self, rows={k: a[0] for k, a in self.rows.items()})
 
 
@@ -113,11 +123,19 @@ def fetch_layer(
 ) -> dict[PoolKind, jax.Array]:
     """Staged: moves stage-local layer ``local_layer``'s rows of each kind to device memory.
 
-    ``load`` is stage-local (:meth:`LayerwiseLoad.stage_local`). Returns per kind
-    ``[nb, *row]`` on device (zeros where the layer has no row in that kind and the
-    load is ``guarded``: no bytes move). Direct loads fetch nothing (``{}``): their
-    rows are read from the slabs when applied. Call it one layer ahead of
-    :func:`apply_layer` to let the copy run under the previous layer's compute.
+    Call it one layer ahead of :func:`apply_layer` to let the copy run under the
+    previous layer's compute.
+
+    Args:
+      load: the stage-local load (:meth:`LayerwiseLoad.stage_local`).
+      view: the running stage's layer map view (``StackedLayerMap.stage``).
+      local_layer: the stage-local layer (int or traced int32).
+      kinds: restrict to these sub-pools (default: every kind of the load).
+
+    Returns:
+      Per kind ``[nb, *row]`` on device (zeros where the layer has no row in that
+      kind and the load is ``guarded``: no bytes move). Direct loads fetch nothing
+      (``{}``): their rows are read from the slabs when applied.
     """
     if not load.staged:
         return {}
@@ -148,9 +166,17 @@ def apply_layer(
 ) -> dict[PoolKind, jax.Array]:
     """Writes stage-local layer ``local_layer``'s rows into row ``k`` of each sub-pool.
 
-    ``pools``: one stage's ``{kind: [Lk, P, *row]}``; ``fetched``: what
-    :func:`fetch_layer` returned for the same layer (staged). Kinds where the
-    layer has no row (``k < 0``) are left as they are. Returns the new pools.
+    Args:
+      pools: one stage's ``{kind: [Lk, P, *row]}``.
+      load: the stage-local load.
+      fetched: what :func:`fetch_layer` returned for the same layer (staged).
+      view: the running stage's layer map view.
+      local_layer: the stage-local layer (int or traced int32).
+      kinds: restrict to these sub-pools (default: every kind of the load).
+
+    Returns:
+      The new pools; kinds where the layer has no row (``k < 0``) are left as
+      they are.
     """
     pools = dict(pools)
     for kind in _kinds(load, kinds):
@@ -183,7 +209,15 @@ def load_layer(
 ) -> dict[PoolKind, jax.Array]:
     """:func:`fetch_layer` then :func:`apply_layer` for one stage-local layer (inside ``shard_map``).
 
-    ``kinds`` restricts the load to those sub-pools (default: every kind of the load).
+    Args:
+      pools: one stage's ``{kind: [Lk, P, *row]}``.
+      load: the stage-local load.
+      view: the running stage's layer map view.
+      local_layer: the stage-local layer (int or traced int32).
+      kinds: restrict the load to those sub-pools (default: every kind of the load).
+
+    Returns:
+      The new pools.
     """
     fetched = fetch_layer(load, view, local_layer, kinds)
     return apply_layer(pools, load, fetched, view, local_layer, kinds)

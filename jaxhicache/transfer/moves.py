@@ -29,10 +29,17 @@ __all__ = [
 class PageMove:
     """Which pages move: device and host ids per page space, pairwise.
 
-    ``full_device[i]`` pairs with ``full_host[i]`` and ``swa_device[j]`` with
-    ``swa_host[j]``. One move may carry the pages of several requests (a batch of
-    load-backs): the ids only need to be distinct where a write lands (device ids
-    of a load, host ids of a backup).
+    One move may carry the pages of several requests (a batch of load-backs):
+    the ids only need to be distinct where a write lands (device ids of a load,
+    host ids of a backup). Build one with :meth:`of`.
+
+    Attributes:
+      full_device: int32 device full-page ids; ``full_device[i]`` pairs with
+        ``full_host[i]``.
+      full_host: int32 host full-page ids.
+      swa_device: int32 device SWA-page ids; ``swa_device[j]`` pairs with
+        ``swa_host[j]``.
+      swa_host: int32 host SWA-page ids.
     """
 
     full_device: np.ndarray
@@ -42,7 +49,18 @@ class PageMove:
 
     @classmethod
     def of(cls, full_device=(), full_host=(), swa_device=(), swa_host=()) -> PageMove:
-        """A move from id sequences (int32, flattened); ``ValueError`` when a space's device and host ids differ in count."""
+        """A move from id sequences.
+
+        Args:
+          full_device, full_host, swa_device, swa_host: page ids (any int
+            array-likes, flattened and converted to int32); default empty.
+
+        Returns:
+          The move.
+
+        Raises:
+          ValueError: a space's device and host ids differ in count.
+        """
         arrs = [
             np.asarray(x, np.int32).reshape(-1)
             for x in (full_device, full_host, swa_device, swa_host)
@@ -54,7 +72,14 @@ class PageMove:
         return cls(*arrs)
 
     def ids(self, space: PageSpace) -> tuple[np.ndarray, np.ndarray]:
-        """``(device_ids, host_ids)`` of one page space."""
+        """The ids of one page space.
+
+        Args:
+          space: ``PageSpace.FULL`` or ``PageSpace.SWA``.
+
+        Returns:
+          ``(device_ids, host_ids)``, pairwise.
+        """
         if space is PageSpace.FULL:
             return self.full_device, self.full_host
         return self.swa_device, self.swa_host
@@ -80,7 +105,16 @@ def bucketed_ids(ids: np.ndarray, num_pages: int, *, unique: bool, pad: int | No
 
 @dataclasses.dataclass
 class TransferStats:
-    """Cumulative transfer counters (bytes are real rows, padding excluded)."""
+    """Cumulative transfer counters (bytes are real rows, padding excluded).
+
+    Attributes:
+      backup_bytes, load_bytes: bytes copied D2H (into the slabs) / H2D.
+      backup_seconds, load_seconds: wall time from issue to landing (backups) or
+        of issuing (loads).
+      backups, loads: transfers done.
+      stale_rows_skipped: backup rows not written because their host page was
+        freed or reallocated since the backup was issued.
+    """
 
     backup_bytes: int = 0
     load_bytes: int = 0
@@ -93,17 +127,36 @@ class TransferStats:
 
 @final
 class BackupHandle:
-    """An in-flight D2H backup. ``wait()`` returns the bytes written into the slabs."""
+    """An in-flight D2H backup. ``wait()`` returns the bytes written into the slabs.
+
+    Args:
+      future: the future of the copy into the slabs (its result: bytes written).
+    """
 
     def __init__(self, future: concurrent.futures.Future):
         self._future = future
 
     def done(self) -> bool:
-        """Whether the backup finished (landed or failed); never blocks."""
+        """Whether the backup finished (landed or failed); never blocks.
+
+        Returns:
+          ``True`` once :meth:`wait` would return or raise without blocking.
+        """
         return self._future.done()
 
     def wait(self, timeout: float | None = None) -> int:
-        """Blocks until the backup finished (at most ``timeout`` seconds); returns the pages copied, raises the copy's error or ``TimeoutError``."""
+        """Blocks until the backup finished.
+
+        Args:
+          timeout: seconds to wait at most (``None``: no limit).
+
+        Returns:
+          The bytes written into the slabs (stale rows skipped).
+
+        Raises:
+          TimeoutError: the backup did not finish within ``timeout``.
+          Exception: the copy's own error, unchanged.
+        """
         return self._future.result(timeout)
 
 
@@ -111,15 +164,23 @@ class BackupHandle:
 class LoadHandle:
     """An issued H2D load; ``wait(layer)`` blocks until that stage-local layer landed.
 
-    ``tokens`` maps a stage-local layer (or ``None``: every layer) to an output
-    of the program that wrote it; an output is ready exactly when its program is.
+    Args:
+      tokens: maps a stage-local layer (or ``None``: every layer) to an output of
+        the program that wrote it; an output is ready exactly when its program is.
     """
 
     def __init__(self, tokens: dict[int | None, jax.Array]):
         self._tokens = dict(tokens)
 
     def wait(self, layer: int | None = None) -> None:
-        """Waits for one stage-local layer (or, with ``None``, for everything)."""
+        """Waits for one stage-local layer to land.
+
+        Args:
+          layer: the stage-local layer; ``None``: every layer of the load.
+
+        Raises:
+          ValueError: ``layer`` was not part of this load.
+        """
         if layer is None:
             jax.block_until_ready(list(self._tokens.values()))
         elif layer in self._tokens:

@@ -123,6 +123,10 @@ class CopyStrategy(abc.ABC):
 
     ``ids`` arguments are ``{space: bucketed device ids}`` (sentinel-padded),
     already validated against the pools; host ids are validated too.
+
+    Args:
+      ctx: what the strategy shares with its engine (mesh, layer maps, host
+        slabs, programs, counters and their lock).
     """
 
     path: ClassVar[CopyPath]
@@ -132,15 +136,46 @@ class CopyStrategy(abc.ABC):
 
     @abc.abstractmethod
     def backup(self, pools: DevicePools, move: PageMove, ids, gens, t0: float) -> BackupHandle:
-        """Starts copying ``move``'s device pages of every local layer into the slabs."""
+        """Starts copying ``move``'s device pages of every local layer into the slabs.
+
+        Args:
+          pools: the device pools (read, not kept).
+          move: the pages.
+          ids: ``{space: bucketed device ids}`` of ``move``.
+          gens: ``{space: generations of move's host ids}`` (may be empty): rows
+            whose host page changed generation are skipped.
+          t0: ``time.perf_counter()`` when the engine was called (for the counters).
+
+        Returns:
+          A :class:`BackupHandle` whose result is the bytes written.
+        """
 
     @abc.abstractmethod
     def load_all(self, pools: DevicePools, move: PageMove, ids) -> tuple[dict, jax.Array, int]:
-        """Issues one all-layer H2D into the donated pools: ``(arrays, token, bytes)``."""
+        """Issues one all-layer H2D into the donated pools.
+
+        Args:
+          pools: the device pools (their arrays donated).
+          move: the pages.
+          ids: ``{space: bucketed device ids}`` of ``move``.
+
+        Returns:
+          ``(arrays, token, bytes)``: the new pool arrays, an output that is ready
+          when the load landed, and the row bytes written.
+        """
 
     @abc.abstractmethod
     def layerwise(self, pools: DevicePools, move: PageMove, ids) -> LayerwiseLoad:
-        """``move`` as a :class:`LayerwiseLoad` (reads, never donates, ``pools``)."""
+        """``move`` as a :class:`LayerwiseLoad`.
+
+        Args:
+          pools: the device pools (read for their page counts, never donated).
+          move: the pages.
+          ids: ``{space: bucketed device ids}`` of ``move``.
+
+        Returns:
+          The load, for a forward (or :meth:`TransferEngine.apply_layerwise`).
+        """
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -227,7 +262,11 @@ class CopyStrategy(abc.ABC):
 
 @final
 class StagedCopy(CopyStrategy):
-    """Gather kernel -> device staging -> pinned host -> slabs (worker thread), and back."""
+    """Gather kernel -> device staging -> pinned host -> slabs (worker thread), and back.
+
+    Args:
+      ctx: as for :class:`CopyStrategy`.
+    """
 
     path = CopyPath.STAGED
 
@@ -288,7 +327,11 @@ class StagedCopy(CopyStrategy):
 
 @final
 class DirectCopy(CopyStrategy):
-    """CPU only: rows copied straight between pool buffers and slabs (no staging copy)."""
+    """CPU only: rows copied straight between pool buffers and slabs (no staging copy).
+
+    Args:
+      ctx: as for :class:`CopyStrategy`.
+    """
 
     path = CopyPath.DIRECT
 
@@ -302,14 +345,22 @@ class DirectCopy(CopyStrategy):
         self._slab_readers.clear()
 
     def slabs(self) -> dict[PoolKind, jax.Array]:
-        """The stacked host slabs as device arrays over the same memory (made once)."""
+        """The stacked host slabs as device arrays over the same memory (made once).
+
+        Returns:
+          ``{kind: array}``, sharded like the pools, aliasing the slabs (no copy).
+        """
         if self._slabs is None:
             ctx = self.ctx
             self._slabs = {k: self._aliased(k, ctx.host.stacked(k)) for k in ctx.kinds}
         return self._slabs
 
     def reading_slabs(self, token: jax.Array) -> None:
-        """A program that reads the slabs; backups wait for it before writing them."""
+        """Records a program that reads the slabs; backups wait for it before writing them.
+
+        Args:
+          token: an output of that program (ready when it finished).
+        """
         self._slab_readers.append(token)
 
     def backup(self, pools, move, ids, gens, t0):
