@@ -132,3 +132,23 @@ def test_mla_spec_rejects_inconsistent_fields():
         _ = ModelCacheSpec.tiny_dsv4().kv_lora_rank
     with pytest.raises(ValueError, match="freq"):
         shared_indexer_layers(8, freq=0, offset=1)
+
+
+def test_layer_map_command_shows_glm5_2_stage_bytes_and_indexer_rows(capsys):
+    import json
+
+    from jaxhicache.cli import main
+
+    assert main(["layer-map", "--model", "glm5.2-fp8", "--pp", "4", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["page_bytes"] == 3_452_160 and info["swa_pages"] == 0
+    stages = info["stages"]
+    assert [s["layer_counts"]["dsa_indexer"] for s in stages] == [7, 4, 5, 5]
+    assert stages[1]["subpool_global_ids"] == {"dsa_indexer": [22, 26, 30, 34]}
+    assert [s["page_bytes"] for s in stages] == [
+        19 * 41_984 + 7 * 8_448,
+        19 * 41_984 + 4 * 8_448,
+        20 * 41_984 + 5 * 8_448,
+        20 * 41_984 + 5 * 8_448,
+    ]
+    assert sum(s["page_bytes"] for s in stages) == info["page_bytes"]

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from jaxhicache.cli.common import CliError, count
 from jaxhicache.layer_map import build_layer_maps
-from jaxhicache.spec import ModelCacheSpec, PoolKind
+from jaxhicache.spec import KVFormat, ModelCacheSpec, PageSpace, PoolKind
 
 __all__ = ["PRESETS", "add_parser", "describe", "run"]
 
@@ -16,6 +16,13 @@ PRESETS = {
     "deepseek-v4-flash": ModelCacheSpec.deepseek_v4_flash,
     "tiny-faithful": lambda: ModelCacheSpec.tiny_dsv4(window=128, page_size=256, hca_ratio=128),
     "mini": ModelCacheSpec.tiny_dsv4,
+    "deepseek-v3.2": ModelCacheSpec.deepseek_v3_2,
+    "deepseek-v3.2-fp8": lambda: ModelCacheSpec.deepseek_v3_2(KVFormat.FP8_MLA),
+    "glm5": ModelCacheSpec.glm5,
+    "glm5-fp8": lambda: ModelCacheSpec.glm5(KVFormat.FP8_MLA),
+    "glm5.2": ModelCacheSpec.glm5_2,
+    "glm5.2-fp8": lambda: ModelCacheSpec.glm5_2(KVFormat.FP8_MLA),
+    "tiny-mla": ModelCacheSpec.tiny_mla,
 }
 """Cache specs by ``--model`` name: name -> a function returning the ModelCacheSpec."""
 
@@ -34,7 +41,8 @@ def describe(spec: ModelCacheSpec, pp: int, partition: Sequence[int] | None, pag
     from jaxhicache.pools.device import device_bytes_per_stage
 
     maps = build_layer_maps(spec, pp, partition)
-    swa_pages = pages  # one SWA page per full page is the upper bound
+    # one SWA page per full page is the upper bound; MLA / MHA specs have no SWA pools
+    swa_pages = pages if any(k.page_space is PageSpace.SWA for k in spec.kinds()) else 0
     dev = device_bytes_per_stage(spec, maps, pages, swa_pages, padded=True)
     stages = []
     for m, dev_bytes in zip(maps, dev, strict=True):
@@ -48,6 +56,12 @@ def describe(spec: ModelCacheSpec, pp: int, partition: Sequence[int] | None, pag
                     if PoolKind.C4_STATE in spec.kinds()
                     else []
                 ),
+                # sub-pools some layers of the stage lack: their rows by global id
+                "subpool_global_ids": {
+                    k.value: m.subpool_to_global(k).tolist()
+                    for k in spec.kinds()
+                    if 0 < m.num_layers_of(k) < m.num_local_layers
+                },
                 "page_bytes": spec.page_bytes(m),
                 "device_bytes_padded": dev_bytes,
             }
@@ -59,6 +73,7 @@ def describe(spec: ModelCacheSpec, pp: int, partition: Sequence[int] | None, pag
         "row_bytes": {k.value: spec.row_bytes(k) for k in spec.kinds()},
         "page_bytes": spec.page_bytes(),
         "pages": pages,
+        "swa_pages": swa_pages,
         "stages": stages,
     }
 
@@ -91,7 +106,11 @@ def _print_layer_table(info: dict) -> None:
         rng = f"[{s['layers'][0]},{s['layers'][1]})"
         gib = s["device_bytes_padded"] / 2**30
         print(f"{s['rank']:>5} {rng:>10} {counts} {s['page_bytes']:>12,} {gib:>11.2f}")
-    print(f"(device GiB for {info['pages']} full pages + {info['pages']} SWA pages, stage-padded)")
+    swa = f" + {info['swa_pages']} SWA pages" if info["swa_pages"] else ""
+    print(f"(device GiB for {info['pages']} full pages{swa}, stage-padded)")
+    for s in info["stages"]:
+        for kind, ids in s["subpool_global_ids"].items():
+            print(f"stage {s['rank']} {kind} rows hold global layers {ids}")
 
 
 def add_parser(sub) -> None:
