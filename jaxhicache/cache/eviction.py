@@ -9,6 +9,8 @@ Every page a request or a backup needs comes from here::
        │                                OutOfPages naming the allocator
     make_room_on_host(space, n)         unclaimed L3 prefetches dropped, host SWA
                                         reclaimed, LRU host-only leaves evicted
+    flush(pools)                        no request open: every backup and L3 write
+                                        landed, then device and host emptied (L3 kept)
 
 Invariant: nothing here frees a page that a lock protects (the tree refuses), and
 anything that frees host pages first waits for the L3 writes that read them.
@@ -44,7 +46,7 @@ class Evictor:
         self._stats = stats
         self.backups: Backups | None = None  # set once the cache built them
         self.l3: StorageTier | None = None
-        self.poll: Callable[[], object] = lambda: None  # the cache's poll point
+        self.poll: Callable[..., object] = lambda wait=False: None  # the cache's poll point
 
     def allocate(self, pools, n_full: int, n_swa: int) -> tuple[np.ndarray, np.ndarray]:
         """Device full and SWA page ids, reclaiming SWA pages and evicting LRU if needed.
@@ -125,3 +127,36 @@ class Evictor:
         self._ledger.free(Tier.HOST, PageSpace.SWA, res.swa_ids)
         self._stats.host_evicted_pages += res.evicted_pages
         return res.evicted_pages
+
+    def flush(self, pools) -> dict[str, int]:
+        """Empties device and host, keeping L3 (``HiCache.flush``); returns what it dropped.
+
+        Refuses (``RuntimeError``, nothing changed) while a request is open: it holds
+        device pages or a lock. Then waits for every in-flight backup and every L3
+        write (a page leaves host only once storage holds it), drops unclaimed L3
+        prefetches, and evicts every device page (``write_back``: backed up, then
+        written on) and every host page. Returns the pages each tier and space held
+        when eviction began, the prefetched host pages dropped, and the objects the
+        flush's waits wrote to L3 (one per page, page space and stage).
+        """
+        led = self._ledger
+        held = {s.value: led.held(s) for s in PageSpace if led.held(s)}
+        if held:
+            raise RuntimeError(f"flush: open requests hold device pages {held}; release them")
+        written = self._stats.storage_backed_up_pages
+        self.poll(True)  # backups land (their L3 writes queued), L3 writes finish
+        locks = sum(c.lock_ref for c in self._tree.root.children.values())
+        if locks:
+            raise RuntimeError(f"flush: {locks} locks on the tree (open requests); release them")
+        dropped = self.l3.drop_landed() if self.l3 is not None else 0
+        out = {f"{t.value}_{s.value}_pages": a.num_used for (t, s), a in led.items()}
+        self.evict_device(pools, led[Tier.DEVICE, PageSpace.FULL].capacity)
+        self.evict_host(led[Tier.HOST, PageSpace.FULL].capacity)  # waits for L3 writes first
+        if self.l3 is not None:
+            self.l3.finish_writes()
+        left = {f"{t.value}_{s.value}": a.num_used for (t, s), a in led.items() if a.num_used}
+        if left:
+            raise RuntimeError(f"flush: pages left after evicting everything: {left}")
+        out["l3_prefetch_pages_dropped"] = dropped
+        out["l3_written_objects"] = self._stats.storage_backed_up_pages - written
+        return out

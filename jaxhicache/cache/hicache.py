@@ -509,6 +509,13 @@ class HiCache:
         """Frees at least ``num_pages`` host pages (host-only leaves, LRU); returns pages freed."""
         return self._evictor.evict_host(num_pages)
 
+    def flush(self, pools: DevicePools) -> dict[str, int]:
+        """Empties device and host, keeping L3: every backup and L3 write lands first, then
+        everything is evicted; returns the pages dropped per tier and space and the objects
+        written to L3 meanwhile. ``RuntimeError`` while a request is open."""
+        self._check_pools(pools)
+        return self._evictor.flush(pools)
+
     # -------------------------------------------------------------- backups
     def poll(self, wait: bool = False) -> int:
         """Records landed backups (and L3 prefetches and writes) in the tree (all of them
