@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -48,6 +47,14 @@ from jaxhicache.transfer import LayerwiseLoad
 from models import layers as L
 from models.chunk import PageTables
 from models.config import TinyDSV4Config
+from models.pipeline import (
+    check_load,
+    global_layer_rows,
+    page_tables,
+    pipeline,
+    pools_from_global,
+    stage0_logits,
+)
 from models.stage import (
     MATMUL_PRECISION,
     compiler_options,
@@ -195,7 +202,6 @@ class PagedModel:
 
         def body(head, stages, pools, scratch, tokens, start, n_valid, tables, slots, fresh, *ld):
             self.traces += 1  # at trace time only: counts compilations (tests)
-            stage = jax.lax.axis_index(PP)
             view = stacked.stage(PP)
             sp = dict(jax.tree.map(lambda a: a[0], stages))
             pools = {k: a[0] for k, a in pools.items()}
@@ -211,17 +217,9 @@ class PagedModel:
                     cfg, sp, view, kinds, pools, slab, h, start, end, tables, slots, load=lw
                 )
 
-            def step(s, carry):
-                carry = jax.lax.cond(stage == s, run, lambda *c: c, *carry)
-                if pp == 1:
-                    return carry
-                h = jax.lax.ppermute(carry[0], PP, [(i, (i + 1) % pp) for i in range(pp)])
-                return (h, *carry[1:])
-
-            carry = (L.embed(head, tokens), pools, slab)
-            h, pools, slab = jax.lax.fori_loop(0, pp, step, carry)
+            h, pools, slab = pipeline(pp, run, L.embed(head, tokens), pools, slab)
             logits = L.lm_head(head, h, cfg)  # the last stage's output is on stage 0 now
-            logits = jax.lax.psum(jnp.where(stage == 0, logits, 0.0), PP)
+            logits = stage0_logits(logits)
             slab = slab[:, 0] if one else slab
             return logits, {k: a[None] for k, a in pools.items()}, slab[None]
 
@@ -251,18 +249,7 @@ class PagedModel:
         return jitted
 
     def _check_load(self, pools: DevicePools, load: LayerwiseLoad) -> None:
-        if (load.num_pages, load.num_swa_pages) != (pools.num_pages, pools.num_swa_pages):
-            raise ValueError(
-                f"the load was prepared for pools of {load.num_pages}/{load.num_swa_pages} "
-                f"full/SWA pages, these have {pools.num_pages}/{pools.num_swa_pages}"
-            )
-        extra = set(load.kinds) - set(pools.kinds())
-        if extra:
-            raise ValueError(f"the load has kinds the pools lack: {sorted(k.value for k in extra)}")
-        for kind, arr in load.rows.items():
-            mesh = getattr(arr.sharding, "mesh", None)
-            if mesh is not None and mesh != self.mesh:
-                raise ValueError(f"the load's {kind.value} rows live on another mesh: {mesh}")
+        check_load(self.mesh, pools, load)
 
     def _program(self, pools, scratch_rows, b: BatchArgs, load=None):
         """``(program, args)`` of one checked batch."""
@@ -373,7 +360,7 @@ class PagedModel:
         donated): inspect its ``.jaxpr`` or ``.lower(lowering_platforms=(...))``."""
         tokens = np.asarray(tokens, np.int32).reshape(-1)
         chunk = chunk_size or self.config.page_size
-        tables = _tables(full_page_ids, swa_page_ids)
+        tables = page_tables(full_page_ids, swa_page_ids)
         part = tokens[:chunk]
         fn, args = self._chunk(
             pools, self.new_scratch(start_pos), part, start_pos, len(part), tables, chunk, load
@@ -414,7 +401,7 @@ class PagedModel:
             raise ValueError(f"start_pos must be >= 0, got {start_pos}")
         if load is not None and not len(tokens):
             raise ValueError("a fused load needs at least one token to compute")
-        tables = _tables(full_page_ids, swa_page_ids)
+        tables = page_tables(full_page_ids, swa_page_ids)
         if scratch is None:
             scratch = self.new_scratch(start_pos)
         out = []
@@ -432,7 +419,7 @@ class PagedModel:
 
     def decode_step(self, pools, token, pos, full_page_ids, swa_page_ids, scratch):
         """One token at position ``pos``.  Returns ``(logits [vocab] (numpy), pools, scratch)``."""
-        tables = _tables(full_page_ids, swa_page_ids)
+        tables = page_tables(full_page_ids, swa_page_ids)
         tok = np.asarray(token, np.int32).reshape(1)
         logits, pools, scratch = self._run_chunk(pools, scratch, tok, pos, 1, tables, 1)
         return np.asarray(logits)[0, 0], pools, scratch
@@ -444,12 +431,7 @@ class PagedModel:
         The list is indexed by global id; stage ``r``'s sub-pool row ``k`` is
         global layer ``subpool_to_global(kind)[k]`` (= ``start_layer + local``).
         """
-        rows: list = [None] * self.spec.num_layers
-        arr = np.asarray(pools[kind])  # host copy: a transfer-side utility, not the hot path
-        for m in self.layer_maps:
-            for k, g in enumerate(m.subpool_to_global(kind)):
-                rows[int(g)] = arr[m.pp_rank, k]
-        return rows
+        return global_layer_rows(self.spec.num_layers, self.layer_maps, pools, kind)
 
     def pools_from_global(self, rows_by_kind: dict, num_pages: int, num_swa_pages: int):
         """Device pools of this model's PP layout from per-global-layer rows.
@@ -458,24 +440,5 @@ class PagedModel:
         :meth:`global_layer_rows` of any PP layout).  Each stage's local layer
         ``l`` reads the global list at ``start_layer + l``.
         """
-        pools = self.init_pools(num_pages, num_swa_pages)
-        for kind in self.spec.kinds():
-            arr = np.zeros(pools[kind].shape, np.float32)
-            glist = rows_by_kind[kind]
-            for m in self.layer_maps:
-                for local in m.kind_local_ids(kind):
-                    arr[m.pp_rank, m.subpool_id(kind, int(local))] = np.asarray(
-                        glist[m.global_id(int(local))]
-                    )
-            pools = pools.replace_pool(kind, jax.device_put(arr, pools[kind].sharding))
-        return pools
-
-
-def _tables(full, swa) -> PageTables:
-    full = np.asarray(full, np.int32).reshape(-1)
-    swa = np.asarray(swa, np.int32).reshape(-1)
-    if full.shape != swa.shape:
-        raise ValueError(
-            f"full_page_ids {full.shape} and swa_page_ids {swa.shape} differ in length"
-        )
-    return PageTables(full, swa)  # host arrays: checked on the host, sent with each chunk
+        empty = self.init_pools(num_pages, num_swa_pages)
+        return pools_from_global(empty, self.layer_maps, rows_by_kind)

@@ -43,6 +43,7 @@ from jaxhicache.spec import AttentionKind, PoolKind, pool_kinds_of
 from jaxhicache.transfer import LayerwiseLoad, apply_layer, fetch_layer
 from models.chunk import SCRATCH, PageTables, View, layer_forward, scatter
 from models.config import TinyDSV4Config
+from models.pipeline import stack_rows
 
 _COMPRESSED = ("comp", "idx")
 
@@ -78,12 +79,6 @@ def _supported_fast_options() -> dict:
     return ok
 
 
-def _stack(trees, count):
-    """Stack a list of identical pytrees to ``count`` rows on the host (zero rows pad the end)."""
-    pad = [jax.tree.map(np.zeros_like, trees[0])] * (count - len(trees))
-    return jax.tree.map(lambda *xs: np.stack(xs), *trees, *pad)
-
-
 def stack_stage_params(cfg: TinyDSV4Config, params: dict, maps: Sequence[StageLayerMap]) -> dict:
     """Per-stage weight stacks with a leading ``pp`` axis (see the module docstring), as numpy.
 
@@ -105,19 +100,19 @@ def stack_stage_params(cfg: TinyDSV4Config, params: dict, maps: Sequence[StageLa
             {k: v for k, v in layers[m.global_id(local)].items() if k not in _COMPRESSED}
             for local in range(m.num_local_layers)
         ]
-        common.append(_stack(rows, max_local))
+        common.append(stack_rows(rows, max_local))
         if PoolKind.C4_KV in kinds:
             ids = m.subpool_to_global(PoolKind.C4_KV)
             rows = [{"comp": layers[g]["comp"], "idx": layers[g]["idx"]} for g in ids]
             c4.append(rows)
         if PoolKind.C128_KV in kinds:
             hca.append([{"comp": layers[g]["comp"]} for g in m.subpool_to_global(PoolKind.C128_KV)])
-    out["layers"] = _stack(common, len(maps))
+    out["layers"] = stack_rows(common, len(maps))
 
     def stack_kind(per_stage, template):
         n = max(1, max(len(r) for r in per_stage))
         zero = jax.tree.map(np.zeros_like, template)
-        return _stack([_stack(r or [zero], n) for r in per_stage], len(per_stage))
+        return stack_rows([stack_rows(r or [zero], n) for r in per_stage], len(per_stage))
 
     g4, gh = cfg.c4_layers, cfg.hca_layers
     c4_template = {"comp": layers[g4[0]]["comp"], "idx": layers[g4[0]]["idx"]} if g4 else None
