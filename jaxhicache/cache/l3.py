@@ -43,7 +43,7 @@ from typing import final
 
 import numpy as np
 
-from jaxhicache.cache.l3_config import PrefetchPolicy, StorageConfig
+from jaxhicache.cache.l3_config import LookupWindows, PrefetchPolicy, StorageConfig
 from jaxhicache.cache.l3_lookup import Lookups, StageObjects
 from jaxhicache.cache.l3_writer import WriteBack, WriteItem
 from jaxhicache.cache.ledger import PageLedger
@@ -57,7 +57,7 @@ from jaxhicache.storage.keys import Namespace, page_hashes
 from jaxhicache.tree import MatchResult, RadixTree, TreeNode
 from jaxhicache.tree.hashes import salt_bytes
 
-__all__ = ["PrefetchPolicy", "StorageConfig", "StorageTier"]
+__all__ = ["LookupWindows", "PrefetchPolicy", "StorageConfig", "StorageTier"]
 
 
 @dataclasses.dataclass(eq=False)
@@ -114,12 +114,15 @@ class StorageTier:
         self._fetcher = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="jaxhicache-l3-fetch"
         )
+        spaces = {k.page_space for k in spec.kinds()}  # MLA / MHA specs: no SWA space
         self._stages = [
             StageObjects(
                 r,
                 ns,
-                backend.page_objects(ns, PageSpace.FULL, host, r),
-                backend.page_objects(ns, PageSpace.SWA, host, r),
+                *(
+                    backend.page_objects(ns, s, host, r) if s in spaces else (0, 0)
+                    for s in (PageSpace.FULL, PageSpace.SWA)
+                ),
             )
             for r, ns in self.namespaces.items()
         ]
