@@ -111,3 +111,42 @@ def test_docs_of_the_report_fields_name_storage():
     assert "became host nodes" not in src  # they become tree nodes at insert (cache/README)
     readme = (Path(__file__).parents[1] / "models" / "README.md").read_text()
     assert "`storage_cached_tokens`" in readme
+
+
+# ------------------------------------ review: lookup_windows is an enum, strings kept
+@pytest.mark.parametrize("value", ["auto", "all", "end"])
+def test_lookup_windows_takes_the_enum_or_its_string_and_stores_the_enum(value):
+    from jaxhicache.cache import LookupWindows
+
+    member = LookupWindows(value)
+    for given in (value, member):
+        got = StorageConfig(model_id="m", lookup_windows=given).lookup_windows
+        assert got is member and type(got) is LookupWindows
+    assert StorageConfig(model_id="m").lookup_windows is LookupWindows.AUTO
+    assert StorageConfig(model_id="m", lookup_windows=value) == StorageConfig(
+        model_id="m", lookup_windows=member
+    )
+
+
+@pytest.mark.parametrize("bad", ["some", "AUTO", "", None, 1])
+def test_lookup_windows_refuses_other_values_naming_them(bad):
+    with pytest.raises(ValueError, match=rf"StorageConfig\.lookup_windows .*got {bad!r}"):
+        StorageConfig(model_id="m", lookup_windows=bad)
+
+
+# ------------------------------- review: one name per operation (evict, not evict_device)
+def test_the_serving_loop_evicts_under_the_caches_name():
+    class Cache:
+        def evict(self, pools, num_pages):
+            self.args = (pools, num_pages)
+            return num_pages - 1
+
+    loop = ServingLoop.__new__(ServingLoop)  # the methods under test touch .cache / .pools only
+    loop.cache, loop.pools = Cache(), object()
+    assert ServingLoop.evict.__name__ == HiCache.evict.__name__ == "evict"
+    assert loop.evict(5) == 4 and loop.cache.args == (loop.pools, 5)
+    with pytest.warns(DeprecationWarning, match=r"ServingLoop\.evict_device .*ServingLoop\.evict"):
+        assert loop.evict_device(3) == 2  # the old name: an alias that warns
+    assert loop.cache.args == (loop.pools, 3)
+    notebook = (Path(__file__).parents[1] / "notebooks" / "02_hierarchical_cache.ipynb").read_text()
+    assert "loop.evict(" in notebook and "evict_device" not in notebook

@@ -4,7 +4,8 @@ Modules (import direction top → bottom)::
 
     hicache   HiCache: admit / insert / release / evict / poll / stats (the facade)
     requests  Request, Batch (page tables handed to the engine)
-    l3        StorageConfig, StorageTier: prefetch from and write-back to L3 storage
+    l3        StorageConfig (LookupWindows, PrefetchPolicy), StorageTier: prefetch
+              from and write-back to L3 storage
     backups   in-flight D2H backups (issue, land, record at poll points)
     ledger    page allocators per (tier, page space) and page ownership
     config    HiCacheConfig (frozen, validated)
@@ -13,7 +14,7 @@ Modules (import direction top → bottom)::
 
 from jaxhicache.cache.config import HiCacheConfig
 from jaxhicache.cache.hicache import HiCache
-from jaxhicache.cache.l3 import PrefetchPolicy, StorageConfig
+from jaxhicache.cache.l3 import LookupWindows, PrefetchPolicy, StorageConfig
 from jaxhicache.cache.requests import Batch, Request, RequestState
 from jaxhicache.cache.stats import CacheStats
 from jaxhicache.pools.allocator import OutOfPages
@@ -24,6 +25,7 @@ __all__ = [
     "CacheStats",
     "HiCache",
     "HiCacheConfig",
+    "LookupWindows",
     "OutOfPages",
     "PrefetchPolicy",
     "Request",

@@ -46,12 +46,12 @@ class HiCacheConfig:
       device_pages: device (L1) capacity of the full-page space, in pages.
       device_swa_pages: device capacity of the SWA-page space (default:
         ``device_pages``; ignored for models without an SWA component).
-      host_pages / host_swa_pages: host (L2) capacity per page space (default:
+      host_pages, host_swa_pages: host (L2) capacity per page space (default:
         ``host_ratio`` × the device capacity).
       host_ratio: host capacity relative to device when ``host_pages`` is unset.
       write_policy: when device pages are backed up to host.
       host_layout: host slab layout (``PAGE_FIRST``: storage friendly, default).
-      backend / tuning: paged-copy kernel backend and launch parameters
+      backend, tuning: paged-copy kernel backend and launch parameters
         (``None``: Triton on GPU, XLA on CPU; default tuning).
       copy_path: ``STAGED`` (gather kernel → pinned-host staging; GPUs) or
         ``DIRECT`` (rows copied between pool buffers and slabs; CPU meshes only).
@@ -67,6 +67,10 @@ class HiCacheConfig:
       check_every: debug (multi-process): every ``check_every`` control-plane steps
         (admit / insert) compare a digest of the cache state across processes and
         raise ``DivergenceError`` if they differ (one all-reduce); 0 = off.
+
+    Raises:
+      ValueError: a field of the wrong type or out of range, naming the field
+        and the value (enum fields need the enum, not its string).
     """
 
     device_pages: int
@@ -118,17 +122,37 @@ class HiCacheConfig:
 
     # ------------------------------------------------------------- capacities
     def device_swa_capacity(self, spec: ModelCacheSpec) -> int:
-        """Device SWA pages (0 for a model without an SWA component)."""
+        """Device capacity of the SWA-page space.
+
+        Args:
+          spec: the model's cache spec.
+
+        Returns:
+          ``device_swa_pages`` (default ``device_pages``); 0 for a model without
+          an SWA component.
+        """
         if not spec.swa_trailing_pages:
             return 0
         return self.device_swa_pages or self.device_pages
 
     def host_capacity(self) -> int:
-        """Host full pages."""
+        """Host capacity of the full-page space.
+
+        Returns:
+          ``host_pages``, else ``host_ratio × device_pages`` (at least 1).
+        """
         return self.host_pages or max(1, int(self.device_pages * self.host_ratio))
 
     def host_swa_capacity(self, spec: ModelCacheSpec) -> int:
-        """Host SWA pages (0 for a model without an SWA component)."""
+        """Host capacity of the SWA-page space.
+
+        Args:
+          spec: the model's cache spec.
+
+        Returns:
+          ``host_swa_pages``, else ``host_ratio ×`` the device SWA capacity (at
+          least 1); 0 for a model without an SWA component.
+        """
         if not spec.swa_trailing_pages:
             return 0
         return self.host_swa_pages or max(1, int(self.device_swa_capacity(spec) * self.host_ratio))

@@ -1,5 +1,5 @@
 """``StorageConfig``: the knobs of the cache's L3 tier (validated; ``ValueError`` names
-the field and the value)."""
+the field and the value), with the enums ``PrefetchPolicy`` and ``LookupWindows``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import enum
 import math
 from typing import final
 
-__all__ = ["PrefetchPolicy", "StorageConfig"]
+__all__ = ["LookupWindows", "PrefetchPolicy", "StorageConfig"]
 
 
 class PrefetchPolicy(enum.Enum):
@@ -17,6 +17,18 @@ class PrefetchPolicy(enum.Enum):
     BEST_EFFORT = "best_effort"  # take what has arrived, never wait
     WAIT_COMPLETE = "wait_complete"  # wait for the whole prefetch
     TIMEOUT = "timeout"  # wait up to base + per_1k_tokens * n / 1024, capped
+
+
+class LookupWindows(enum.StrEnum):
+    """Which SWA windows an L3 lookup's one batch of existence checks covers.
+
+    A ``StrEnum``: ``StorageConfig(lookup_windows="end")`` is accepted and stored
+    as ``LookupWindows.END``, and a member compares equal to its string.
+    """
+
+    AUTO = "auto"  # ALL unless the cost model says the extra checks cost more than a round trip
+    ALL = "all"  # the window of every checkpoint: a hit ending anywhere costs one round trip
+    END = "end"  # the last page's only: the hit end's window costs a second round trip
 
 
 @final
@@ -30,8 +42,8 @@ class StorageConfig:
       prefetch_threshold: tokens an L3 hit must add to be fetched (default 256; at
         least 1: a hit adds whole pages, so 0 would mean the same as 1 and is
         refused with ``ValueError``).
-      prefetch_policy / timeout_base_s / timeout_per_1k_tokens_s / timeout_max_s:
-        how long ``admit`` waits for a request's prefetch.
+      prefetch_policy, timeout_base_s, timeout_per_1k_tokens_s, timeout_max_s:
+        how long ``admit`` waits for a request's prefetch (see :meth:`wait_seconds`).
       swa_checkpoint_every: SWA-space objects (the window a hit ends on) are
         written for every k-th page boundary and the end of each backed-up
         sequence; an L3 hit ends at such a checkpoint. 1 = every page.
@@ -41,25 +53,31 @@ class StorageConfig:
       fetch_in_flight: objects read at once by one prefetch, over all its stages and
         page spaces (cover the store's latency: a store answering in ``L`` seconds at
         ``B`` bytes/s wants about ``L * B / object bytes`` in flight).
-      lookup_windows: which SWA windows a lookup's one batch checks. ``"all"``: the
-        window of every checkpoint (with ``swa_checkpoint_every=1``: every page), so a
-        hit ending anywhere costs one round trip. ``"end"``: the last page's only; the
-        hit end's window costs a second round trip (the checkpoints below it a third
-        if that one is incomplete), for about half the requests. ``"auto"``
-        (default): ``"all"`` unless the cost model's estimates say the extra checks
-        take the store longer than a round trip (a store serving requests one after
+      lookup_windows: a :class:`LookupWindows` (or its string value, converted):
+        which SWA windows a lookup's one batch checks. ``ALL``: the window of every
+        checkpoint (with ``swa_checkpoint_every=1``: every page), so a hit ending
+        anywhere costs one round trip. ``END``: the last page's only; the hit end's
+        window costs a second round trip (the checkpoints below it a third if that
+        one is incomplete), for about half the requests. ``AUTO`` (default):
+        ``ALL`` unless the cost model's estimates say the extra checks take the
+        store longer than a round trip (a store serving requests one after
         another).
       lookup_timeout_s: the most a lookup may delay an admission; a lookup not back
         by then is a miss (a stalled store costs at most this).
       cost_model: fetch only the part of a hit that the running estimates say is
         cheaper to load than to recompute (``False``: fetch every hit).
-      store_latency_s / store_bytes_per_s / recompute_s_per_token: the cost model's
+      store_latency_s, store_bytes_per_s, recompute_s_per_token: the cost model's
         priors until observed (a store request's round trip, the store's read
         bandwidth, the prefill cost of one token; the last is fed by the serving
         engine through ``StorageTier.observe_recompute``).
       write_nice: how much lower the write-back thread's CPU priority is than the
         serving thread's (Linux nice steps, 0 to 19; 0: the same), so writes to
         storage yield the cores to decode steps; writes are batched per drain.
+
+    Raises:
+      ValueError: a field of the wrong type or out of range, naming the field and
+        the value (``prefetch_policy`` needs the enum; ``lookup_windows`` takes
+        the enum or one of ``"auto"``, ``"all"``, ``"end"``).
     """
 
     model_id: str
@@ -72,7 +90,7 @@ class StorageConfig:
     backup: bool = True
     lookup_in_flight: int = 128
     fetch_in_flight: int = 32
-    lookup_windows: str = "auto"
+    lookup_windows: LookupWindows = LookupWindows.AUTO
     lookup_timeout_s: float = 1.0
     cost_model: bool = True
     store_latency_s: float = 0.005
@@ -122,11 +140,15 @@ class StorageConfig:
                     f"StorageConfig.{name} must be a finite number {'>' if positive else '>='} 0, "
                     f"got {v!r}"
                 )
-        if self.lookup_windows not in ("auto", "all", "end"):
+        try:  # the plain strings stay accepted: stored as the enum member
+            windows = LookupWindows(self.lookup_windows)
+        except ValueError:
+            choices = ", ".join(repr(m.value) for m in LookupWindows)
             raise ValueError(
-                "StorageConfig.lookup_windows must be 'auto', 'all' or 'end', "
+                f"StorageConfig.lookup_windows must be a LookupWindows or one of {choices}, "
                 f"got {self.lookup_windows!r}"
-            )
+            ) from None
+        object.__setattr__(self, "lookup_windows", windows)
         for name in ("backup", "cost_model"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(
@@ -134,7 +156,16 @@ class StorageConfig:
                 )
 
     def wait_seconds(self, tokens: int) -> float | None:
-        """How long ``admit`` waits for a prefetch of ``tokens`` (``None`` = until done)."""
+        """How long ``admit`` waits for a request's prefetch, by ``prefetch_policy``.
+
+        Args:
+          tokens: the tokens the prefetch brings.
+
+        Returns:
+          Seconds: 0 for ``BEST_EFFORT``; ``timeout_base_s + timeout_per_1k_tokens_s
+          * tokens / 1024`` capped at ``timeout_max_s`` for ``TIMEOUT``; ``None``
+          (until done) for ``WAIT_COMPLETE``.
+        """
         if self.prefetch_policy is PrefetchPolicy.BEST_EFFORT:
             return 0.0
         if self.prefetch_policy is PrefetchPolicy.WAIT_COMPLETE:

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxhicache.cache.l3_config import StorageConfig
+from jaxhicache.cache.l3_config import LookupWindows, StorageConfig
 from jaxhicache.cache.l3_cost import CostModel
 from jaxhicache.cache.stats import CacheStats
 from jaxhicache.distributed import Agreement
@@ -299,11 +299,11 @@ class Lookups:
 
     def _all_windows(self, first: int, stop: int) -> bool:
         """Whether a lookup checks every checkpoint's window up front (``lookup_windows``;
-        ``"auto"``: unless the extra checks would take the store longer than the round
+        ``AUTO``: unless the extra checks would take the store longer than the round
         trip they save). A local choice: the agreement does not depend on it."""
         mode = self.config.lookup_windows
-        if mode != "auto" or not self.costs.observed["request"]:
-            return mode != "end"
+        if mode is not LookupWindows.AUTO or not self.costs.observed["request"]:
+            return mode is not LookupWindows.END
         k, w = self.config.swa_checkpoint_every, self._w
         extra = len(window_pages(first, stop, w, k)) - len(window_pages(first, stop, w, k, False))
         stages = sum(st.swa[0] > 0 for st in self.stages)

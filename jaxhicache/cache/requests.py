@@ -47,15 +47,32 @@ class RequestState(enum.Enum):
 class Request:
     """One admitted request (read its fields; change it only through the cache).
 
-    Token counts: ``cached_tokens = device_hit_tokens + host_hit_tokens +
-    storage_hit_tokens`` is the page-aligned prefix the forward starts after
-    (storage hits were prefetched from L3 into host slots and loaded into the
-    request's own pages; the tree gets them at insert).
-    ``full_page_ids`` / ``swa_page_ids`` cover every page the request may write
-    KV into: positions ``[0, capacity)``, at admission enough for ``prompt_len +
-    max_new_tokens - 1`` and grown by :meth:`HiCache.extend`; SWA ids of the
-    prefix are ``-1`` outside its trailing window. ``node`` is the locked end of
-    what the tree holds for it (the matched prefix, then its last insert).
+    Attributes:
+      cache_id: the cache's id for the request.
+      prompt: int32 token ids given to ``admit``.
+      max_new_tokens: tokens the request may generate (its pages at admission).
+      node: the locked end of what the tree holds for it (the matched prefix,
+        then its last insert).
+      cached_tokens: ``device_hit_tokens + host_hit_tokens + storage_hit_tokens``,
+        the page-aligned prefix the forward starts after.
+      device_hit_tokens, host_hit_tokens: the prefix found on device / on host.
+      storage_hit_tokens: the prefix prefetched from L3 into host slots and
+        loaded into the request's own pages (the tree gets them at insert).
+      salt: the request's ``cache_salt`` (``None``: unsalted).
+      full_page_ids, swa_page_ids: int32 page table covering every page the
+        request may write KV into: positions ``[0, capacity)``, at admission
+        enough for ``prompt_len + max_new_tokens - 1`` and grown by
+        :meth:`HiCache.extend`; SWA ids of the prefix are ``-1`` outside its
+        trailing window.
+      page_size: tokens per page.
+      own_from: page index of the request's first own page.
+      l3_host_full, l3_host_swa: host slots of its claimed L3 prefetch (``None``:
+        none).
+      state: :class:`RequestState`.
+      inserted_pages: own pages handed to the tree by insert.
+      inserted_len: tokens given to the last insert (each must give more).
+      tokens: the longest token sequence the request was given (``None``: the
+        prompt).
     """
 
     cache_id: int
@@ -110,14 +127,19 @@ class Request:
 class Batch:
     """The admitted requests of one :meth:`HiCache.admit` call, with padded page tables.
 
-    ``full_table`` / ``swa_table``: ``int32[B, max_pages]`` padded with ``-1``,
-    row ``i`` is ``requests[i]``'s page table; ``num_pages[i]`` its length and
-    ``cached_tokens[i]`` where its forward starts. ``deferred``: indices (into
-    the prompts given to ``admit``) of requests that did not fit now and were
-    not admitted; nothing was taken for them. The prefix load of all requests
-    is one dispatch (``handle``), or, with ``layerwise=True``, a
-    :class:`~jaxhicache.transfer.LayerwiseLoad` the first forward chunk applies
-    layer by layer (``layerwise``).
+    Attributes:
+      requests: the admitted requests, in prompt order.
+      deferred: indices (into the prompts given to ``admit``) of requests that
+        did not fit now and were not admitted; nothing was taken for them.
+      full_table, swa_table: ``int32[B, max_pages]`` padded with ``-1``; row
+        ``i`` is ``requests[i]``'s page table.
+      num_pages: ``num_pages[i]``: the length of row ``i``.
+      cached_tokens: ``cached_tokens[i]``: where request ``i``'s forward starts.
+      handle: the prefix load of all requests as one dispatch (``None``: nothing
+        to load, or ``layerwise``).
+      layerwise: with ``admit(..., layerwise=True)``, a
+        :class:`~jaxhicache.transfer.LayerwiseLoad` the first forward chunk
+        applies layer by layer.
     """
 
     requests: tuple[Request, ...]
@@ -133,13 +155,29 @@ class Batch:
         return len(self.requests)
 
     def wait(self, layer: int | None = None) -> None:
-        """Blocks until stage-local layer ``layer`` (or all layers) of the load landed."""
+        """Blocks until a stage-local layer of the prefix load landed (no load: returns).
+
+        Args:
+          layer: the stage-local layer; ``None``: all layers.
+
+        Raises:
+          ValueError: ``layer`` was not part of the load.
+        """
         if self.handle is not None:
             self.handle.wait(layer)
 
     def tables(self, width: int) -> tuple[np.ndarray, np.ndarray]:
-        """The requests' current page tables padded with ``-1`` to ``width`` pages
-        (``>= max_pages``); see :func:`page_tables`."""
+        """The requests' current page tables (after any ``extend``).
+
+        Args:
+          width: pages per row, at least the longest table.
+
+        Returns:
+          ``(full, swa)``, each ``int32[B, width]`` padded with ``-1``.
+
+        Raises:
+          ValueError: ``width`` is shorter than the longest table.
+        """
         return page_tables(self.requests, width)
 
 
