@@ -67,7 +67,7 @@ def _layer(cfg, layer, p, h, pos, aux):
         kv = jnp.pad(kv, ((0, max(0, cfg.index_topk - kv.shape[0])), (0, 0)))
         key_sets.append((kv[sel], ok))
         if aux is not None:
-            aux.append(_margin(cfg, qi, w, ikeys, eligible))
+            aux.append(topk_margin(cfg, qi, w, ikeys, eligible))
     elif ratio:
         kv = _hca_entries(cfg, p["comp"], x, theta)
         key_sets.append((kv, jnp.arange(kv.shape[0])[None] < ((pos + 1) // ratio)[:, None]))
@@ -76,7 +76,7 @@ def _layer(cfg, layer, p, h, pos, aux):
     return h + L.mlp(p, L.rms_norm(h, p["mlp_norm"], cfg.eps))
 
 
-def _margin(cfg, qi, w, keys, eligible):
+def topk_margin(cfg, qi, w, keys, eligible):
     """Per query: distance of the top-K selection from a flip ([T]; +inf when n_4 <= K).
 
     The score gap between the K-th and (K+1)-th eligible entry.  An exact tie
@@ -129,7 +129,7 @@ def reference_with_margins(cfg: TinyDSV4Config, params: dict, tokens):
     """Jitted reference: ``(logits [T, V], margins [n_c4_layers, T])``.
 
     ``margins``: per C4 layer and query, the distance of the indexer's top-K
-    selection from a flip (see ``_margin``; ``inf`` where ``n_4(t) <= K``).
+    selection from a flip (see :func:`topk_margin`; ``inf`` where ``n_4(t) <= K``).
     """
     from models.stage import MATMUL_PRECISION
 
