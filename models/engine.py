@@ -1,4 +1,5 @@
-"""A continuous-batching engine: :class:`PagedModel` driven by a :class:`HiCache`.
+"""A continuous-batching engine: a paged model (:class:`~models.protocol.ServableModel`:
+``PagedModel``, ``PagedMLAModel``) driven by a :class:`HiCache`.
 
 Shaped like the reference system's scheduler, small enough to read. The engine
 owns the device pools, an HCA scratch slab with one slot per request in flight,
@@ -41,8 +42,8 @@ import numpy as np
 
 from jaxhicache.cache import HiCache, OutOfPages, Request
 from jaxhicache.cache.requests import page_tables
-from models.paged import PagedModel
-from models.serving import bucket_pages
+from models.protocol import ServableModel
+from models.serving import bucket_pages, oracle_pages
 
 __all__ = ["Completion", "Engine", "EngineConfig", "Phase"]
 
@@ -163,7 +164,7 @@ class Completion:
 class Engine:
     """Continuous batching over ``model`` with prefix caching through ``cache``."""
 
-    def __init__(self, model: PagedModel, cache: HiCache, config: EngineConfig | None = None):
+    def __init__(self, model: ServableModel, cache: HiCache, config: EngineConfig | None = None):
         self.model, self.cache = model, cache
         self.config = cfg = config or EngineConfig()
         self.page = model.config.page_size
@@ -230,7 +231,7 @@ class Engine:
         prompt = np.asarray(prompt, np.int32).reshape(-1)
         n_pages = -(-(prompt.size + max_new_tokens - 1) // self.page)
         shape = self.pools
-        if n_pages > min(shape.num_pages, shape.num_swa_pages):
+        if n_pages > oracle_pages(shape):
             raise ValueError(f"the request needs {n_pages} pages; the pools hold {shape.num_pages}")
         if self._oracle_pools is None:
             self._oracle_pools = self.model.init_pools(shape.num_pages, shape.num_swa_pages)

@@ -1,4 +1,6 @@
-"""A small single-controller serving loop: :class:`PagedModel` driven by a :class:`HiCache`.
+"""A small single-controller serving loop: a paged model
+(:class:`~models.protocol.ServableModel`: ``PagedModel``, ``PagedMLAModel``) driven by a
+:class:`HiCache`.
 
 A batch of requests (prompts and ``max_new_tokens``) goes through::
 
@@ -37,7 +39,7 @@ import numpy as np
 from jaxhicache.cache import HiCache, HiCacheConfig, Request
 from jaxhicache.pools.device import DevicePools
 from jaxhicache.storage.backend import StorageBackend
-from models.paged import PagedModel
+from models.protocol import ServableModel
 
 __all__ = ["RequestReport", "ServingLoop", "bucket_pages"]
 
@@ -96,7 +98,7 @@ class ServingLoop:
 
     def __init__(
         self,
-        model: PagedModel,
+        model: ServableModel,
         cache: HiCache,
         *,
         chunk_size: int | None = None,
@@ -117,7 +119,7 @@ class ServingLoop:
     @classmethod
     def for_model(
         cls,
-        model: PagedModel,
+        model: ServableModel,
         config: HiCacheConfig | None = None,
         *,
         chunk_size: int | None = None,
@@ -247,7 +249,7 @@ class ServingLoop:
         t0 = time.perf_counter()
         n_pages = math.ceil((tokens.size + max_new_tokens - 1) / self.page)
         shape = self.pools
-        if n_pages > min(shape.num_pages, shape.num_swa_pages):
+        if n_pages > oracle_pages(shape):
             raise ValueError(
                 f"the request needs {n_pages} pages; the oracle pools hold {shape.num_pages}"
             )
@@ -339,7 +341,7 @@ def _pad(ids: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
-def _check_compatible(model: PagedModel, cache: HiCache) -> None:
+def _check_compatible(model: ServableModel, cache: HiCache) -> None:
     if cache.spec != model.spec:
         raise ValueError(f"cache spec {cache.spec.name!r} is not the model's {model.spec.name!r}")
     if cache.mesh.shape != model.mesh.shape:
@@ -350,3 +352,9 @@ def _check_compatible(model: PagedModel, cache: HiCache) -> None:
     want = [(m.start_layer, m.end_layer) for m in model.layer_maps]
     if ranges != want:
         raise ValueError(f"cache stage layer ranges {ranges} != model's {want}")
+
+
+def oracle_pages(pools) -> int:
+    """Pages a request alone may use in pools of this shape (a spec without SWA state,
+    such as MLA, has no SWA pages: only the full pages count)."""
+    return min(pools.num_pages, pools.num_swa_pages or pools.num_pages)
