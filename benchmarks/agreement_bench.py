@@ -70,7 +70,7 @@ def _worker(out: Path, calls: int) -> None:
             prompt = np.concatenate([history, rng.integers(0, cfg.vocab, 20)]).astype(np.int32)
             r = loop.serve(prompt, 3)
             history = np.concatenate([prompt, r.generated]).astype(np.int32)
-            loop.evict_device(10**6)
+            loop.evict(10**6)
             out.append(r)
         return out
 

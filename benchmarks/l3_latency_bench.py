@@ -111,7 +111,7 @@ def main(argv=None) -> dict:
                 turn2 = turn2.astype(np.int32)
                 loop.cache.poll(wait=True)
                 loop.cache.l3.finish_writes()
-                loop.evict_device(10**6)
+                loop.evict(10**6)
                 loop.evict_host(10**6)
                 runs = {}
                 for which in ("on", "off") if rep % 2 == 0 else ("off", "on"):
@@ -145,7 +145,7 @@ def main(argv=None) -> dict:
                             "tokens_match": bool(np.array_equal(on.generated, off.generated)),
                         }
                     )
-                loop.evict_device(10**6)
+                loop.evict(10**6)
                 loop.evict_host(10**6)
             costs = tier.costs.snapshot()
             loop.close()

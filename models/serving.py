@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from collections.abc import Sequence
 
 import jax.numpy as jnp
@@ -314,12 +315,44 @@ class ServingLoop:
         )
 
     # ----------------------------------------------------------- passthroughs
-    def evict_device(self, num_pages: int) -> int:
-        """Frees ``num_pages`` device pages (LRU); backed-up nodes are demoted to host."""
+    def evict(self, num_pages: int) -> int:
+        """:meth:`HiCache.evict` on this loop's pools: frees at least ``num_pages`` device
+        full pages if possible (LRU); backed-up nodes are demoted to host.
+
+        Args:
+          num_pages: device full pages to free.
+
+        Returns:
+          The pages freed.
+        """
         return self.cache.evict(self.pools, num_pages)
 
+    def evict_device(self, num_pages: int) -> int:
+        """Deprecated alias of :meth:`evict` (the name ``HiCache`` uses); warns.
+
+        Args:
+          num_pages: as in :meth:`evict`.
+
+        Returns:
+          The pages freed.
+        """
+        warnings.warn(
+            "ServingLoop.evict_device is deprecated: use ServingLoop.evict (as HiCache.evict)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.evict(num_pages)
+
     def evict_host(self, num_pages: int) -> int:
-        """Frees ``num_pages`` host pages (host-only leaves, LRU)."""
+        """:meth:`HiCache.evict_host`: frees at least ``num_pages`` host pages if possible
+        (host-only leaves, LRU).
+
+        Args:
+          num_pages: host full pages to free.
+
+        Returns:
+          The pages freed.
+        """
         return self.cache.evict_host(num_pages)
 
     def close(self) -> None:

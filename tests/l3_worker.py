@@ -134,7 +134,7 @@ def main_mp(mode: str, pp: int, out: Path) -> int:
         r1 = loop.serve(turn1, NEW1)
         loop.cache.poll(wait=True)
         loop.cache.l3.finish_writes()
-        loop.evict_device(10**6)
+        loop.evict(10**6)
         loop.evict_host(10**6)  # turn 1's pages: in L3 only
         turn2 = np.concatenate([turn1, r1.generated, rng.integers(0, cfg.vocab, USER2)])
         r2 = loop.serve(turn2.astype(np.int32), NEW2)

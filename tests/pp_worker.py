@@ -57,7 +57,7 @@ def serve_all(loop, vocab: int, after_turn=None, *, evict_host: bool = False):
             history[c] = np.concatenate([prompt, r.generated]).astype(np.int32)
             reports.append(r)
         loop.cache.poll(wait=True)
-        loop.evict_device(10**6)  # later turns: the prefix comes back from the host tier
+        loop.evict(10**6)  # later turns: the prefix comes back from the host tier
         if evict_host:
             loop.evict_host(10**6)  # ... or from storage
         if after_turn is not None:

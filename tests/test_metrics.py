@@ -179,10 +179,10 @@ def test_scraped_endpoint_equals_stats_after_device_host_and_storage_hits(model,
                 [history, r.generated, rng.integers(0, model.config.vocab, 10)]
             )
             if turn == 1:
-                loop.evict_device(DEVICE_PAGES)  # demoted to host: the next turn loads back
+                loop.evict(DEVICE_PAGES)  # demoted to host: the next turn loads back
             if turn == 2:
                 cache.poll(wait=True)  # backups land, their L3 writes start
-                loop.evict_device(DEVICE_PAGES)
+                loop.evict(DEVICE_PAGES)
                 loop.evict_host(int(DEVICE_PAGES * HOST_RATIO))  # only L3 has it now
         assert all(served.values()), served
         cache.poll(wait=True)

@@ -149,7 +149,7 @@ def _wipe_device(loop: ServingLoop) -> None:
 
 
 def _evict_all_to_host(loop: ServingLoop, min_pages: int = PREFIX // PAGE) -> None:
-    freed = loop.evict_device(loop.cache.config.device_pages)
+    freed = loop.evict(loop.cache.config.device_pages)
     assert freed >= min_pages
     assert loop.cache.tree.total_device_pages() == 0
     assert loop.cache.tree.total_host_pages() >= min_pages
@@ -448,7 +448,7 @@ def test_report_and_accounting_over_mixed_traffic(models):
     r = _serve(loop, longer, 2)
     assert r.device_cached_tokens == 2 * PAGE
     _assert_matches_oracle(r, models.uncached(loop, pp, longer, 2))
-    assert loop.evict_device(DEVICE_PAGES) > 0
+    assert loop.evict(DEVICE_PAGES) > 0
     assert loop.evict_host(4 * DEVICE_PAGES) > 0  # host-only leaves dropped: a full miss
     r = _serve(loop, longer, 2)
     assert r.cached_tokens == 0

@@ -140,7 +140,7 @@ def test_salted_continuation_from_storage(model, tmp_path):
     loop = _loop(model, FileBackend(tmp_path))
     loop.serve(ab, 2, salt="tenant")  # every page of ab to host and L3
     loop.cache.poll(wait=True)
-    loop.evict_device(10**6)
+    loop.evict(10**6)
     loop.evict_host(10**6)
     loop.serve(a, 2, salt="tenant")  # the tree holds a's pages again (from L3)
     abc = np.concatenate([ab, rng.integers(0, vocab, 5)]).astype(np.int32)
@@ -168,13 +168,13 @@ def test_prefetch_evicts_host_leaves_for_room(model, tmp_path, make_room):
     target = rng.integers(0, vocab, 4 * PAGE + 1).astype(np.int32)
     loop.serve(target, 2)
     loop.cache.poll(wait=True)
-    loop.evict_device(10**6)
+    loop.evict(10**6)
     loop.evict_host(10**6)  # target's pages: only in L3 now
     # Fill the host tier with other conversations' pages, all host-only leaves.
     while loop.cache.stats()["host_full_pages_used"] + 4 <= host_pages:
         loop.serve(rng.integers(0, vocab, 3 * PAGE + 1).astype(np.int32), 1)
         loop.cache.poll(wait=True)
-        loop.evict_device(10**6)
+        loop.evict(10**6)
     evicted = loop.cache.stats()["host_evicted_pages"]
     r = loop.serve(target, 2)
     if make_room:
