@@ -62,7 +62,7 @@ class IntegrityError(ValueError):
     Args:
       reason: one short word for counters and logs (``truncated``,
         ``bad_magic``, ``key_mismatch``, ...); kept as ``self.reason``.
-      detail: appended to the message after ``reason: ``.
+      detail: appended to the message, after ``reason`` and a colon.
     """
 
     def __init__(self, reason: str, detail: str = ""):
