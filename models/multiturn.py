@@ -23,6 +23,10 @@ table and PNG: ``models/multiturn_report.py``. Data flow of the sequential job::
                                   Before each request a host-headroom step frees host slots
                                   for its L3 pages (an L3 prefetch evicts nothing itself);
                                   its time counts in that request's TTFT
+     (3b. --two-pass              HiCache.flush (device and host emptied, L3 kept), then
+                                  the same prompts again: every reusable prefix that device
+                                  and host do not hold must come from L3; tokens compared
+                                  with step 2 (models/multiturn_two_pass.py))
       4. L3 probe                 device and host emptied, a client's whole conversation plus
                                   a new user turn served from L3 vs recomputed (same prompt)
       ──> results dict (results.json), a PNG, a text table (``format_table``)
@@ -37,6 +41,7 @@ are counted (``compiles_in_timed_steps``; 0 when the warm-up covered every shape
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets
 import shutil
@@ -60,6 +65,7 @@ from models.multiturn_config import ModelPreset, MultiturnConfig, check, check_s
 from models.multiturn_report import format_table, write_outputs
 from models.multiturn_results import RequestRecord, build_results, snapshot
 from models.multiturn_results import summary as sequential_summary
+from models.multiturn_two_pass import check_two_pass, two_pass_results
 from models.paged import PagedModel
 from models.serving import ServingLoop
 from models.workload import Transcript, Workload
@@ -124,8 +130,11 @@ class _Job:
             Namespace.for_stage(self.model.spec, m, model_id=self.model_id)
             for m in self.model.layer_maps
         ]
+        if c.two_pass:
+            check_two_pass(self.loop.cache)
         self.probe_clients = list(range(min(c.probe_reps, c.workload.clients)))
-        total = 2 * (2 * len(self.workload) + 2 * len(self.probe_clients))
+        passes = 3 if c.two_pass else 2
+        total = 2 * (passes * len(self.workload) + 2 * len(self.probe_clients))
         self.bar = _progress(total, progress)
 
     # ----------------------------------------------------------------- passes
@@ -158,7 +167,7 @@ class _Job:
                 want = math.ceil((prompt.size + gen_len - 1) / page) - m.device_len // page
                 would_evict = want - (self.device_pages - used)
                 if would_evict > 0:
-                    self.loop.evict_device(min(short, would_evict))
+                    self.loop.evict(min(short, would_evict))
                     cache.poll(wait=True)
                     self.loop.evict_host(short)
         return time.perf_counter() - t0
@@ -195,7 +204,7 @@ class _Job:
         served from L3 and recomputed (order alternating), both TTFTs."""
         out = []
         for k, c in enumerate(self.probe_clients):
-            empty_tiers(self.loop.cache, self.loop.pools, self.device_pages, self.host_pages)
+            empty_tiers(self.loop.cache, self.loop.pools)
             prompt = tr.probe_prompt(c)
             runs = {}
             for which in ("on", "off") if k % 2 == 0 else ("off", "on"):
@@ -220,6 +229,12 @@ class _Job:
             )
         return out
 
+    def flush(self) -> tuple[dict, float]:
+        """``HiCache.flush``: device and host emptied, L3 kept; (what it dropped, seconds)."""
+        t0 = time.perf_counter()
+        dropped = empty_tiers(self.loop.cache, self.loop.pools)
+        return dropped, time.perf_counter() - t0
+
     def warm_up(self) -> Transcript:
         """The whole job on the variant-1 tokens (same lengths, other pages), on this
         cache: every program and eager-op shape of the timed steps compiles here. Then
@@ -227,8 +242,11 @@ class _Job:
         wl = self.warm_workload
         _off, prompts, tr = self.cache_off(wl)
         self.cache_on(wl, prompts)
+        if self.config.two_pass:
+            self.flush()
+            self.cache_on(wl, prompts)
         self.probe(tr)
-        empty_tiers(self.loop.cache, self.loop.pools, self.device_pages, self.host_pages)
+        empty_tiers(self.loop.cache, self.loop.pools)
         return tr
 
 
@@ -276,6 +294,13 @@ def run_multiturn(
             job.loop.cache.poll(wait=True)
             on_s = time.perf_counter() - t0
             after = snapshot(job.loop.cache)
+            if config.two_pass:
+                job.bar.set_description("flush, second pass")
+                flushed, flush_s = job.flush()
+                t0 = time.perf_counter()
+                on2, headroom2, _tr2 = job.cache_on(job.workload, prompts)
+                job.loop.cache.poll(wait=True)
+                on2_s = time.perf_counter() - t0
             job.bar.set_description("L3 probe")
             probes = job.probe(tr)
         job.bar.close()
@@ -289,6 +314,14 @@ def run_multiturn(
             warmup_s=warmup_s, off_s=off_s, on_s=on_s, compiles=counter,
             wall_s=time.perf_counter() - t_start, temp_store=tmp is not None,
         )  # fmt: skip
+        if config.two_pass:
+            second = [
+                dataclasses.replace(r, on=b, headroom_s=h)
+                for r, b, h in zip(records, on2, headroom2, strict=True)
+            ]
+            results["two_pass"] = two_pass_results(
+                records, second, job.page, flushed=flushed, flush_s=flush_s, on_s=on2_s
+            )
     finally:
         counter.close()
         if job is not None:

@@ -142,18 +142,10 @@ def drive_clients(
     return served, wall
 
 
-def empty_tiers(cache: HiCache, pools, device_pages: int, host_pages: int) -> None:
-    """Evicts everything from device and host (backups landed, L3 writes finished and L3
-    prefetches nobody claimed dropped first)."""
-    cache.poll(wait=True)
-    if cache.l3 is not None:
-        cache.l3.drop_landed()
-    cache.evict(pools, device_pages)
-    cache.evict_host(host_pages)
-    s = cache.stats()
-    used = {k: v for k, v in s.items() if k.endswith("_pages_used") and v}
-    if used:
-        raise RuntimeError(f"tiers not empty after evicting everything: {used}")
+def empty_tiers(cache: HiCache, pools) -> dict:
+    """Empties device and host, L3 kept: ``HiCache.flush`` (backups landed, L3 writes
+    finished and L3 prefetches nobody claimed dropped first); returns what it dropped."""
+    return cache.flush(pools)
 
 
 class ConcurrentJob:
@@ -235,7 +227,7 @@ class ConcurrentJob:
         wl = self.warm_workload
         off, _wall = self.pass_off(wl)
         self.pass_on(wl, {k: s.prompt for k, s in off.items()})
-        empty_tiers(self.cache_on, self.on.pools, self.device_pages, self.host_pages)
+        empty_tiers(self.cache_on, self.on.pools)
 
     def close(self) -> None:
         self.bar.close()

@@ -98,6 +98,8 @@ class MultiturnConfig:
         once through the continuous-batching engine (at most ``workload.clients``).
       think_ms: with ``concurrency``, the pause between a client's answer and its
         next turn.
+      two_pass: after the cache-on pass, flush device and host (L3 kept) and serve
+        the same traffic again (``models/multiturn_two_pass.py``); sequential job only.
     """
 
     preset: ModelPreset = ModelPreset.BENCH
@@ -115,6 +117,7 @@ class MultiturnConfig:
     quick: bool = False
     concurrency: int | None = None
     think_ms: float = 0.0
+    two_pass: bool = False
 
     def __post_init__(self):
         if not isinstance(self.preset, ModelPreset):
@@ -156,6 +159,13 @@ class MultiturnConfig:
             raise ValueError(f"MultiturnConfig.think_ms must be a number >= 0, got {t!r}")
         if t and self.concurrency is None:
             raise ValueError(f"MultiturnConfig.think_ms={t} needs a concurrency")
+        if type(self.two_pass) is not bool:
+            raise ValueError(f"MultiturnConfig.two_pass must be a bool, got {self.two_pass!r}")
+        if self.two_pass and self.concurrency is not None:
+            raise ValueError(
+                "--two-pass runs on the sequential job only, not with --concurrency "
+                f"{self.concurrency}: drop one of them"
+            )
         if self.workload.vocab > self.preset.model_config().vocab:
             raise ValueError(
                 f"workload vocab {self.workload.vocab} exceeds the {self.preset.value} model's "

@@ -158,6 +158,10 @@ def format_table(r: dict) -> str:
         )
     if r["mismatches"]:
         lines.append(f"MISMATCHED requests: {r['mismatches']}")
+    if r.get("two_pass"):
+        from models.multiturn_two_pass import two_pass_lines
+
+        lines += two_pass_lines(r["two_pass"])
     return "\n".join(lines)
 
 

@@ -88,6 +88,9 @@ def summary(results: dict) -> dict:
     out = {"bench": "multiturn", **{k: results[k] for k in keys}}
     out["ttft_turn1_ratio"] = results["ttft"]["turn1"]["ratio_p50"]
     out["preset"] = results["config"]["preset"]
+    from models.multiturn_two_pass import two_pass_summary  # (it imports this module)
+
+    out.update(two_pass_summary(results))
     return json.loads(
         json.dumps(out, default=json_default), parse_float=lambda x: round(float(x), 4)
     )
@@ -169,6 +172,7 @@ def config_fields(job, model_config, temp_store: bool) -> dict:
         "write_policy": c.write_policy.value,
         "prefetch_policy": c.prefetch_policy.value,
         "prefetch_threshold": job.page,
+        "two_pass": c.two_pass,
         "store": c.store or "temporary FileBackend directory",
         "store_backend": repr(job.store) if not temp_store else "FileBackend(<temp>)",
         "model_id": job.model_id,

@@ -48,7 +48,7 @@ def test_multiturn_help_lists_its_options(capsys):
     for opt in (
         "--model", "--pp", "--tp", "--device-pages", "--host-pages", "--host-ratio",
         "--write-policy", "--prefetch-policy", "--store", "--clients", "--turns", "--seed",
-        "--out", "--quick",
+        "--out", "--quick", "--two-pass",
     ):  # fmt: skip
         assert opt in out, opt
 
@@ -98,6 +98,7 @@ def _one_line_error(argv, capsys, *needles):
         (["bench", "multiturn", "--seed", "-3"], ["--seed", "'-3'"]),
         (["bench", "multiturn", "--write-policy", "sometimes"], ["'sometimes'"]),
         (["bench", "multiturn", "--host-pages", "4", "--host-ratio", "2"], ["--host-ratio"]),
+        (["bench", "multiturn", "--two-pass", "--concurrency", "2"], ["--two-pass", "sequential"]),
         (["bench"], ["multiturn"]),
         (["layer-map", "--pp", "0"], ["--pp", "'0'"]),
         (["layer-map", "--partition", "a,b"], ["'a,b'"]),

@@ -1,9 +1,10 @@
 """The main job (``jaxhicache bench multiturn``) end to end on the tiny model, its
 workload generator, and ``jaxhicache storage`` on the store the job wrote.
 
-One job run (module fixture, ~20 s on 2 cores): the tiny model on PP 2, 3 clients
+One job run (module fixture, ~30 s on 2 cores): the tiny model on PP 2, 3 clients
 × 3 turns with 11 device and 14 host pages, which forces device and host
-eviction, so every tier serves hits.
+eviction, so every tier serves hits; with ``--two-pass`` (device and host flushed,
+the same traffic again from L3).
 """
 
 import contextlib
@@ -19,8 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxhicache.cache import PrefetchPolicy, WritePolicy
+from jaxhicache.cache import HiCache, HiCacheConfig, PrefetchPolicy, WritePolicy
 from jaxhicache.cli import main
+from jaxhicache.mesh import make_mesh
+from jaxhicache.spec import ModelCacheSpec
 from models.multiturn import (
     ModelPreset,
     MultiturnConfig,
@@ -30,10 +33,12 @@ from models.multiturn import (
     summary,
 )
 from models.multiturn_results import RequestRecord, mismatches
+from models.multiturn_two_pass import check_two_pass
 from models.serving import RequestReport
 from models.workload import Transcript, Workload, WorkloadConfig
 
 DEVICE_PAGES, HOST_PAGES = 11, 14
+SPEC_MINI = ModelCacheSpec.tiny_dsv4()
 
 
 def _no_nan(name):
@@ -47,7 +52,7 @@ def job(tmp_path_factory):
     argv = [
         "bench", "multiturn", "--model", "tiny", "--pp", "2", "--device-pages", str(DEVICE_PAGES),
         "--host-pages", str(HOST_PAGES), "--prefetch-policy", "wait_complete",
-        "--store", str(store), "--out", str(out), "--no-progress",
+        "--store", str(store), "--out", str(out), "--no-progress", "--two-pass",
     ]  # fmt: skip
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
@@ -112,6 +117,64 @@ def test_table_and_json_line(job):
     last = json.loads(lines[-1])
     assert last == summary(job["results"])
     assert last["bench"] == "multiturn" and last["tokens_match"] is True
+
+
+def test_two_pass_serves_every_reusable_prefix_from_l3(job):
+    """After the flush every reusable token (whole pages of ``prompt[:-1]``, all of
+    them inserted by pass 1) is served by some tier, and what device and host did not
+    hold came from L3: none is recomputed, so the L3 hit fraction is exactly 1 (every
+    page pass 1 inserted was written through to L3; the tiny model recomputes a page
+    in more time than it takes to load it, so the cost model fetches every hit)."""
+    r = job["results"]
+    t = r["two_pass"]
+    assert r["config"]["two_pass"] is True and t["requests"] == 9
+    rows = t["per_request"]
+    page = r["config"]["page_size"]
+    assert [x["prompt_len"] for x in rows] == [x["prompt_len"] for x in r["per_request"]]
+    for x in rows:
+        assert x["reusable_tokens"] == (x["prompt_len"] - 1) // page * page, x
+        assert x["device_tokens"] + x["host_tokens"] + x["storage_tokens"] == x["reusable_tokens"]
+        assert x["recomputed_reusable_tokens"] == 0 and x["tokens_match"], x
+    # the first request after the flush: nothing on device or host, all of it from L3
+    assert rows[0]["device_tokens"] == rows[0]["host_tokens"] == 0 < rows[0]["storage_tokens"]
+    hit = t["hit_tokens"]
+    assert t["reusable_tokens"] == sum(x["reusable_tokens"] for x in rows) == sum(hit.values())
+    assert t["recomputed_reusable_tokens"] == 0 and t["l3_hit_fraction"] == 1.0
+    assert t["l3_share_of_reusable"] == pytest.approx(hit["storage"] / t["reusable_tokens"])
+    assert t["prefill_tokens"] == r["prefill_tokens"]["cache_off"] - t["reusable_tokens"]
+    assert t["tokens_match"] is True and t["tokens_match_second_pass"] is True
+    assert t["mismatches"] == [] and t["max_step_logit_diff"] < 1e-4
+    fl = t["flushed"]  # what the flush dropped: the tiers were in use
+    assert 0 < fl["device_full_pages"] <= DEVICE_PAGES and 0 < fl["host_full_pages"] <= HOST_PAGES
+    for block in ("turn1", "later_turns"):
+        b = t["ttft"][block]
+        assert b["requests"] == (3 if block == "turn1" else 6)
+        assert (
+            b["ratio_p50"] == pytest.approx(b["on_p50_ms"] / b["off_p50_ms"]) and b["ratio_p50"] > 0
+        )
+        assert b["off_p50_ms"] == r["ttft"][block]["off_p50_ms"]  # the same cache-off pass
+    assert t["ttft_ratio_later_turns"] == t["ttft"]["later_turns"]["ratio_p50"]
+    assert r["compiles_in_timed_steps"] == 0  # the warm-up ran the second pass too
+    text = job["stdout"]
+    for needle in (
+        "second pass (--two-pass)", "2nd pass TTFT turn 1", "2nd pass TTFT turns >= 2",
+        "2nd pass hit tokens dev/host/L3", "2nd pass L3 hit fraction", "both passes equal cache off",
+    ):  # fmt: skip
+        assert needle in text, needle
+    last = json.loads(text.strip().splitlines()[-1])
+    assert last["two_pass_l3_hit_fraction"] == 1.0 and last["two_pass_tokens_match"] is True
+    assert last["two_pass_ttft_ratio_later_turns"] == round(t["ttft_ratio_later_turns"], 4)
+
+
+def test_two_pass_refusals():
+    with pytest.raises(ValueError, match="sequential job only, not with --concurrency 2"):
+        MultiturnConfig(preset=ModelPreset.TINY, concurrency=2, two_pass=True)
+    with pytest.raises(ValueError, match="two_pass must be a bool"):
+        MultiturnConfig(preset=ModelPreset.TINY, two_pass="yes")
+    cache = HiCache(SPEC_MINI, make_mesh(1, 1), HiCacheConfig(device_pages=4))
+    with pytest.raises(ValueError, match="needs an L3 store: this cache has no storage tier"):
+        check_two_pass(cache)
+    cache.close()
 
 
 def test_plot_written(job):

@@ -49,6 +49,7 @@ def run(args) -> int:
             quick=args.quick,
             concurrency=args.concurrency,
             think_ms=args.think_ms,
+            two_pass=args.two_pass,
         )
         mt.check(config)
         cache = compile_cache.cli_cache(args)  # JAX's persistent cache, on by default
@@ -143,6 +144,12 @@ def add_parser(sub) -> None:
         type=ratio,
         default=0.0,
         help="with --concurrency: pause between a client's answer and its next turn (ms)",
+    )
+    m.add_argument(
+        "--two-pass",
+        action="store_true",
+        help="after the cache-on pass, flush device and host (L3 kept) and serve the same "
+        "traffic again: L3 hit fraction, TTFT vs cache off, tokens vs cache off",
     )
     m.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     compile_cache.add_cli_flags(m)
