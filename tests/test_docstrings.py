@@ -7,8 +7,9 @@ package (its own and those of package base classes). Rules, Google style as
 ``name: text`` one indentation level below it):
 
 * ``Args:`` names every parameter except ``self`` / ``cls`` (``*args`` /
-  ``**kwargs`` with or without their stars; ``a, b:`` names several, as Sphinx
-  renders it). A class's constructor parameters are named in the class docstring
+  ``**kwargs`` with or without their stars; ``a, b:`` names several, which Sphinx
+  renders as separate parameters, but not as separate attributes: one name per
+  ``Attributes:`` entry). A class's constructor parameters are named in the class docstring
   (what autodoc shows); a dataclass or named tuple may name its fields under
   ``Attributes:`` instead.
 * ``Returns:`` (or ``Yields:`` for a generator) is present when the function
@@ -93,7 +94,9 @@ def sections(doc: str | None) -> dict[str, list[str]]:
             level = min(len(b) - len(b.lstrip()) for b in body)
             for b in body:
                 e = _ENTRY.match(b[level:]) if len(b) - len(b.lstrip()) == level else None
-                if e:
+                if e and m.group(1) == "Attributes":  # napoleon's ivar: one name per entry
+                    names.append(e.group(1))
+                elif e:
                     names += [n.strip().lstrip("*") for n in e.group(1).split(",")]
             names = names or [""]
         out.setdefault(m.group(1), []).extend(names)
@@ -197,6 +200,9 @@ def check(doc, *, args=(), returns=False, raises=(), arg_sections=("Args",)) -> 
     missing = [a for a in args if a not in named]
     if missing:
         problems.append(f"{' or '.join(arg_sections)}: missing {', '.join(missing)}")
+    grouped = [n for n in s.get("Attributes", []) if "," in n]
+    if grouped:  # Sphinx splits "a, b:" into two parameters but not into two attributes
+        problems.append(f"Attributes: one name per entry, not {'; '.join(grouped)}")
     if returns and not (s.get("Returns") or s.get("Yields")):
         problems.append("no Returns: section")
     if raises:
@@ -418,3 +424,9 @@ def test_checker_flags_constructor_args_and_raises_in_the_class_docstring(_probl
     got = _problems(_Config)
     assert any("Args or Attributes: missing b" in p for p in got), got
     assert any("no Raises: section (raises ValueError)" in p for p in got), got
+    grouped = "Knobs.\n\nAttributes:\n  a, b: the two.\n"  # napoleon: one attribute "a, b"
+    assert check(grouped, args=["a", "b"], arg_sections=("Args", "Attributes")) == [
+        "Args or Attributes: missing a, b",
+        "Attributes: one name per entry, not a, b",
+    ]
+    assert check(grouped.replace("Attributes", "Args"), args=["a", "b"]) == []

@@ -46,13 +46,15 @@ class HiCacheConfig:
       device_pages: device (L1) capacity of the full-page space, in pages.
       device_swa_pages: device capacity of the SWA-page space (default:
         ``device_pages``; ignored for models without an SWA component).
-      host_pages, host_swa_pages: host (L2) capacity per page space (default:
+      host_pages: host (L2) capacity of the full-page space (default:
         ``host_ratio`` × the device capacity).
+      host_swa_pages: host capacity of the SWA-page space (default: ``host_ratio``
+        × the device SWA capacity).
       host_ratio: host capacity relative to device when ``host_pages`` is unset.
       write_policy: when device pages are backed up to host.
       host_layout: host slab layout (``PAGE_FIRST``: storage friendly, default).
-      backend, tuning: paged-copy kernel backend and launch parameters
-        (``None``: Triton on GPU, XLA on CPU; default tuning).
+      backend: paged-copy kernel backend (``None``: Triton on GPU, XLA on CPU).
+      tuning: Pallas launch parameters (``None``: the default tuning).
       copy_path: ``STAGED`` (gather kernel → pinned-host staging; GPUs) or
         ``DIRECT`` (rows copied between pool buffers and slabs; CPU meshes only).
         ``None`` follows the mesh's device platform.

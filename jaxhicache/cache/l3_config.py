@@ -42,8 +42,11 @@ class StorageConfig:
       prefetch_threshold: tokens an L3 hit must add to be fetched (default 256; at
         least 1: a hit adds whole pages, so 0 would mean the same as 1 and is
         refused with ``ValueError``).
-      prefetch_policy, timeout_base_s, timeout_per_1k_tokens_s, timeout_max_s:
-        how long ``admit`` waits for a request's prefetch (see :meth:`wait_seconds`).
+      prefetch_policy: how long ``admit`` waits for a request's prefetch (see
+        :meth:`wait_seconds`).
+      timeout_base_s: ``TIMEOUT``'s wait for any prefetch, in seconds.
+      timeout_per_1k_tokens_s: ``TIMEOUT``'s added wait per 1024 tokens.
+      timeout_max_s: ``TIMEOUT``'s cap on the wait.
       swa_checkpoint_every: SWA-space objects (the window a hit ends on) are
         written for every k-th page boundary and the end of each backed-up
         sequence; an L3 hit ends at such a checkpoint. 1 = every page.
@@ -66,10 +69,11 @@ class StorageConfig:
         by then is a miss (a stalled store costs at most this).
       cost_model: fetch only the part of a hit that the running estimates say is
         cheaper to load than to recompute (``False``: fetch every hit).
-      store_latency_s, store_bytes_per_s, recompute_s_per_token: the cost model's
-        priors until observed (a store request's round trip, the store's read
-        bandwidth, the prefill cost of one token; the last is fed by the serving
-        engine through ``StorageTier.observe_recompute``).
+      store_latency_s: the cost model's prior (until observed) for a store
+        request's round trip.
+      store_bytes_per_s: its prior for the store's read bandwidth.
+      recompute_s_per_token: its prior for the prefill cost of one token (fed by
+        the serving engine through ``StorageTier.observe_recompute``).
       write_nice: how much lower the write-back thread's CPU priority is than the
         serving thread's (Linux nice steps, 0 to 19; 0: the same), so writes to
         storage yield the cores to decode steps; writes are batched per drain.

@@ -55,19 +55,21 @@ class Request:
         then its last insert).
       cached_tokens: ``device_hit_tokens + host_hit_tokens + storage_hit_tokens``,
         the page-aligned prefix the forward starts after.
-      device_hit_tokens, host_hit_tokens: the prefix found on device / on host.
+      device_hit_tokens: the part of the prefix found on device.
+      host_hit_tokens: the part found on host (loaded back).
       storage_hit_tokens: the prefix prefetched from L3 into host slots and
         loaded into the request's own pages (the tree gets them at insert).
       salt: the request's ``cache_salt`` (``None``: unsalted).
-      full_page_ids, swa_page_ids: int32 page table covering every page the
-        request may write KV into: positions ``[0, capacity)``, at admission
-        enough for ``prompt_len + max_new_tokens - 1`` and grown by
-        :meth:`HiCache.extend`; SWA ids of the prefix are ``-1`` outside its
-        trailing window.
+      full_page_ids: int32 page table covering every page the request may write
+        KV into: positions ``[0, capacity)``, at admission enough for
+        ``prompt_len + max_new_tokens - 1`` and grown by :meth:`HiCache.extend`.
+      swa_page_ids: the SWA page ids of the same pages; those of the prefix are
+        ``-1`` outside its trailing window.
       page_size: tokens per page.
       own_from: page index of the request's first own page.
-      l3_host_full, l3_host_swa: host slots of its claimed L3 prefetch (``None``:
+      l3_host_full: host full-page slots of its claimed L3 prefetch (``None``:
         none).
+      l3_host_swa: host SWA-page slots of that prefetch.
       state: :class:`RequestState`.
       inserted_pages: own pages handed to the tree by insert.
       inserted_len: tokens given to the last insert (each must give more).
@@ -131,8 +133,9 @@ class Batch:
       requests: the admitted requests, in prompt order.
       deferred: indices (into the prompts given to ``admit``) of requests that
         did not fit now and were not admitted; nothing was taken for them.
-      full_table, swa_table: ``int32[B, max_pages]`` padded with ``-1``; row
-        ``i`` is ``requests[i]``'s page table.
+      full_table: ``int32[B, max_pages]`` padded with ``-1``; row ``i`` is
+        ``requests[i]``'s full page table.
+      swa_table: the same for the SWA page tables.
       num_pages: ``num_pages[i]``: the length of row ``i``.
       cached_tokens: ``cached_tokens[i]``: where request ``i``'s forward starts.
       handle: the prefix load of all requests as one dispatch (``None``: nothing

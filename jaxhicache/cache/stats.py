@@ -22,7 +22,8 @@ class CacheStats:
       deferred_requests: requests not admitted for lack of device pages (retry
         later).
       query_tokens: whole-page tokens of admitted prompts (minus the last token).
-      device_hit_tokens, host_hit_tokens: prefix tokens served from device / host.
+      device_hit_tokens: prefix tokens served from device.
+      host_hit_tokens: prefix tokens served from host (loaded back).
       storage_hit_tokens: prefix tokens served from pages an L3 prefetch brought in.
       inserted_tokens: tokens given to ``insert``.
       extended_pages: device pages added to running requests (``extend``).
@@ -36,9 +37,10 @@ class CacheStats:
       load_dispatches: merged H2D loads (one per admitted batch with host hits).
       loaded_pages: full pages copied host -> device: host hits and L3 hits.
       loaded_swa_pages: SWA pages copied host -> device.
-      device_evicted_pages, host_evicted_pages: full pages evicted per tier.
-      device_swa_reclaimed_pages, host_swa_reclaimed_pages: SWA pages reclaimed
-        per tier.
+      device_evicted_pages: device full pages evicted.
+      host_evicted_pages: host full pages evicted.
+      device_swa_reclaimed_pages: device SWA pages reclaimed.
+      host_swa_reclaimed_pages: host SWA pages reclaimed.
       storage_prefetches: L3 fetches started.
       storage_prefetched_tokens: tokens fetched from L3 into host slots (not tree
         nodes).

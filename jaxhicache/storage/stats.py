@@ -21,26 +21,32 @@ class StorageStats:
     spaces therefore adds ``8 n`` pages; label by stage / space upstream if needed.
 
     Attributes:
-      hit_pages_total, hit_tokens_total: the prefix
-        :meth:`StorageBackend.exists_prefix` lookups found.
-      miss_pages_total, miss_tokens_total: the queried pages after that prefix.
-      prefetched_pages_total, prefetched_tokens_total: pages
-        :meth:`StorageBackend.get` loaded into host slabs.
+      hit_pages_total: pages of the prefix :meth:`StorageBackend.exists_prefix`
+        lookups found.
+      hit_tokens_total: the same in tokens.
+      miss_pages_total: the queried pages after that prefix.
+      miss_tokens_total: the same in tokens.
+      prefetched_pages_total: pages :meth:`StorageBackend.get` loaded into host
+        slabs.
+      prefetched_tokens_total: the same in tokens.
       prefetch_failed_pages_total: pages it could not load (missing object, I/O
         error or integrity failure).
-      backed_up_pages_total, backed_up_tokens_total: pages
-        :meth:`StorageBackend.put` wrote.
+      backed_up_pages_total: pages :meth:`StorageBackend.put` wrote.
+      backed_up_tokens_total: the same in tokens.
       backup_failed_pages_total: pages it could not write.
-      read_bytes_total, write_bytes_total: bytes moved per direction (read =
-        storage → host), object headers included.
-      read_seconds_total, write_seconds_total: wall time of the ``get`` / ``put``
-        calls.
-      read_objects_total, write_objects_total: objects read / written.
+      read_bytes_total: bytes read (storage → host), object headers included.
+      write_bytes_total: bytes written (host → storage), object headers included.
+      read_seconds_total: wall time of the ``get`` calls.
+      write_seconds_total: wall time of the ``put`` calls.
+      read_objects_total: objects read.
+      write_objects_total: objects written.
       missing_objects_total: objects ``get`` found absent.
       integrity_failures_total: objects that failed a check (each one is then
         deleted).
-      read_errors_total, write_errors_total, delete_errors_total: I/O errors
-        (unreachable store, disk full, ...).
+      read_errors_total: I/O errors of reads and existence checks (unreachable
+        store, ...).
+      write_errors_total: I/O errors of writes (disk full, ...).
+      delete_errors_total: I/O errors of deletes and clears.
       deleted_objects_total: objects deleted (by ``delete``, or as corrupt).
     """
 

@@ -53,10 +53,11 @@ class LayerwiseLoad:
         never used: its device id is the sentinel). Empty when staged.
       slab_layout: static. ``None``: staged rows; else the slabs' layout.
       row_specs: static. The ``PartitionSpec`` of each kind's rows.
-      num_pages, num_swa_pages: static. The device pools' page counts (the
-        sentinels).
+      num_pages: static. The device pools' full page count (the full sentinel).
+      num_swa_pages: static. Their SWA page count (the SWA sentinel).
       nbytes: static. Real row bytes.
-      backend, tuning: static. The scatter kernel's backend and launch parameters.
+      backend: static. The scatter kernel's backend.
+      tuning: static. The scatter kernel's launch parameters.
       guarded: static. Staged: copy a kind's rows only when the layer has a row in
         it.
     """

@@ -108,10 +108,12 @@ class TransferStats:
     """Cumulative transfer counters (bytes are real rows, padding excluded).
 
     Attributes:
-      backup_bytes, load_bytes: bytes copied D2H (into the slabs) / H2D.
-      backup_seconds, load_seconds: wall time from issue to landing (backups) or
-        of issuing (loads).
-      backups, loads: transfers done.
+      backup_bytes: bytes copied D2H (into the slabs).
+      load_bytes: bytes copied H2D.
+      backup_seconds: wall time of the backups, from issue to landing.
+      load_seconds: wall time of issuing the loads.
+      backups: backups landed.
+      loads: loads issued.
       stale_rows_skipped: backup rows not written because their host page was
         freed or reallocated since the backup was issued.
     """
