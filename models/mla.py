@@ -201,7 +201,7 @@ def residual_tail(p, h, o, cfg: TinyMLAConfig):
 
 
 # ------------------------------------------------------------ dense reference
-def _layer(cfg, p, h, pos, sel, aux):
+def _layer(cfg, p, h, pos, sel, aux, keys_out=None):
     """One layer over the whole sequence, with per-head keys and values (not absorbed)."""
     lat, nope = cfg.kv_lora_rank, cfg.qk_nope_dim
     x = L.rms_norm(h, p["attn_norm"], cfg.eps)
@@ -213,6 +213,8 @@ def _layer(cfg, p, h, pos, sel, aux):
         eligible = pos[None] <= pos[:, None]
         idx, ok, qi, w = select_tokens(p["idx"], x, cq, pos, keys, eligible, cfg)
         sel = (idx, ok)
+        if keys_out is not None:
+            keys_out.append(keys)
         if aux is not None:
             aux.append(topk_margin(cfg, qi, w, keys, eligible))
     idx, ok = sel
@@ -228,13 +230,13 @@ def _layer(cfg, p, h, pos, sel, aux):
     return residual_tail(p, h, o, cfg), sel
 
 
-def _forward(cfg, params, tokens, aux):
+def _forward(cfg, params, tokens, aux, keys_out=None):
     tokens = jnp.asarray(tokens, jnp.int32)
     pos = jnp.arange(tokens.shape[0])
     h = L.embed(params, tokens)
     sel = None
     for p in params["layers"]:
-        h, sel = _layer(cfg, p, h, pos, sel, aux)
+        h, sel = _layer(cfg, p, h, pos, sel, aux, keys_out)
     return L.lm_head(params, h, cfg)
 
 
@@ -248,8 +250,9 @@ def mla_reference_forward(cfg: TinyMLAConfig, params: dict, tokens) -> jax.Array
 
 def _with_margins(cfg, params, tokens):
     aux: list = []
-    logits = _forward(cfg, params, tokens, aux)
-    return logits, jnp.stack(aux)
+    keys: list = []
+    logits = _forward(cfg, params, tokens, aux, keys)
+    return logits, jnp.stack(aux), jnp.stack(keys)
 
 
 @functools.cache
@@ -260,11 +263,12 @@ def _jitted():
 
 
 def mla_reference_with_margins(cfg: TinyMLAConfig, params: dict, tokens):
-    """Jitted reference: ``(logits [T, V], margins [n_owner_layers, T])``.
+    """Jitted reference: ``(logits [T, V], margins [n_owners, T], keys [n_owners, T, D_I])``.
 
     ``margins``: per indexer-owning layer and query, the score gap between the
     K-th and (K+1)-th visible token (``inf`` while at most K are visible), so a
-    test can avoid inputs whose selection is a near-tie.
+    test can avoid inputs whose selection is a near-tie.  ``keys``: each owner's
+    dequantized indexer keys (what its selection used).
     """
     from models.stage import MATMUL_PRECISION
 
