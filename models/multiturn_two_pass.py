@@ -27,6 +27,11 @@ Definitions (per request ``i`` of pass 2, page size ``P``):
   answers, and a later request's prefix is rightly a device or host hit there;
   ``l3_share_of_reusable`` reports that plain share.)
 
+Below 1.0 means a reusable page was not served from L3: it never reached storage
+(``write_through_selective`` backs up a page only on its second hit; a failed
+write), the prefetch did not land in time (``timeout`` / ``best_effort``), or the
+L3 cost model judged recomputing it cheaper than loading it.
+
 Nothing here is specific to one model family: the job hands over per-request
 figures; the flush is the cache's public call.
 """

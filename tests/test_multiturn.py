@@ -9,6 +9,7 @@ the same traffic again from L3).
 
 import contextlib
 import copy
+import dataclasses
 import io
 import itertools
 import json
@@ -33,7 +34,7 @@ from models.multiturn import (
     summary,
 )
 from models.multiturn_results import RequestRecord, mismatches
-from models.multiturn_two_pass import check_two_pass
+from models.multiturn_two_pass import check_two_pass, two_pass_results
 from models.serving import RequestReport
 from models.workload import Transcript, Workload, WorkloadConfig
 
@@ -247,6 +248,43 @@ def test_mismatched_tokens_are_reported():
     differ = RequestRecord(1, 1, 2, 10, 3, _report([1, 2, 3]), _report([1, 5, 3]), 0.0)
     assert same.row()["tokens_match"] and not differ.row()["tokens_match"]
     assert mismatches([same, differ]) == [{"index": 1, "client": 1, "turn": 2, "first_step": 1}]
+
+
+def test_two_pass_figures_count_recomputed_and_mismatched_tokens():
+    """Page 4, prompts of 10 and 20 tokens (reusable: 8 and 16). Pass 2 serves the
+    first from L3 alone, the second 8 from device and only 4 of the other 8 from L3
+    (4 recomputed) with another answer: fraction 12 / 16, and the mismatch named."""
+
+    def on(gen, prompt_len, device, storage, inserted):
+        return dataclasses.replace(
+            _report(gen), prompt_len=prompt_len, cached_tokens=device + storage,
+            device_cached_tokens=device, storage_cached_tokens=storage,
+            prefill_tokens=prompt_len - device - storage, inserted_tokens=inserted,
+        )  # fmt: skip
+
+    off = [_report([1, 2]), _report([3, 4], ttft=0.02)]
+    first = [
+        RequestRecord(0, 0, 1, 10, 2, off[0], on([1, 2], 10, 0, 0, 11), 0.0),
+        RequestRecord(1, 0, 2, 20, 2, off[1], on([3, 4], 20, 8, 0, 21), 0.0),
+    ]
+    second = [
+        RequestRecord(0, 0, 1, 10, 2, off[0], on([1, 2], 10, 0, 8, 11), 0.0),
+        RequestRecord(1, 0, 2, 20, 2, off[1], on([3, 9], 20, 8, 4, 21), 0.0),
+    ]
+    t = two_pass_results(first, second, 4, flushed={}, flush_s=0.0, on_s=1.0)
+    assert t["reusable_tokens"] == 8 + 16 and t["recomputed_reusable_tokens"] == 4
+    assert t["hit_tokens"] == {"device": 8, "host": 0, "storage": 12}
+    assert t["l3_hit_fraction"] == 12 / 16 and t["l3_share_of_reusable"] == 12 / 24
+    assert t["tokens_match"] is False and t["tokens_match_second_pass"] is False
+    assert t["mismatches"] == [{"index": 1, "client": 0, "turn": 2, "first_step": 1}]
+    assert [r["tokens_match"] for r in t["per_request"]] == [True, False]
+    assert t["ttft"]["later_turns"]["off_p50_ms"] == pytest.approx(20.0)
+    # pass 1 inserted less than the page-floored prompt: only that much is reusable
+    short = [dataclasses.replace(first[0], on=on([1, 2], 10, 0, 0, 5)), first[1]]
+    assert (
+        two_pass_results(short, second, 4, flushed={}, flush_s=0, on_s=1)["reusable_tokens"]
+        == 4 + 16
+    )
 
 
 def test_table_shows_a_dash_for_missing_figures(job):
