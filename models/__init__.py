@@ -1,8 +1,13 @@
-"""Tiny DeepSeek-V4-style model for proving the cache end to end (see ``models/README.md``)."""
+"""Tiny test models for proving the cache end to end (see ``models/README.md``): the
+DeepSeek-V4-style model and the MLA + DSA (GLM-5 / DeepSeek V3.2 family) model."""
 
 from models.config import TinyDSV4Config
 from models.dsv4 import TinyDSV4, init_params, model_params
+from models.mla import init_mla_params, mla_reference_forward, mla_reference_with_margins
+from models.mla_config import TinyMLAConfig
+from models.mla_paged import PagedMLAModel
 from models.paged import PagedModel, RequestScratch
+from models.protocol import ServableModel
 from models.reference import reference_forward, reference_with_margins
 from models.restore import restore_prefix, restore_tables
 from models.streaming import (
@@ -16,14 +21,20 @@ from models.streaming import (
 )
 
 __all__ = [
+    "PagedMLAModel",
     "PagedModel",
     "RequestScratch",
+    "ServableModel",
     "StreamState",
     "TinyDSV4",
     "TinyDSV4Config",
+    "TinyMLAConfig",
     "cache_spec",
+    "init_mla_params",
     "init_params",
     "init_stream_state",
+    "mla_reference_forward",
+    "mla_reference_with_margins",
     "model_params",
     "reference_forward",
     "reference_with_margins",
