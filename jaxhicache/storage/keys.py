@@ -148,7 +148,7 @@ def tp_sharded_kinds(spec: ModelCacheSpec, tp_size: int) -> tuple[PoolKind, ...]
 
 def cache_format(spec: ModelCacheSpec) -> str:
     """Canonical text of everything that fixes a page's bytes (but not the model id)."""
-    desc = {
+    desc: dict[str, object] = {
         "kv_format": spec.kv_format.value,
         "dtype": spec.dtype,
         "page_size": spec.page_size,
