@@ -24,6 +24,7 @@ PUBLIC = (
     "jaxhicache.tree",
     "jaxhicache.transfer",
     "jaxhicache.kinds",
+    "jaxhicache.rows",
     "jaxhicache.spec",
     "jaxhicache.layer_map",
     "jaxhicache.mesh",

@@ -150,7 +150,14 @@ _KINDS_OF_ATTENTION: dict[AttentionKind, tuple[PoolKind, ...]] = {
 
 
 def pool_kinds_of(attention: AttentionKind) -> tuple[PoolKind, ...]:
-    """Sub-pools a layer of attention kind ``attention`` has a row in."""
+    """Sub-pools a layer of an attention kind has a row in.
+
+    Args:
+      attention: the layer's kind (or its int value).
+
+    Returns:
+      The pool kinds, in canonical order.
+    """
     return _KINDS_OF_ATTENTION[AttentionKind(attention)]
 
 
@@ -161,7 +168,18 @@ C4_RING = 8
 
 
 def dsv4_ratios(num_layers: int, *, hca_ratio: int = 128) -> tuple[int, ...]:
-    """DSV4 ratio pattern: layers 0-1 SWA, then even -> 4, odd -> HCA; plus the MTP 0."""
+    """DSV4's ratio pattern: layers 0-1 SWA, then even -> 4, odd -> HCA; plus the MTP 0.
+
+    Args:
+      num_layers: model layers.
+      hca_ratio: the HCA layers' ratio.
+
+    Returns:
+      ``num_layers + 1`` ratios.
+
+    Raises:
+      ValueError: ``num_layers`` < 1.
+    """
     if num_layers < 1:
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
     body = tuple(0 if g < 2 else (C4_RATIO if g % 2 == 0 else hca_ratio) for g in range(num_layers))

@@ -27,6 +27,7 @@ from typing import Protocol, final
 
 import numpy as np
 
+from jaxhicache import rows
 from jaxhicache.kinds import (
     C4_RATIO,
     C4_RING,
@@ -77,13 +78,15 @@ class StageLayers(Protocol):
         ...
 
     def num_layers_of(self, kind: PoolKind) -> int:
-        """Layers of this stage that hold ``kind``."""
+        """Layers of this stage that hold a sub-pool.
+
+        Args:
+          kind: the sub-pool.
+
+        Returns:
+          The count.
+        """
         ...
-
-
-_FP8_ROW_ALIGN = 576  # DSV4 KV rows are padded to a multiple of 576 bytes
-_FP8_SCALE_GROUP = 64  # one UE8M0 scale per 64 fp8 "nope" values
-_FP8_MLA_SCALE_GROUP = 128  # one fp32 scale per 128 fp8 latent values
 
 
 @final
@@ -108,6 +111,9 @@ class ModelCacheSpec:
       layer_kinds: MLA specs only: the attention kind of every layer
         (:attr:`AttentionKind.MLA` or :attr:`AttentionKind.MLA_DSA`); DSV4 specs
         derive theirs from ``compress_ratios``, MHA specs are all ``FULL``.
+
+    Raises:
+      ValueError: a field that breaks an invariant of the module doc, named with its value.
 
     For MLA specs ``head_dim`` is the cached key width ``kv_lora_rank + rope_dim``
     (576 for DeepSeek V3.2): the latent followed by the decoupled RoPE key, the
@@ -137,7 +143,7 @@ class ModelCacheSpec:
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
         try:
-            _np_dtype(self.dtype)
+            rows.np_dtype(self.dtype)
         except TypeError as e:
             raise ValueError(f"unknown dtype {self.dtype!r}") from e
         if self.layer_kinds is not None:
@@ -151,38 +157,7 @@ class ModelCacheSpec:
 
     def _validate_dsv4(self) -> None:
         assert self.compress_ratios is not None
-        hca = check_dsv4_ratios(self.compress_ratios, self.num_layers)
-        self._check_shared_row("DSV4")
-        if self.indexer_head_dim < 1:
-            raise ValueError(f"indexer_head_dim must be >= 1, got {self.indexer_head_dim}")
-        if self.page_size % C4_RATIO:
-            raise ValueError(f"page_size must be a multiple of 4, got {self.page_size}")
-        if self.c4_ring % C4_RATIO or self.c4_ring < 2 * C4_RATIO:
-            raise ValueError(f"c4_ring must be a multiple of 4 and >= 8, got {self.c4_ring}")
-        if self.page_size % self.c4_ring:
-            raise ValueError(
-                f"page_size {self.page_size} must be a multiple of the C4 ring {self.c4_ring}"
-            )
-        if hca and self.page_size % hca:
-            raise ValueError(
-                f"page_size {self.page_size} must be a multiple of the HCA ratio {hca}"
-            )
-        if not C4_RATIO <= self.window <= self.page_size:
-            raise ValueError(
-                f"window must be in [4, page_size={self.page_size}], got {self.window}"
-            )
-
-    def _check_shared_row(self, family: str) -> None:
-        """DSV4 and MLA cache one row per token shared by all heads, RoPE slice last."""
-        if self.num_kv_heads != 1:
-            raise ValueError(
-                f"{family} caches one row per token for all heads (num_kv_heads=1), "
-                f"got {self.num_kv_heads}"
-            )
-        if not 0 < self.rope_dim < self.head_dim or self.rope_dim % 2:
-            raise ValueError(
-                f"rope_dim must be even and in (0, head_dim={self.head_dim}), got {self.rope_dim}"
-            )
+        rows.check_dsv4_geometry(self, check_dsv4_ratios(self.compress_ratios, self.num_layers))
 
     def _validate_mla(self) -> None:
         assert self.layer_kinds is not None
@@ -190,24 +165,17 @@ class ModelCacheSpec:
             raise ValueError("a spec has compress_ratios (DSV4) or layer_kinds (MLA), not both")
         kinds = check_mla_layer_kinds(self.layer_kinds, self.num_layers)
         object.__setattr__(self, "layer_kinds", kinds)
-        self._check_shared_row("MLA")
-        if AttentionKind.MLA_DSA in kinds and self.indexer_head_dim < 1:
-            raise ValueError(
-                f"MLA_DSA layers need indexer_head_dim >= 1, got {self.indexer_head_dim}"
-            )
-        if self.kv_format is KVFormat.FP8_DSV4:
-            raise ValueError("MLA specs store FLOAT or FP8_MLA rows, got kv_format=FP8_DSV4")
-        if self.kv_format is KVFormat.FP8_MLA and self.kv_lora_rank % _FP8_MLA_SCALE_GROUP:
-            raise ValueError(
-                f"FP8_MLA needs kv_lora_rank a multiple of {_FP8_MLA_SCALE_GROUP}, "
-                f"got {self.kv_lora_rank}"
-            )
+        rows.check_mla_geometry(self, has_indexer=AttentionKind.MLA_DSA in kinds)
 
     # ------------------------------------------------------------------ presets
 
     @classmethod
     def deepseek_v4_flash(cls) -> ModelCacheSpec:
-        """DeepSeek V4 Flash: 43 layers, window 128, page 256, fp8 rows."""
+        """DeepSeek V4 Flash: 43 layers, window 128, page 256, fp8 rows.
+
+        Returns:
+          The spec (9,158,208 bytes per page).
+        """
         return cls(
             name="deepseek-v4-flash",
             num_layers=43,
@@ -235,14 +203,28 @@ class ModelCacheSpec:
         name: str | None = None,
         compress_ratios: Sequence[int] | None = None,
     ) -> ModelCacheSpec:
-        """A small DSV4-shaped spec, by default with the DSV4 ratio pattern.
+        """A small DSV4-shaped spec (the tiny test model's: ``TinyDSV4Config.cache_spec``).
 
-        Defaults give the fast "mini" spec (window 8, page 16, ratios 4/8); pass
-        ``window=128, page_size=256, hca_ratio=128`` for the structure-faithful one.
-        ``compress_ratios``: per-layer ratios (``num_layers`` entries, no MTP slot;
-        the trailing MTP 0 is appended here) instead of :func:`dsv4_ratios`; its
-        HCA layers must use ``hca_ratio``.  The tiny test model derives its spec
-        with this preset (``models.config.TinyDSV4Config.cache_spec``).
+        Args:
+          num_layers: model layers.
+          window: sliding window (8: the fast "mini" spec; 128 with ``page_size=256,
+            hca_ratio=128``: the structure-faithful one).
+          page_size: tokens per page.
+          hca_ratio: compression ratio of the HCA layers.
+          head_dim: ``D``.
+          rope_dim: the trailing RoPE slice of ``D``.
+          indexer_head_dim: ``D_I``.
+          kv_format: FLOAT or FP8_DSV4 rows.
+          name: model id; derived from the geometry when ``None``.
+          compress_ratios: per-layer ratios (``num_layers`` entries; the MTP 0 is
+            appended here) instead of :func:`dsv4_ratios`, HCA layers at ``hca_ratio``.
+
+        Returns:
+          The spec.
+
+        Raises:
+          ValueError: ``compress_ratios`` of the wrong length or with another HCA
+            ratio, or a geometry the spec rejects.
         """
         if compress_ratios is None:
             ratios = dsv4_ratios(num_layers, hca_ratio=hca_ratio)
@@ -282,7 +264,19 @@ class ModelCacheSpec:
         *,
         name: str | None = None,
     ) -> ModelCacheSpec:
-        """An ordinary MHA/GQA model: one FULL_KV sub-pool (K and V) per layer."""
+        """An ordinary MHA/GQA model: one FULL_KV sub-pool (K and V) per layer.
+
+        Args:
+          num_layers: model layers.
+          num_kv_heads: KV heads (split over ``'tp'``).
+          head_dim: per-head dim.
+          page_size: tokens per page.
+          dtype: row dtype.
+          name: model id; derived from the geometry when ``None``.
+
+        Returns:
+          The spec.
+        """
         return cls(
             name=name or f"mha-l{num_layers}-h{num_kv_heads}-d{head_dim}",
             num_layers=num_layers,
@@ -432,7 +426,11 @@ class ModelCacheSpec:
 
     @property
     def kv_lora_rank(self) -> int:
-        """MLA only: width of the compressed latent, ``head_dim - rope_dim`` (512 for V3.2)."""
+        """MLA only: width of the compressed latent, ``head_dim - rope_dim`` (512 for V3.2).
+
+        Raises:
+          ValueError: not an MLA spec.
+        """
         if not self.is_mla:
             raise ValueError(f"spec {self.name!r} is not an MLA spec")
         return self.head_dim - self.rope_dim
@@ -463,7 +461,11 @@ class ModelCacheSpec:
         return max(1, math.ceil((self.window - 1) / self.page_size))
 
     def kinds(self) -> tuple[PoolKind, ...]:
-        """Sub-pools this spec caches, in canonical order."""
+        """Sub-pools this spec caches.
+
+        Returns:
+          The kinds, in :class:`PoolKind` order.
+        """
         return self._kinds
 
     @functools.cached_property
@@ -472,7 +474,17 @@ class ModelCacheSpec:
         return tuple(k for k in PoolKind if k in present)
 
     def check_kind(self, kind: PoolKind) -> PoolKind:
-        """Return ``kind`` if this spec caches it, else raise ``ValueError``."""
+        """``kind``, checked.
+
+        Args:
+          kind: a :class:`PoolKind`.
+
+        Returns:
+          ``kind``.
+
+        Raises:
+          ValueError: not a :class:`PoolKind`, or a kind this spec does not cache.
+        """
         if not isinstance(kind, PoolKind):
             raise ValueError(f"not a PoolKind: {kind!r}")
         if kind not in self.kinds():
@@ -483,57 +495,79 @@ class ModelCacheSpec:
         return kind
 
     def layer_has(self, kind: PoolKind, global_layer: int) -> bool:
-        """Whether global layer ``global_layer`` has a row in sub-pool ``kind``."""
+        """Whether a layer has a row in a sub-pool.
+
+        Args:
+          kind: a sub-pool this spec caches.
+          global_layer: a global layer id.
+
+        Returns:
+          ``True`` if layer ``global_layer`` has a row in ``kind``.
+
+        Raises:
+          ValueError: ``global_layer`` outside ``[0, num_layers)`` (or a bad ``kind``).
+        """
         self.check_kind(kind)
         if not 0 <= global_layer < self.num_layers:
             raise ValueError(f"global layer {global_layer} not in [0, {self.num_layers})")
         return kind in pool_kinds_of(self.attention_kinds[global_layer])
 
     def layers_with(self, kind: PoolKind) -> tuple[int, ...]:
-        """Global ids of the layers that have sub-pool ``kind``, ascending."""
+        """The layers that have a sub-pool.
+
+        Args:
+          kind: a sub-pool this spec caches.
+
+        Returns:
+          Their global ids, ascending.
+        """
         self.check_kind(kind)
         return tuple(g for g, a in enumerate(self.attention_kinds) if kind in pool_kinds_of(a))
 
     def row_shape(self, kind: PoolKind) -> tuple[int, ...]:
-        """Shape of one page row of one layer of sub-pool ``kind``."""
-        self.check_kind(kind)
-        p, d, di = self.page_size, self.head_dim, self.indexer_head_dim
-        if kind is PoolKind.FULL_KV:
-            return (2, p, self.num_kv_heads, d)
-        if kind is PoolKind.MLA_LATENT:
-            if self.kv_format is KVFormat.FP8_MLA:
-                return (p * self.fp8_mla_token_bytes,)
-            return (p, d)
-        if kind is PoolKind.DSA_INDEXER:  # page x D_I fp8 keys, then page x fp32 scales
-            return (p * (di + 4),)
-        if kind is PoolKind.C4_STATE:
-            return (self.c4_ring, 4 * d)
-        if kind is PoolKind.C4_INDEXER_STATE:
-            return (self.c4_ring, 4 * di)
-        entries, width = self._kv_entries(kind)
-        if self.kv_format is KVFormat.FLOAT:
-            return (entries, width)
-        return (self._fp8_row_bytes(kind, entries),)
+        """Shape of one page row of one layer of sub-pool ``kind`` (:func:`rows.row_shape`).
+
+        Args:
+          kind: a sub-pool this spec caches.
+
+        Returns:
+          The row's shape.
+        """
+        return rows.row_shape(self, self.check_kind(kind))
 
     def row_dtype(self, kind: PoolKind) -> np.dtype:
-        """Storage dtype of sub-pool ``kind`` (uint8 for FP8_DSV4 KV rows)."""
-        self.check_kind(kind)
-        if kind in (PoolKind.C4_STATE, PoolKind.C4_INDEXER_STATE):
-            return np.dtype(np.float32)
-        if kind is PoolKind.DSA_INDEXER or self.kv_format is not KVFormat.FLOAT:
-            return np.dtype(np.uint8)
-        return _np_dtype(self.dtype)
+        """Storage dtype of sub-pool ``kind`` (:func:`rows.row_dtype`).
+
+        Args:
+          kind: a sub-pool this spec caches.
+
+        Returns:
+          The dtype (uint8 for byte rows).
+        """
+        return rows.row_dtype(self, self.check_kind(kind))
 
     def row_bytes(self, kind: PoolKind) -> int:
-        """Bytes of one page row of one layer of sub-pool ``kind``."""
+        """Bytes of one page row of one layer of a sub-pool.
+
+        Args:
+          kind: a sub-pool this spec caches.
+
+        Returns:
+          The bytes.
+        """
         return math.prod(self.row_shape(kind)) * self.row_dtype(kind).itemsize
 
     def page_bytes(self, layer_map: StageLayers | None = None) -> int:
-        """Bytes of one full page over every cached sub-pool.
+        """Bytes of one full page over every cached sub-pool: what tiers size a page by.
 
-        For the whole model, or for the layers of one stage when ``layer_map``
-        is given. This is what storage and host tiers must size a page by (the
-        full-page anchor itself holds no bytes).
+        Args:
+          layer_map: one stage's layers (e.g. a ``StageLayerMap``); ``None``: the whole model.
+
+        Returns:
+          The bytes (the full-page anchor itself holds none).
+
+        Raises:
+          ValueError: ``layer_map`` is for another spec.
         """
         if layer_map is not None and layer_map.spec != self:
             raise ValueError(f"layer map is for spec {layer_map.spec.name!r}, not {self.name!r}")
@@ -543,57 +577,12 @@ class ModelCacheSpec:
             total += n * self.row_bytes(kind)
         return total
 
-    # -------------------------------------------------------------- internals
-
-    def _kv_entries(self, kind: PoolKind) -> tuple[int, int]:
-        """(entries per page, logical width) of a DSV4 KV-like sub-pool."""
-        p, d = self.page_size, self.head_dim
-        if kind is PoolKind.SWA_KV:
-            return p, d
-        if kind is PoolKind.C4_KV:
-            return p // C4_RATIO, d
-        if kind is PoolKind.C4_INDEXER:
-            return p // C4_RATIO, self.indexer_head_dim
-        if kind is PoolKind.C128_KV:
-            hca = self.hca_ratio
-            assert hca is not None
-            return p // hca, d
-        raise ValueError(f"{kind} is not a KV-like pool")
-
     @property
     def fp8_token_bytes(self) -> int:
-        """Bytes of one token (entry) in an FP8_DSV4 KV row (584 for DSV4).
-
-        A row of ``SWA_KV`` / ``C4_KV`` / ``C128_KV`` holds its entries back to back,
-        entry ``i`` at bytes ``[i * fp8_token_bytes, (i + 1) * fp8_token_bytes)``:
-        fp8 "nope" values, bf16 rope values, one UE8M0 scale per 64 nope values and
-        one spare byte; zero padding after the last entry up to a multiple of 576.
-        """
-        nope = self.head_dim - self.rope_dim
-        return nope + 2 * self.rope_dim + math.ceil(nope / _FP8_SCALE_GROUP) + 1
+        """Bytes of one token in an FP8_DSV4 KV row (584 for DSV4): :func:`rows.fp8_token_bytes`."""
+        return rows.fp8_token_bytes(self)
 
     @property
     def fp8_mla_token_bytes(self) -> int:
-        """Bytes of one token in an FP8_MLA latent row (656 for DeepSeek V3.2).
-
-        Token ``i`` of a row is at bytes ``[i * n, (i + 1) * n)``: ``kv_lora_rank``
-        fp8 (e4m3) latent values, one fp32 scale per 128 of them, then ``rope_dim``
-        bf16 RoPE-key values.
-        """
-        lat = self.head_dim - self.rope_dim
-        return lat + 4 * math.ceil(lat / _FP8_MLA_SCALE_GROUP) + 2 * self.rope_dim
-
-    def _fp8_row_bytes(self, kind: PoolKind, entries: int) -> int:
-        if kind is PoolKind.C4_INDEXER:  # fp8 key + one fp32 scale per entry, unpadded
-            return entries * (self.indexer_head_dim + 4)
-        return _round_up(entries * self.fp8_token_bytes, _FP8_ROW_ALIGN)
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
-def _np_dtype(name: str) -> np.dtype:
-    import jax.numpy as jnp  # bfloat16 / float8 dtypes are registered by ml_dtypes via jax
-
-    return np.dtype(jnp.dtype(name))
+        """Bytes of one token in an FP8_MLA latent row (656 for V3.2): :func:`rows.fp8_mla_token_bytes`."""
+        return rows.fp8_mla_token_bytes(self)
