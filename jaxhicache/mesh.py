@@ -26,7 +26,22 @@ TP = "tp"
 
 
 def make_mesh(pp: int, tp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ``('pp', 'tp')`` mesh with Auto axes over the first ``pp * tp`` devices."""
+    """A ``('pp', 'tp')`` mesh with Auto axes over the first ``pp * tp`` devices.
+
+    Args:
+      pp: pipeline stages (rows of the device grid).
+      tp: tensor-parallel ranks per stage (columns).
+      devices: the devices to take, in order; ``None``: ``jax.devices()``. Stage
+        ``s`` gets ``devices[s * tp : (s + 1) * tp]``; devices past ``pp * tp`` are
+        left out.
+
+    Returns:
+      The ``Mesh`` with axes ``('pp', 'tp')``, both ``AxisType.Auto``.
+
+    Raises:
+      ValueError: ``pp`` or ``tp`` below 1, or more than ``len(devices)`` devices
+        asked for.
+    """
     if pp < 1 or tp < 1:
         raise ValueError(f"pp and tp must be >= 1, got pp={pp}, tp={tp}")
     devices = list(jax.devices() if devices is None else devices)
@@ -37,7 +52,22 @@ def make_mesh(pp: int, tp: int = 1, devices: Sequence[jax.Device] | None = None)
 
 
 def pool_partition_spec(spec: ModelCacheSpec, kind: PoolKind, tp: int = 1) -> PartitionSpec:
-    """``P('pp', None, None, *row)``; MHA heads over ``'tp'`` when ``tp > 1``."""
+    """``P('pp', None, None, *row)``; MHA heads over ``'tp'`` when ``tp > 1``.
+
+    Args:
+      spec: the model's cache spec (gives ``kind``'s row shape).
+      kind: the sub-pool.
+      tp: the mesh's ``'tp'`` size. Only a kind whose :attr:`PoolKind.tp_sharding`
+        is ``HEADS`` shards (its row's axis 2, the heads); every other row axis,
+        and every axis when ``tp == 1``, is replicated.
+
+    Returns:
+      The partition spec of the pool array ``[pp, layers, pages, *row]``: stages
+      over ``'pp'``, layers and pages unsharded.
+
+    Raises:
+      ValueError: a heads-sharded kind whose head count is not divisible by ``tp``.
+    """
     row: list[str | None] = [None] * len(spec.row_shape(kind))
     if kind.tp_sharding is TPSharding.HEADS and tp > 1:  # MHA FULL_KV (2, page, heads, d)
         heads = spec.row_shape(kind)[2]
@@ -48,5 +78,19 @@ def pool_partition_spec(spec: ModelCacheSpec, kind: PoolKind, tp: int = 1) -> Pa
 
 
 def pool_sharding(spec: ModelCacheSpec, mesh: Mesh, kind: PoolKind) -> NamedSharding:
-    """The ``NamedSharding`` of ``kind``'s device pool on ``mesh`` (:func:`pool_partition_spec`)."""
+    """The ``NamedSharding`` of ``kind``'s device pool on ``mesh`` (:func:`pool_partition_spec`).
+
+    Args:
+      spec: the model's cache spec.
+      mesh: a ``('pp', 'tp')`` mesh (:func:`make_mesh`); its ``'tp'`` size decides
+        whether MHA heads are sharded.
+      kind: the sub-pool.
+
+    Returns:
+      ``NamedSharding(mesh, pool_partition_spec(spec, kind, mesh.shape['tp']))``.
+
+    Raises:
+      ValueError: as :func:`pool_partition_spec` raises it (heads not divisible by
+        ``'tp'``).
+    """
     return NamedSharding(mesh, pool_partition_spec(spec, kind, mesh.shape[TP]))

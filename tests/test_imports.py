@@ -84,7 +84,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_the_library_import_graph_has_no_cycle():
     mods = _modules()
     graph = {n: _top_level_imports(n, p, mods) for n, p in mods.items()}
-    assert "jaxhicache.spec" in graph["jaxhicache.layer_map"]  # the checker sees imports
+    assert "jaxhicache.spec" in graph["jaxhicache.layer_map.stage"]  # the checker sees imports
     assert "jaxhicache.layer_map" not in graph["jaxhicache.spec"]
     assert _cycles(graph) == []
 
@@ -94,7 +94,7 @@ def test_the_cycle_finder_finds_the_old_spec_layer_map_cycle():
     mods = _modules()
     graph = {n: _top_level_imports(n, p, mods) for n, p in mods.items()}
     graph["jaxhicache.spec"] = graph["jaxhicache.spec"] | {"jaxhicache.layer_map"}
-    assert ["jaxhicache.layer_map", "jaxhicache.spec"] in _cycles(graph)
+    assert any({"jaxhicache.layer_map", "jaxhicache.spec"} <= set(c) for c in _cycles(graph))
 
 
 def test_importing_every_library_module_never_imports_models():

@@ -1,31 +1,10 @@
-"""Stage-local layer maps: the three layer-index spaces of a pipeline stage.
+"""One pipeline stage's layer maps, on the host: the partition and :class:`StageLayerMap`.
 
-Spaces (DESIGN §3)::
-
-    global layer id   g  in [0, num_layers)          lists spanning the whole model
-    stage-local id    l  = g - start_layer           a stage's transfers and signals
-    sub-pool id       k  in [0, n_kind_on_stage)     rows of one sub-pool of one stage
-
-    local_to_global[l]      = g            (= start_layer + l)
-    local_to_subpool(K)[l]  = k  or -1     (-1: layer l has no row in sub-pool K)
-    subpool_to_global(K)[k] = g
-    kind_local_ids(K)       = [l with local_to_subpool(K)[l] >= 0], ascending
-
-Invariants, asserted with chex when a map is built: every global layer lands
-in exactly one stage; the round trips local -> global -> local and
-sub-pool -> global -> local -> sub-pool are identities; sub-pool ids are dense
-``0..n-1``; ``subpool_to_global(K) == start_layer + kind_local_ids(K)``. The
-MTP slot of ``compress_ratios`` is never a layer.
-
-The reference system's bug (a stage's local ids used to index a global-length
-list of per-layer state pools) cannot be written against this API: a global
-list is indexed with :meth:`StageLayerMap.global_id`, a stage's sub-pool with
-:meth:`StageLayerMap.subpool_id`, and both reject ids of the wrong space.
-
-:class:`StackedLayerMap` is the same information for all stages at once, with a
-leading ``pp`` axis padded to the largest stage; inside ``jax.shard_map``
-:meth:`StackedLayerMap.stage` selects the running stage with
-``jax.lax.axis_index('pp')``.
+``pp_partition`` gives each stage its global layer range; ``build_stage_layer_map``
+and ``build_layer_maps`` build the maps of one stage or all and assert their
+invariants (``check_stage_layer_map``); ``as_index`` is the exact-integer check
+every id and count passes. The index spaces and invariants are described in the
+package docstring (:mod:`jaxhicache.layer_map`).
 """
 
 from __future__ import annotations
@@ -35,23 +14,17 @@ from collections.abc import Sequence
 from typing import final
 
 import chex
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
 from jaxhicache.spec import AttentionKind, ModelCacheSpec, PoolKind
 
 __all__ = [
-    "StackedLayerMap",
     "StageLayerMap",
-    "StageView",
     "as_index",
     "build_layer_maps",
     "build_stage_layer_map",
-    "check_stage_view",
+    "check_stage_layer_map",
     "pp_partition",
-    "stack_layer_maps",
 ]
 
 
@@ -61,6 +34,17 @@ def as_index(name: str, value) -> int:
     Accepted: ``int``, numpy integer scalars and 0-d integer numpy arrays.
     Rejected: ``bool`` (and ``numpy.bool_``), floats (even ``11.0``), strings,
     ``None`` and anything else. Layer ids, ranks and counts are never truncated.
+
+    Args:
+      name: what ``value`` is, for the error message (``"pp_rank"``, ``"local layer"``).
+      value: the candidate index. Its range is not checked here.
+
+    Returns:
+      ``value`` as a plain ``int``.
+
+    Raises:
+      ValueError: ``value`` is not an exact integer (message names ``name``, the
+        value and its type).
     """
     if isinstance(value, np.ndarray) and value.ndim == 0:
         value = value[()]  # a 0-d array -> its numpy scalar
@@ -83,6 +67,23 @@ def pp_partition(
 
     Every count must be an exact integer (:func:`as_index`): ``ValueError``
     naming the value otherwise, never a silent ``int()`` truncation.
+
+    Args:
+      num_layers: the model's layer count (``>= 1``; the MTP slot not counted).
+      pp_size: pipeline stages (``>= 1``; without ``partition``, at most
+        ``num_layers``).
+      partition: layer count per stage, in rank order, or ``None`` for the default
+        rule.
+
+    Returns:
+      ``pp_size`` half-open global ranges ``(start, end)``, contiguous from 0 to
+      ``num_layers``, each non-empty.
+
+    Raises:
+      ValueError: a count that is not an exact integer; ``num_layers`` or
+        ``pp_size`` below 1; ``pp_size > num_layers`` under the default rule;
+        ``partition`` not a sequence (a string included), of the wrong length,
+        with a stage below 1 layer, or not summing to ``num_layers``.
     """
     num_layers = as_index("num_layers", num_layers)
     pp_size = as_index("pp_size", pp_size)
@@ -123,7 +124,21 @@ def pp_partition(
 @final
 @dataclasses.dataclass(frozen=True, eq=False)
 class StageLayerMap:
-    """Layer maps of one pipeline stage. Build with :func:`build_stage_layer_map`."""
+    """Layer maps of one pipeline stage. Build with :func:`build_stage_layer_map`.
+
+    Frozen; compared by identity. The stage owns the global layers
+    ``[start_layer, end_layer)``.
+
+    Attributes:
+      spec: the model's cache spec.
+      pp_rank: this stage's rank in ``[0, pp_size)``.
+      pp_size: pipeline stages.
+      start_layer: first global layer of the stage.
+      end_layer: one past its last global layer.
+      _subpool_of_local: per sub-pool kind, the sub-pool id of each stage-local
+        layer (``-1`` where the layer has no row); read it through
+        :meth:`local_to_subpool`.
+    """
 
     spec: ModelCacheSpec
     pp_rank: int
@@ -148,27 +163,84 @@ class StageLayerMap:
         return self.spec.attention_kinds[self.start_layer : self.end_layer]
 
     def kinds(self) -> tuple[PoolKind, ...]:
-        """Sub-pools of the spec (a stage may hold zero layers of some)."""
+        """Sub-pools of the spec (a stage may hold zero layers of some).
+
+        Returns:
+          The spec's kinds in canonical order (``spec.kinds()``), the same on
+          every stage.
+        """
         return self.spec.kinds()
 
     def local_to_subpool(self, kind: PoolKind) -> np.ndarray:
-        """int32 ``[num_local_layers]``: sub-pool id of each local layer, -1 where absent."""
+        """int32 ``[num_local_layers]``: sub-pool id of each local layer, -1 where absent.
+
+        Args:
+          kind: a sub-pool the spec caches.
+
+        Returns:
+          A new array; entry ``l`` is the row of local layer ``l`` in this stage's
+          ``kind`` sub-pool, or ``-1``.
+
+        Raises:
+          ValueError: ``kind`` is not a :class:`PoolKind` the spec caches.
+        """
         return np.asarray(self._subpool_of_local[self.spec.check_kind(kind)], dtype=np.int32)
 
     def kind_local_ids(self, kind: PoolKind) -> np.ndarray:
-        """int32: stage-local ids of the layers that have sub-pool ``kind``, ascending."""
+        """int32: stage-local ids of the layers that have sub-pool ``kind``, ascending.
+
+        Args:
+          kind: a sub-pool the spec caches.
+
+        Returns:
+          ``[n_kind]`` local ids; entry ``k`` is the local layer of sub-pool row ``k``.
+
+        Raises:
+          ValueError: as :meth:`local_to_subpool` raises it.
+        """
         return np.flatnonzero(self.local_to_subpool(kind) >= 0).astype(np.int32)
 
     def subpool_to_global(self, kind: PoolKind) -> np.ndarray:
-        """int32 ``[n_kind]``: global ids of the sub-pool's layers (``start_layer + local``)."""
+        """int32 ``[n_kind]``: global ids of the sub-pool's layers (``start_layer + local``).
+
+        Args:
+          kind: a sub-pool the spec caches.
+
+        Returns:
+          Entry ``k`` is the global layer of row ``k`` of this stage's ``kind``
+          sub-pool, ascending.
+
+        Raises:
+          ValueError: as :meth:`local_to_subpool` raises it.
+        """
         return (self.start_layer + self.kind_local_ids(kind)).astype(np.int32)
 
     def num_layers_of(self, kind: PoolKind) -> int:
-        """Layers of this stage that hold ``kind`` (the size of its sub-pool layer space)."""
+        """Layers of this stage that hold ``kind`` (the size of its sub-pool layer space).
+
+        Args:
+          kind: a sub-pool the spec caches.
+
+        Returns:
+          The count, possibly 0.
+
+        Raises:
+          ValueError: as :meth:`local_to_subpool` raises it.
+        """
         return int(self.kind_local_ids(kind).size)
 
     def global_to_local(self, global_layer: int) -> int:
-        """Stage-local id of ``global_layer``; ``ValueError`` if another stage owns it."""
+        """Stage-local id of ``global_layer``; ``ValueError`` if another stage owns it.
+
+        Args:
+          global_layer: a global layer id (an exact integer, :func:`as_index`).
+
+        Returns:
+          ``global_layer - start_layer``.
+
+        Raises:
+          ValueError: not an exact integer, or outside ``[start_layer, end_layer)``.
+        """
         global_layer = as_index("global layer", global_layer)
         if not self.start_layer <= global_layer < self.end_layer:
             raise ValueError(
@@ -178,11 +250,33 @@ class StageLayerMap:
         return int(global_layer - self.start_layer)
 
     def global_id(self, local_layer: int) -> int:
-        """Global id of a stage-local layer: the index into any global-length list."""
+        """Global id of a stage-local layer: the index into any global-length list.
+
+        Args:
+          local_layer: a stage-local id in ``[0, num_local_layers)``.
+
+        Returns:
+          ``start_layer + local_layer``.
+
+        Raises:
+          ValueError: not an exact integer, or out of the stage's local range.
+        """
         return self.start_layer + self._check_local(local_layer)
 
     def subpool_id(self, kind: PoolKind, local_layer: int) -> int:
-        """Sub-pool row of a stage-local layer; ``ValueError`` if it has no row in ``kind``."""
+        """Sub-pool row of a stage-local layer; ``ValueError`` if it has no row in ``kind``.
+
+        Args:
+          kind: a sub-pool the spec caches.
+          local_layer: a stage-local id in ``[0, num_local_layers)``.
+
+        Returns:
+          The layer's row in this stage's ``kind`` sub-pool, in ``[0, n_kind)``.
+
+        Raises:
+          ValueError: ``local_layer`` not an exact integer or out of range,
+            ``kind`` not cached by the spec, or the layer has no ``kind`` row.
+        """
         local_layer = self._check_local(local_layer)
         k = int(self.local_to_subpool(kind)[local_layer])
         if k < 0:
@@ -214,7 +308,22 @@ def build_stage_layer_map(
     pp_size: int,
     partition: Sequence[int] | None = None,
 ) -> StageLayerMap:
-    """The layer map of stage ``pp_rank`` of ``pp_size``; checked before it is returned."""
+    """The layer map of stage ``pp_rank`` of ``pp_size``; checked before it is returned.
+
+    Args:
+      spec: the model's cache spec.
+      pp_rank: the stage, in ``[0, pp_size)``.
+      pp_size: pipeline stages.
+      partition: layer count per stage, or ``None`` for :func:`pp_partition`'s
+        default rule.
+
+    Returns:
+      The stage's map, its invariants (module docstring) asserted.
+
+    Raises:
+      ValueError: as :func:`pp_partition` raises it, or ``pp_rank`` not an exact
+        integer in ``[0, pp_size)``.
+    """
     bounds = pp_partition(spec.num_layers, pp_size, partition)
     pp_rank, pp_size = as_index("pp_rank", pp_rank), as_index("pp_size", pp_size)
     if not 0 <= pp_rank < pp_size:
@@ -261,7 +370,23 @@ def check_stage_layer_map(m: StageLayerMap) -> None:
 def build_layer_maps(
     spec: ModelCacheSpec, pp_size: int, partition: Sequence[int] | None = None
 ) -> tuple[StageLayerMap, ...]:
-    """Maps of every stage; asserts every global layer lands in exactly one stage."""
+    """Maps of every stage; asserts every global layer lands in exactly one stage.
+
+    Also asserts that, per sub-pool kind, the stages' sub-pool layers joined in
+    rank order are the spec's layers of that kind.
+
+    Args:
+      spec: the model's cache spec.
+      pp_size: pipeline stages.
+      partition: layer count per stage, or ``None`` for :func:`pp_partition`'s
+        default rule.
+
+    Returns:
+      ``pp_size`` maps in rank order.
+
+    Raises:
+      ValueError: as :func:`pp_partition` raises it.
+    """
     pp_partition(spec.num_layers, pp_size, partition)  # validates pp_size and partition
     maps = tuple(build_stage_layer_map(spec, r, pp_size, partition) for r in range(pp_size))
     owners = np.zeros(spec.num_layers, dtype=np.int32)
@@ -272,133 +397,3 @@ def build_layer_maps(
         joined = np.concatenate([m.subpool_to_global(kind) for m in maps])
         np.testing.assert_array_equal(joined, np.asarray(spec.layers_with(kind), dtype=np.int32))
     return maps
-
-
-# ----------------------------------------------------------------- stacked form
-
-
-@struct.dataclass
-class StageView:
-    """One stage's maps as (possibly traced) arrays; see :meth:`StackedLayerMap.stage`."""
-
-    start_layer: jax.Array  # int32 []
-    num_local_layers: jax.Array  # int32 []
-    local_to_global: jax.Array  # int32 [max_local], -1 padding
-    layer_valid: jax.Array  # bool [max_local]
-    attention_kind: jax.Array  # int32 [max_local], AttentionKind value, -1 padding
-    local_to_subpool: dict[PoolKind, jax.Array]  # int32 [max_local], -1 absent/padding
-    subpool_to_global: dict[PoolKind, jax.Array]  # int32 [max_kind], -1 padding
-    subpool_valid: dict[PoolKind, jax.Array]  # bool [max_kind]
-
-
-@struct.dataclass
-class StackedLayerMap:
-    """All stages' maps with a leading ``pp`` axis, padded to the largest stage."""
-
-    start_layer: np.ndarray  # int32 [pp]
-    num_local_layers: np.ndarray  # int32 [pp]
-    local_to_global: np.ndarray  # int32 [pp, max_local]
-    layer_valid: np.ndarray  # bool [pp, max_local]
-    attention_kind: np.ndarray  # int32 [pp, max_local]
-    local_to_subpool: dict[PoolKind, np.ndarray]  # int32 [pp, max_local]
-    subpool_to_global: dict[PoolKind, np.ndarray]  # int32 [pp, max_kind]
-    subpool_valid: dict[PoolKind, np.ndarray]  # bool [pp, max_kind]
-    pp_size: int = struct.field(pytree_node=False)
-    max_local_layers: int = struct.field(pytree_node=False)
-
-    def max_layers_of(self, kind: PoolKind) -> int:
-        """Sub-pool rows per stage after padding (the pool array's layer axis)."""
-        return int(self.subpool_to_global[kind].shape[1])
-
-    def stage_at(self, rank: jax.Array | int) -> StageView:
-        """The view of stage ``rank`` (``rank`` may be traced).
-
-        A host ``rank`` must be an exact integer in ``[0, pp_size)``; a jax
-        ``rank`` must be an integer scalar (its value is not checked when traced).
-        """
-        if isinstance(rank, jax.Array):
-            if rank.shape != () or not jnp.issubdtype(rank.dtype, jnp.integer):
-                raise ValueError(
-                    f"rank must be an integer scalar, got a {rank.dtype} array of shape {rank.shape}"
-                )
-        else:
-            rank = as_index("rank", rank)
-            if not 0 <= rank < self.pp_size:
-                raise ValueError(f"rank {rank} not in [0, {self.pp_size})")
-
-        def pick(x):
-            if isinstance(rank, int) and isinstance(x, np.ndarray):
-                return x[rank]
-            return jnp.asarray(x)[rank]
-
-        return StageView(
-            start_layer=pick(self.start_layer),
-            num_local_layers=pick(self.num_local_layers),
-            local_to_global=pick(self.local_to_global),
-            layer_valid=pick(self.layer_valid),
-            attention_kind=pick(self.attention_kind),
-            local_to_subpool={k: pick(v) for k, v in self.local_to_subpool.items()},
-            subpool_to_global={k: pick(v) for k, v in self.subpool_to_global.items()},
-            subpool_valid={k: pick(v) for k, v in self.subpool_valid.items()},
-        )
-
-    def stage(self, axis_name: str = "pp") -> StageView:
-        """Inside ``shard_map``: the running stage's view, via ``axis_index(axis_name)``."""
-        return self.stage_at(jax.lax.axis_index(axis_name))
-
-
-def stack_layer_maps(maps: Sequence[StageLayerMap]) -> StackedLayerMap:
-    """Stack per-stage maps into the padded ``[pp, ...]`` form."""
-    if not maps:
-        raise ValueError("no stage maps to stack")
-    pp = len(maps)
-    if [m.pp_rank for m in maps] != list(range(pp)) or any(m.pp_size != pp for m in maps):
-        raise ValueError(f"maps must be ranks 0..{pp - 1} of one pp_size={pp}")
-    spec = maps[0].spec
-    max_local = max(m.num_local_layers for m in maps)
-    l2g = np.full((pp, max_local), -1, np.int32)
-    att = np.full((pp, max_local), -1, np.int32)
-    for r, m in enumerate(maps):
-        l2g[r, : m.num_local_layers] = m.local_to_global
-        att[r, : m.num_local_layers] = [int(a) for a in m.attention_kinds]
-    l2s, s2g, sval = {}, {}, {}
-    for kind in spec.kinds():
-        max_kind = max(1, max(m.num_layers_of(kind) for m in maps))
-        l2s[kind] = np.full((pp, max_local), -1, np.int32)
-        s2g[kind] = np.full((pp, max_kind), -1, np.int32)
-        for r, m in enumerate(maps):
-            l2s[kind][r, : m.num_local_layers] = m.local_to_subpool(kind)
-            s2g[kind][r, : m.num_layers_of(kind)] = m.subpool_to_global(kind)
-        sval[kind] = s2g[kind] >= 0
-    return StackedLayerMap(
-        start_layer=np.asarray([m.start_layer for m in maps], np.int32),
-        num_local_layers=np.asarray([m.num_local_layers for m in maps], np.int32),
-        local_to_global=l2g,
-        layer_valid=l2g >= 0,
-        attention_kind=att,
-        local_to_subpool=l2s,
-        subpool_to_global=s2g,
-        subpool_valid=sval,
-        pp_size=pp,
-        max_local_layers=max_local,
-    )
-
-
-def check_stage_view(view: StageView) -> None:
-    """chex value-asserts on a (traced) stage view; wrap the caller with ``chex.chexify``.
-
-    Checks: ``local_to_global == start_layer + l`` on valid layers, and for every
-    kind ``subpool_to_global[k] == start_layer + l`` wherever
-    ``local_to_subpool[l] == k`` (the state-pool addressing rule).
-    """
-    max_local = view.local_to_global.shape[0]
-    lids = jnp.arange(max_local, dtype=jnp.int32)
-    expect = jnp.where(view.layer_valid, view.start_layer + lids, -1)
-    chex.assert_trees_all_equal(view.local_to_global, expect)
-    chex.assert_trees_all_equal(view.layer_valid, lids < view.num_local_layers)
-    for kind, l2s in view.local_to_subpool.items():
-        s2g = view.subpool_to_global[kind]
-        safe = jnp.clip(l2s, 0, s2g.shape[0] - 1)
-        got = jnp.where(l2s >= 0, s2g[safe], -1)
-        want = jnp.where(l2s >= 0, view.start_layer + lids, -1)
-        chex.assert_trees_all_equal(got, want)
