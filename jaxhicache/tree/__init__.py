@@ -4,7 +4,8 @@ Modules, in import order: ``arrays`` (id/token array helpers) ← ``node``
 (``TreeNode`` and result records) ← ``hashes`` (tenant salts, L3 page hashes),
 ``policy`` (write policies) and ``window`` (SWA summaries, window protection,
 reclaim) ← ``residency`` (values, locks, eviction, backup) and ``invariants``
-(full check) ← ``radix`` (``RadixTree``). See ``README.md`` in this folder.
+(full check) ← ``structure`` (match, insert, split) ← ``radix`` (``RadixTree``).
+See ``README.md`` in this folder.
 """
 
 from jaxhicache.tree.node import BackupPlan, EvictResult, InsertResult, MatchResult, TreeNode
