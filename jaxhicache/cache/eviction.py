@@ -140,7 +140,8 @@ class Evictor:
         flush's waits wrote to L3 (one per page, page space and stage).
         """
         led = self._ledger
-        held = {s.value: led.held(s) for s in PageSpace if led.held(s)}
+        spaces = dict.fromkeys(s for (_t, s), _a in led.items())  # the ledger's page spaces
+        held = {s.value: led.held(s) for s in spaces if led.held(s)}
         if held:
             raise RuntimeError(f"flush: open requests hold device pages {held}; release them")
         written = self._stats.storage_backed_up_pages
