@@ -30,7 +30,16 @@ def _show(ids: np.ndarray) -> str:
 
 
 class OutOfPages(MemoryError):
-    """Not enough free pages; names the allocator, the request and what is free."""
+    """Not enough free pages; names the allocator, the request and what is free.
+
+    A ``MemoryError``. Raised before anything is taken, so the allocator (and, in
+    the cache, every allocator of the same call) is unchanged.
+
+    Args:
+      name: the allocator's name, kept as ``allocator``.
+      requested: pages asked for, kept as ``requested``.
+      free: pages free at the time, kept as ``free``.
+    """
 
     def __init__(self, name: str, requested: int, free: int):
         self.allocator = name
@@ -42,7 +51,16 @@ class OutOfPages(MemoryError):
 
 
 class Lease(NamedTuple):
-    """Page ids with their generations at snapshot time (a transfer ticket)."""
+    """Page ids with their generations at snapshot time (a transfer ticket).
+
+    Made by :meth:`PageAllocator.snapshot`; checked by
+    :meth:`PageAllocator.current_mask` of the same allocator.
+
+    Attributes:
+      allocator: the name of the allocator that made it.
+      ids: int32, the page ids in the order given, ``-1`` tombstones kept.
+      generations: uint32, each id's generation at snapshot time (0 for ``-1``).
+    """
 
     allocator: str
     ids: np.ndarray  # int32
@@ -55,6 +73,14 @@ class PageAllocator:
     ``alloc(n)`` pops ``n`` ids (O(n)); ``free(ids)`` pushes a batch back after
     validating all of it (out-of-range, duplicate or already-free ids raise
     ``ValueError`` and change nothing).
+
+    Args:
+      num_pages: capacity (an integer, ``operator.index``; ``TypeError`` for
+        anything else).
+      name: the name error messages and leases carry, e.g. ``"device/full"``.
+
+    Raises:
+      ValueError: ``num_pages`` outside ``[0, 2**31 - 1]`` (ids are int32).
     """
 
     __slots__ = ("_free", "_gen", "_is_free", "_name", "_num_pages", "_top")
@@ -99,17 +125,44 @@ class PageAllocator:
         )
 
     def state_bytes(self) -> bytes:
-        """The free stack (order included) and generations: equal in processes that took
-        the same decisions (for a cross-process digest)."""
+        """The free stack (order included) and generations, as bytes.
+
+        Equal in processes that took the same decisions (for a cross-process
+        digest).
+
+        Returns:
+          The free ids in stack order (int32) followed by every page's generation
+          (uint32).
+        """
         return self._free[: self._top].tobytes() + self._gen.tobytes()
 
     # ------------------------------------------------------------ alloc/free
     def can_alloc(self, n: int) -> bool:
-        """Whether ``n`` pages can be allocated now (``0 <= n <= free``)."""
+        """Whether ``n`` pages can be allocated now (``0 <= n <= free``).
+
+        Args:
+          n: a page count.
+
+        Returns:
+          ``True`` iff ``alloc(n)`` would succeed now (``False`` for negative ``n``).
+        """
         return 0 <= n <= self._top
 
     def alloc(self, n: int) -> np.ndarray:
-        """Return ``n`` distinct free page ids (int32), ascending on a fresh allocator."""
+        """Return ``n`` distinct free page ids (int32), ascending on a fresh allocator.
+
+        The most recently freed ids are handed out first (a stack).
+
+        Args:
+          n: pages to take (an integer, ``operator.index``); 0 gives an empty array.
+
+        Returns:
+          A new int32 array of ``n`` ids, now allocated.
+
+        Raises:
+          ValueError: ``n`` is negative.
+          OutOfPages: fewer than ``n`` pages are free (nothing taken).
+        """
         n = operator.index(n)
         if n < 0:
             raise ValueError(f"allocator {self._name!r}: cannot allocate {n} pages")
@@ -139,7 +192,18 @@ class PageAllocator:
         return arr.astype(np.int32, copy=False)
 
     def free(self, ids) -> None:
-        """Return a batch of pages. All-or-nothing: any bad id raises ``ValueError``."""
+        """Return a batch of pages. All-or-nothing: any bad id raises ``ValueError``.
+
+        Each freed page's generation is bumped, so leases taken before no longer
+        count it as current.
+
+        Args:
+          ids: integer page ids (any shape; flattened); empty frees nothing.
+
+        Raises:
+          ValueError: a non-integer dtype, an id outside ``[0, capacity)``, an id
+            given twice, or an id that is already free (nothing is freed).
+        """
         arr = self._as_ids(ids, "free")
         k = arr.size
         if k == 0:
@@ -163,16 +227,40 @@ class PageAllocator:
 
     # ------------------------------------------------------------ queries
     def is_allocated(self, ids) -> np.ndarray:
-        """Boolean mask: which of ``ids`` are currently allocated."""
+        """Boolean mask: which of ``ids`` are currently allocated.
+
+        Args:
+          ids: integer page ids (flattened).
+
+        Returns:
+          A bool array, one entry per id in order.
+
+        Raises:
+          ValueError: a non-integer dtype or an id outside ``[0, capacity)``.
+        """
         arr = self._as_ids(ids, "is_allocated")
         return ~self._is_free[arr]
 
     def allocated_ids(self) -> np.ndarray:
-        """All currently allocated ids, ascending (for invariant checks)."""
+        """All currently allocated ids, ascending (for invariant checks).
+
+        Returns:
+          A new int32 array.
+        """
         return np.flatnonzero(~self._is_free).astype(np.int32)
 
     def generation(self, ids) -> np.ndarray:
-        """Current generation (uint32) of each page in ``ids``."""
+        """Current generation (uint32) of each page in ``ids``.
+
+        Args:
+          ids: integer page ids (flattened); free pages are allowed.
+
+        Returns:
+          A new uint32 array: how many times each page has been freed.
+
+        Raises:
+          ValueError: a non-integer dtype or an id outside ``[0, capacity)``.
+        """
         arr = self._as_ids(ids, "generation")
         return self._gen[arr].copy()
 
@@ -182,6 +270,17 @@ class PageAllocator:
 
         The pages must be allocated now. ``ids`` may contain ``-1`` entries
         (tombstones); they are kept in the lease and always count as current.
+
+        Args:
+          ids: integer page ids (flattened), ``-1`` allowed.
+
+        Returns:
+          A :class:`Lease` of this allocator: a copy of ``ids`` as int32 and their
+          current generations.
+
+        Raises:
+          ValueError: a non-integer dtype, an id (other than ``-1``) outside
+            ``[0, capacity)``, or a page that is free now.
         """
         arr = np.asarray(ids)
         if arr.size and arr.dtype.kind not in "iu":
@@ -200,7 +299,17 @@ class PageAllocator:
         return Lease(self._name, arr, gens)
 
     def current_mask(self, lease: Lease) -> np.ndarray:
-        """Per page of the lease: still allocated and never freed since the snapshot."""
+        """Per page of the lease: still allocated and never freed since the snapshot.
+
+        Args:
+          lease: a lease this allocator made (:meth:`snapshot`).
+
+        Returns:
+          A bool array aligned with ``lease.ids``; ``True`` for ``-1`` entries.
+
+        Raises:
+          ValueError: ``lease`` names another allocator.
+        """
         if lease.allocator != self._name:
             raise ValueError(
                 f"lease of allocator {lease.allocator!r} checked against allocator {self._name!r}"
@@ -213,5 +322,16 @@ class PageAllocator:
         return out
 
     def is_current(self, lease: Lease) -> bool:
-        """True when no page of the lease was freed (or freed and reallocated) since."""
+        """True when no page of the lease was freed (or freed and reallocated) since.
+
+        Args:
+          lease: a lease this allocator made (:meth:`snapshot`).
+
+        Returns:
+          ``current_mask(lease).all()`` as a Python bool.
+
+        Raises:
+          ValueError: ``lease`` names another allocator.
+        """
+
         return bool(self.current_mask(lease).all())

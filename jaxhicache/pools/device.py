@@ -37,7 +37,17 @@ __all__ = [
 
 @struct.dataclass
 class DevicePools:
-    """Device sub-pools of one model, a pytree of ``[pp, layers, pages, *row]`` arrays."""
+    """Device sub-pools of one model, a pytree of ``[pp, layers, pages, *row]`` arrays.
+
+    Build with :func:`allocate_device_pools`. ``pools[kind]`` is ``kind``'s array
+    (``ValueError`` for a kind these pools lack). The arrays are the leaves; the
+    page counts are static, so a jitted function recompiles when they change.
+
+    Attributes:
+      arrays: one array per sub-pool kind of the spec, in the spec's order.
+      num_pages: pages of every full-page-space array (their axis 2).
+      num_swa_pages: pages of every SWA-space array (0 when the spec has none).
+    """
 
     arrays: dict[PoolKind, jax.Array]
     num_pages: int = struct.field(pytree_node=False)
@@ -52,17 +62,44 @@ class DevicePools:
             ) from None
 
     def replace_pool(self, kind: PoolKind, array: jax.Array) -> DevicePools:
-        """A copy with ``kind``'s array replaced by ``array`` (``ValueError`` for a kind these pools lack)."""
+        """A copy with ``kind``'s array replaced (``ValueError`` for a kind these pools lack).
+
+        ``array``'s shape, dtype and sharding are not checked; a model's forward
+        passes back what it read, updated in place.
+
+        Args:
+          kind: a kind these pools hold.
+          array: the new array of that sub-pool.
+
+        Returns:
+          New :class:`DevicePools`; ``self`` is unchanged.
+
+        Raises:
+          ValueError: ``kind`` is not one of :meth:`kinds`.
+        """
         self[kind]  # raises for an unknown kind
         return dataclasses.replace(self, arrays={**self.arrays, kind: array})
 
     def kinds(self) -> tuple[PoolKind, ...]:
-        """The pool kinds held, in the spec's order."""
+        """The pool kinds held, in the spec's order.
+
+        Returns:
+          The keys of ``arrays``.
+        """
         return tuple(self.arrays)
 
 
 def pages_of_space(kind: PoolKind, num_pages: int, num_swa_pages: int) -> int:
-    """The page count of ``kind``'s page space: ``num_pages`` (full) or ``num_swa_pages`` (SWA)."""
+    """The page count of ``kind``'s page space: ``num_pages`` (full) or ``num_swa_pages`` (SWA).
+
+    Args:
+      kind: a sub-pool kind; its :attr:`PoolKind.page_space` decides.
+      num_pages: pages of the full-page space.
+      num_swa_pages: pages of the SWA space.
+
+    Returns:
+      ``num_pages`` or ``num_swa_pages``.
+    """
     return num_pages if kind.page_space is PageSpace.FULL else num_swa_pages
 
 
@@ -73,7 +110,22 @@ def pool_shape(
     num_pages: int,
     num_swa_pages: int,
 ) -> tuple[int, ...]:
-    """Global shape of the device array of sub-pool ``kind``."""
+    """Global shape of the device array of sub-pool ``kind``.
+
+    Args:
+      spec: the model's cache spec.
+      stacked: every stage's maps (gives ``pp`` and the padded layer count).
+      kind: a sub-pool the spec caches.
+      num_pages: pages of the full-page space.
+      num_swa_pages: pages of the SWA space.
+
+    Returns:
+      ``(pp, max_layers_of(kind), pages, *row_shape(kind))``; the stage axis is
+      the one sharded over ``'pp'``.
+
+    Raises:
+      ValueError: ``kind`` is not cached by ``spec``.
+    """
     pages = pages_of_space(spec.check_kind(kind), num_pages, num_swa_pages)
     return (stacked.pp_size, stacked.max_layers_of(kind), pages, *spec.row_shape(kind))
 
@@ -93,7 +145,27 @@ def allocate_device_pools(
     num_pages: int,
     num_swa_pages: int = 0,
 ) -> DevicePools:
-    """Zero-filled pools, created sharded ``P('pp', ...)`` on ``mesh``."""
+    """Zero-filled pools, created sharded ``P('pp', ...)`` on ``mesh``.
+
+    One jitted program creates every array with its sharding, so no device holds
+    more than its stage's slice and nothing goes through the host.
+
+    Args:
+      spec: the model's cache spec; one array per kind it caches.
+      mesh: the ``('pp', 'tp')`` mesh (:func:`jaxhicache.mesh.make_mesh`).
+      layer_maps: every stage's map in rank order, or them already stacked.
+      num_pages: pages of the full-page space (``>= 1``).
+      num_swa_pages: pages of the SWA space (``>= 1`` when the spec has an SWA
+        kind; ignored otherwise).
+
+    Returns:
+      The :class:`DevicePools`, zero-filled in each kind's row dtype.
+
+    Raises:
+      ValueError: a page count below its minimum, the mesh's ``'pp'`` size
+        differs from the maps' stage count, or (from
+        :func:`jaxhicache.mesh.pool_sharding`) heads not divisible by ``'tp'``.
+    """
     _check_counts(spec, num_pages, num_swa_pages)
     stacked = _stacked(layer_maps)
     if mesh.shape[PP] != stacked.pp_size:
@@ -120,7 +192,24 @@ def device_bytes_per_stage(
 
     ``padded=True`` counts the stage-padded allocation (what ``allocate_device_pools``
     reserves per device); ``padded=False`` counts only the stage's real layers.
+
+    Args:
+      spec: the model's cache spec.
+      layer_maps: every stage's map, in rank order.
+      num_pages: pages of the full-page space (``>= 1``).
+      num_swa_pages: pages of the SWA space (``>= 1`` when the spec has an SWA kind).
+      padded: count the padding rows too.
+
+    Returns:
+      Bytes per stage, in rank order, counting whole rows: a kind replicated
+      over ``'tp'`` is held this size on each of the stage's devices, a
+      heads-sharded kind is split over them.
+
+    Raises:
+      ValueError: a page count below its minimum, or maps that do not stack
+        (:func:`jaxhicache.layer_map.stack_layer_maps`).
     """
+
     _check_counts(spec, num_pages, num_swa_pages)
     stacked = stack_layer_maps(layer_maps)
     out = []

@@ -37,7 +37,12 @@ DEFAULT_RESERVE_BYTES = 2 << 30  # keep 2 GiB of the machine's memory for everyt
 
 
 def available_host_memory() -> int:
-    """Bytes of host memory available now (``MemAvailable``), or total if unknown."""
+    """Bytes of host memory available now (``MemAvailable``), or total if unknown.
+
+    Returns:
+      ``MemAvailable`` from ``/proc/meminfo`` in bytes; where that file or line is
+      missing, the machine's physical memory (``sysconf``).
+    """
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -49,7 +54,19 @@ def available_host_memory() -> int:
 
 
 def aligned_zeros(shape: tuple[int, ...], dtype: np.dtype, align: int = 4096) -> np.ndarray:
-    """A zeroed numpy array whose data starts on an ``align``-byte boundary (lazily backed)."""
+    """A zeroed numpy array whose data starts on an ``align``-byte boundary (lazily backed).
+
+    The bytes come from one ``np.zeros`` buffer ``align`` bytes larger than needed
+    (the OS maps its pages on first touch); the result is a view into it.
+
+    Args:
+      shape: the array's shape.
+      dtype: its dtype.
+      align: the byte boundary of the first element (``> 0``; 4096: a page).
+
+    Returns:
+      A C-contiguous zeroed array of ``shape`` and ``dtype``.
+    """
     dtype = np.dtype(dtype)
     nbytes = math.prod(shape) * dtype.itemsize
     raw = np.zeros(nbytes + align, np.uint8)
@@ -59,7 +76,29 @@ def aligned_zeros(shape: tuple[int, ...], dtype: np.dtype, align: int = 4096) ->
 
 @final
 class HostPools:
-    """Host slabs of all sub-pools of all stages of one model."""
+    """Host slabs of all sub-pools of all stages of one model.
+
+    Every slab is allocated, zeroed, at construction; the bytes needed (real
+    layers only: padding rows are never touched) are first checked against the
+    memory available.
+
+    Args:
+      spec: the model's cache spec; one slab per kind it caches.
+      layer_maps: every stage's map in rank order (all stages, whichever this
+        process holds).
+      num_pages: host pages of the full-page space (``>= 1``).
+      num_swa_pages: host pages of the SWA space (``>= 1`` when the spec has an
+        SWA kind).
+      layout: ``PAGE_FIRST`` (``[pages, n_kind, *row]`` per stage) or
+        ``LAYER_FIRST`` (``[n_kind, pages, *row]``).
+      reserve_bytes: host memory to leave free for everything else.
+      ranks: the stages this process holds, strictly increasing; ``None``: all.
+
+    Raises:
+      ValueError: a page count below its minimum; ``ranks`` empty, not strictly
+        increasing or out of ``[0, pp)``; or the slabs need more than the
+        available host memory minus ``reserve_bytes``.
+    """
 
     def __init__(
         self,
@@ -120,7 +159,25 @@ class HostPools:
         ratio: float,
         **kw,
     ) -> HostPools:
-        """Host capacity = ``ratio`` × the device capacity of each page space."""
+        """Host capacity = ``ratio`` × the device capacity of each page space.
+
+        Each count is ``max(1, int(device * ratio))`` (rounded down); the SWA
+        count stays 0 when ``device_swa_pages`` is 0.
+
+        Args:
+          spec: the model's cache spec.
+          layer_maps: every stage's map, in rank order.
+          device_pages: device pages of the full-page space.
+          device_swa_pages: device pages of the SWA space.
+          ratio: host pages per device page (``> 0``).
+          **kw: the constructor's keywords (``layout``, ``reserve_bytes``, ``ranks``).
+
+        Returns:
+          The new :class:`HostPools`.
+
+        Raises:
+          ValueError: ``ratio`` is not positive, or as the constructor raises it.
+        """
         if not ratio > 0:
             raise ValueError(f"host ratio must be > 0, got {ratio}")
         return cls(
@@ -143,6 +200,20 @@ class HostPools:
 
         A page is sized by ``spec.page_bytes(stage)`` (every real sub-pool, one
         SWA page per full page); the capacity is the minimum over stages.
+
+        Args:
+          spec: the model's cache spec.
+          layer_maps: every stage's map, in rank order.
+          bytes_per_stage: the host byte budget of one stage.
+          **kw: the constructor's keywords (``layout``, ``reserve_bytes``, ``ranks``).
+
+        Returns:
+          The new :class:`HostPools`, with as many SWA pages as full pages (none
+          when the spec has no SWA kind).
+
+        Raises:
+          ValueError: the budget holds no page of the largest stage, or as the
+            constructor raises it.
         """
         per_page = max(spec.page_bytes(m) for m in layer_maps)
         pages = bytes_per_stage // per_page
@@ -154,7 +225,14 @@ class HostPools:
         return cls(spec, layer_maps, pages, pages if has_swa else 0, **kw)
 
     def pages_of(self, space: PageSpace) -> int:
-        """Host pages of ``space`` (full or SWA)."""
+        """Host pages of ``space`` (full or SWA).
+
+        Args:
+          space: the page space.
+
+        Returns:
+          ``num_pages`` for ``PageSpace.FULL``, else ``num_swa_pages``.
+        """
         return self.num_pages if space is PageSpace.FULL else self.num_swa_pages
 
     def _stacked_shape(self, kind: PoolKind) -> tuple[int, ...]:
@@ -166,9 +244,19 @@ class HostPools:
         return (pp, max_k, pages, *self.spec.row_shape(kind))
 
     def stacked(self, kind: PoolKind) -> np.ndarray:
-        """The local stages' slabs of ``kind`` as one page-aligned array, padded to the
-        largest stage of all: ``[len(ranks), pages, max_k, *row]`` (page_first) or
-        ``[len(ranks), max_k, pages, *row]``; row ``i`` is stage ``ranks[i]``."""
+        """The local stages' slabs of ``kind`` as one page-aligned array.
+
+        Args:
+          kind: a sub-pool the spec caches.
+
+        Returns:
+          The array itself (not a copy), padded to the largest stage of all:
+          ``[len(ranks), pages, max_k, *row]`` (page_first) or
+          ``[len(ranks), max_k, pages, *row]``; row ``i`` is stage ``ranks[i]``.
+
+        Raises:
+          ValueError: ``kind`` is not cached by the spec.
+        """
         return self._stacked[self.spec.check_kind(kind)]
 
     def _slab_shape(self, m: StageLayerMap, kind: PoolKind) -> tuple[int, ...]:
@@ -179,8 +267,11 @@ class HostPools:
         return (n, pages, *self.spec.row_shape(kind))
 
     def nbytes_per_stage(self) -> list[int]:
-        """Bytes of every local stage's slabs, in ``ranks`` order (its real layers; padding
-        rows are never touched)."""
+        """Bytes of every local stage's slabs (its real layers; padding rows are never touched).
+
+        Returns:
+          One count per stage this process holds, in ``ranks`` order.
+        """
         return [
             sum(
                 math.prod(self._slab_shape(m, k)) * self.spec.row_dtype(k).itemsize
@@ -195,7 +286,17 @@ class HostPools:
         return tuple(self.layer_maps[r] for r in self.ranks)
 
     def position(self, rank: int) -> int:
-        """Row of stage ``rank`` in :meth:`stacked`; ``ValueError`` for a stage held elsewhere."""
+        """Row of stage ``rank`` in :meth:`stacked`; ``ValueError`` for a stage held elsewhere.
+
+        Args:
+          rank: a pipeline stage.
+
+        Returns:
+          Its index in ``ranks``.
+
+        Raises:
+          ValueError: this process holds no slabs of stage ``rank``.
+        """
         try:
             return self._pos[rank]
         except KeyError:
@@ -207,22 +308,61 @@ class HostPools:
     # ---------------------------------------------------------------- access
 
     def slab(self, rank: int, kind: PoolKind) -> np.ndarray:
-        """The slab of sub-pool ``kind`` on stage ``rank`` (layout ``self.layout``)."""
+        """The slab of sub-pool ``kind`` on stage ``rank`` (layout ``self.layout``).
+
+        Args:
+          rank: a stage this process holds.
+          kind: a sub-pool the spec caches.
+
+        Returns:
+          A writable view of the stage's real rows: ``[pages, n_kind, *row]``
+          (page_first) or ``[n_kind, pages, *row]``.
+
+        Raises:
+          ValueError: ``rank`` is held by another process, or ``kind`` is not cached.
+        """
         big = self.stacked(kind)
         i = self.position(rank)
         nk = self.layer_maps[rank].num_layers_of(kind)
         return big[i, :, :nk] if self.layout is Layout.PAGE_FIRST else big[i, :nk]
 
     def read(self, rank: int, kind: PoolKind, host_ids: np.ndarray) -> np.ndarray:
-        """Pages ``host_ids`` of one stage's sub-pool as ``[n, n_kind, *row]``."""
+        """Pages ``host_ids`` of one stage's sub-pool as ``[n, n_kind, *row]``.
+
+        Args:
+          rank: a stage this process holds.
+          kind: a sub-pool the spec caches.
+          host_ids: int host page ids of ``kind``'s page space (``n`` of them).
+
+        Returns:
+          A copy (fancy indexing), page-major whatever the layout.
+
+        Raises:
+          ValueError: as :meth:`slab` raises it.
+        """
         s = self.slab(rank, kind)
         if self.layout is Layout.PAGE_FIRST:
             return s[host_ids]
         return np.swapaxes(s[:, host_ids], 0, 1)
 
     def read_into(self, rank: int, kind: PoolKind, host_ids: np.ndarray, out: np.ndarray) -> int:
-        """Copies pages ``host_ids`` into layer-first ``out [n_kind, n, *row]`` without
-        temporaries; returns bytes copied."""
+        """Copies pages ``host_ids`` into layer-first ``out [n_kind, n, *row]`` without temporaries.
+
+        One ``np.take`` for a layer-first slab and a C-contiguous ``out``, else one
+        copy per page.
+
+        Args:
+          rank: a stage this process holds.
+          kind: a sub-pool the spec caches.
+          host_ids: int host page ids (``n`` of them).
+          out: the destination, ``[n_kind, n, *row]`` of the slab's dtype.
+
+        Returns:
+          ``out.nbytes``.
+
+        Raises:
+          ValueError: as :meth:`slab` raises it.
+        """
         s = self.slab(rank, kind)
         if self.layout is Layout.LAYER_FIRST and out.flags.c_contiguous:
             np.take(s, host_ids, axis=1, out=out)
@@ -240,8 +380,24 @@ class HostPools:
         device_ids: np.ndarray,
         row_index: tuple[slice, ...] = (),
     ) -> int:
-        """Copies device pages ``device_ids`` of a pool view ``[n_kind, P, *row_part]`` into
-        host pages ``host_ids``, one row copy per page (no temporaries); returns bytes."""
+        """Copies pages of a pool view into host pages, one row copy per page (no temporaries).
+
+        Args:
+          rank: a stage this process holds.
+          kind: a sub-pool the spec caches.
+          host_ids: int host page ids to write, one per device id.
+          pool: a host view of the stage's device pool, ``[n_kind, P, *row_part]``.
+          device_ids: int page ids into ``pool``'s axis 1.
+          row_index: the part of each host row ``pool`` holds (slices over the row
+            axes, e.g. one ``'tp'`` shard's heads); empty: whole rows.
+
+        Returns:
+          Bytes copied: ``len(host_ids) * pool[:, 0].nbytes``.
+
+        Raises:
+          ValueError: ``host_ids`` and ``device_ids`` differ in length, or as
+            :meth:`slab` raises it.
+        """
         s = self.slab(rank, kind)
         for h, d in zip(host_ids.tolist(), device_ids.tolist(), strict=True):
             if self.layout is Layout.PAGE_FIRST:
@@ -258,9 +414,21 @@ class HostPools:
         data: np.ndarray,
         row_index: tuple[slice, ...] = (),
     ) -> None:
-        """Writes layer-first ``data [n_kind, n, *row_part]`` into pages ``host_ids`` of one
-        stage's sub-pool. ``row_index`` selects the part of each row ``data`` holds (e.g.
-        the heads of one ``'tp'`` shard); empty means whole rows."""
+        """Writes layer-first ``data [n_kind, n, *row_part]`` into pages ``host_ids`` of one stage.
+
+        Args:
+          rank: a stage this process holds.
+          kind: a sub-pool the spec caches.
+          host_ids: int host page ids (``n`` of them; a repeated id keeps the last
+            write).
+          data: ``[n_kind, n, *row_part]``, cast to the slab's dtype.
+          row_index: the part of each row ``data`` holds (e.g. the heads of one
+            ``'tp'`` shard); empty: whole rows.
+
+        Raises:
+          ValueError: as :meth:`slab` raises it.
+        """
+
         s = self.slab(rank, kind)
         index: tuple[Any, ...]
         if self.layout is Layout.PAGE_FIRST:
