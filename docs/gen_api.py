@@ -25,6 +25,7 @@ PUBLIC = (
     "jaxhicache.transfer",
     "jaxhicache.kinds",
     "jaxhicache.rows",
+    "jaxhicache.presets",
     "jaxhicache.spec",
     "jaxhicache.layer_map",
     "jaxhicache.mesh",

@@ -21,9 +21,14 @@ Pool rows (one page of one layer)::
     MLA_LATENT        FULL        all pages       (page, L + R)       uint8, L fp8 + L/128 fp32 scales + R bf16
     DSA_INDEXER       FULL        all pages       uint8 bytes: page x D_I fp8 keys, then page x fp32 scales
 
-Over ``'tp'`` every sub-pool is replicated (:attr:`PoolKind.tp_sharding`) except
-MHA ``FULL_KV``, whose KV heads are split: a replicated pool is one copy per
-stage in host slabs and L3 objects, whatever the TP size.
+    kind              space       hit policy      row (one snapshot slot of one layer)
+    CONV_STATE        STATE       end snapshot    (conv_dim, kernel - 1) in the model dtype
+    RECURRENT_STATE   STATE       end snapshot    (v_heads, k_dim, v_dim) in the state dtype (fp32)
+
+Over ``'tp'`` a sub-pool is replicated or split along one row axis
+(:attr:`PoolKind.tp_sharding`, :attr:`PoolKind.tp_axis`): MHA ``FULL_KV`` splits its
+KV heads, the recurrent states their channels / value heads; everything else is
+replicated, so host slabs and L3 objects hold it once per stage, whatever the TP size.
 """
 
 from __future__ import annotations
@@ -44,8 +49,9 @@ __all__ = [
     "TPSharding",
     "Tier",
     "check_dsv4_ratios",
-    "check_mla_layer_kinds",
+    "check_layer_kinds",
     "dsv4_ratios",
+    "hybrid_layer_kinds",
     "mla_layer_kinds",
     "pool_kinds_of",
     "shared_indexer_layers",
@@ -57,6 +63,7 @@ class PageSpace(enum.StrEnum):
 
     FULL = "full"  # one id per token page of the prefix (the anchor's ids)
     SWA = "swa"  # sliding-window pages: only the trailing ones are kept
+    STATE = "state"  # recurrent-state snapshot slots: one per snapshot, at a node end
 
 
 class Tier(enum.StrEnum):
@@ -72,13 +79,14 @@ class HitPolicy(enum.StrEnum):
 
     ALL_PAGES = "all_pages"
     TRAILING_PAGES = "trailing_pages"
+    END_SNAPSHOT = "end_snapshot"  # one snapshot, taken exactly at the hit's end
 
 
 class TPSharding(enum.StrEnum):
     """How a sub-pool's rows are laid over the ``'tp'`` mesh axis."""
 
     REPLICATED = "replicated"  # every TP rank holds the whole row (MQA / MLA latent)
-    HEADS = "heads"  # the row's KV heads are split over the TP ranks (MHA/GQA)
+    HEADS = "heads"  # the row's heads (or channels) are split over the TP ranks
 
 
 class PoolKind(enum.StrEnum):
@@ -93,25 +101,45 @@ class PoolKind(enum.StrEnum):
     FULL_KV = "full_kv"
     MLA_LATENT = "mla_latent"  # MLA: compressed latent + decoupled RoPE key per token
     DSA_INDEXER = "dsa_indexer"  # DSA lightning-indexer keys: fp8 + fp32 scale per token
+    CONV_STATE = "conv_state"  # linear attention: the causal conv's last kernel-1 inputs
+    RECURRENT_STATE = "recurrent_state"  # linear attention: the recurrent state per v head
 
     @property
     def tp_sharding(self) -> TPSharding:
         """Whether TP ranks hold the whole row (replicated) or a slice of its heads."""
-        return TPSharding.HEADS if self is PoolKind.FULL_KV else TPSharding.REPLICATED
+        return TPSharding.REPLICATED if self.tp_axis is None else TPSharding.HEADS
+
+    @property
+    def tp_axis(self) -> int | None:
+        """The row axis split over ``'tp'`` (``None``: replicated).
+
+        ``FULL_KV`` rows ``(2, page, heads, head_dim)`` split their KV heads (axis 2);
+        ``CONV_STATE`` rows ``(conv_dim, kernel - 1)`` their channels (axis 0, rank-major:
+        rank ``r`` holds its own q, k and v channels as one block) and
+        ``RECURRENT_STATE`` rows ``(v_heads, k_dim, v_dim)`` their value heads (axis 0).
+        """
+        return _TP_AXIS.get(self)
 
     @property
     def page_space(self) -> PageSpace:
-        """The page space whose ids address this kind's rows (SWA or full)."""
+        """The id space that addresses this kind's rows (full pages, SWA pages, state slots)."""
         if self in (PoolKind.SWA_KV, PoolKind.C4_STATE, PoolKind.C4_INDEXER_STATE):
             return PageSpace.SWA
+        if self in (PoolKind.CONV_STATE, PoolKind.RECURRENT_STATE):
+            return PageSpace.STATE
         return PageSpace.FULL
 
     @property
     def hit_policy(self) -> HitPolicy:
-        """Which pages of a prefix a restore needs: all of them, or the trailing window's."""
+        """Which pages of a prefix a restore needs: all, the trailing window's, or the end's snapshot."""
         if self.page_space is PageSpace.SWA:
             return HitPolicy.TRAILING_PAGES
+        if self.page_space is PageSpace.STATE:
+            return HitPolicy.END_SNAPSHOT
         return HitPolicy.ALL_PAGES
+
+
+_TP_AXIS = {PoolKind.FULL_KV: 2, PoolKind.CONV_STATE: 0, PoolKind.RECURRENT_STATE: 0}
 
 
 class AttentionKind(enum.IntEnum):
@@ -123,6 +151,7 @@ class AttentionKind(enum.IntEnum):
     FULL = 3  # ordinary MHA/GQA attention over the whole prefix
     MLA = 4  # multi-head latent attention; sparse layers reuse another layer's indexer
     MLA_DSA = 5  # MLA with its own DSA lightning indexer (owns an indexer-key pool)
+    LINEAR = 6  # linear attention with a recurrent state (gated DeltaNet, Mamba2)
 
 
 class KVFormat(enum.Enum):
@@ -146,6 +175,7 @@ _KINDS_OF_ATTENTION: dict[AttentionKind, tuple[PoolKind, ...]] = {
     AttentionKind.FULL: (PoolKind.FULL_KV,),
     AttentionKind.MLA: (PoolKind.MLA_LATENT,),
     AttentionKind.MLA_DSA: (PoolKind.MLA_LATENT, PoolKind.DSA_INDEXER),
+    AttentionKind.LINEAR: (PoolKind.CONV_STATE, PoolKind.RECURRENT_STATE),
 }
 
 
@@ -262,20 +292,29 @@ def check_dsv4_ratios(ratios: Sequence[int], num_layers: int) -> int | None:
     return hca[0] if hca else None
 
 
-def check_mla_layer_kinds(
+_FAMILIES = {
+    "MLA": frozenset({AttentionKind.MLA, AttentionKind.MLA_DSA}),
+    "hybrid": frozenset({AttentionKind.FULL, AttentionKind.LINEAR}),
+}
+
+
+def check_layer_kinds(
     kinds: Sequence[AttentionKind], num_layers: int
-) -> tuple[AttentionKind, ...]:
-    """Validates the per-layer kinds of an MLA spec.
+) -> tuple[str, tuple[AttentionKind, ...]]:
+    """Validates explicit per-layer kinds: one family, one kind per layer.
+
+    Families: ``"MLA"`` (MLA / MLA_DSA layers) and ``"hybrid"`` (LINEAR layers with
+    recurrent states and FULL attention layers; at least one LINEAR).
 
     Args:
       kinds: one kind per layer (``AttentionKind`` or its int value).
       num_layers: model layers.
 
     Returns:
-      The kinds as a tuple of :class:`AttentionKind`.
+      ``(family, kinds as a tuple of AttentionKind)``.
 
     Raises:
-      ValueError: a wrong length, or a kind other than MLA / MLA_DSA.
+      ValueError: a wrong length, an unknown kind, or kinds of no single family.
     """
     try:
         out = tuple(AttentionKind(k) for k in kinds)
@@ -283,7 +322,33 @@ def check_mla_layer_kinds(
         raise ValueError(f"layer_kinds: {e}") from None
     if len(out) != num_layers:
         raise ValueError(f"layer_kinds has {len(out)} entries, num_layers is {num_layers}")
-    bad = sorted(k.name for k in set(out) - {AttentionKind.MLA, AttentionKind.MLA_DSA})
-    if bad:
-        raise ValueError(f"layer_kinds must be MLA or MLA_DSA, got {bad}")
-    return out
+    for family, allowed in _FAMILIES.items():
+        if set(out) <= allowed and (family != "hybrid" or AttentionKind.LINEAR in out):
+            return family, out
+    raise ValueError(
+        f"layer_kinds must be MLA / MLA_DSA, or LINEAR with FULL; got {sorted({k.name for k in out})}"
+    )
+
+
+def hybrid_layer_kinds(num_layers: int, full_attention_interval: int) -> tuple[AttentionKind, ...]:
+    """Per-layer kinds of a recurrent hybrid: FULL every ``interval``-th layer, else LINEAR.
+
+    Layer ``i`` is full attention when ``(i + 1) % interval == 0`` (Qwen3-Next:
+    ``full_attention_interval`` 4, layers 3, 7, ..., 47).
+
+    Args:
+      num_layers: model layers.
+      full_attention_interval: one full-attention layer per this many layers.
+
+    Returns:
+      One :class:`AttentionKind` per global layer.
+
+    Raises:
+      ValueError: an interval < 2 (no linear layer would be left).
+    """
+    if full_attention_interval < 2:
+        raise ValueError(f"full_attention_interval must be >= 2, got {full_attention_interval}")
+    return tuple(
+        AttentionKind.FULL if (i + 1) % full_attention_interval == 0 else AttentionKind.LINEAR
+        for i in range(num_layers)
+    )

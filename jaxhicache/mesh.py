@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from jaxhicache.spec import ModelCacheSpec, PoolKind, TPSharding
+from jaxhicache.spec import ModelCacheSpec, PoolKind
 
 __all__ = ["PP", "TP", "make_mesh", "pool_partition_spec", "pool_sharding"]
 
@@ -52,28 +52,29 @@ def make_mesh(pp: int, tp: int = 1, devices: Sequence[jax.Device] | None = None)
 
 
 def pool_partition_spec(spec: ModelCacheSpec, kind: PoolKind, tp: int = 1) -> PartitionSpec:
-    """``P('pp', None, None, *row)``; MHA heads over ``'tp'`` when ``tp > 1``.
+    """``P('pp', None, None, *row)``; a split row axis over ``'tp'`` when ``tp > 1``.
 
     Args:
       spec: the model's cache spec (gives ``kind``'s row shape).
       kind: the sub-pool.
       tp: the mesh's ``'tp'`` size. Only a kind whose :attr:`PoolKind.tp_sharding`
-        is ``HEADS`` shards (its row's axis 2, the heads); every other row axis,
-        and every axis when ``tp == 1``, is replicated.
+        is ``HEADS`` shards, along its :attr:`PoolKind.tp_axis`; every other row
+        axis, and every axis when ``tp == 1``, is replicated.
 
     Returns:
       The partition spec of the pool array ``[pp, layers, pages, *row]``: stages
       over ``'pp'``, layers and pages unsharded.
 
     Raises:
-      ValueError: a heads-sharded kind whose head count is not divisible by ``tp``.
+      ValueError: a sharded kind whose split axis is not divisible by ``tp``.
     """
     row: list[str | None] = [None] * len(spec.row_shape(kind))
-    if kind.tp_sharding is TPSharding.HEADS and tp > 1:  # MHA FULL_KV (2, page, heads, d)
-        heads = spec.row_shape(kind)[2]
-        if heads % tp:
-            raise ValueError(f"num_kv_heads {heads} is not divisible by tp={tp}")
-        row[2] = TP
+    axis = kind.tp_axis  # FULL_KV heads (axis 2), recurrent-state channels / heads (axis 0)
+    if axis is not None and tp > 1:
+        n = spec.row_shape(kind)[axis]
+        if n % tp:
+            raise ValueError(f"{kind.value} row axis {axis} ({n}) is not divisible by tp={tp}")
+        row[axis] = TP
     return PartitionSpec(PP, None, None, *row)
 
 

@@ -20,8 +20,9 @@ Byte formats:
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Protocol
+from typing import Protocol, final
 
 import numpy as np
 
@@ -29,8 +30,10 @@ from jaxhicache.kinds import C4_RATIO, KVFormat, PoolKind
 
 __all__ = [
     "FP8_MLA_SCALE_GROUP",
+    "RecurrentGeometry",
     "RowGeometry",
     "check_dsv4_geometry",
+    "check_hybrid_geometry",
     "check_mla_geometry",
     "fp8_mla_token_bytes",
     "fp8_token_bytes",
@@ -43,6 +46,58 @@ _FP8_ROW_ALIGN = 576  # DSV4 KV rows are padded to a multiple of 576 bytes
 _FP8_SCALE_GROUP = 64  # one UE8M0 scale per 64 fp8 "nope" values
 FP8_MLA_SCALE_GROUP = 128
 """FP8_MLA latent values per fp32 scale."""
+
+
+@final
+@dataclasses.dataclass(frozen=True)
+class RecurrentGeometry:
+    """The per-layer state of a linear-attention layer (gated DeltaNet, as in Qwen3-Next).
+
+    A snapshot of one layer is a conv state ``(conv_dim, conv_kernel - 1)`` in the
+    model dtype (the causal conv's last inputs) and a recurrent state
+    ``(v_heads, k_dim, v_dim)`` in ``state_dtype``; ``conv_dim = 2 * k_heads * k_dim
+    + v_heads * v_dim`` (the conv runs over q, k and v).
+
+    Attributes:
+      k_heads: query/key heads.
+      v_heads: value heads (a multiple of ``k_heads``).
+      k_dim: key head dim.
+      v_dim: value head dim.
+      conv_kernel: causal conv kernel width (4 in Qwen3-Next).
+      state_dtype: dtype of the recurrent state (the reference keeps it in fp32).
+
+    Raises:
+      ValueError: a count below 1, ``v_heads`` not a multiple of ``k_heads``, a
+        kernel below 2, or an unknown ``state_dtype``.
+    """
+
+    k_heads: int
+    v_heads: int
+    k_dim: int
+    v_dim: int
+    conv_kernel: int = 4
+    state_dtype: str = "float32"
+
+    def __post_init__(self):
+        for f in ("k_heads", "v_heads", "k_dim", "v_dim"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"RecurrentGeometry.{f} must be >= 1, got {getattr(self, f)}")
+        if self.v_heads % self.k_heads:
+            raise ValueError(
+                f"RecurrentGeometry.v_heads={self.v_heads} must be a multiple of "
+                f"k_heads={self.k_heads}"
+            )
+        if self.conv_kernel < 2:
+            raise ValueError(f"RecurrentGeometry.conv_kernel must be >= 2, got {self.conv_kernel}")
+        try:
+            np_dtype(self.state_dtype)
+        except TypeError:
+            raise ValueError(f"unknown state_dtype {self.state_dtype!r}") from None
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels of the causal conv: ``2 * k_heads * k_dim + v_heads * v_dim``."""
+        return 2 * self.k_heads * self.k_dim + self.v_heads * self.v_dim
 
 
 class RowGeometry(Protocol):
@@ -91,6 +146,11 @@ class RowGeometry(Protocol):
     @property
     def dtype(self) -> str:
         """Dtype name of FLOAT rows."""
+        ...
+
+    @property
+    def recurrent(self) -> RecurrentGeometry | None:
+        """The linear-attention state geometry (hybrid specs)."""
         ...
 
     @property
@@ -151,6 +211,21 @@ def check_mla_geometry(g: RowGeometry, *, has_indexer: bool) -> None:
         )
 
 
+def check_hybrid_geometry(g: RowGeometry) -> None:
+    """The geometry a recurrent hybrid's rows need.
+
+    Args:
+      g: the spec's geometry (``num_kv_heads`` / ``head_dim``: its full-attention layers).
+
+    Raises:
+      ValueError: no ``recurrent`` geometry, or a byte KV format.
+    """
+    if g.recurrent is None:
+        raise ValueError("a hybrid spec (LINEAR layers) needs its recurrent= geometry")
+    if g.kv_format is not KVFormat.FLOAT:
+        raise ValueError(f"hybrid specs store FLOAT rows, got kv_format={g.kv_format}")
+
+
 def _check_shared_row(g: RowGeometry, family: str) -> None:
     """DSV4 and MLA cache one row per token shared by all heads, RoPE slice last."""
     if g.num_kv_heads != 1:
@@ -175,6 +250,12 @@ def row_shape(g: RowGeometry, kind: PoolKind) -> tuple[int, ...]:
       The shape: logical for FLOAT rows, ``(bytes,)`` for byte rows.
     """
     p, d, di = g.page_size, g.head_dim, g.indexer_head_dim
+    if kind in (PoolKind.CONV_STATE, PoolKind.RECURRENT_STATE):  # one snapshot slot
+        r = g.recurrent
+        assert r is not None
+        if kind is PoolKind.CONV_STATE:
+            return (r.conv_dim, r.conv_kernel - 1)
+        return (r.v_heads, r.k_dim, r.v_dim)
     if kind is PoolKind.FULL_KV:
         return (2, p, g.num_kv_heads, d)
     if kind is PoolKind.MLA_LATENT:
@@ -203,11 +284,15 @@ def row_dtype(g: RowGeometry, kind: PoolKind) -> np.dtype:
       kind: the sub-pool.
 
     Returns:
-      float32 for the compressor states, uint8 for byte rows (every FP8 format,
+      float32 for the compressor states, the state dtype for recurrent states,
+      uint8 for byte rows (every FP8 format,
       DSA indexer keys), else the spec's dtype.
     """
     if kind in (PoolKind.C4_STATE, PoolKind.C4_INDEXER_STATE):
         return np.dtype(np.float32)
+    if kind is PoolKind.RECURRENT_STATE:
+        assert g.recurrent is not None
+        return np_dtype(g.recurrent.state_dtype)
     if kind is PoolKind.DSA_INDEXER or g.kv_format is not KVFormat.FLOAT:
         return np.dtype(np.uint8)
     return np_dtype(g.dtype)

@@ -13,8 +13,10 @@ Invariants (checked in ``__post_init__``; violations raise ``ValueError`` naming
 bad value): DSV4 ratios as :func:`check_dsv4_ratios` (the trailing MTP slot is never a
 layer), ``page_size`` a multiple of 4, of the C4 ring and of the HCA ratio,
 ``window <= page_size``; MHA specs cache one ``FULL_KV`` sub-pool for every layer;
-MLA specs (``layer_kinds``, :func:`check_mla_layer_kinds`) one latent row per token
-(``num_kv_heads == 1``, ``head_dim = kv_lora_rank + rope_dim``). Row layouts and TP sharding: :mod:`jaxhicache.kinds`.
+explicit ``layer_kinds`` (:func:`check_layer_kinds`) make an MLA spec (one latent row
+per token: ``num_kv_heads == 1``, ``head_dim = kv_lora_rank + rope_dim``) or a recurrent
+hybrid (LINEAR layers with ``recurrent`` state geometry, FULL_KV attention layers).
+Row layouts and TP sharding: :mod:`jaxhicache.kinds`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Iterable, Sequence
 from typing import Protocol, final
 
 import numpy as np
@@ -39,12 +40,15 @@ from jaxhicache.kinds import (
     Tier,
     TPSharding,
     check_dsv4_ratios,
-    check_mla_layer_kinds,
+    check_layer_kinds,
     dsv4_ratios,
+    hybrid_layer_kinds,
     mla_layer_kinds,
     pool_kinds_of,
     shared_indexer_layers,
 )
+from jaxhicache.presets import SpecPresets
+from jaxhicache.rows import RecurrentGeometry
 
 __all__ = [
     "C4_RATIO",
@@ -55,10 +59,12 @@ __all__ = [
     "ModelCacheSpec",
     "PageSpace",
     "PoolKind",
+    "RecurrentGeometry",
     "StageLayers",
     "TPSharding",
     "Tier",
     "dsv4_ratios",
+    "hybrid_layer_kinds",
     "mla_layer_kinds",
     "pool_kinds_of",
     "shared_indexer_layers",
@@ -91,7 +97,7 @@ class StageLayers(Protocol):
 
 @final
 @dataclasses.dataclass(frozen=True)
-class ModelCacheSpec:
+class ModelCacheSpec(SpecPresets):
     """Frozen description of a model's cached state. Build it with a preset.
 
     Attributes:
@@ -108,9 +114,13 @@ class ModelCacheSpec:
       c4_ring: slots of the C4 compressor-state ring per SWA page (8).
       kv_format: FLOAT (logical arrays), FP8_DSV4 or FP8_MLA (byte rows).
       dtype: storage dtype of FLOAT rows (states are always float32).
-      layer_kinds: MLA specs only: the attention kind of every layer
+      layer_kinds: MLA and hybrid specs: the attention kind of every layer
         (:attr:`AttentionKind.MLA` or :attr:`AttentionKind.MLA_DSA`); DSV4 specs
-        derive theirs from ``compress_ratios``, MHA specs are all ``FULL``.
+        derive theirs from ``compress_ratios``, MHA specs are all ``FULL``; hybrid
+        specs mix :attr:`AttentionKind.LINEAR` and ``FULL``.
+      recurrent: hybrid specs only: the LINEAR layers' state geometry
+        (:class:`~jaxhicache.rows.RecurrentGeometry`); ``num_kv_heads`` and
+        ``head_dim`` then describe the FULL attention layers.
 
     Raises:
       ValueError: a field that breaks an invariant of the module doc, named with its value.
@@ -133,6 +143,7 @@ class ModelCacheSpec:
     kv_format: KVFormat = KVFormat.FLOAT
     dtype: str = "float32"
     layer_kinds: tuple[AttentionKind, ...] | None = None
+    recurrent: RecurrentGeometry | None = None
 
     def __post_init__(self):
         if self.num_layers < 1:
@@ -147,8 +158,10 @@ class ModelCacheSpec:
         except TypeError as e:
             raise ValueError(f"unknown dtype {self.dtype!r}") from e
         if self.layer_kinds is not None:
-            self._validate_mla()
+            self._validate_layer_kinds()
             return
+        if self.recurrent is not None:
+            raise ValueError("recurrent= geometry needs layer_kinds with LINEAR layers")
         if self.compress_ratios is None:
             if self.kv_format is not KVFormat.FLOAT:
                 raise ValueError(f"MHA specs store FLOAT rows, got kv_format={self.kv_format}")
@@ -159,258 +172,18 @@ class ModelCacheSpec:
         assert self.compress_ratios is not None
         rows.check_dsv4_geometry(self, check_dsv4_ratios(self.compress_ratios, self.num_layers))
 
-    def _validate_mla(self) -> None:
+    def _validate_layer_kinds(self) -> None:
         assert self.layer_kinds is not None
         if self.compress_ratios is not None:
-            raise ValueError("a spec has compress_ratios (DSV4) or layer_kinds (MLA), not both")
-        kinds = check_mla_layer_kinds(self.layer_kinds, self.num_layers)
+            raise ValueError("a spec has compress_ratios (DSV4) or layer_kinds, not both")
+        family, kinds = check_layer_kinds(self.layer_kinds, self.num_layers)
         object.__setattr__(self, "layer_kinds", kinds)
+        if family == "hybrid":
+            rows.check_hybrid_geometry(self)
+            return
+        if self.recurrent is not None:
+            raise ValueError("recurrent= geometry needs LINEAR layers, this is an MLA spec")
         rows.check_mla_geometry(self, has_indexer=AttentionKind.MLA_DSA in kinds)
-
-    # ------------------------------------------------------------------ presets
-
-    @classmethod
-    def deepseek_v4_flash(cls) -> ModelCacheSpec:
-        """DeepSeek V4 Flash: 43 layers, window 128, page 256, fp8 rows.
-
-        Returns:
-          The spec (9,158,208 bytes per page).
-        """
-        return cls(
-            name="deepseek-v4-flash",
-            num_layers=43,
-            compress_ratios=dsv4_ratios(43, hca_ratio=128),
-            page_size=256,
-            window=128,
-            head_dim=512,
-            rope_dim=64,
-            indexer_head_dim=128,
-            kv_format=KVFormat.FP8_DSV4,
-        )
-
-    @classmethod
-    def tiny_dsv4(
-        cls,
-        num_layers: int = 6,
-        *,
-        window: int = 8,
-        page_size: int = 16,
-        hca_ratio: int = 8,
-        head_dim: int = 32,
-        rope_dim: int = 8,
-        indexer_head_dim: int = 16,
-        kv_format: KVFormat = KVFormat.FLOAT,
-        name: str | None = None,
-        compress_ratios: Sequence[int] | None = None,
-    ) -> ModelCacheSpec:
-        """A small DSV4-shaped spec (the tiny test model's: ``TinyDSV4Config.cache_spec``).
-
-        Args:
-          num_layers: model layers.
-          window: sliding window (8: the fast "mini" spec; 128 with ``page_size=256,
-            hca_ratio=128``: the structure-faithful one).
-          page_size: tokens per page.
-          hca_ratio: compression ratio of the HCA layers.
-          head_dim: ``D``.
-          rope_dim: the trailing RoPE slice of ``D``.
-          indexer_head_dim: ``D_I``.
-          kv_format: FLOAT or FP8_DSV4 rows.
-          name: model id; derived from the geometry when ``None``.
-          compress_ratios: per-layer ratios (``num_layers`` entries; the MTP 0 is
-            appended here) instead of :func:`dsv4_ratios`, HCA layers at ``hca_ratio``.
-
-        Returns:
-          The spec.
-
-        Raises:
-          ValueError: ``compress_ratios`` of the wrong length or with another HCA
-            ratio, or a geometry the spec rejects.
-        """
-        if compress_ratios is None:
-            ratios = dsv4_ratios(num_layers, hca_ratio=hca_ratio)
-        else:
-            body = tuple(compress_ratios)
-            if len(body) != num_layers:
-                raise ValueError(
-                    f"compress_ratios {body} has {len(body)} layers, num_layers is {num_layers} "
-                    "(give the layers only; the MTP slot is appended)"
-                )
-            other = sorted({r for r in body if r > C4_RATIO} - {hca_ratio})
-            if other:
-                raise ValueError(
-                    f"compress_ratios has HCA ratios {other}, hca_ratio is {hca_ratio}"
-                )
-            ratios = (*body, 0)
-        return cls(
-            name=name or f"tiny-dsv4-l{num_layers}-w{window}-p{page_size}-h{hca_ratio}",
-            num_layers=num_layers,
-            compress_ratios=ratios,
-            page_size=page_size,
-            window=window,
-            head_dim=head_dim,
-            rope_dim=rope_dim,
-            indexer_head_dim=indexer_head_dim,
-            kv_format=kv_format,
-        )
-
-    @classmethod
-    def mha(
-        cls,
-        num_layers: int,
-        num_kv_heads: int,
-        head_dim: int,
-        page_size: int,
-        dtype: str = "bfloat16",
-        *,
-        name: str | None = None,
-    ) -> ModelCacheSpec:
-        """An ordinary MHA/GQA model: one FULL_KV sub-pool (K and V) per layer.
-
-        Args:
-          num_layers: model layers.
-          num_kv_heads: KV heads (split over ``'tp'``).
-          head_dim: per-head dim.
-          page_size: tokens per page.
-          dtype: row dtype.
-          name: model id; derived from the geometry when ``None``.
-
-        Returns:
-          The spec.
-        """
-        return cls(
-            name=name or f"mha-l{num_layers}-h{num_kv_heads}-d{head_dim}",
-            num_layers=num_layers,
-            compress_ratios=None,
-            page_size=page_size,
-            window=page_size,
-            head_dim=head_dim,
-            rope_dim=0,
-            indexer_head_dim=0,
-            num_kv_heads=num_kv_heads,
-            dtype=dtype,
-        )
-
-    @classmethod
-    def deepseek_v3_2(cls, kv_format: KVFormat = KVFormat.FLOAT) -> ModelCacheSpec:
-        """DeepSeek V3.2: 61 MLA layers, each with its own DSA indexer; page 64.
-
-        Public config: ``kv_lora_rank`` 512, ``qk_rope_head_dim`` 64, ``index_head_dim`` 128.
-
-        Args:
-          kv_format: ``FLOAT`` (bf16 latent, 1,152 B per token and layer) or ``FP8_MLA`` (656 B).
-
-        Returns:
-          The spec.
-        """
-        return cls._mla("deepseek-v3.2", 61, range(61), kv_format=kv_format)
-
-    @classmethod
-    def glm5(cls, kv_format: KVFormat = KVFormat.FLOAT) -> ModelCacheSpec:
-        """GLM-5 (``glm_moe_dsa``): 78 MLA layers, each with its own DSA indexer; page 64.
-
-        Public config: as DeepSeek V3.2's latent and indexer; no ``indexer_types``.
-
-        Args:
-          kv_format: ``FLOAT`` (bf16 latent) or ``FP8_MLA`` (656 B per token and layer).
-
-        Returns:
-          The spec.
-        """
-        return cls._mla("glm-5", 78, range(78), kv_format=kv_format)
-
-    @classmethod
-    def glm5_2(cls, kv_format: KVFormat = KVFormat.FLOAT) -> ModelCacheSpec:
-        """GLM-5.2: 78 MLA layers sharing DSA indexers; 21 own one; page 64.
-
-        ``indexer_types`` marks 21 layers ``"full"``: :func:`shared_indexer_layers` with
-        ``index_topk_freq`` 4, ``index_skip_topk_offset`` 3 (0, 1, 2, 6, 10, ..., 74).
-        The other 57 have no indexer-key pool: its sub-pool ids are not the local ids.
-
-        Args:
-          kv_format: ``FLOAT`` (bf16 latent) or ``FP8_MLA`` (656 B per token and layer).
-
-        Returns:
-          The spec.
-        """
-        owners = shared_indexer_layers(78, freq=4, offset=3)
-        return cls._mla("glm-5.2", 78, owners, kv_format=kv_format)
-
-    @classmethod
-    def tiny_mla(
-        cls,
-        num_layers: int = 4,
-        *,
-        page_size: int = 16,
-        kv_lora_rank: int = 32,
-        rope_dim: int = 8,
-        indexer_head_dim: int = 16,
-        indexer_layers: Sequence[int] | None = None,
-        kv_format: KVFormat = KVFormat.FLOAT,
-        dtype: str = "float32",
-        name: str | None = None,
-    ) -> ModelCacheSpec:
-        """A small MLA + DSA spec for tests.
-
-        Args:
-          num_layers: model layers.
-          page_size: tokens per page.
-          kv_lora_rank: width of the compressed latent.
-          rope_dim: width of the decoupled RoPE key.
-          indexer_head_dim: width of one DSA indexer key.
-          indexer_layers: global ids of the layers that own an indexer (the others
-            reuse the previous owner's selection); ``None``: every layer owns one.
-          kv_format: ``FLOAT`` rows or ``FP8_MLA`` byte rows.
-          dtype: dtype of ``FLOAT`` rows.
-          name: model id; derived from the geometry when ``None``.
-
-        Returns:
-          The spec.
-
-        Raises:
-          ValueError: an indexer layer id outside ``[0, num_layers)``, or a geometry the
-            spec rejects.
-        """
-        owners = range(num_layers) if indexer_layers is None else indexer_layers
-        tag = "all" if indexer_layers is None else "-".join(map(str, sorted(set(owners))))
-        return cls._mla(
-            name or f"tiny-mla-l{num_layers}-r{kv_lora_rank}-p{page_size}-i{tag}",
-            num_layers,
-            owners,
-            kv_format=kv_format,
-            page_size=page_size,
-            kv_lora_rank=kv_lora_rank,
-            rope_dim=rope_dim,
-            indexer_head_dim=indexer_head_dim,
-            dtype=dtype,
-        )
-
-    @classmethod
-    def _mla(
-        cls,
-        name: str,
-        num_layers: int,
-        indexer_layers: Iterable[int],
-        *,
-        kv_format: KVFormat,
-        page_size: int = 64,
-        kv_lora_rank: int = 512,
-        rope_dim: int = 64,
-        indexer_head_dim: int = 128,
-        dtype: str = "bfloat16",
-    ) -> ModelCacheSpec:
-        return cls(
-            name=name,
-            num_layers=num_layers,
-            compress_ratios=None,
-            page_size=page_size,
-            window=page_size,
-            head_dim=kv_lora_rank + rope_dim,
-            rope_dim=rope_dim,
-            indexer_head_dim=indexer_head_dim,
-            kv_format=kv_format,
-            dtype=dtype,
-            layer_kinds=mla_layer_kinds(num_layers, indexer_layers),
-        )
 
     # ---------------------------------------------------------------- queries
 
@@ -422,7 +195,12 @@ class ModelCacheSpec:
     @property
     def is_mla(self) -> bool:
         """Whether the spec caches an MLA latent (MLA / MLA + DSA layers)."""
-        return self.layer_kinds is not None
+        return self.layer_kinds is not None and self.recurrent is None
+
+    @property
+    def is_hybrid(self) -> bool:
+        """Whether the spec has linear-attention layers with recurrent-state snapshots."""
+        return self.recurrent is not None
 
     @property
     def kv_lora_rank(self) -> int:
@@ -564,15 +342,33 @@ class ModelCacheSpec:
           layer_map: one stage's layers (e.g. a ``StageLayerMap``); ``None``: the whole model.
 
         Returns:
-          The bytes (the full-page anchor itself holds none).
+          The bytes of the full- and SWA-space rows (the full-page anchor itself holds
+          none; recurrent-state snapshots: :meth:`snapshot_bytes`).
 
         Raises:
           ValueError: ``layer_map`` is for another spec.
         """
+        return self._bytes_of(layer_map, (PageSpace.FULL, PageSpace.SWA))
+
+    def snapshot_bytes(self, layer_map: StageLayers | None = None) -> int:
+        """Bytes of one recurrent-state snapshot (conv and recurrent state of every layer).
+
+        Args:
+          layer_map: one stage's layers; ``None``: the whole model.
+
+        Returns:
+          The bytes; 0 for a spec without recurrent states.
+
+        Raises:
+          ValueError: ``layer_map`` is for another spec.
+        """
+        return self._bytes_of(layer_map, (PageSpace.STATE,))
+
+    def _bytes_of(self, layer_map: StageLayers | None, spaces: tuple[PageSpace, ...]) -> int:
         if layer_map is not None and layer_map.spec != self:
             raise ValueError(f"layer map is for spec {layer_map.spec.name!r}, not {self.name!r}")
         total = 0
-        for kind in self.kinds():
+        for kind in (k for k in self.kinds() if k.page_space in spaces):
             n = len(self.layers_with(kind)) if layer_map is None else layer_map.num_layers_of(kind)
             total += n * self.row_bytes(kind)
         return total

@@ -120,7 +120,7 @@ def test_mla_spec_rejects_inconsistent_fields():
     kinds = base.layer_kinds
     with pytest.raises(ValueError, match="3 entries"):
         ModelCacheSpec(**{**base.__dict__, "layer_kinds": kinds[:3]})
-    with pytest.raises(ValueError, match="MLA or MLA_DSA, got \\['CSA'\\]"):
+    with pytest.raises(ValueError, match=r"MLA / MLA_DSA, or LINEAR with FULL; got \['CSA'"):
         ModelCacheSpec(**{**base.__dict__, "layer_kinds": (AttentionKind.CSA, *kinds[1:])})
     with pytest.raises(ValueError, match="num_kv_heads=1"):
         ModelCacheSpec(**{**base.__dict__, "num_kv_heads": 2})

@@ -23,6 +23,8 @@ PRESETS = {
     "glm5.2": ModelCacheSpec.glm5_2,
     "glm5.2-fp8": lambda: ModelCacheSpec.glm5_2(KVFormat.FP8_MLA),
     "tiny-mla": ModelCacheSpec.tiny_mla,
+    "qwen3-next-80b-a3b": ModelCacheSpec.qwen3_next_80b_a3b,
+    "tiny-hybrid": ModelCacheSpec.tiny_hybrid,
 }
 """Cache specs by ``--model`` name: name -> a function returning the ModelCacheSpec."""
 
@@ -37,7 +39,29 @@ def _parse_partition(text: str | None) -> list[int] | None:
 
 
 def describe(spec: ModelCacheSpec, pp: int, partition: Sequence[int] | None, pages: int) -> dict:
-    """Stage maps and byte budgets as a JSON-friendly dict."""
+    """Stage maps and byte budgets as a JSON-friendly dict.
+
+    The device budget assumes one SWA page per full page when the spec has SWA
+    sub-pools (the upper bound) and counts the stage-padded allocation.
+
+    Args:
+      spec: the cache spec (a :data:`PRESETS` value called, or any spec).
+      pp: pipeline stages.
+      partition: layer count per stage, or ``None`` for the default split.
+      pages: device full pages to size the budget for.
+
+    Returns:
+      ``{model, pp, page_size, row_bytes: {kind: bytes}, page_bytes, pages,
+      swa_pages, stages}``; each stage is ``{rank, layers: [start, end],
+      layer_counts: {kind: n}, c4_state_global_ids, subpool_global_ids: {kind:
+      global ids} (kinds only some of the stage's layers have), page_bytes,
+      device_bytes_padded}``.
+
+    Raises:
+      ValueError: a bad ``pp``, ``partition`` or ``pages`` (from
+        :func:`jaxhicache.layer_map.build_layer_maps` and
+        :func:`jaxhicache.pools.device.device_bytes_per_stage`).
+    """
     from jaxhicache.pools.device import device_bytes_per_stage
 
     maps = build_layer_maps(spec, pp, partition)
@@ -63,6 +87,8 @@ def describe(spec: ModelCacheSpec, pp: int, partition: Sequence[int] | None, pag
                     if 0 < m.num_layers_of(k) < m.num_local_layers
                 },
                 "page_bytes": spec.page_bytes(m),
+                "kv_bytes_per_token": spec.page_bytes(m) // spec.page_size,
+                "snapshot_bytes": spec.snapshot_bytes(m),
                 "device_bytes_padded": dev_bytes,
             }
         )
@@ -72,6 +98,8 @@ def describe(spec: ModelCacheSpec, pp: int, partition: Sequence[int] | None, pag
         "page_size": spec.page_size,
         "row_bytes": {k.value: spec.row_bytes(k) for k in spec.kinds()},
         "page_bytes": spec.page_bytes(),
+        "kv_bytes_per_token": spec.page_bytes() // spec.page_size,
+        "snapshot_bytes": spec.snapshot_bytes(),
         "pages": pages,
         "swa_pages": swa_pages,
         "stages": stages,
@@ -79,7 +107,22 @@ def describe(spec: ModelCacheSpec, pp: int, partition: Sequence[int] | None, pag
 
 
 def run(args) -> int:
-    """Runs ``jaxhicache layer-map``; returns the exit status."""
+    """Runs ``jaxhicache layer-map``; returns the exit status.
+
+    Prints the table (unless ``--json``), then :func:`describe`'s dict as one
+    JSON line.
+
+    Args:
+      args: the parsed ``layer-map`` arguments (``model``, ``pp``,
+        ``partition``, ``pages``, ``json``).
+
+    Returns:
+      0.
+
+    Raises:
+      CliError: ``--partition`` is not comma-separated integers, or the maps
+        cannot be built (the ``ValueError``'s message).
+    """
     try:
         info = describe(
             PRESETS[args.model](), args.pp, _parse_partition(args.partition), args.pages
@@ -114,7 +157,13 @@ def _print_layer_table(info: dict) -> None:
 
 
 def add_parser(sub) -> None:
-    """Adds the ``layer-map`` command to the top-level subparsers ``sub``."""
+    """Adds the ``layer-map`` command to the top-level subparsers ``sub``.
+
+    Args:
+      sub: what ``add_subparsers`` returned for the top-level parser; the new
+        parser's ``run`` default is :func:`run`.
+    """
+
     lm = sub.add_parser(
         "layer-map",
         help="stage layer maps and per-stage pool byte budgets",

@@ -141,13 +141,16 @@ def _part(spec: ModelCacheSpec, m: StageLayerMap, ns: Namespace, kind: PoolKind)
     index: tuple[slice, ...] = ()
     if kind.page_space is PageSpace.SWA:
         shape, index = window_rows(spec, kind)
-    elif kind in ns.tp_sharded:  # MHA FULL_KV row (2, page, heads, head_dim): heads on 'tp'
-        heads = row[2]
-        if heads % ns.tp_size:
-            raise ValueError(f"{heads} KV heads do not split over tp={ns.tp_size}")
-        per = heads // ns.tp_size
+    elif kind in ns.tp_sharded:  # this rank's block of the row's split axis
+        axis = kind.tp_axis
+        assert axis is not None
+        if row[axis] % ns.tp_size:
+            raise ValueError(
+                f"{kind.value} axis {axis} ({row[axis]}) does not split over tp={ns.tp_size}"
+            )
+        per = row[axis] // ns.tp_size
         r = ns.tp_rank or 0
-        index = (slice(None), slice(None), slice(r * per, (r + 1) * per))
+        index = (*(slice(None),) * axis, slice(r * per, (r + 1) * per))
     nbytes = n * math.prod(_selected(shape or row, index)) * item
     return Part(kind, index, nbytes, shape)
 
