@@ -52,7 +52,6 @@ PACKAGES = ("jaxhicache", "kernels_pallas")
 PENDING = {
     "jaxhicache.storage.keys",
     "jaxhicache.storage.layout",
-    "jaxhicache.cli",
     "jaxhicache.cache.hicache",
 }
 

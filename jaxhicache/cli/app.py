@@ -17,7 +17,13 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> Parser:
-    """The top-level parser with every subcommand."""
+    """The top-level parser with every subcommand.
+
+    Returns:
+      A :class:`~jaxhicache.cli.common.Parser` with the ``bench``, ``layer-map``
+      and ``storage`` subcommands; a parsed command carries its handler as
+      ``args.run`` (``args.command`` is ``None`` when none was given).
+    """
     p = Parser(
         prog="jaxhicache",
         description=(
@@ -36,7 +42,21 @@ def build_parser() -> Parser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs ``jaxhicache`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    """Runs ``jaxhicache`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status.
+
+    Never calls ``sys.exit``: ``--help`` and usage errors end in the status argparse
+    gives them. No command prints the help. A ``CliError`` from the command ends
+    with one ``jaxhicache: error: ...`` line on stderr; a broken stdout pipe (output
+    piped into ``head``) ends quietly. Any other exception propagates.
+
+    Args:
+      argv: the arguments after the program name; ``None``: ``sys.argv[1:]``.
+
+    Returns:
+      0 on success, ``--help`` or no command; 2 for a usage error or a
+      ``CliError``; otherwise what the command's handler returned.
+    """
+
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -16,7 +16,24 @@ __all__ = ["add_parser", "run"]
 
 
 def run(args) -> int:
-    """Validates everything (one-line errors), then runs the job and prints its table."""
+    """Validates everything (one-line errors), then runs the job and prints its table.
+
+    The workload is the preset's (``--model``, else ``small`` with ``--quick`` and
+    ``bench`` without), with each workload flag given overriding its field. After
+    the table it prints the files written (with ``--out``) and one JSON summary
+    line. The store, if any, is closed however the job ends.
+
+    Args:
+      args: the parsed ``bench multiturn`` arguments.
+
+    Returns:
+      0.
+
+    Raises:
+      CliError: an argument the job's configuration or ``--compile-cache``
+        refuses (the ``ValueError``'s message on one line), or a ``--store``
+        that cannot be opened.
+    """
     from jaxhicache.cache import PrefetchPolicy, WritePolicy
     from models import multiturn as mt
 
@@ -73,7 +90,13 @@ def run(args) -> int:
 
 
 def add_parser(sub) -> None:
-    """Adds the ``bench`` command (``bench multiturn``) to the top-level subparsers ``sub``."""
+    """Adds the ``bench`` command (``bench multiturn``) to the top-level subparsers ``sub``.
+
+    Args:
+      sub: what ``add_subparsers`` returned for the top-level parser; the
+        ``multiturn`` parser's ``run`` default is :func:`run`.
+    """
+
     bench = sub.add_parser("bench", help="benchmarks (the main job: `bench multiturn`)")
     bsub = bench.add_subparsers(dest="bench", metavar="{multiturn}", required=True)
     m = bsub.add_parser(

@@ -17,13 +17,28 @@ ENUM_CHOICES = {
 
 
 class CliError(Exception):
-    """A bad argument or an unusable input: one line on stderr, exit status 2."""
+    """A bad argument or an unusable input: one line on stderr, exit status 2.
+
+    Raised by the subcommands' handlers with a message naming the bad value;
+    :func:`jaxhicache.cli.main` prints it as ``jaxhicache: error: <message>``.
+    """
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage block): ``jaxhicache: error: ...``."""
+    """argparse with one-line errors (no usage block): ``jaxhicache: error: ...``.
+
+    Takes ``argparse.ArgumentParser``'s arguments.
+    """
 
     def error(self, message: str) -> NoReturn:
+        """Prints ``jaxhicache: error: <message>`` to stderr and exits with status 2.
+
+        Args:
+          message: argparse's description of the usage error.
+
+        Raises:
+          SystemExit: always, with code 2.
+        """
         print(f"jaxhicache: error: {message}", file=sys.stderr)
         raise SystemExit(2)
 
@@ -32,6 +47,18 @@ def _int_at_least(lo: int, what: str):
     """An argparse type: an int ``>= lo``; the message names the bad text."""
 
     def parse(text: str) -> int:
+        """Parses one argument value: an integer ``>= lo``.
+
+        Args:
+          text: the value as given on the command line.
+
+        Returns:
+          The integer.
+
+        Raises:
+          ArgumentTypeError: (argparse's) ``text`` is not an integer or is
+            too small; the message names it.
+        """
         try:
             n = int(text)
         except ValueError:
@@ -44,11 +71,24 @@ def _int_at_least(lo: int, what: str):
 
 
 count = _int_at_least(1, "a positive integer")
+"""An argparse type: an integer ``>= 1`` (``ArgumentTypeError`` naming the text otherwise)."""
 seed = _int_at_least(0, "an integer >= 0")
+"""An argparse type: an integer ``>= 0`` (``ArgumentTypeError`` naming the text otherwise)."""
 
 
 def ratio(text: str) -> float:
-    """An argparse type: a finite number ``> 0``."""
+    """An argparse type: a finite number ``> 0``.
+
+    Args:
+      text: the value as given on the command line.
+
+    Returns:
+      The number as a float.
+
+    Raises:
+      ArgumentTypeError: (argparse's) ``text`` is not a number, is not
+        positive, or is infinite; the message names it.
+    """
     try:
         r = float(text)
     except ValueError:
@@ -59,5 +99,14 @@ def ratio(text: str) -> float:
 
 
 def one_line(e: BaseException) -> str:
-    """An exception's text on one line (its type name when it has none)."""
+    """An exception's text on one line (its type name when it has none).
+
+    Args:
+      e: the exception.
+
+    Returns:
+      ``str(e)`` with every run of whitespace (newlines included) collapsed to
+      one space, or ``type(e).__name__`` when that is empty.
+    """
+
     return " ".join(str(e).split()) or type(e).__name__

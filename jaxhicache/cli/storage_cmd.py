@@ -22,6 +22,20 @@ def open_store(spec: str, *, must_exist: bool = False):
     kvstore URL (``memory://``, ``s3://bucket/prefix``) opens a ``TensorStoreBackend``;
     anything else is a directory for a ``FileBackend`` (``must_exist``: it must already
     be one, so that inspecting never creates it). ``CliError`` names the value otherwise.
+
+    Args:
+      spec: the ``--store`` text (surrounding whitespace ignored).
+      must_exist: refuse a directory that does not exist (``storage``'s
+        commands) instead of creating it (``bench multiturn``).
+
+    Returns:
+      The opened backend; the caller closes it.
+
+    Raises:
+      CliError: ``spec`` is empty; a kvstore spec without ``tensorstore``
+        installed, or one that fails to open (bad JSON, unknown driver,
+        unreachable store); a missing directory with ``must_exist``; or a
+        directory that cannot be opened.
     """
     from jaxhicache.storage import FileBackend
 
@@ -48,14 +62,27 @@ def open_store(spec: str, *, must_exist: bool = False):
 @final
 @dataclasses.dataclass(frozen=True)
 class StoredObject:
-    """One object of a store: its key (relative to the store root) and its size in bytes."""
+    """One object of a store: its key (relative to the store root) and its size in bytes.
+
+    Attributes:
+      key: the object's key, ``/``-separated, starting ``jaxhicache/``.
+      size: its length in bytes.
+    """
 
     key: str
     size: int
 
     def group(self) -> tuple[str, ...]:
-        """``(model id, format, layers, tp, unit)`` parsed from the key (see
-        ``jaxhicache/storage/README.md``); ``("?", ...)`` for a key of another shape."""
+        """``(model id, format, layers, tp, unit)`` parsed from the key.
+
+        The key shape is ``jaxhicache/<version>/<model>/<format>/layers-<a>-<b>
+        [/tp-<r>-of-<n>]/<unit>/<xx>/<hash>`` (``jaxhicache/storage/README.md``).
+
+        Returns:
+          The model id (percent-decoded), the format segment, ``"<a>-<b>"``, the
+          tp segment (``""`` without one) and the unit; ``("?", "?", "?", "",
+          "?")`` for a key of another shape.
+        """
         parts = self.key.split("/")
         if len(parts) not in (8, 9) or parts[0] != "jaxhicache":
             return ("?", "?", "?", "", "?")
@@ -69,6 +96,16 @@ def list_objects(backend) -> tuple[list[StoredObject], int]:
 
     ``FileBackend``: a walk of its directory; ``TensorStoreBackend``: the kvstore's
     ``list`` over the ``jaxhicache/`` range, then one read per object for its size.
+
+    Args:
+      backend: a ``FileBackend`` or ``TensorStoreBackend``.
+
+    Returns:
+      ``(objects sorted by key, stray)``: ``stray`` counts the ``*.tmp`` files a
+      ``FileBackend`` left from interrupted writes (always 0 for a kvstore).
+
+    Raises:
+      CliError: ``backend`` is of another type.
     """
     from jaxhicache.storage import FileBackend, TensorStoreBackend
 
@@ -101,7 +138,18 @@ def list_objects(backend) -> tuple[list[StoredObject], int]:
 
 
 def store_usage(backend) -> dict:
-    """``{objects, bytes, stray_tmp, groups: [{model, format, layers, tp, unit, objects, bytes}]}``."""
+    """What a store holds, in total and per namespace and unit.
+
+    Args:
+      backend: a ``FileBackend`` or ``TensorStoreBackend``.
+
+    Returns:
+      ``{objects, bytes, stray_tmp, groups: [{model, format, layers, tp, unit,
+      objects, bytes}]}``, groups sorted by :meth:`StoredObject.group`.
+
+    Raises:
+      CliError: as :func:`list_objects` raises it.
+    """
     objs, stray = list_objects(backend)
     groups: dict[tuple, list[int]] = {}
     for o in objs:
@@ -142,7 +190,25 @@ def _verify(backend, objs: list[StoredObject]) -> dict:
 
 
 def run(args) -> int:
-    """Runs ``jaxhicache storage ACTION``; returns the exit status."""
+    """Runs ``jaxhicache storage ACTION``; returns the exit status.
+
+    ``ls``: :func:`store_usage` (and, with ``--keys``, every key and size);
+    ``stats``: totals per unit and model (``--verify``: every object read and
+    checked); ``clear``: every object deleted, counted before and after. Each
+    prints a table unless ``--json``, then one JSON line. The store is closed on
+    every path.
+
+    Args:
+      args: the parsed ``storage`` arguments (``action``, ``store``, ``json``,
+        and ``keys`` / ``verify`` for ``ls`` / ``stats``).
+
+    Returns:
+      0.
+
+    Raises:
+      CliError: the store cannot be opened (:func:`open_store` with
+        ``must_exist``), or ``clear`` reports a failure.
+    """
     backend = open_store(args.store, must_exist=True)
     try:
         if args.action == "clear":
@@ -229,7 +295,13 @@ def _print_stats(s: dict) -> None:
 
 
 def add_parser(sub) -> None:
-    """Adds the ``storage`` command to the top-level subparsers ``sub``."""
+    """Adds the ``storage`` command to the top-level subparsers ``sub``.
+
+    Args:
+      sub: what ``add_subparsers`` returned for the top-level parser; each
+        action's parser has :func:`run` as its ``run`` default.
+    """
+
     st = sub.add_parser(
         "storage",
         help="inspect or clear an L3 store",
