@@ -51,11 +51,14 @@ def describe(spec: ModelCacheSpec, pp: int, partition: Sequence[int] | None, pag
       pages: device full pages to size the budget for.
 
     Returns:
-      ``{model, pp, page_size, row_bytes: {kind: bytes}, page_bytes, pages,
-      swa_pages, stages}``; each stage is ``{rank, layers: [start, end],
-      layer_counts: {kind: n}, c4_state_global_ids, subpool_global_ids: {kind:
-      global ids} (kinds only some of the stage's layers have), page_bytes,
-      device_bytes_padded}``.
+      ``{model, pp, page_size, row_bytes: {kind: bytes}, page_bytes,
+      kv_bytes_per_token, snapshot_bytes, pages, swa_pages, stages}``; each stage
+      is ``{rank, layers: [start, end], layer_counts: {kind: n},
+      c4_state_global_ids, subpool_global_ids: {kind: global ids} (kinds only
+      some of the stage's layers have), page_bytes, kv_bytes_per_token,
+      snapshot_bytes, device_bytes_padded}``. ``page_bytes`` and
+      ``snapshot_bytes`` are the whole model's at the top level, the stage's
+      own layers' in a stage.
 
     Raises:
       ValueError: a bad ``pp``, ``partition`` or ``pages`` (from
