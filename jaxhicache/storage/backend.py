@@ -13,6 +13,13 @@ returned mask, the host slot untouched, a counter incremented — and never rais
 A corrupt object is deleted (conditionally on the generation that was read, so
 a good object written meanwhile is kept). Only caller bugs (bad ids, a
 namespace that does not match the slabs) raise ``ValueError``.
+
+This module owns the interface, the validation and the plans (which objects a
+page is, their keys, their slab views, cached per host pools), the pipeline
+driver and the counters; the per-call state machines it drives live beside it:
+:class:`~jaxhicache.storage.existence.ExistsCheck` (``exists*``) and
+:class:`~jaxhicache.storage.page_io.PageWrites` /
+:class:`~jaxhicache.storage.page_io.PageReads` (``put`` / ``get``).
 """
 
 from __future__ import annotations
@@ -20,7 +27,6 @@ from __future__ import annotations
 import abc
 import dataclasses
 import functools
-import math
 import threading
 import time
 import weakref
@@ -33,18 +39,12 @@ import numpy as np
 from jaxhicache.pools.host import HostPools
 from jaxhicache.spec import PageSpace, PoolKind
 
-from .format import (
-    Buffer,
-    IntegrityError,
-    decode,
-    encode_parts,
-    header_length,
-    verify_header,
-    verify_payload,
-)
+from .existence import ExistsCheck
+from .format import Buffer, header_length
 from .keys import Namespace, check_page_hash, object_key
 from .layout import ObjectLayout, StagePages, check_host_ids, plan_units
-from .ops import ExistsQuery, ObjectRead, Pending, _Failed, _jobs, _leading, _release, _safe
+from .ops import ExistsQuery, ObjectRead, Pending, _Failed, _leading, _safe
+from .page_io import PageReads, PageWrites, read_direct_sync
 from .stats import StorageStats
 
 __all__ = [
@@ -216,64 +216,18 @@ class StorageBackend(abc.ABC):
           ValueError: a query's page indices and hashes differ in number, or as
             :meth:`exists` raises it.
         """
-        queries = [ExistsQuery(*q) for q in queries]
-        items: list[tuple[int, int, int, str]] = []  # (page index, query, position, key)
-        masks: list[np.ndarray] = []
-        for qi, q in enumerate(queries):
-            keys = self._keys(q.ns, self._unit_names(q.ns, q.space), q.hashes)
-            pages = list(range(len(keys))) if q.pages is None else [int(p) for p in q.pages]
-            if len(pages) != len(keys):
-                raise ValueError(f"{len(pages)} page indices for {len(keys)} hashes in query {qi}")
-            masks.append(np.ones(len(keys), bool))
-            items += [
-                (pg, qi, i, k)
-                for i, (pg, ks) in enumerate(zip(pages, keys, strict=True))
-                for k in ks
-            ]
-        items.sort(key=lambda it: (it[0], it[1], it[2]))
-        cut = math.inf  # the smallest page index found absent (stop_at_absent)
-        errors = 0
-
-        issued = 0
-
-        def start(item):
-            nonlocal issued
-            if stop_at_absent and item[0] >= cut:
-                return None
-            issued += 1
-            return self._start_stat(item[3])
-
-        def finish(item, pend):
-            nonlocal cut, errors
-            pg, qi, i, _key = item
-            if pend is None:
-                masks[qi][i] = False
-                return
-            try:
-                ok = bool(pend.result())
-            except Exception:
-                errors += 1
-                ok = False
-            if finished is not None:
-                finished.append(time.perf_counter())
-            if not ok:
-                masks[qi][i] = False
-                if queries[qi].prefix:
-                    cut = min(cut, pg)
-
-        self._pipelined(items, start, finish, limit=max_in_flight)
+        check = ExistsCheck(
+            [ExistsQuery(*q) for q in queries],
+            lambda q: self._keys(q.ns, self._unit_names(q.ns, q.space), q.hashes),
+            self._start_stat,
+            stop_at_absent=stop_at_absent,
+            finished=finished,
+        )
+        self._pipelined(check.items, check.start, check.finish, limit=max_in_flight)
         if started is not None:
-            started.append(issued)
-        st = StorageStats(read_errors_total=errors)
-        for q, mask in zip(queries, masks, strict=True):
-            if q.prefix:
-                hit, n = _leading(mask), mask.size
-                st.hit_pages_total += hit
-                st.hit_tokens_total += hit * q.ns.page_size
-                st.miss_pages_total += n - hit
-                st.miss_tokens_total += (n - hit) * q.ns.page_size
-        self._merge(st)
-        return masks
+            started.append(check.issued)
+        self._merge(check.stats())
+        return check.masks
 
     def page_objects(
         self, ns: Namespace, space: PageSpace, host: HostPools, rank: int
@@ -350,42 +304,14 @@ class StorageBackend(abc.ABC):
         """
         t0 = time.perf_counter()
         pages = self._plan(ns, space, host, rank)
-        units = pages.units
         ids = check_host_ids(host, space, host_ids, len(hashes), unique=False)
-        keys = self._keys(ns, [u.unit for u in units], hashes)
-        n = len(keys)
-        ok = np.ones(n, bool)
-        sizes: dict[tuple[int, int], int] = {}
-        st = StorageStats()
-
-        def start(item):
-            i, j = item
-            if not ok[i]:
-                return None
-            parts = encode_parts(keys[i][j], pages.source(j, int(ids[i])))
-            sizes[item] = sum(memoryview(b).nbytes for b in parts)
-            return self._start_write(keys[i][j], parts)
-
-        def finish(item, pend):
-            i = item[0]
-            if pend is None:
-                return
-            try:
-                pend.result()
-                st.write_objects_total += 1
-                st.write_bytes_total += sizes.pop(item)
-            except Exception:
-                st.write_errors_total += 1
-                ok[i] = False
-
-        self._pipelined(_jobs(n, len(units)), start, finish)
-        done = int(ok.sum())
-        st.backed_up_pages_total = done
-        st.backed_up_tokens_total = done * ns.page_size
-        st.backup_failed_pages_total = n - done
+        keys = self._keys(ns, [u.unit for u in pages.units], hashes)
+        writes = PageWrites(keys, pages, ids, self._start_write)
+        self._pipelined(writes.jobs(), writes.start, writes.finish)
+        st = writes.settle(ns.page_size)
         st.write_seconds_total = time.perf_counter() - t0
         self._merge(st)
-        return ok
+        return writes.ok
 
     def get(
         self,
@@ -431,139 +357,34 @@ class StorageBackend(abc.ABC):
         """
         t0 = time.perf_counter()
         pages = self._plan(ns, space, host, rank)
-        units = pages.units
         ids = check_host_ids(host, space, host_ids, len(hashes), unique=True)
-        keys = self._keys(ns, [u.unit for u in units], hashes)
-        n, m = len(keys), len(units)
-        direct = self._reads_into and pages.contiguous
-        ok = np.ones(n, bool)
-        touched = np.zeros(n, bool)  # a direct read wrote (or may have) into the slot
-        got: dict[int, list[tuple[memoryview, ObjectRead]]] = {}
-        held: dict[tuple[int, int], tuple[bytearray, list[memoryview]]] = {}
-        deletes: list[Pending | None] = []  # _safe: never None for a started delete
-        st = StorageStats()
-
-        def start(item):
-            i, j = item
-            if not ok[i]:
-                return None
-            if not direct:
-                return self._start_read(keys[i][j])
-            header = bytearray(header_length(keys[i][j]))
-            views = pages.direct(j, int(ids[i]))
-            held[item] = (header, views)
-            return self._start_read_into(keys[i][j], header, views)
-
-        def drop(i):
-            for _payload, r in got.pop(i, ()):
-                _release(r)
-
-        def corrupt(key, generation):
-            st.integrity_failures_total += 1
-            deletes.append(_safe(lambda: self._start_delete(key, generation)))
-
-        def finish(item, pend):
-            i, j = item
-            if pend is None:
-                return
-            key = keys[i][j]
-            header, views = held.pop(item, (None, None))
-            try:
-                r = pend.result()
-            except Exception:
-                st.read_errors_total += 1
-                ok[i] = False
-                touched[i] |= direct  # a direct read may have written part of the rows
-                drop(i)
-                return
-            if r.value is None:
-                st.missing_objects_total += 1
-                ok[i] = False
-            elif direct:
-                touched[i] = True
-                st.read_objects_total += 1
-                st.read_bytes_total += r.size
-                assert header is not None and views is not None, "held since start()"
-                try:
-                    _, _, digest = verify_header(key, header, r.size, units[j].nbytes)
-                    verify_payload(key, views, digest)
-                except IntegrityError:
-                    corrupt(key, r.generation)
-                    ok[i] = False
-            else:
-                st.read_objects_total += 1
-                st.read_bytes_total += memoryview(r.value).nbytes
-                try:
-                    payload = decode(key, r.value, units[j].nbytes)
-                except IntegrityError:
-                    corrupt(key, r.generation)
-                    ok[i] = False
-                    _release(r)
-                else:
-                    if ok[i]:
-                        got.setdefault(i, []).append((payload, r))
-                    else:
-                        _release(r)
-            if not ok[i]:
-                drop(i)
-            elif j == m - 1 and not direct:
-                for jj, (payload, r) in enumerate(got.pop(i)):
-                    pages.write(jj, int(ids[i]), payload)
-                    _release(r)
-
-        if direct and self._window() == 1:
-            self._get_direct_sync(keys, pages, ids.tolist(), ok, touched, st, corrupt)
+        keys = self._keys(ns, [u.unit for u in pages.units], hashes)
+        reads = PageReads(
+            keys,
+            pages,
+            ids,
+            self._reads_into and pages.contiguous,
+            self._start_read,
+            self._start_read_into,
+            self._start_delete,
+        )
+        if reads.direct and self._window() == 1:
+            self._get_direct_sync(
+                keys, pages, ids.tolist(), reads.ok, reads.touched, reads.st, reads.corrupt
+            )
         else:
-            self._pipelined(_jobs(n, m), start, finish, limit=max_in_flight)
-        for i in np.flatnonzero(touched & ~ok).tolist():
-            pages.scrub(int(ids[i]))  # never leave unverified bytes in a slot
-        for d in deletes:
-            try:
-                if d is not None and d.result() is not False:
-                    st.deleted_objects_total += 1
-            except Exception:
-                st.delete_errors_total += 1
-        done = int(ok.sum())
-        st.prefetched_pages_total = done
-        st.prefetched_tokens_total = done * ns.page_size
-        st.prefetch_failed_pages_total = n - done
+            self._pipelined(reads.jobs(), reads.start, reads.finish, limit=max_in_flight)
+        st = reads.settle(ns.page_size)
         st.read_seconds_total = time.perf_counter() - t0
         self._merge(st)
-        return ok
+        return reads.ok
 
     def _get_direct_sync(self, keys, pages: StagePages, ids, ok, touched, st, corrupt) -> None:
         """The direct-read path of :meth:`get` when operations complete as they start:
-        one tight loop, and a page stops at its first failed object."""
-        units = pages.units
-        if not keys:
-            return
-        hlens = [header_length(k) for k in keys[0]]  # same length for every page of a unit
-        for i, hid in enumerate(ids):
-            for j, u in enumerate(units):
-                key = keys[i][j]
-                header = bytearray(hlens[j])
-                views = pages.direct(j, hid)
-                try:
-                    r = self._read_into_sync(key, header, views)
-                except Exception:
-                    st.read_errors_total += 1
-                    ok[i] = False
-                    touched[i] = True
-                    break
-                if r.value is None:
-                    st.missing_objects_total += 1
-                    ok[i] = False
-                    break
-                touched[i] = True
-                st.read_objects_total += 1
-                st.read_bytes_total += r.size
-                try:
-                    _, _, digest = verify_header(key, header, r.size, u.nbytes)
-                    verify_payload(key, views, digest)
-                except IntegrityError:
-                    corrupt(key, r.generation)
-                    ok[i] = False
-                    break
+        one tight loop, and a page stops at its first failed object
+        (:func:`~jaxhicache.storage.page_io.read_direct_sync`; a backend may
+        override it, as ``FileBackend`` does, with the same outcome and counters)."""
+        read_direct_sync(self._read_into_sync, keys, pages, ids, ok, touched, st, corrupt)
 
     def _read_into_sync(self, key: str, header: bytearray, views: list[memoryview]) -> ObjectRead:
         return self._start_read_into(key, header, views).result()
