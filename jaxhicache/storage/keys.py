@@ -89,7 +89,14 @@ def page_hashes(
         salt, if any, is already in it, so ``salt`` must then be ``None``).
 
     Returns:
-      one 64-char hex string per whole page, in order.
+      One 64-char lowercase hex string per whole page, in order (a trailing
+      partial page is not hashed; fewer tokens than a page give ``[]``).
+
+    Raises:
+      ValueError: ``page_size`` is not a positive integer (``bool`` included),
+        ``tokens`` is not one-dimensional, not integers or outside int32, both a
+        non-empty ``salt`` and a ``parent`` are given, or ``parent`` is not a
+        page hash.
     """
     if isinstance(page_size, bool) or not isinstance(page_size, int | np.integer) or page_size < 1:
         raise ValueError(f"page_size must be a positive integer, got {page_size!r}")
@@ -122,7 +129,17 @@ def page_hashes(
 
 
 def check_page_hash(h: str) -> str:
-    """``h`` if it is a 64-char lowercase hex page hash, else ``ValueError``."""
+    """Checks that ``h`` is a page hash as :func:`page_hashes` makes them.
+
+    Args:
+      h: the value to check.
+
+    Returns:
+      ``h`` itself.
+
+    Raises:
+      ValueError: ``h`` is not a ``str`` of exactly 64 lowercase hex characters.
+    """
     if not isinstance(h, str) or not _HEX64.fullmatch(h):
         raise ValueError(f"not a page hash (64 lowercase hex chars): {h!r}")
     return h
@@ -147,7 +164,22 @@ def tp_sharded_kinds(spec: ModelCacheSpec, tp_size: int) -> tuple[PoolKind, ...]
 
 
 def cache_format(spec: ModelCacheSpec) -> str:
-    """Canonical text of everything that fixes a page's bytes (but not the model id)."""
+    """Canonical text of everything that fixes a page's bytes (but not the model id).
+
+    Two specs whose pages could differ in any byte give different texts: KV format,
+    dtype, page size, window, head geometry, the C4 ring, the per-layer compress
+    ratios, the layer count, every sub-pool's row shape and dtype, and the
+    per-layer kinds when the spec has them (MLA: which layers own an indexer
+    pool). Its sha256 is
+    the ``<digest>`` of every object key (:class:`Namespace`).
+
+    Args:
+      spec: the model's cache spec.
+
+    Returns:
+      Compact JSON with sorted keys, so equal specs give equal text in every
+      process.
+    """
     desc: dict[str, object] = {
         "kv_format": spec.kv_format.value,
         "dtype": spec.dtype,
@@ -174,6 +206,28 @@ class Namespace:
 
     Two instances with equal namespaces (same model id, format, layer range,
     TP shard) share objects; any difference gives disjoint keys.
+
+    Attributes:
+      model_id: the model id (percent-encoded in the key).
+      format_name: the human-readable format part of the key, the KV format
+        (e.g. ``"fp8_dsv4"``).
+      format_digest: 16 hex of the sha256 of :func:`cache_format`.
+      page_size: tokens per page.
+      start_layer: the stage's first global layer.
+      end_layer: one past the stage's last global layer.
+      tp_rank: this process's TP rank; ``None`` when no sub-pool is TP-sharded.
+      tp_size: TP ranks the sharded sub-pools are split over (1: none sharded).
+      tp_sharded: the sub-pools whose keys carry ``tp-<r>-of-<n>``
+        (:func:`tp_sharded_kinds`).
+      stage_kinds: the sub-pools with at least one layer on the stage, in
+        canonical order (what a page of the stage stores).
+      layout_version: the object layout version in the key
+        (:data:`LAYOUT_VERSION`).
+
+    Raises:
+      ValueError: an empty ``model_id``, a layer range that is not
+        ``0 <= start_layer < end_layer``, or TP-sharded sub-pools without a
+        ``tp_rank`` in ``[0, tp_size)``.
     """
 
     model_id: str
@@ -209,7 +263,26 @@ class Namespace:
         tp_rank: int | None = None,
         tp_size: int = 1,
     ) -> Namespace:
-        """The namespace of stage ``layer_map`` (model id defaults to ``spec.name``)."""
+        """The namespace of one stage.
+
+        Args:
+          spec: the model's cache spec.
+          layer_map: the stage's layer map (of ``spec``).
+          model_id: the model id in the keys; ``None`` (or empty): ``spec.name``.
+          tp_rank: this process's TP rank; needed only when a sub-pool is
+            TP-sharded at ``tp_size``, ignored (``None`` in the result) otherwise.
+          tp_size: tensor-parallel ranks.
+
+        Returns:
+          The stage's :class:`Namespace`: the spec's format digest and page size,
+          the stage's global layer range and present sub-pools, and the TP shard
+          only when ``tp_size > 1`` splits a sub-pool (else ``tp_size`` 1).
+
+        Raises:
+          ValueError: ``layer_map`` is for another spec, ``tp_size < 1``, or as
+            the constructor raises it (a sharded sub-pool without a valid
+            ``tp_rank``).
+        """
         if layer_map.spec != spec:
             raise ValueError(f"layer map is for spec {layer_map.spec.name!r}, not {spec.name!r}")
         if tp_size < 1:
@@ -229,7 +302,18 @@ class Namespace:
         )
 
     def matches(self, spec: ModelCacheSpec, layer_map: StageLayerMap) -> bool:
-        """Whether this namespace describes stage ``layer_map`` of ``spec``."""
+        """Whether this namespace describes stage ``layer_map`` of ``spec``.
+
+        The model id and TP shard are not compared: they are the caller's choice.
+
+        Args:
+          spec: a model's cache spec.
+          layer_map: a stage's layer map.
+
+        Returns:
+          ``True`` when the format digest, page size, layer range and present
+          sub-pools all equal those :meth:`for_stage` would give.
+        """
         return (
             self.format_digest == _format_digest(spec)
             and self.page_size == spec.page_size
@@ -247,14 +331,37 @@ class Namespace:
         )
 
     def unit_is_sharded(self, unit: PageSpace | PoolKind) -> bool:
-        """Whether ``unit`` (a pool kind, or a page space: any of its kinds) is TP-sharded, so its keys carry the TP rank."""
+        """Whether ``unit``'s keys carry the TP rank.
+
+        Args:
+          unit: a pool kind (sharded if it is in :attr:`tp_sharded`), or a page
+            space (sharded if any sharded kind is of that space).
+
+        Returns:
+          ``True`` when :func:`object_key` adds the ``tp-<r>-of-<n>`` segment.
+        """
         if isinstance(unit, PoolKind):
             return unit in self.tp_sharded
         return any(k.page_space is unit for k in self.tp_sharded)
 
 
 def object_key(namespace: Namespace, unit: PageSpace | PoolKind, page_hash: str) -> str:
-    """The key of one object: page ``page_hash`` of ``unit`` (a page space or a pool kind)."""
+    """The key of one object (the layout in the module docstring).
+
+    Args:
+      namespace: the stage's namespace.
+      unit: what the object holds: a page space (one object per page space) or a
+        pool kind (one object per sub-pool).
+      page_hash: the page's hash (:func:`page_hashes`).
+
+    Returns:
+      ``<namespace.prefix>[/tp-<r>-of-<n>]/<unit>/<h[:2]>/<h>``; the TP segment
+      only when :meth:`Namespace.unit_is_sharded`.
+
+    Raises:
+      ValueError: ``unit`` is neither a :class:`PageSpace` nor a :class:`PoolKind`,
+        or ``page_hash`` is not a page hash.
+    """
     if not isinstance(unit, PageSpace | PoolKind):
         raise ValueError(f"unit must be a PageSpace or a PoolKind, got {unit!r}")
     check_page_hash(page_hash)

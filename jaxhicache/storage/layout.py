@@ -61,7 +61,14 @@ MAX_DIRECT_RUNS = 1024
 
 
 class ObjectLayout(enum.StrEnum):
-    """How a stage's page is split into objects."""
+    """How a stage's page is split into objects.
+
+    Attributes:
+      PER_SPACE: one object per (page, stage, page space), the key unit the page
+        space (the default: fewer objects, measured faster both ways).
+      PER_SUBPOOL: one object per (page, stage, sub-pool), the key unit the pool
+        kind.
+    """
 
     PER_SPACE = "per_space"
     PER_SUBPOOL = "per_subpool"
@@ -75,6 +82,16 @@ class Part:
     A layer's row (``spec.row_shape(kind)``) is viewed as ``shape`` (``()``: as it
     is), then ``index`` picks the stored elements (``()``: all of them); the
     payload part is ``[n_kind, *selected]`` in C order.
+
+    Attributes:
+      kind: the sub-pool.
+      index: slices over the leading axes of the (reshaped) row that pick the
+        stored elements: the SWA window (:func:`window_rows`) or this TP rank's
+        block; ``()``: whole rows.
+      nbytes: payload bytes of the part per page, all the stage's layers of
+        ``kind`` together.
+      shape: the shape a row is viewed as before ``index`` applies; ``()``: the
+        row's own shape.
     """
 
     kind: PoolKind
@@ -86,13 +103,20 @@ class Part:
 @final
 @dataclasses.dataclass(frozen=True)
 class Unit:
-    """One object per page: its key unit and the parts of its payload, in order."""
+    """One object per page: its key unit and the parts of its payload, in order.
+
+    Attributes:
+      unit: the key unit (:func:`~jaxhicache.storage.keys.object_key`): the page
+        space with ``PER_SPACE``, the pool kind with ``PER_SUBPOOL``.
+      parts: the payload's parts, in canonical kind order.
+    """
 
     unit: PageSpace | PoolKind
     parts: tuple[Part, ...]
 
     @property
     def nbytes(self) -> int:
+        """Payload bytes of the object (the parts' sum; the header excluded)."""
         return sum(p.nbytes for p in self.parts)
 
 
@@ -103,6 +127,21 @@ def window_rows(spec: ModelCacheSpec, kind: PoolKind) -> tuple[tuple[int, ...], 
     ``SWA_KV``: the last ``window - 1`` tokens; ``C4_STATE`` / ``C4_INDEXER_STATE``
     (row ``[ring, 4 d]`` = ``[kv_A | kv_B | score_A | score_B]`` per slot): the row
     viewed as ``[ring, 2 (kv, score), 2 (A, B), d]``, slots ``ring-4 ..`` , A halves.
+
+    Args:
+      spec: the model's cache spec (its window must fit in one page).
+      kind: an SWA-space sub-pool of ``spec``.
+
+    Returns:
+      ``(shape, index)`` as in :class:`Part`: for ``SWA_KV`` ``shape`` is ``()``
+      and ``index`` slices the token axis (float KV) or the byte axis (fp8 rows:
+      ``fp8_token_bytes`` per token); for the compressor-state rings ``shape`` is
+      ``(ring, 2, 2, d)`` and ``index`` takes the last 4 slots' A halves.
+
+    Raises:
+      ValueError: ``kind`` is not a sub-pool of ``spec`` or not of the SWA page
+        space, or ``spec.swa_trailing_pages`` is not 1 (the window spans several
+        pages).
     """
     spec.check_kind(kind)
     if kind.page_space is not PageSpace.SWA:
@@ -162,7 +201,27 @@ def plan_units(
     space: PageSpace,
     layout: ObjectLayout = ObjectLayout.PER_SPACE,
 ) -> tuple[Unit, ...]:
-    """The objects of one page of ``space`` on stage ``layer_map`` (empty: nothing stored)."""
+    """The objects of one page of ``space`` on stage ``layer_map``.
+
+    Args:
+      spec: the model's cache spec.
+      layer_map: the stage's layer map; sub-pools without a layer on it store
+        nothing.
+      ns: the stage's namespace: its TP shard picks the block a TP-sharded
+        sub-pool stores (the whole row otherwise).
+      space: the page space.
+      layout: one object for the space's sub-pools together, or one per sub-pool.
+
+    Returns:
+      The objects, each with its payload parts in canonical kind order (SWA-space
+      parts hold the window rows only, :func:`window_rows`); empty when the stage
+      has no layer of any sub-pool of ``space``.
+
+    Raises:
+      ValueError: ``space`` is not a page space, ``spec`` has no sub-pool in it, a
+        TP-sharded row does not split over ``ns.tp_size``, or as
+        :func:`window_rows` raises it.
+    """
     space = PageSpace(space)
     kinds = [k for k in spec.kinds() if k.page_space is space]
     if not kinds:
@@ -184,6 +243,19 @@ def stored_bytes_per_page(
     """Payload bytes one page of ``space`` stores (one stage, or the whole model if ``None``).
 
     SWA space: the window rows only (:func:`window_rows`). TP shards are not divided.
+
+    Args:
+      spec: the model's cache spec.
+      layer_map: a stage's layer map, or ``None`` for every layer of the model.
+      space: the page space.
+
+    Returns:
+      The summed payload bytes over the sub-pools of ``space`` and their layers
+      (object headers excluded); 0 when there is none.
+
+    Raises:
+      ValueError: ``space`` is not a page space, or as :func:`window_rows` raises
+        it.
     """
     total = 0
     for k in spec.kinds():
@@ -226,7 +298,24 @@ def _runs(v: np.ndarray, base: int) -> list[tuple[int, int]]:
 
 
 class StagePages:
-    """Byte views of one stage's host pages for the objects ``units`` (slabs looked up once)."""
+    """Byte views of one stage's host pages for the objects ``units`` (slabs looked up once).
+
+    With page_first slabs whose parts have at most :data:`MAX_DIRECT_RUNS` byte
+    runs per page (``contiguous``), a page's stored bytes are fixed runs of one row
+    of each part's stage array, read into and written from in place; parts with
+    more than one run per layer (compressor-state A halves, TP shards) can go
+    through a small staging buffer (:meth:`direct_staged`). Otherwise every access
+    goes through a gather / scatter copy per part.
+
+    Args:
+      host: the host slabs.
+      rank: the stage.
+      units: the objects of one page of one space (:func:`plan_units`).
+
+    Raises:
+      ValueError: as :meth:`HostPools.slab <jaxhicache.pools.host.HostPools.slab>`
+        raises it (a stage of another process, a sub-pool not cached).
+    """
 
     def __init__(self, host: HostPools, rank: int, units: Sequence[Unit]):
         self.units = tuple(units)
@@ -277,7 +366,15 @@ class StagePages:
             self._plan.append(plan)
 
     def view(self, part: Part, host_id: int) -> np.ndarray:
-        """``[n_kind, *selected]`` view of one page's stored elements of ``part`` in its slab."""
+        """One page's stored elements of ``part`` in its slab.
+
+        Args:
+          part: a part of one of the units.
+          host_id: the host page.
+
+        Returns:
+          A writable ``[n_kind, *selected]`` view (no copy).
+        """
         slab = self._slabs[part.kind]
         page = slab[host_id] if self._page_first else slab[:, host_id]
         if part.shape:
@@ -285,8 +382,15 @@ class StagePages:
         return page[(slice(None), *part.index)] if part.index else page
 
     def direct(self, j: int, host_id: int) -> list[memoryview]:
-        """Writable byte views of unit ``j``'s stored bytes of page ``host_id``, in payload
-        order (needs ``contiguous``)."""
+        """Writable byte views of unit ``j``'s stored bytes of page ``host_id``.
+
+        Args:
+          j: the unit.
+          host_id: the host page.
+
+        Returns:
+          One view per byte run, in payload order (needs ``contiguous``).
+        """
         assert self._runs is not None
         out: list[memoryview] = []
         for u8, runs in self._runs[j]:
@@ -299,6 +403,13 @@ class StagePages:
 
         Zero-copy views of the slab's byte runs for parts stored as one run per layer
         (page_first); one gathered copy per other part.
+
+        Args:
+          j: the unit.
+          host_id: the host page.
+
+        Returns:
+          The buffers, in payload order (their concatenation is the payload).
         """
         out: list[memoryview] = []
         for i, p in enumerate(self.units[j].parts):
@@ -317,7 +428,16 @@ class StagePages:
         """Like :meth:`direct`, but the bytes of parts with many short runs go to
         ``staging`` (``staged_nbytes[j]`` bytes, in payload order); call
         :meth:`unstage` to move them into the slab. Fewer, longer buffers to read
-        into and to hash."""
+        into and to hash.
+
+        Args:
+          j: the unit.
+          host_id: the host page.
+          staging: at least ``staged_nbytes[j]`` bytes.
+
+        Returns:
+          Writable views, in payload order: slab runs and pieces of ``staging``.
+        """
         out: list[memoryview] = []
         off = 0
         for flat, n, runs in self._plan[j]:
@@ -330,7 +450,13 @@ class StagePages:
         return out
 
     def unstage(self, j: int, host_id: int, staging: np.ndarray) -> None:
-        """Copies the staged parts of unit ``j`` (see :meth:`direct_staged`) into the slab."""
+        """Copies the staged parts of unit ``j`` (see :meth:`direct_staged`) into the slab.
+
+        Args:
+          j: the unit.
+          host_id: the host page.
+          staging: the buffer :meth:`direct_staged` was given, as uint8.
+        """
         off = 0
         for i, p in enumerate(self.units[j].parts):
             if not self._big[j][i]:
@@ -339,7 +465,13 @@ class StagePages:
                 off += p.nbytes
 
     def write(self, j: int, host_id: int, payload: memoryview) -> None:
-        """Copies a verified payload of unit ``j`` into page ``host_id`` (one copy per part)."""
+        """Copies a verified payload of unit ``j`` into page ``host_id`` (one copy per part).
+
+        Args:
+          j: the unit.
+          host_id: the host page.
+          payload: the object's payload, exactly the unit's ``nbytes``.
+        """
         off = 0
         for p in self.units[j].parts:
             v = self.view(p, host_id)
@@ -352,14 +484,33 @@ class StagePages:
         assert off == payload.nbytes, (off, payload.nbytes)
 
     def scrub(self, host_id: int) -> None:
-        """Zeroes the stored rows of page ``host_id`` (of every unit); other rows stay."""
+        """Zeroes the stored rows of page ``host_id`` (of every unit); other rows stay.
+
+        Args:
+          host_id: the host page.
+        """
         for u in self.units:
             for p in u.parts:
                 self.view(p, host_id)[...] = 0
 
 
 def check_host_ids(host: HostPools, space: PageSpace, host_ids, n: int, *, unique: bool):
-    """``host_ids`` as an int64 array of ``n`` valid slots of ``space``, else ``ValueError``."""
+    """Checks the host slots a page operation reads or writes.
+
+    Args:
+      host: the host slabs.
+      space: the page space the slots belong to.
+      host_ids: one slot per page.
+      n: how many pages (keys) the operation has.
+      unique: repeats are an error (a load: each page needs its own slot).
+
+    Returns:
+      ``host_ids`` as an int64 array of ``n`` slots.
+
+    Raises:
+      ValueError: not ``n`` integers, a slot outside ``[0, host.pages_of(space))``,
+        or (``unique``) a repeated slot.
+    """
     ids = np.asarray(host_ids)
     if ids.shape != (n,) or (n and not np.issubdtype(ids.dtype, np.integer)):
         raise ValueError(f"host_ids must be {n} integers (one per key), got {host_ids!r}")
