@@ -13,6 +13,11 @@ Per request, in the order of the batch::
        v
     Request(node=locked prefix end, full/swa page ids, own_from, hit tokens per tier)
 
+Per batch (``batch`` then, after the cache's step, ``dispatch``): requests in order,
+the first that does not fit deferred with every later one (``OutOfPages`` only when
+the first does not fit alone); then the batch's one load (or ``LayerwiseLoad``), the
+backups a hit asks for, and the :class:`Batch` with its page tables.
+
 Why the longest prefix always fits best (so there is no shorter one to fall back
 to): see ``cache/README.md``, *Admission*.
 """
@@ -20,6 +25,7 @@ to): see ``cache/README.md``, *Admission*.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, final
 
@@ -27,18 +33,23 @@ import numpy as np
 
 from jaxhicache.cache.eviction import Evictor
 from jaxhicache.cache.ledger import PageLedger
-from jaxhicache.cache.requests import LoadParts, Request, check_tokens
+from jaxhicache.cache.requests import Batch, LoadParts, Request, check_tokens, page_tables
 from jaxhicache.cache.stats import CacheStats
 from jaxhicache.pools.allocator import OutOfPages
 from jaxhicache.spec import PageSpace
 from jaxhicache.tree import RadixTree, TreeNode, should_backup_on_hit
 
 if TYPE_CHECKING:
+    from jaxhicache.cache.backups import Backups
     from jaxhicache.cache.l3 import StorageTier
+    from jaxhicache.transfer import TransferEngine
 
-__all__ = ["Admission", "check_admission"]
+__all__ = ["Admission", "Admitted", "check_admission"]
 
 _EMPTY = np.zeros(0, np.int32)
+
+Admitted = tuple[list[Request], list[int], LoadParts, list[TreeNode]]
+"""``(admitted requests, deferred indices, their loads, nodes to back up on this hit)``."""
 
 
 def check_admission(prompts, max_new_tokens, salts) -> tuple[list, list, list]:
@@ -66,7 +77,7 @@ def check_admission(prompts, max_new_tokens, salts) -> tuple[list, list, list]:
 
 @final
 class Admission:
-    """Admits requests one by one into a batch's shared :class:`LoadParts`."""
+    """Admits requests one by one into a batch's shared :class:`LoadParts`, then loads them."""
 
     def __init__(
         self,
@@ -77,6 +88,9 @@ class Admission:
         stats: CacheStats,
         l3: StorageTier | None,
         has_swa: bool,
+        *,
+        engine: TransferEngine,
+        backups: Backups,
     ):
         self._cache_id = cache_id
         self._tree = tree
@@ -85,6 +99,68 @@ class Admission:
         self._stats = stats
         self._l3 = l3
         self._has_swa = has_swa
+        self._engine = engine
+        self._backups = backups
+        self.transfer_seconds = 0.0  # dispatching the loads
+
+    def batch(
+        self, pools, prompts: Sequence[np.ndarray], new: Sequence, salts: Sequence
+    ) -> Admitted:
+        """Admits checked requests in order until one does not fit; it and later ones wait.
+
+        Raises :class:`OutOfPages` (naming the request) when the first does not fit.
+        """
+        admitted: list[Request] = []
+        deferred: list[int] = []
+        parts = LoadParts()
+        on_hit: list[TreeNode] = []  # nodes to back up on this hit (selective policy)
+        for i, (prompt, n, salt) in enumerate(zip(prompts, new, salts, strict=True)):
+            if deferred:  # first come, first served: no overtaking
+                deferred.append(i)
+                continue
+            try:
+                admitted.append(self.one(pools, prompt, int(n), salt, parts, on_hit))
+            except OutOfPages as e:
+                if not admitted:
+                    raise OutOfPages(
+                        f"{e.allocator} (request 0 of the batch: {prompt.size} prompt + {n} new "
+                        "tokens)",
+                        e.requested,
+                        e.free,
+                    ) from e
+                deferred.append(i)
+        self._stats.deferred_requests += len(deferred)
+        return admitted, deferred, parts, on_hit
+
+    def dispatch(self, pools, admitted: Admitted, layerwise: bool):
+        """The batch's one load (or ``LayerwiseLoad``) and hit backups; ``(pools, Batch)``."""
+        requests, deferred, parts, on_hit = admitted
+        move = parts.move()
+        handle = layer_load = None
+        if move.full_device.size or move.swa_device.size:
+            t0 = time.perf_counter()
+            if layerwise:
+                layer_load = self._engine.prepare_layerwise(pools, move)
+            else:
+                pools, handle = self._engine.load(pools, move)
+            self.transfer_seconds += time.perf_counter() - t0
+            self._stats.load_dispatches += 1
+            self._stats.loaded_pages += int(move.full_device.size)
+            self._stats.loaded_swa_pages += int(move.swa_device.size)
+        if on_hit:
+            self._backups.issue(pools, on_hit)
+        full, swa = page_tables(requests)
+        batch = Batch(
+            requests=tuple(requests),
+            deferred=tuple(deferred),
+            full_table=full,
+            swa_table=swa,
+            num_pages=np.array([r.num_pages for r in requests], np.int32),
+            cached_tokens=np.array([r.cached_tokens for r in requests], np.int32),
+            handle=handle,
+            layerwise=layer_load,
+        )
+        return pools, batch
 
     def one(
         self,

@@ -24,6 +24,11 @@ radix tree and the host slabs. A continuous-batching engine calls, per step::
 Batched forms do one poll (one agreement round under multi-controller JAX) per
 call. Every call validates all of its requests before it changes anything.
 
+This class is the facade: it validates, polls, dispatches backups and counts
+steps; the work is done by parts :func:`~jaxhicache.cache.assembly.assemble`
+builds: ``Admission`` (``admit``), ``InFlight`` (``insert`` / ``extend`` /
+``retract`` / ``release``), ``Evictor``, ``Backups`` and the L3 ``StorageTier``.
+
 Determinism: every decision (page ids, evictions, backups) is taken here once
 for all PP stages; completions of asynchronous backups change the tree only at
 poll points, and LRU uses operation counters, so processes that replay the same
@@ -40,38 +45,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
-import time
 from collections.abc import Sequence
 from typing import final
 
-import numpy as np
 from jax.sharding import Mesh
 
-from jaxhicache.cache.admission import Admission, check_admission
-from jaxhicache.cache.backups import Backups
+from jaxhicache.cache.admission import check_admission
+from jaxhicache.cache.assembly import assemble
 from jaxhicache.cache.config import HiCacheConfig
-from jaxhicache.cache.eviction import Evictor
-from jaxhicache.cache.l3 import StorageTier
-from jaxhicache.cache.ledger import PageLedger
-from jaxhicache.cache.requests import (
-    Batch,
-    LoadParts,
-    Request,
-    RequestState,
-    check_tokens,
-    page_tables,
-)
-from jaxhicache.cache.stats import CacheStats
-from jaxhicache.distributed import Agreement, DivergenceError, local_stages
-from jaxhicache.layer_map import build_layer_maps
-from jaxhicache.mesh import PP
-from jaxhicache.pools.allocator import OutOfPages
+from jaxhicache.cache.requests import Batch, Request, check_tokens
+from jaxhicache.distributed import DivergenceError
 from jaxhicache.pools.device import DevicePools, allocate_device_pools
-from jaxhicache.pools.host import HostPools
-from jaxhicache.spec import ModelCacheSpec, PageSpace, Tier
+from jaxhicache.spec import ModelCacheSpec
 from jaxhicache.storage.backend import StorageBackend
-from jaxhicache.transfer import TransferEngine
-from jaxhicache.tree import MatchResult, RadixTree, TreeNode, should_backup_on_insert
+from jaxhicache.tree import MatchResult
 
 __all__ = ["HiCache"]
 
@@ -82,11 +69,22 @@ _cache_ids = itertools.count(1)
 class HiCache:
     """Hierarchical prefix cache over device pools and host slabs for all PP stages.
 
+    Construction builds the layer maps, allocates (zeroed) this process's host
+    slabs, and starts the transfer engine and, with a store, the L3 workers; the
+    device pools come from :meth:`new_device_pools`. Call :meth:`close` at the end.
+
     Args:
       spec: what the model caches.
       mesh: ``('pp', 'tp')`` mesh; its ``pp`` size is the pipeline depth.
       config: capacities, write policy, layouts, kernel backend, copy path, L3 knobs.
       store: the L3 backend (needs ``config.storage``; ``None``: no L3 tier).
+
+    Raises:
+      ValueError: ``spec`` is not a :class:`~jaxhicache.spec.ModelCacheSpec` or
+        ``config`` not a :class:`HiCacheConfig`; a store without
+        ``config.storage`` or the reverse; or, from the parts it builds, a
+        partition that does not fit the mesh's ``pp`` or host slabs larger than
+        the memory available.
     """
 
     def __init__(
@@ -103,76 +101,15 @@ class HiCache:
         self.spec = spec
         self.mesh = mesh
         self.config = config
-        partition = list(config.partition) if config.partition is not None else None
-        self.layer_maps = build_layer_maps(spec, mesh.shape[PP], partition)
-        self._has_swa = spec.swa_trailing_pages > 0
-        self._device_swa = config.device_swa_capacity(spec)
-        host_pages = config.host_capacity()
-        host_swa = config.host_swa_capacity(spec)
-        self.host = HostPools(  # this process's stages only
-            spec,
-            self.layer_maps,
-            host_pages,
-            host_swa,
-            layout=config.host_layout,
-            reserve_bytes=config.host_reserve_bytes,
-            ranks=local_stages(mesh),
-        )
-        self.ledger = PageLedger(config.device_pages, self._device_swa, host_pages, host_swa)
-        self.engine = TransferEngine(
-            mesh,
-            self.layer_maps,
-            self.host,
-            backend=config.backend,
-            tuning=config.tuning,
-            host_is_current=self.ledger.host_is_current,
-            copy_path=config.copy_path,
-        )
-        self.tree = RadixTree(
-            spec.page_size, spec.swa_trailing_pages, write_policy=config.write_policy
-        )
-        # Multi-controller JAX: one MIN all-reduce where a decision rests on what only
-        # some processes can see (identity, no collective, in a single process).
-        self.agreement = Agreement()
-        self._stats = CacheStats()
-        self._evictor = Evictor(self.tree, self.ledger, self._stats)
-        if (store is None) != (config.storage is None):
-            raise ValueError(
-                "an L3 tier needs both a store (a StorageBackend) and config.storage "
-                f"(got store={type(store).__name__}, config.storage={config.storage!r})"
-            )
-        self.l3 = (
-            None
-            if store is None or config.storage is None  # both or neither (checked above)
-            else StorageTier(
-                store,
-                config.storage,
-                spec,
-                self.host,
-                self.ledger,
-                self.tree,
-                self._stats,
-                agreement=self.agreement,
-                make_room=self._evictor.make_room_on_host,
-            )
-        )
-        self._backups = Backups(
-            self.engine,
-            self.tree,
-            self.ledger,
-            self._stats,
-            self._evictor.make_room_on_host,
-            on_backed_up=None if self.l3 is None else self.l3.write,
-            agreement=self.agreement,
-        )
-        self._evictor.backups, self._evictor.l3 = self._backups, self.l3
+        self._id = next(_cache_ids)
+        p = assemble(spec, mesh, config, store, self._id)
+        self.layer_maps, self.host, self.ledger = p.layer_maps, p.host, p.ledger
+        self.engine, self.tree, self.agreement, self.l3 = p.engine, p.tree, p.agreement, p.l3
+        self._device_swa = p.device_swa_pages
+        self._stats, self._evictor, self._backups = p.stats, p.evictor, p.backups
+        self._admission, self._inflight = p.admission, p.inflight
         self._evictor.poll = self._poll
         self._steps = 0  # control-plane steps (admit / insert / ...), for check_every
-        self._id = next(_cache_ids)
-        self._admission = Admission(
-            self._id, self.tree, self.ledger, self._evictor, self._stats, self.l3, self._has_swa
-        )
-        self._transfer_seconds = 0.0
 
     @property
     def page_size(self) -> int:
@@ -186,7 +123,13 @@ class HiCache:
 
     # ------------------------------------------------------------------ pools
     def new_device_pools(self) -> DevicePools:
-        """Zeroed device pools of this cache's geometry (the engine owns and threads them)."""
+        """Zeroed device pools of this cache's geometry (the engine owns and threads them).
+
+        Returns:
+          :class:`~jaxhicache.pools.device.DevicePools` with ``config.device_pages``
+          full pages and the configured SWA pages, sharded over the mesh; the
+          calls that take ``pools`` accept only pools of this geometry.
+        """
         return allocate_device_pools(
             self.spec, self.mesh, self.layer_maps, self.config.device_pages, self._device_swa
         )
@@ -208,39 +151,78 @@ class HiCache:
 
     # ------------------------------------------------------------------ match
     def lookup(self, tokens, *, salt=None) -> MatchResult:
-        """The longest usable cached prefix of ``tokens`` on device and host (whole
-        pages, SWA window present): the hit a request would get, reported without
-        taking it. An inspection: takes no lock, counts no hit, moves no data and
-        leaves the LRU order as it was (it may split a node where the match ends,
-        which changes no decision)."""
+        """The longest usable cached prefix of ``tokens`` on device and host.
+
+        Whole pages, with the SWA window present: the hit a request would get,
+        reported without taking it. An inspection: takes no lock, counts no hit,
+        moves no data and leaves the LRU order as it was (it may split a node
+        where the match ends, which changes no decision). L3 is not consulted.
+
+        Args:
+          tokens: token ids; matched as given (``admit`` matches ``prompt[:-1]``:
+            pass that for a request's hit). May be empty.
+          salt: the tenant's ``cache_salt``; only pages inserted with the same
+            salt match.
+
+        Returns:
+          The :class:`~jaxhicache.tree.MatchResult`: ``matched_len`` tokens, of
+          which ``device_len`` on device and ``host_len`` on host only.
+
+        Raises:
+          ValueError: ``tokens`` is not a 1-D sequence of token ids.
+        """
         key = check_tokens(tokens, "tokens", allow_empty=True)
         return self.tree.match_prefix(key, salt=salt, touch=False)
 
     def prefetch(self, tokens, *, salt=None) -> bool:
-        """Starts the L3 lookup of a request that is queued, not yet admitted, so its
-        admission finds the answer instead of waiting for the store. Returns whether a
-        lookup started (``False`` without an L3 tier, or when the tree holds nearly
-        all of it)."""
+        """Starts the L3 lookup of a queued request, so its admission need not wait for the store.
+
+        Looks up (on a worker) the pages of ``tokens[:-1]`` after what the tree
+        holds now; nothing is fetched or reserved until the request is admitted.
+
+        Args:
+          tokens: the request's prompt (non-empty), as it will be admitted.
+          salt: its ``cache_salt``, as it will be admitted.
+
+        Returns:
+          Whether a lookup started: ``False`` without an L3 tier, when the tree
+          already holds all but ``prefetch_threshold`` tokens of it, or when a
+          lookup of the same prefix is pending.
+
+        Raises:
+          ValueError: ``tokens`` is empty or not a 1-D sequence of token ids.
+        """
         if self.l3 is None:
             return False
         return self.l3.start_lookup(check_tokens(tokens, "tokens")[:-1], salt)
 
     def observe_prefill(self, tokens: int, seconds: float) -> None:
-        """Feeds the L3 cost model one measurement: prefilling ``tokens`` took
-        ``seconds`` (it fetches only what is cheaper to load than to recompute)."""
+        """Feeds the L3 cost model one measurement of the recompute cost.
+
+        The model fetches from L3 only what is cheaper to load than to recompute;
+        without an L3 tier this does nothing.
+
+        Args:
+          tokens: tokens one prefill forward computed.
+          seconds: its wall time.
+        """
         if self.l3 is not None:
             self.l3.observe_recompute(tokens, seconds)
 
     def backed_up(self, request: Request) -> bool:
-        """Whether every page ``request`` inserted has its host copy recorded (its
-        write-through backups landed and a poll point recorded them): the per-request
-        save completion a connector reports. Call :meth:`poll` to record landed ones."""
-        node = request.node
-        while node is not None and node.parent is not None:
-            if node.host_full is None:
-                return False
-            node = node.parent
-        return node is self.tree.root or node is None
+        """Whether every page ``request`` inserted has its host copy recorded.
+
+        Its backups landed and a poll point recorded them: the per-request save
+        completion a connector reports. Call :meth:`poll` to record landed ones.
+
+        Args:
+          request: a request of this cache (not validated: open or released).
+
+        Returns:
+          ``True`` when every node from the tree's root to the request's locked
+          node has a host copy (so also when it holds no page of the tree).
+        """
+        return self._inflight.backed_up(request)
 
     # ------------------------------------------------------------------ admit
     def admit(
@@ -266,61 +248,30 @@ class HiCache:
             first forward chunk to apply layer by layer (overlapping the copy of
             layer ``l + 1`` with the compute of layer ``l``) instead of dispatching it.
 
-        Returns ``(pools, batch)``. Requests are admitted in order; the first one
-        that does not fit (after SWA reclaim and LRU eviction) is deferred with
-        every later one (``batch.deferred``): nothing is taken for them and no hit
-        is counted. Raises :class:`OutOfPages` when not even the first request fits.
+        Requests are admitted in order; the first one that does not fit (after SWA
+        reclaim and LRU eviction) is deferred with every later one
+        (``batch.deferred``): nothing is taken for them and no hit is counted.
+
+        Returns:
+          ``(pools, batch)``: the pools to use from now on (new ones when a load
+          was dispatched) and the :class:`Batch` of admitted requests, their page
+          tables ``int32[B, max_pages]`` padded with ``-1``, page counts, cached
+          tokens, deferred indices and the load handle (or ``batch.layerwise``).
+
+        Raises:
+          OutOfPages: the batch's first request does not fit even alone (its
+            message names the request's sizes; nothing is taken).
+          ValueError: pools of another geometry, or a bad prompt, count or salt
+            (named), before anything changes.
+          DivergenceError: with ``config.check_every``, when this call is a
+            check point and the processes' states differ (the batch is admitted).
         """
         self._check_pools(pools)
         prompts, new, salts = check_admission(prompts, max_new_tokens, salts)
         self._poll()
-        admitted: list[Request] = []
-        deferred: list[int] = []
-        parts = LoadParts()
-        on_hit: list[TreeNode] = []  # nodes to back up on this hit (selective policy)
-        for i, (prompt, n, salt) in enumerate(zip(prompts, new, salts, strict=True)):
-            if deferred:  # first come, first served: no overtaking
-                deferred.append(i)
-                continue
-            try:
-                admitted.append(self._admission.one(pools, prompt, int(n), salt, parts, on_hit))
-            except OutOfPages as e:
-                if not admitted:
-                    raise OutOfPages(
-                        f"{e.allocator} (request 0 of the batch: {prompt.size} prompt + {n} new "
-                        "tokens)",
-                        e.requested,
-                        e.free,
-                    ) from e
-                deferred.append(i)
-        self._stats.deferred_requests += len(deferred)
+        admitted = self._admission.batch(pools, prompts, new, salts)
         self._step()
-        move = parts.move()
-        handle = layer_load = None
-        if move.full_device.size or move.swa_device.size:
-            t0 = time.perf_counter()
-            if layerwise:
-                layer_load = self.engine.prepare_layerwise(pools, move)
-            else:
-                pools, handle = self.engine.load(pools, move)
-            self._transfer_seconds += time.perf_counter() - t0
-            self._stats.load_dispatches += 1
-            self._stats.loaded_pages += int(move.full_device.size)
-            self._stats.loaded_swa_pages += int(move.swa_device.size)
-        if on_hit:
-            self._backups.issue(pools, on_hit)
-        full, swa = page_tables(admitted)
-        batch = Batch(
-            requests=tuple(admitted),
-            deferred=tuple(deferred),
-            full_table=full,
-            swa_table=swa,
-            num_pages=np.array([r.num_pages for r in admitted], np.int32),
-            cached_tokens=np.array([r.cached_tokens for r in admitted], np.int32),
-            handle=handle,
-            layerwise=layer_load,
-        )
-        return pools, batch
+        return self._admission.dispatch(pools, admitted, layerwise)
 
     def _poll(self, wait: bool = False) -> int:
         done = self._backups.poll(wait)
@@ -347,152 +298,100 @@ class HiCache:
         them (another request's where that one inserted the same pages first; the
         request's own duplicates are freed). A trailing partial page stays the
         request's. Backups follow the write policy (they read ``pools``).
+
+        Args:
+          pools: the device pools the requests wrote their KV into; read by the
+            backups, never kept or donated.
+          requests: one open request of this cache, or a sequence of them, each
+            once.
+          tokens: one token sequence, or one per request.
+
+        Raises:
+          ValueError: a request that is not an open request of this cache or
+            appears twice, a token count that differs from the request count,
+            bad tokens as above, or pools of another geometry (nothing changed).
+          DivergenceError: with ``config.check_every``, at a check point where
+            the processes' states differ (the insert has happened).
         """
-        reqs, toks = self._pairs(requests, tokens, "insert")
+        reqs, toks = self._inflight.pairs(requests, tokens, "insert")
         self._check_pools(pools)
-        for req, t in zip(reqs, toks, strict=True):
-            self._check_growth(req, t)
+        self._inflight.check_growth(reqs, toks)
         self._poll()
-        backups = [n for req, t in zip(reqs, toks, strict=True) if (n := self._insert(req, t))]
+        backups = self._inflight.insert(reqs, toks)
         if backups:
             self._backups.issue(pools, backups)
         self._step()
 
-    def _check_growth(self, req: Request, tokens: np.ndarray) -> None:
-        known = req.known_tokens
-        n = min(tokens.size, known.size)
-        if not np.array_equal(tokens[:n], known[:n]):
-            at = int(np.argmax(tokens[:n] != known[:n]))
-            what = "prompt" if at < req.prompt.size else "previously inserted tokens"
-            raise ValueError(f"tokens disagree with the request's {what} at position {at}")
-        if tokens.size <= req.inserted_len:
-            raise ValueError(
-                f"tokens ({tokens.size}) must be longer than what the request inserted "
-                f"before ({req.inserted_len}): those pages are in the tree already"
-            )
-        if tokens.size > req.capacity:
-            raise ValueError(
-                f"tokens has {tokens.size} tokens but the request holds KV pages for "
-                f"{req.capacity} positions ({req.num_pages} pages; extend() adds pages)"
-            )
-
-    def _insert(self, req: Request, tokens: np.ndarray) -> TreeNode | None:
-        """One request's insert (validated); returns the node to back up, if any."""
-        ps, tree = self.page_size, self.tree
-        whole = tokens.size // ps
-        done = req.own_start + req.inserted_pages  # pages the tree holds for it already
-        req.inserted_len = tokens.size
-        if tokens.size > req.known_tokens.size:
-            req.tokens = tokens
-        k = whole - done
-        if k <= 0:
-            return None
-        own_full = req.full_page_ids[done:whole]
-        own_swa = req.swa_page_ids[done:whole] if self._has_swa else None
-        res = tree.insert(tokens[: whole * ps], own_full, own_swa, salt=req.salt)
-        self.ledger.unhold(PageSpace.FULL, k)
-        if own_swa is not None:
-            self.ledger.unhold(PageSpace.SWA, int((own_swa >= 0).sum()))
-        self.ledger.free(Tier.DEVICE, PageSpace.FULL, res.dup_full_ids)
-        self.ledger.free(Tier.DEVICE, PageSpace.SWA, res.free_swa_ids)
-        self._stats.inserted_tokens += res.new_len
-        tree.inc_lock(res.node)  # the lock moves to the new end
-        tree.dec_lock(req.node)
-        req.node = res.node
-        req.inserted_pages = whole - req.own_start
-        full, swa = tree.device_ids(res.node)  # new arrays: tables handed out stay as they were
-        keep = np.arange(whole) >= whole - self.spec.swa_trailing_pages  # the lock's window
-        req.full_page_ids = np.concatenate([full, req.full_page_ids[whole:]]).astype(np.int32)
-        req.swa_page_ids = np.concatenate(
-            [np.where(keep, swa, -1), req.swa_page_ids[whole:]]
-        ).astype(np.int32)
-        return res.node if should_backup_on_insert(self.write_policy, res.node) else None
-
     def extend(self, pools: DevicePools, requests: Request | Sequence[Request], num_pages) -> None:
-        """Gives each request ``num_pages`` more own pages (one int for all, or one each),
-        all or nothing: when the device has too few even after SWA reclaim and LRU
-        eviction, raises :class:`OutOfPages` having given none (the engine then
-        retracts or waits). Eviction may back pages up (``write_back``), reading
-        ``pools``."""
-        reqs = self._requests(requests, "extend")
-        pages = [num_pages] * len(reqs) if isinstance(num_pages, int | np.integer) else num_pages
-        pages = list(pages)
-        if len(pages) != len(reqs):
-            raise ValueError(f"{len(pages)} num_pages values for {len(reqs)} requests")
-        for i, n in enumerate(pages):
-            if type(n) is bool or not isinstance(n, int | np.integer) or n < 0:
-                raise ValueError(f"num_pages[{i}] must be an int >= 0, got {n!r}")
+        """Gives each request ``num_pages`` more own pages (one int for all, or one each).
+
+        All or nothing: when the device has too few even after SWA reclaim and
+        LRU eviction, raises :class:`OutOfPages` having given none (the engine
+        then retracts or waits). Each request's page table grows by its pages
+        (full and, with an SWA spec, SWA), raising its :attr:`Request.capacity`.
+
+        Args:
+          pools: the device pools; read only when eviction backs pages up
+            (``write_back``).
+          requests: one open request of this cache, or a sequence of them.
+          num_pages: an int ``>= 0`` for every request, or a sequence of one each.
+
+        Raises:
+          ValueError: a request that is not open or not this cache's, a repeated
+            request, a count that is negative, not an int, or of the wrong number,
+            or pools of another geometry (nothing changed).
+          OutOfPages: the device cannot supply them all (nothing given).
+          DivergenceError: with ``config.check_every``, at a check point where
+            the processes' states differ.
+        """
+        reqs, pages = self._inflight.check_extend(requests, num_pages)
         self._check_pools(pools)
-        total = int(sum(pages))
-        full, swa = self._evictor.allocate(pools, total, total if self._has_swa else 0)
-        self.ledger.hold(PageSpace.FULL, full.size)
-        self.ledger.hold(PageSpace.SWA, swa.size)
-        at = 0
-        for req, n in zip(reqs, pages, strict=True):
-            req.full_page_ids = np.concatenate([req.full_page_ids, full[at : at + n]])
-            own_swa = swa[at : at + n] if self._has_swa else np.full(n, -1, np.int32)
-            req.swa_page_ids = np.concatenate([req.swa_page_ids, own_swa])
-            at += n
-        self._stats.extended_pages += total
+        self._inflight.extend(pools, reqs, pages)
         self._step()
 
     def retract(self, pools: DevicePools, requests: Request | Sequence[Request], tokens) -> None:
-        """Preempts running requests: the whole pages of their computed ``tokens`` go to
-        the tree (as :meth:`insert`, where there is anything new), the rest of their
-        pages are freed and their locks dropped. Re-admitting a request with its
-        prompt and generated tokens then hits whatever of it survived."""
-        reqs, toks = self._pairs(requests, tokens, "retract")
+        """Preempts running requests: computed pages to the tree, the rest freed, locks dropped.
+
+        The whole pages of each request's ``tokens`` go to the tree as
+        :meth:`insert` puts them (for requests whose ``tokens`` are longer than
+        their last insert; shorter ones are not checked against the prompt), then
+        every request is released. Re-admitting a request with its prompt and
+        generated tokens then hits whatever of it survived.
+
+        Args:
+          pools: the device pools (read by the insert's backups).
+          requests: one open request of this cache, or a sequence of them.
+          tokens: one token sequence, or one per request: what each computed.
+
+        Raises:
+          ValueError: as :meth:`insert` raises it, for the requests with new
+            tokens, or as :meth:`release` does (nothing changed).
+          DivergenceError: as :meth:`insert` raises it.
+        """
+        reqs, toks = self._inflight.pairs(requests, tokens, "retract")
         self._check_pools(pools)
         grow = [(r, t) for r, t in zip(reqs, toks, strict=True) if t.size > r.inserted_len]
-        for req, t in grow:
-            self._check_growth(req, t)
+        self._inflight.check_growth([r for r, _ in grow], [t for _, t in grow])
         if grow:
             self.insert(pools, [r for r, _ in grow], [t for _, t in grow])
         self.release(reqs)
         self._stats.retracted_requests += len(reqs)
 
     def release(self, requests: Request | Sequence[Request]) -> None:
-        """Ends requests (finished, or aborted at any point: nothing more is inserted):
-        frees their pages the tree did not take and unlocks what they held."""
-        for req in self._requests(requests, "release"):
-            rest = req.own_start + req.inserted_pages
-            full = req.full_page_ids[rest:]
-            self.ledger.unhold(PageSpace.FULL, full.size)
-            self.ledger.free(Tier.DEVICE, PageSpace.FULL, full)
-            if self._has_swa:
-                swa = req.swa_page_ids[rest:]
-                self.ledger.unhold(PageSpace.SWA, int((swa >= 0).sum()))
-                self.ledger.free(Tier.DEVICE, PageSpace.SWA, swa)
-            if req.l3_host_full is not None and req.l3_host_swa is not None:  # the L3 slots
-                self.ledger.unhold_host(PageSpace.FULL, req.l3_host_full.size)
-                self.ledger.unhold_host(PageSpace.SWA, req.l3_host_swa.size)
-                self.ledger.free(Tier.HOST, PageSpace.FULL, req.l3_host_full)
-                self.ledger.free(Tier.HOST, PageSpace.SWA, req.l3_host_swa)
-            self.tree.dec_lock(req.node)
-            req.state = RequestState.RELEASED
+        """Ends requests (finished, or aborted at any point: nothing more is inserted).
 
-    def _requests(self, requests, what: str) -> list[Request]:
-        """Open requests of this cache, each once (``ValueError`` before any change)."""
-        reqs = [requests] if isinstance(requests, Request) else list(requests)
-        for req in reqs:
-            if not isinstance(req, Request):
-                raise ValueError(f"{what}: expected a Request from admit(), got {type(req)!r}")
-            if req.cache_id != self._id:
-                raise ValueError(f"{what}: the request was admitted by another cache")
-            if req.state is not RequestState.OPEN:
-                raise ValueError(f"{what}: the request is {req.state.value}; {what} needs open")
-        if len({id(r) for r in reqs}) != len(reqs):
-            raise ValueError(f"{what}: a request appears twice in one call")
-        return reqs
+        Frees their device pages the tree did not take and any host slots an L3
+        prefetch claimed for them, drops their locks and marks them released; a
+        request is released exactly once.
 
-    def _pairs(self, requests, tokens, what: str) -> tuple[list[Request], list[np.ndarray]]:
-        if isinstance(requests, Request):
-            return self._requests(requests, what), [check_tokens(tokens, "tokens")]
-        reqs = self._requests(requests, what)
-        toks = list(tokens)
-        if len(toks) != len(reqs):
-            raise ValueError(f"{what}: {len(toks)} token sequences for {len(reqs)} requests")
-        return reqs, [check_tokens(t, f"tokens[{i}]") for i, t in enumerate(toks)]
+        Args:
+          requests: one open request of this cache, or a sequence of them.
+
+        Raises:
+          ValueError: a request that is not an open request of this cache, or one
+            given twice (nothing changed).
+        """
+        self._inflight.release(self._inflight.requests(requests, "release"))
 
     # --------------------------------------------------------------- eviction
     def evict(self, pools: DevicePools, num_pages: int) -> int:
@@ -501,30 +400,83 @@ class HiCache:
         LRU over unlocked device leaves: backed-up nodes are demoted (host copy
         kept), others deleted; under ``write_back`` they are backed up first
         (reading ``pools``).
+
+        Args:
+          pools: the device pools (read by ``write_back`` backups).
+          num_pages: device full pages wanted free.
+
+        Returns:
+          Device full pages freed; fewer than ``num_pages`` when locks protect
+          the rest, possibly more (whole nodes are evicted).
+
+        Raises:
+          ValueError: pools of another geometry.
         """
         self._check_pools(pools)
         return self._evictor.evict_device(pools, num_pages)
 
     def evict_host(self, num_pages: int) -> int:
-        """Frees at least ``num_pages`` host pages (host-only leaves, LRU); returns pages freed."""
+        """Frees at least ``num_pages`` host pages (host-only leaves, LRU); returns pages freed.
+
+        Waits first for the L3 writes that read host pages.
+
+        Args:
+          num_pages: host full pages wanted free.
+
+        Returns:
+          Host pages freed (fewer when too few host-only leaves are unlocked).
+        """
         return self._evictor.evict_host(num_pages)
 
     def flush(self, pools: DevicePools) -> dict[str, int]:
-        """Empties device and host, keeping L3: every backup and L3 write lands first, then
-        everything is evicted; returns the pages dropped per tier and space and the objects
-        written to L3 meanwhile. ``RuntimeError`` while a request is open."""
+        """Empties device and host, keeping L3: every backup and L3 write lands first.
+
+        Then unclaimed L3 prefetches are dropped and every device and host page is
+        evicted (``write_back``: backed up first). A prefix admitted afterwards is
+        served from what L3 holds.
+
+        Args:
+          pools: the device pools (read by ``write_back`` backups).
+
+        Returns:
+          ``{"<tier>_<space>_pages": n}`` (``device_full_pages``, ...): the pages
+          each held when eviction began; ``l3_prefetch_pages_dropped``; and
+          ``l3_written_objects``, the objects written to L3 while it waited.
+
+        Raises:
+          ValueError: pools of another geometry.
+          RuntimeError: a request is open (it holds device pages or a lock); it
+            is refused before any eviction.
+        """
         self._check_pools(pools)
         return self._evictor.flush(pools)
 
     # -------------------------------------------------------------- backups
     def poll(self, wait: bool = False) -> int:
-        """Records landed backups (and L3 prefetches and writes) in the tree (all of them
-        with ``wait``); returns how many backups."""
+        """Records landed backups in the tree, and polls L3 prefetches and writes.
+
+        Outcomes are agreed across processes before they are applied, so every
+        process should poll at the same points. ``admit`` and ``insert`` poll too.
+
+        Args:
+          wait: block until every in-flight backup (and L3 work) has finished.
+
+        Returns:
+          How many backups this poll recorded.
+        """
         return self._poll(wait)
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict:
-        """Hits per tier (tokens served), pages in use per tier and space, bytes moved."""
+        """Hits per tier (tokens served), pages in use per tier and space, bytes moved.
+
+        Returns:
+          A new dict: every :class:`CacheStats` counter; ``<tier>_<space>_pages_used``;
+          ``backup_bytes``, ``load_bytes``, ``transfer_seconds``;
+          ``agreement_calls``, ``agreement_seconds``; ``in_flight_backups``;
+          ``hit_rate`` (hit tokens of every tier over query tokens); and with a
+          store, its backend's counters prefixed ``l3_``.
+        """
         s = dataclasses.asdict(self._stats)
         t = self.engine.stats_snapshot()
         s.update(
@@ -536,7 +488,7 @@ class HiCache:
         s.update(
             backup_bytes=t.backup_bytes,
             load_bytes=t.load_bytes,
-            transfer_seconds=self._transfer_seconds + t.backup_seconds,
+            transfer_seconds=self._admission.transfer_seconds + t.backup_seconds,
             agreement_calls=self.agreement.calls,
             agreement_seconds=self.agreement.seconds,
             in_flight_backups=len(self._backups),
@@ -551,6 +503,10 @@ class HiCache:
         """A hash of this process's decision state: the tree and every page allocator.
 
         Processes replaying the same request stream must have equal digests.
+
+        Returns:
+          16 bytes (BLAKE2b) over the tree's digest and every allocator's free
+          stack and generations.
         """
         h = hashlib.blake2b(self.tree.digest(), digest_size=16)
         for (tier, space), a in self.ledger.items():
@@ -559,9 +515,15 @@ class HiCache:
         return h.digest()
 
     def check_agreement(self) -> None:
-        """Raises :class:`~jaxhicache.distributed.DivergenceError` unless every process
-        holds the same :meth:`digest` (one all-reduce; a no-op in a single process).
-        Every process must call it at the same point."""
+        """Checks that every process holds the same :meth:`digest`.
+
+        One all-reduce (a no-op in a single process); every process must call it
+        at the same point. ``config.check_every`` calls it every N steps.
+
+        Raises:
+          DivergenceError: another process's digest differs (same request
+            stream, different decisions).
+        """
         self._stats.divergence_checks += 1
         if not self.agreement.digests_equal(self.digest()):
             raise DivergenceError(
@@ -577,7 +539,15 @@ class HiCache:
             self.check_agreement()
 
     def check_invariants(self) -> None:
-        """Tree invariants plus page ownership (see :mod:`jaxhicache.cache.ledger`)."""
+        """Tree invariants plus page ownership (see :mod:`jaxhicache.cache.ledger`).
+
+        Every allocated page is owned by exactly one of the tree, an open request,
+        an in-flight backup or an L3 prefetch. O(tree): for tests and debugging.
+
+        Raises:
+          AssertionError: an invariant is broken (the message says which).
+        """
+
         self.tree.check_invariants()
         in_flight = self._backups.in_flight()
         if self.l3 is not None:
