@@ -38,7 +38,13 @@ def _parse_partition(text: str | None) -> list[int] | None:
         raise CliError(f"--partition must be comma-separated ints, got {text!r}") from None
 
 
-def describe(spec: ModelCacheSpec, pp: int, partition: Sequence[int] | None, pages: int) -> dict:
+def describe(
+    spec: ModelCacheSpec,
+    pp: int,
+    partition: Sequence[int] | None,
+    pages: int,
+    state_slots: int = 64,
+) -> dict:
     """Stage maps and byte budgets as a JSON-friendly dict.
 
     The device budget assumes one SWA page per full page when the spec has SWA
@@ -49,6 +55,8 @@ def describe(spec: ModelCacheSpec, pp: int, partition: Sequence[int] | None, pag
       pp: pipeline stages.
       partition: layer count per stage, or ``None`` for the default split.
       pages: device full pages to size the budget for.
+      state_slots: device snapshot slots to size the budget for (specs with
+        recurrent states only).
 
     Returns:
       ``{model, pp, page_size, row_bytes: {kind: bytes}, page_bytes,
@@ -70,7 +78,8 @@ def describe(spec: ModelCacheSpec, pp: int, partition: Sequence[int] | None, pag
     maps = build_layer_maps(spec, pp, partition)
     # one SWA page per full page is the upper bound; MLA / MHA specs have no SWA pools
     swa_pages = pages if any(k.page_space is PageSpace.SWA for k in spec.kinds()) else 0
-    dev = device_bytes_per_stage(spec, maps, pages, swa_pages, padded=True)
+    slots = state_slots if any(k.page_space is PageSpace.STATE for k in spec.kinds()) else 0
+    dev = device_bytes_per_stage(spec, maps, pages, swa_pages, slots, padded=True)
     stages = []
     for m, dev_bytes in zip(maps, dev, strict=True):
         stages.append(
@@ -105,6 +114,7 @@ def describe(spec: ModelCacheSpec, pp: int, partition: Sequence[int] | None, pag
         "snapshot_bytes": spec.snapshot_bytes(),
         "pages": pages,
         "swa_pages": swa_pages,
+        "state_slots": slots,
         "stages": stages,
     }
 
@@ -128,7 +138,11 @@ def run(args) -> int:
     """
     try:
         info = describe(
-            PRESETS[args.model](), args.pp, _parse_partition(args.partition), args.pages
+            PRESETS[args.model](),
+            args.pp,
+            _parse_partition(args.partition),
+            args.pages,
+            args.state_slots,
         )
     except ValueError as e:
         raise CliError(str(e)) from None
@@ -153,7 +167,14 @@ def _print_layer_table(info: dict) -> None:
         gib = s["device_bytes_padded"] / 2**30
         print(f"{s['rank']:>5} {rng:>10} {counts} {s['page_bytes']:>12,} {gib:>11.2f}")
     swa = f" + {info['swa_pages']} SWA pages" if info["swa_pages"] else ""
-    print(f"(device GiB for {info['pages']} full pages{swa}, stage-padded)")
+    if info["snapshot_bytes"]:
+        per = ", ".join(f"{s['snapshot_bytes']:,}" for s in info["stages"])
+        print(
+            f"KV bytes per token={info['kv_bytes_per_token']:,}  "
+            f"state bytes per snapshot={info['snapshot_bytes']:,} (per stage: {per})"
+        )
+    slots = f" + {info['state_slots']} snapshot slots" if info["state_slots"] else ""
+    print(f"(device GiB for {info['pages']} full pages{swa}{slots}, stage-padded)")
     for s in info["stages"]:
         for kind, ids in s["subpool_global_ids"].items():
             print(f"stage {s['rank']} {kind} rows hold global layers {ids}")
@@ -176,5 +197,11 @@ def add_parser(sub) -> None:
     lm.add_argument("--pp", type=count, default=2, help="pipeline-parallel size (default 2)")
     lm.add_argument("--partition", default=None, help="explicit layers per stage, e.g. 10,11,11,11")
     lm.add_argument("--pages", type=count, default=1024, help="device pages to size the budget for")
+    lm.add_argument(
+        "--state-slots",
+        type=count,
+        default=64,
+        help="device snapshot slots to size the budget for (recurrent hybrids; default 64)",
+    )
     lm.add_argument("--json", action="store_true", help="print one JSON object only")
     lm.set_defaults(run=run)

@@ -1,8 +1,9 @@
 """Device (L1) pool state: every sub-pool of a spec as stage-stacked arrays.
 
 ``DevicePools.arrays[kind]`` has shape ``[pp, max_layers_of_kind, pages, *row]``
-where ``pages`` is ``num_pages`` for full-page-space kinds and
-``num_swa_pages`` for SWA-space kinds (``PoolKind.page_space``). Stages with
+where ``pages`` is ``num_pages`` for full-page-space kinds, ``num_swa_pages`` for
+SWA-space kinds and ``num_state_slots`` (snapshot slots) for recurrent-state kinds
+(``PoolKind.page_space``). Stages with
 fewer layers of a kind than the largest stage carry padding rows that no map
 addresses (``StackedLayerMap.subpool_valid``). Arrays are created directly with
 their ``NamedSharding`` (no host round trip): each device holds only its
@@ -47,11 +48,14 @@ class DevicePools:
       arrays: one array per sub-pool kind of the spec, in the spec's order.
       num_pages: pages of every full-page-space array (their axis 2).
       num_swa_pages: pages of every SWA-space array (0 when the spec has none).
+      num_state_slots: snapshot slots of every recurrent-state array (0 when the
+        spec has none).
     """
 
     arrays: dict[PoolKind, jax.Array]
     num_pages: int = struct.field(pytree_node=False)
     num_swa_pages: int = struct.field(pytree_node=False)
+    num_state_slots: int = struct.field(pytree_node=False, default=0)
 
     def __getitem__(self, kind: PoolKind) -> jax.Array:
         try:
@@ -80,6 +84,21 @@ class DevicePools:
         self[kind]  # raises for an unknown kind
         return dataclasses.replace(self, arrays={**self.arrays, kind: array})
 
+    def ids_of(self, space: PageSpace) -> int:
+        """The id count of a space in these pools.
+
+        Args:
+          space: a page space (``STATE``: snapshot slots).
+
+        Returns:
+          ``num_pages``, ``num_swa_pages`` or ``num_state_slots``.
+        """
+        return {
+            PageSpace.FULL: self.num_pages,
+            PageSpace.SWA: self.num_swa_pages,
+            PageSpace.STATE: self.num_state_slots,
+        }[PageSpace(space)]
+
     def kinds(self) -> tuple[PoolKind, ...]:
         """The pool kinds held, in the spec's order.
 
@@ -89,18 +108,25 @@ class DevicePools:
         return tuple(self.arrays)
 
 
-def pages_of_space(kind: PoolKind, num_pages: int, num_swa_pages: int) -> int:
-    """The page count of ``kind``'s page space: ``num_pages`` (full) or ``num_swa_pages`` (SWA).
+def pages_of_space(
+    kind: PoolKind, num_pages: int, num_swa_pages: int, num_state_slots: int = 0
+) -> int:
+    """The id count of ``kind``'s space: full pages, SWA pages or snapshot slots.
 
     Args:
       kind: a sub-pool kind; its :attr:`PoolKind.page_space` decides.
       num_pages: pages of the full-page space.
       num_swa_pages: pages of the SWA space.
+      num_state_slots: slots of the recurrent-state space.
 
     Returns:
-      ``num_pages`` or ``num_swa_pages``.
+      ``num_pages``, ``num_swa_pages`` or ``num_state_slots``.
     """
-    return num_pages if kind.page_space is PageSpace.FULL else num_swa_pages
+    return {
+        PageSpace.FULL: num_pages,
+        PageSpace.SWA: num_swa_pages,
+        PageSpace.STATE: num_state_slots,
+    }[kind.page_space]
 
 
 def pool_shape(
@@ -109,6 +135,7 @@ def pool_shape(
     kind: PoolKind,
     num_pages: int,
     num_swa_pages: int,
+    num_state_slots: int = 0,
 ) -> tuple[int, ...]:
     """Global shape of the device array of sub-pool ``kind``.
 
@@ -118,6 +145,7 @@ def pool_shape(
       kind: a sub-pool the spec caches.
       num_pages: pages of the full-page space.
       num_swa_pages: pages of the SWA space.
+      num_state_slots: slots of the recurrent-state space.
 
     Returns:
       ``(pp, max_layers_of(kind), pages, *row_shape(kind))``; the stage axis is
@@ -126,16 +154,22 @@ def pool_shape(
     Raises:
       ValueError: ``kind`` is not cached by ``spec``.
     """
-    pages = pages_of_space(spec.check_kind(kind), num_pages, num_swa_pages)
+    pages = pages_of_space(spec.check_kind(kind), num_pages, num_swa_pages, num_state_slots)
     return (stacked.pp_size, stacked.max_layers_of(kind), pages, *spec.row_shape(kind))
 
 
-def _check_counts(spec: ModelCacheSpec, num_pages: int, num_swa_pages: int) -> None:
+def _check_counts(
+    spec: ModelCacheSpec, num_pages: int, num_swa_pages: int, num_state_slots: int
+) -> None:
     if num_pages < 1:
         raise ValueError(f"num_pages must be >= 1, got {num_pages}")
-    has_swa = any(k.page_space is PageSpace.SWA for k in spec.kinds())
-    if has_swa and num_swa_pages < 1:
+    spaces = {k.page_space for k in spec.kinds()}
+    if PageSpace.SWA in spaces and num_swa_pages < 1:
         raise ValueError(f"num_swa_pages must be >= 1 for spec {spec.name!r}, got {num_swa_pages}")
+    if PageSpace.STATE in spaces and num_state_slots < 1:
+        raise ValueError(
+            f"num_state_slots must be >= 1 for spec {spec.name!r}, got {num_state_slots}"
+        )
 
 
 def allocate_device_pools(
@@ -144,6 +178,7 @@ def allocate_device_pools(
     layer_maps: Sequence[StageLayerMap] | StackedLayerMap,
     num_pages: int,
     num_swa_pages: int = 0,
+    num_state_slots: int = 0,
 ) -> DevicePools:
     """Zero-filled pools, created sharded ``P('pp', ...)`` on ``mesh``.
 
@@ -157,6 +192,8 @@ def allocate_device_pools(
       num_pages: pages of the full-page space (``>= 1``).
       num_swa_pages: pages of the SWA space (``>= 1`` when the spec has an SWA
         kind; ignored otherwise).
+      num_state_slots: snapshot slots of the recurrent-state space (``>= 1`` when
+        the spec has recurrent states; ignored otherwise).
 
     Returns:
       The :class:`DevicePools`, zero-filled in each kind's row dtype.
@@ -166,18 +203,24 @@ def allocate_device_pools(
         differs from the maps' stage count, or (from
         :func:`jaxhicache.mesh.pool_sharding`) heads not divisible by ``'tp'``.
     """
-    _check_counts(spec, num_pages, num_swa_pages)
+    _check_counts(spec, num_pages, num_swa_pages, num_state_slots)
     stacked = _stacked(layer_maps)
     if mesh.shape[PP] != stacked.pp_size:
         raise ValueError(f"mesh has pp={mesh.shape[PP]}, layer maps have pp={stacked.pp_size}")
-    shapes = {k: pool_shape(spec, stacked, k, num_pages, num_swa_pages) for k in spec.kinds()}
+    counts = (num_pages, num_swa_pages, num_state_slots)
+    shapes = {k: pool_shape(spec, stacked, k, *counts) for k in spec.kinds()}
     shardings = {k: pool_sharding(spec, mesh, k) for k in spec.kinds()}
 
     def zeros():
         return {k: jnp.zeros(shapes[k], spec.row_dtype(k)) for k in spec.kinds()}
 
     arrays = jax.jit(zeros, out_shardings=shardings)()
-    return DevicePools(arrays=arrays, num_pages=num_pages, num_swa_pages=num_swa_pages)
+    return DevicePools(
+        arrays=arrays,
+        num_pages=num_pages,
+        num_swa_pages=num_swa_pages,
+        num_state_slots=num_state_slots,
+    )
 
 
 def device_bytes_per_stage(
@@ -185,6 +228,7 @@ def device_bytes_per_stage(
     layer_maps: Sequence[StageLayerMap],
     num_pages: int,
     num_swa_pages: int = 0,
+    num_state_slots: int = 0,
     *,
     padded: bool = True,
 ) -> list[int]:
@@ -198,6 +242,7 @@ def device_bytes_per_stage(
       layer_maps: every stage's map, in rank order.
       num_pages: pages of the full-page space (``>= 1``).
       num_swa_pages: pages of the SWA space (``>= 1`` when the spec has an SWA kind).
+      num_state_slots: snapshot slots (``>= 1`` when the spec has recurrent states).
       padded: count the padding rows too.
 
     Returns:
@@ -210,14 +255,14 @@ def device_bytes_per_stage(
         (:func:`jaxhicache.layer_map.stack_layer_maps`).
     """
 
-    _check_counts(spec, num_pages, num_swa_pages)
+    _check_counts(spec, num_pages, num_swa_pages, num_state_slots)
     stacked = stack_layer_maps(layer_maps)
     out = []
     for m in layer_maps:
         total = 0
         for kind in spec.kinds():
             layers = stacked.max_layers_of(kind) if padded else m.num_layers_of(kind)
-            pages = pages_of_space(kind, num_pages, num_swa_pages)
+            pages = pages_of_space(kind, num_pages, num_swa_pages, num_state_slots)
             total += layers * pages * spec.row_bytes(kind)
         out.append(total)
     return out

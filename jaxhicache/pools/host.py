@@ -91,6 +91,8 @@ class HostPools:
         SWA kind).
       layout: ``PAGE_FIRST`` (``[pages, n_kind, *row]`` per stage) or
         ``LAYER_FIRST`` (``[n_kind, pages, *row]``).
+      num_state_slots: host snapshot slots of the recurrent-state space (``>= 1``
+        when the spec has recurrent states; rows ``[slots, n_kind, *row]``).
       reserve_bytes: host memory to leave free for everything else.
       ranks: the stages this process holds, strictly increasing; ``None``: all.
 
@@ -108,14 +110,17 @@ class HostPools:
         num_swa_pages: int = 0,
         *,
         layout: Layout = Layout.PAGE_FIRST,
+        num_state_slots: int = 0,
         reserve_bytes: int = DEFAULT_RESERVE_BYTES,
         ranks: Sequence[int] | None = None,
     ):
         if num_pages < 1:
             raise ValueError(f"host num_pages must be >= 1, got {num_pages}")
-        has_swa = any(k.page_space is PageSpace.SWA for k in spec.kinds())
-        if has_swa and num_swa_pages < 1:
+        spaces = {k.page_space for k in spec.kinds()}
+        if PageSpace.SWA in spaces and num_swa_pages < 1:
             raise ValueError(f"host num_swa_pages must be >= 1, got {num_swa_pages}")
+        if PageSpace.STATE in spaces and num_state_slots < 1:
+            raise ValueError(f"host num_state_slots must be >= 1, got {num_state_slots}")
         self.spec = spec
         self.layer_maps = tuple(layer_maps)
         pp = len(self.layer_maps)
@@ -129,6 +134,7 @@ class HostPools:
         self._pos = {r: i for i, r in enumerate(self.ranks)}
         self.num_pages = int(num_pages)
         self.num_swa_pages = int(num_swa_pages)
+        self.num_state_slots = int(num_state_slots) if PageSpace.STATE in spaces else 0
         self.layout = Layout(layout)
         need = sum(self.nbytes_per_stage())
         avail = available_host_memory()
@@ -157,12 +163,14 @@ class HostPools:
         device_pages: int,
         device_swa_pages: int,
         ratio: float,
+        *,
+        device_state_slots: int = 0,
         **kw,
     ) -> HostPools:
         """Host capacity = ``ratio`` × the device capacity of each page space.
 
-        Each count is ``max(1, int(device * ratio))`` (rounded down); the SWA
-        count stays 0 when ``device_swa_pages`` is 0.
+        Each count is ``max(1, int(device * ratio))`` (rounded down); the SWA and
+        state counts stay 0 when the device has none.
 
         Args:
           spec: the model's cache spec.
@@ -170,6 +178,7 @@ class HostPools:
           device_pages: device pages of the full-page space.
           device_swa_pages: device pages of the SWA space.
           ratio: host pages per device page (``> 0``).
+          device_state_slots: device snapshot slots of the recurrent-state space.
           **kw: the constructor's keywords (``layout``, ``reserve_bytes``, ``ranks``).
 
         Returns:
@@ -185,6 +194,7 @@ class HostPools:
             layer_maps,
             max(1, int(device_pages * ratio)),
             max(1, int(device_swa_pages * ratio)) if device_swa_pages else 0,
+            num_state_slots=max(1, int(device_state_slots * ratio)) if device_state_slots else 0,
             **kw,
         )
 
@@ -225,15 +235,19 @@ class HostPools:
         return cls(spec, layer_maps, pages, pages if has_swa else 0, **kw)
 
     def pages_of(self, space: PageSpace) -> int:
-        """Host pages of ``space`` (full or SWA).
+        """Host ids of ``space``: full pages, SWA pages or snapshot slots.
 
         Args:
           space: the page space.
 
         Returns:
-          ``num_pages`` for ``PageSpace.FULL``, else ``num_swa_pages``.
+          ``num_pages``, ``num_swa_pages`` or ``num_state_slots``.
         """
-        return self.num_pages if space is PageSpace.FULL else self.num_swa_pages
+        return {
+            PageSpace.FULL: self.num_pages,
+            PageSpace.SWA: self.num_swa_pages,
+            PageSpace.STATE: self.num_state_slots,
+        }[PageSpace(space)]
 
     def _stacked_shape(self, kind: PoolKind) -> tuple[int, ...]:
         pp = len(self.ranks)

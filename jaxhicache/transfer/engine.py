@@ -301,7 +301,7 @@ class TransferEngine:
     def _device_ids(self, pools: DevicePools, move: PageMove, *, unique: bool):
         out = {}
         for space in PageSpace:
-            num = pools.num_pages if space is PageSpace.FULL else pools.num_swa_pages
+            num = pools.ids_of(space)
             ids = bucketed_ids(move.ids(space)[0], num, unique=unique)
             out[space] = put_global(ids, self._replicated)  # the same in every process
         return out

@@ -15,6 +15,8 @@ import numpy as np
 from jaxhicache.spec import PageSpace
 from kernels_pallas.common import bucket_size, validate_page_ids
 
+_EMPTY = np.zeros(0, np.int32)
+
 __all__ = [
     "BackupHandle",
     "LoadHandle",
@@ -27,7 +29,7 @@ __all__ = [
 @final
 @dataclasses.dataclass(frozen=True)
 class PageMove:
-    """Which pages move: device and host ids per page space, pairwise.
+    """Which pages move: device and host ids per id space, pairwise.
 
     One move may carry the pages of several requests (a batch of load-backs):
     the ids only need to be distinct where a write lands (device ids of a load,
@@ -40,20 +42,34 @@ class PageMove:
       swa_device: int32 device SWA-page ids; ``swa_device[j]`` pairs with
         ``swa_host[j]``.
       swa_host: int32 host SWA-page ids.
+      state_device: int32 device snapshot-slot ids (recurrent states); pairs with
+        ``state_host``.
+      state_host: int32 host snapshot-slot ids.
     """
 
     full_device: np.ndarray
     full_host: np.ndarray
     swa_device: np.ndarray
     swa_host: np.ndarray
+    state_device: np.ndarray = dataclasses.field(default_factory=lambda: _EMPTY)
+    state_host: np.ndarray = dataclasses.field(default_factory=lambda: _EMPTY)
 
     @classmethod
-    def of(cls, full_device=(), full_host=(), swa_device=(), swa_host=()) -> PageMove:
+    def of(
+        cls,
+        full_device=(),
+        full_host=(),
+        swa_device=(),
+        swa_host=(),
+        state_device=(),
+        state_host=(),
+    ) -> PageMove:
         """A move from id sequences.
 
         Args:
-          full_device, full_host, swa_device, swa_host: page ids (any int
-            array-likes, flattened and converted to int32); default empty.
+          full_device, full_host, swa_device, swa_host, state_device, state_host:
+            page (or snapshot-slot) ids (any int array-likes, flattened and
+            converted to int32); default empty.
 
         Returns:
           The move.
@@ -63,31 +79,32 @@ class PageMove:
         """
         arrs = [
             np.asarray(x, np.int32).reshape(-1)
-            for x in (full_device, full_host, swa_device, swa_host)
+            for x in (full_device, full_host, swa_device, swa_host, state_device, state_host)
         ]
-        if arrs[0].size != arrs[1].size:
-            raise ValueError(f"{arrs[0].size} full device ids but {arrs[1].size} full host ids")
-        if arrs[2].size != arrs[3].size:
-            raise ValueError(f"{arrs[2].size} SWA device ids but {arrs[3].size} SWA host ids")
+        for name, d, h in zip(("full", "SWA", "state"), arrs[0::2], arrs[1::2], strict=True):
+            if d.size != h.size:
+                raise ValueError(f"{d.size} {name} device ids but {h.size} {name} host ids")
         return cls(*arrs)
 
     def ids(self, space: PageSpace) -> tuple[np.ndarray, np.ndarray]:
         """The ids of one page space.
 
         Args:
-          space: ``PageSpace.FULL`` or ``PageSpace.SWA``.
+          space: a page space (``STATE``: snapshot slots).
 
         Returns:
           ``(device_ids, host_ids)``, pairwise.
         """
         if space is PageSpace.FULL:
             return self.full_device, self.full_host
-        return self.swa_device, self.swa_host
+        if space is PageSpace.SWA:
+            return self.swa_device, self.swa_host
+        return self.state_device, self.state_host
 
     @property
     def empty(self) -> bool:
         """Whether the move copies no page."""
-        return not (self.full_device.size or self.swa_device.size)
+        return not (self.full_device.size or self.swa_device.size or self.state_device.size)
 
 
 def bucketed_ids(ids: np.ndarray, num_pages: int, *, unique: bool, pad: int | None = None):
