@@ -59,14 +59,15 @@ def describe(
         recurrent states only).
 
     Returns:
-      ``{model, pp, page_size, row_bytes: {kind: bytes}, page_bytes,
-      kv_bytes_per_token, snapshot_bytes, pages, swa_pages, stages}``; each stage
-      is ``{rank, layers: [start, end], layer_counts: {kind: n},
-      c4_state_global_ids, subpool_global_ids: {kind: global ids} (kinds only
-      some of the stage's layers have), page_bytes, kv_bytes_per_token,
-      snapshot_bytes, device_bytes_padded}``. ``page_bytes`` and
-      ``snapshot_bytes`` are the whole model's at the top level, the stage's
-      own layers' in a stage.
+      A dict with the keys ``model``, ``pp``, ``page_size``, ``row_bytes``
+      (per kind), ``page_bytes``, ``kv_bytes_per_token``, ``snapshot_bytes``,
+      ``pages``, ``swa_pages``, ``state_slots`` (0 for a spec without that
+      space) and ``stages``, one dict per stage with ``rank``, ``layers``
+      (``[start, end]``), ``layer_counts`` (per kind), ``c4_state_global_ids``,
+      ``subpool_global_ids`` (global layers per kind, for the kinds only some
+      of the stage's layers have), ``page_bytes``, ``kv_bytes_per_token``,
+      ``snapshot_bytes`` and ``device_bytes_padded``. The byte figures are the
+      whole model's at the top level, the stage's own layers' in a stage.
 
     Raises:
       ValueError: a bad ``pp``, ``partition`` or ``pages`` (from

@@ -144,8 +144,9 @@ def store_usage(backend) -> dict:
       backend: a ``FileBackend`` or ``TensorStoreBackend``.
 
     Returns:
-      ``{objects, bytes, stray_tmp, groups: [{model, format, layers, tp, unit,
-      objects, bytes}]}``, groups sorted by :meth:`StoredObject.group`.
+      A dict with the keys ``objects``, ``bytes``, ``stray_tmp`` and ``groups``,
+      a list of dicts with ``model``, ``format``, ``layers``, ``tp``, ``unit``,
+      ``objects`` and ``bytes``, sorted by :meth:`StoredObject.group`.
 
     Raises:
       CliError: as :func:`list_objects` raises it.
