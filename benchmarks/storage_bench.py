@@ -51,7 +51,7 @@ import numpy as np
 
 from jaxhicache.layer_map import build_layer_maps
 from jaxhicache.pools.host import HostPools
-from jaxhicache.spec import ModelCacheSpec, PageSpace
+from jaxhicache.spec import PAGE_SPACES, ModelCacheSpec, PageSpace
 from jaxhicache.storage import (
     FileBackend,
     Namespace,
@@ -79,7 +79,7 @@ def _jobs(spec, maps, layout, hashes):
     out = []
     for r, m in enumerate(maps):
         ns = Namespace.for_stage(spec, m)
-        for s in PageSpace:
+        for s in PAGE_SPACES:
             out.append((r, s, ns, plan_units(spec, m, ns, s, layout)))
     return out
 

@@ -41,6 +41,7 @@ import numpy as np
 __all__ = [
     "C4_RATIO",
     "C4_RING",
+    "PAGE_SPACES",
     "AttentionKind",
     "HitPolicy",
     "KVFormat",
@@ -64,6 +65,10 @@ class PageSpace(enum.StrEnum):
     FULL = "full"  # one id per token page of the prefix (the anchor's ids)
     SWA = "swa"  # sliding-window pages: only the trailing ones are kept
     STATE = "state"  # recurrent-state snapshot slots: one per snapshot, at a node end
+
+
+PAGE_SPACES = (PageSpace.FULL, PageSpace.SWA)
+"""The page-addressed spaces (one id per token page); ``STATE`` holds snapshot slots."""
 
 
 class Tier(enum.StrEnum):

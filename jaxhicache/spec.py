@@ -32,6 +32,7 @@ from jaxhicache import rows
 from jaxhicache.kinds import (
     C4_RATIO,
     C4_RING,
+    PAGE_SPACES,
     AttentionKind,
     HitPolicy,
     KVFormat,
@@ -53,6 +54,7 @@ from jaxhicache.rows import RecurrentGeometry
 __all__ = [
     "C4_RATIO",
     "C4_RING",
+    "PAGE_SPACES",
     "AttentionKind",
     "HitPolicy",
     "KVFormat",

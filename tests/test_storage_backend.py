@@ -11,7 +11,7 @@ from storage_rows import stored_bytes
 
 from jaxhicache.layer_map import build_layer_maps
 from jaxhicache.pools.host import HostPools
-from jaxhicache.spec import KVFormat, ModelCacheSpec, PageSpace, PoolKind
+from jaxhicache.spec import PAGE_SPACES, KVFormat, ModelCacheSpec, PageSpace, PoolKind
 from jaxhicache.storage import (
     FileBackend,
     Namespace,
@@ -87,7 +87,7 @@ def test_round_trip_every_stage_and_space(kind, object_layout, pp, fmt, tmp_path
     put_ids, get_ids = np.array([0, 1, 2, 3, 4]), np.array([7, 5, 3, 1, 6])
     for r, m in enumerate(maps):
         ns = Namespace.for_stage(spec, m)
-        for space in PageSpace:
+        for space in PAGE_SPACES:
             assert be.put(ns, space, hs, src, r, put_ids).all()
             assert be.exists_prefix(ns, space, hs) == 5
             assert be.get(ns, space, hs, dst, r, get_ids).all()
@@ -100,14 +100,14 @@ def test_round_trip_every_stage_and_space(kind, object_layout, pp, fmt, tmp_path
     objects = sum(
         len(plan_units(spec, m, Namespace.for_stage(spec, m), s, object_layout))
         for m in maps
-        for s in PageSpace
+        for s in PAGE_SPACES
     )
     if object_layout is ObjectLayout.PER_SUBPOOL:
         assert objects == sum(len(Namespace.for_stage(spec, m).stage_kinds) for m in maps)
     assert st.write_objects_total == st.read_objects_total == 5 * objects
     assert st.backed_up_pages_total == st.prefetched_pages_total == st.hit_pages_total == 5 * pp * 2
     assert st.backed_up_tokens_total == 5 * pp * 2 * spec.page_size
-    payload = sum(stored_bytes_per_page(spec, m, s) for m in maps for s in PageSpace)
+    payload = sum(stored_bytes_per_page(spec, m, s) for m in maps for s in PAGE_SPACES)
     assert st.read_bytes_total == st.write_bytes_total > payload * 5
     assert payload < sum(spec.page_bytes(m) for m in maps)  # SWA objects: the window only
     assert st.integrity_failures_total == st.read_errors_total == st.write_errors_total == 0
@@ -124,7 +124,7 @@ def test_layer_first_slabs_interoperate_with_page_first(kind, tmp_path):
     hs = _hashes(spec, 3)
     for r, m in enumerate(maps):
         ns = Namespace.for_stage(spec, m)
-        for space in PageSpace:
+        for space in PAGE_SPACES:
             assert be.put(ns, space, hs, src, r, [4, 2, 0]).all()
             assert be.get(ns, space, hs, dst, r, [1, 2, 3]).all()
             np.testing.assert_array_equal(
@@ -292,7 +292,7 @@ def test_delete_and_clear_by_namespace(kind, tmp_path):
     hs = _hashes(spec, 3)
     ns = [Namespace.for_stage(spec, m) for m in maps]
     for r in range(2):
-        for space in PageSpace:
+        for space in PAGE_SPACES:
             assert be.put(ns[r], space, hs, src, r, [0, 1, 2]).all()
     assert be.delete(ns[0], PageSpace.SWA, hs[1:2]) == 1
     assert be.exists(ns[0], PageSpace.SWA, hs).tolist() == [True, False, True]

@@ -16,7 +16,7 @@ from storage_rows import stored_bytes
 
 from jaxhicache.layer_map import build_layer_maps
 from jaxhicache.pools.host import HostPools
-from jaxhicache.spec import ModelCacheSpec, PageSpace, PoolKind
+from jaxhicache.spec import PAGE_SPACES, ModelCacheSpec, PageSpace, PoolKind
 from jaxhicache.storage import (
     FaultInjectionBackend,
     FileBackend,
@@ -71,7 +71,7 @@ class Setup:
         self.ns = [Namespace.for_stage(self.spec, m) for m in self.maps]
         self.hs = _hashes(self.spec, 4)
         for r in range(2):
-            for s in PageSpace:
+            for s in PAGE_SPACES:
                 assert self.be.put(self.ns[r], s, self.hs, self.src, r, [0, 1, 2, 3]).all()
 
     def path(self, rank, unit, i):
@@ -313,14 +313,14 @@ def test_disk_full_fails_puts_without_partial_objects(small_disk, kind):
         be = FaultInjectionBackend(inner, fail_write=full, errno=errno.ENOSPC)
     hs = _hashes(spec, n)
     ids = np.arange(n)
-    ok = {s: be.put(ns, s, hs, src, 0, ids) for s in PageSpace}
+    ok = {s: be.put(ns, s, hs, src, 0, ids) for s in PAGE_SPACES}
     st = be.stats()
     assert st.write_errors_total > 0
     assert st.backup_failed_pages_total == sum(int((~v).sum()) for v in ok.values())
     assert any(v.any() for v in ok.values()), method
     assert not ok[PageSpace.SWA].all(), method
     # every page reported written reads back exactly; every other one is absent, not torn
-    for s in PageSpace:
+    for s in PAGE_SPACES:
         got = be.get(ns, s, hs, dst, 0, ids)
         np.testing.assert_array_equal(got, ok[s])
         np.testing.assert_array_equal(_bytes(dst, 0, s, ids[got]), _bytes(src, 0, s, ids[got]))

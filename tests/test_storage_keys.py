@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jaxhicache.layer_map import build_layer_maps
-from jaxhicache.spec import KVFormat, ModelCacheSpec, PageSpace, PoolKind
+from jaxhicache.spec import PAGE_SPACES, KVFormat, ModelCacheSpec, PageSpace, PoolKind
 from jaxhicache.storage import Namespace, object_key, page_hashes, stored_bytes_per_page
 
 P = 16
@@ -183,7 +183,7 @@ def test_flash_stored_bytes_per_page_by_space():
     assert swa == 43 * 127 * 584 + 21 * 4 * 2 * 512 * 4 + 21 * 4 * 2 * 128 * 4 == 3_619_304
     assert full + 43 * 149_760 + 21 * 65_536 + 21 * 16_384 == spec.page_bytes() == 9_158_208
     maps = build_layer_maps(spec, 4)
-    assert sum(stored_bytes_per_page(spec, m, s) for m in maps for s in PageSpace) == full + swa
+    assert sum(stored_bytes_per_page(spec, m, s) for m in maps for s in PAGE_SPACES) == full + swa
     # per million tokens (3906.25 pages): SWA objects at every page, every 16th page
     per_mtok = 1e6 / spec.page_size
     assert (full + swa) * per_mtok / 1e9 < 18.25  # the reference system, no checkpoints

@@ -15,7 +15,7 @@ from storage_rows import stored_bytes  # noqa: E402
 
 from jaxhicache.layer_map import build_layer_maps  # noqa: E402
 from jaxhicache.pools.host import HostPools  # noqa: E402
-from jaxhicache.spec import ModelCacheSpec, PageSpace, PoolKind  # noqa: E402
+from jaxhicache.spec import PAGE_SPACES, ModelCacheSpec, PageSpace, PoolKind  # noqa: E402
 from jaxhicache.storage import (  # noqa: E402
     Namespace,
     ObjectLayout,
@@ -73,7 +73,7 @@ def test_s3_round_trip_then_server_stopped_mid_run(s3, layout):
     ns = [Namespace.for_stage(spec, m) for m in maps]
     ids = np.arange(6)
     for r in range(2):
-        for s in PageSpace:
+        for s in PAGE_SPACES:
             assert be.put(ns[r], s, hs[:4], src, r, ids[:4]).all()
             assert be.exists_prefix(ns[r], s, hs) == 4
             assert be.get(ns[r], s, hs[:4], dst, r, ids[2:6]).all()

@@ -11,7 +11,7 @@ import pytest
 
 from jaxhicache.layer_map import build_layer_maps
 from jaxhicache.pools.host import HostPools
-from jaxhicache.spec import ModelCacheSpec, PageSpace
+from jaxhicache.spec import PAGE_SPACES, ModelCacheSpec
 from jaxhicache.storage import (
     FileBackend,
     Namespace,
@@ -67,7 +67,7 @@ def _foreign(path, other):
     path.write_bytes(other.read_bytes())  # another page's (valid) object under this key
 
 
-@pytest.mark.parametrize("space", list(PageSpace))
+@pytest.mark.parametrize("space", list(PAGE_SPACES))
 @pytest.mark.parametrize("fault", ["flipped", "truncated", "foreign"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_bad_object_is_a_counted_miss_on_every_read_path(tmp_path, kind, fault, space):
