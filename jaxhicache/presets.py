@@ -4,12 +4,15 @@
 ``cls(...)``), so ``ModelCacheSpec.glm5()`` is the way to call them; this module
 knows the spec's fields, not its class, and so does not import ``spec``.
 
-| preset | family | source |
-|---|---|---|
-| ``deepseek_v4_flash()`` | DSV4 | 43 layers, window 128, page 256, fp8 rows |
-| ``deepseek_v3_2()``, ``glm5()``, ``glm5_2()`` | MLA + DSA | public configs (61 / 78 / 78 layers) |
-| ``qwen3_next_80b_a3b()`` | recurrent hybrid | public config (48 layers, attention every 4th) |
-| ``tiny_dsv4()``, ``tiny_mla()``, ``tiny_hybrid()``, ``mha()`` | tests / generic | |
+Presets by family:
+
+* DSV4: ``deepseek_v4_flash()`` (43 layers, window 128, page 256, fp8 rows),
+  ``tiny_dsv4()``;
+* MLA + DSA: ``deepseek_v3_2()``, ``glm5()``, ``glm5_2()`` (61 / 78 / 78 layers, from
+  the public configs), ``tiny_mla()``;
+* recurrent hybrid: ``qwen3_next_80b_a3b()`` (48 layers, attention every 4th, from the
+  public config), ``tiny_hybrid()``;
+* MHA / GQA: ``mha()``.
 """
 
 from __future__ import annotations
