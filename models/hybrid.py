@@ -31,6 +31,10 @@ The dense reference written here is independent of the streaming forward
 * attention is a full ``[T, T]`` causal matrix per K/V group (streaming: the
   chunk's queries against a K/V buffer of every earlier position).
 
+The per-chunk pieces both the streaming and the paged forward run
+(:func:`conv_stream`, :func:`delta_rule_scan`, :func:`linear_chunk`,
+:func:`attention_cached`) live here too.
+
 Parameters are a plain pytree::
 
     {"embed": [V, d], "final_norm": [d], "lm_head": [d, V], "layers": [...]}
@@ -185,6 +189,67 @@ def attention_output(cfg: TinyHybridConfig, p, o, gate):
 
 def mlp_block(cfg: TinyHybridConfig, p, h):
     return h + L.mlp(p, L.rms_norm(h, p["mlp_norm"], cfg.eps))
+
+
+# ---------------------------------------------- shared per-chunk math (streaming, paged)
+def conv_stream(p, conv_state, mixed, n_valid):
+    """Causal depthwise conv of a chunk continuing ``conv_state [C, K-1]``, then SiLU.
+
+    Returns ``(act [T, C], new conv state [C, K-1])``: the last ``K-1`` pre-conv
+    inputs up to the chunk's last valid token (``n_valid``; padding rows after it).
+    """
+    taps = p["conv_w"].shape[1]
+    t = mixed.shape[0]
+    ext = jnp.concatenate([conv_state.T, mixed], axis=0)  # [K-1+T, C]: positions start-K+1 ..
+    out = sum(ext[i : i + t] * p["conv_w"][:, i] for i in range(taps))
+    new_state = jax.lax.dynamic_slice_in_dim(ext, n_valid, taps - 1, axis=0).T
+    return jax.nn.silu(out), new_state
+
+
+def delta_rule_scan(state, q, k, v, g, beta, valid):
+    """The gated delta rule token by token from ``state [Hv, Dk, Dv]``.
+
+    Rows with ``valid`` False (chunk padding) leave the state unchanged.
+    Returns ``(o [T, Hv, Dv], state)``.
+    """
+
+    def step(s, xs):
+        q_t, k_t, v_t, g_t, b_t, ok = xs
+        decayed = s * jnp.exp(g_t)[:, None, None]
+        kv_mem = jnp.einsum("hkv,hk->hv", decayed, k_t)
+        delta = (v_t - kv_mem) * b_t[:, None]
+        new = decayed + k_t[:, :, None] * delta[:, None, :]
+        o_t = jnp.einsum("hkv,hk->hv", new, q_t)
+        return jnp.where(ok, new, s), o_t
+
+    state, o = jax.lax.scan(step, state, (q, k, v, g, beta, valid))
+    return o, state
+
+
+def linear_chunk(cfg: TinyHybridConfig, p, x, conv, rec, n_valid):
+    """One gated DeltaNet layer over a chunk ``x [T, d]`` (normed input) continuing the
+    state ``conv [C, K-1]``, ``rec [Hv, Dk, Dv]``; rows ``>= n_valid`` are padding.
+
+    Returns ``(layer output [T, d], new conv state, new recurrent state)``.
+    """
+    mixed, z, a, b = linear_inputs(p, x)
+    act, new_conv = conv_stream(p, conv, mixed, n_valid)
+    q, k, v = linear_heads(cfg, act)
+    valid = jnp.arange(x.shape[0]) < n_valid
+    o, new_rec = delta_rule_scan(rec, q, k, v, *linear_gates(p, a, b), valid)
+    return linear_output(cfg, p, o, z), new_conv, new_rec
+
+
+def attention_cached(cfg: TinyHybridConfig, q, k_buf, v_buf, pos):
+    """The chunk's queries ``[T, H, D]`` against a K/V buffer ``[S, Hkv, D]`` whose row ``j``
+    is position ``j``: key ``j`` is visible to ``pos_t`` iff ``j <= pos_t``."""
+    rep = cfg.num_heads // cfg.num_kv_heads
+    keys = jnp.repeat(k_buf, rep, axis=1)  # [S, H, D]: head h reads K/V head h // rep
+    vals = jnp.repeat(v_buf, rep, axis=1)
+    scores = jnp.einsum("thd,shd->ths", q, keys) * cfg.head_dim**-0.5
+    visible = jnp.arange(k_buf.shape[0])[None, :] <= pos[:, None]  # [T, S]
+    probs = jax.nn.softmax(jnp.where(visible[:, None, :], scores, -jnp.inf), axis=-1)
+    return jnp.einsum("ths,shd->thd", probs, vals)
 
 
 # ------------------------------------------------------- dense reference

@@ -28,6 +28,8 @@ import enum
 
 import numpy as np
 
+from jaxhicache.spec import ModelCacheSpec
+
 __all__ = ["LayerKind", "TinyHybridConfig"]
 
 
@@ -71,6 +73,7 @@ class TinyHybridConfig:
     conv_kernel: int = 4
     rope_theta: float = 10000.0
     eps: float = 1e-6
+    page_size: int = 16  # tokens per K/V page of the attention layers (the cache's page)
 
     # ------------------------------------------------------------------ presets
     @classmethod
@@ -139,6 +142,7 @@ class TinyHybridConfig:
             "v_heads",
             "v_dim",
             "conv_kernel",
+            "page_size",
         )
         for name in positive:
             value = getattr(self, name)
@@ -159,6 +163,29 @@ class TinyHybridConfig:
             value = getattr(self, name)
             if type(value) is bool or not isinstance(value, int | float) or not value > 0:
                 bad(name, value, "must be a positive number")
+        try:
+            spec = ModelCacheSpec.tiny_hybrid(
+                self.num_layers,
+                full_attention_interval=self.full_attention_interval,
+                page_size=self.page_size,
+                num_kv_heads=self.num_kv_heads,
+                head_dim=self.head_dim,
+                k_heads=self.k_heads,
+                v_heads=self.v_heads,
+                k_dim=self.k_dim,
+                v_dim=self.v_dim,
+                conv_kernel=self.conv_kernel,
+            )
+        except ValueError as e:
+            raise ValueError(f"TinyHybridConfig: no valid cache spec: {e}") from e
+        object.__setattr__(self, "_spec", spec)
+
+    def cache_spec(self, name: str | None = None) -> ModelCacheSpec:
+        """The model's one :class:`ModelCacheSpec` (``ModelCacheSpec.tiny_hybrid`` of this
+        config's fields: fp32 ``FULL_KV`` pages, ``CONV_STATE`` / ``RECURRENT_STATE``
+        snapshot slots), built once at construction; ``name`` only renames it."""
+        spec = self._spec
+        return spec if name is None or name == spec.name else dataclasses.replace(spec, name=name)
 
     # ---------------------------------------------------------------- layout
     def layer_kind(self, layer: int) -> LayerKind:

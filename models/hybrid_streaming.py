@@ -35,15 +35,26 @@ import numpy as np
 from models import layers as L
 from models.hybrid import (
     MATMUL_PRECISION,
+    attention_cached,
     attention_inputs,
     attention_output,
-    linear_gates,
-    linear_heads,
-    linear_inputs,
-    linear_output,
+    delta_rule_scan,
+    linear_chunk,
     mlp_block,
 )
 from models.hybrid_config import LayerKind, TinyHybridConfig
+
+__all__ = [
+    "ChunkedRun",
+    "HybridState",
+    "Snapshot",
+    "chunk_plan",
+    "delta_rule_scan",
+    "init_state",
+    "resume_state",
+    "run_chunked",
+    "stream_forward",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,52 +153,6 @@ def resume_state(
     return HybridState(p, jnp.asarray(snapshot.conv), jnp.asarray(snapshot.recurrent), k, v)
 
 
-# ------------------------------------------------------------- layer math
-def _conv_stream(p, conv_state, mixed, n_valid):
-    """Causal depthwise conv of a chunk continuing ``conv_state [C, K-1]``, then SiLU.
-
-    Returns ``(act [T, C], new conv state [C, K-1])``: the last ``K-1`` pre-conv
-    inputs up to the chunk's last valid token.
-    """
-    taps = p["conv_w"].shape[1]
-    t = mixed.shape[0]
-    ext = jnp.concatenate([conv_state.T, mixed], axis=0)  # [K-1+T, C]: positions start-K+1 ..
-    out = sum(ext[i : i + t] * p["conv_w"][:, i] for i in range(taps))
-    new_state = jax.lax.dynamic_slice_in_dim(ext, n_valid, taps - 1, axis=0).T
-    return jax.nn.silu(out), new_state
-
-
-def delta_rule_scan(state, q, k, v, g, beta, valid):
-    """The gated delta rule token by token from ``state [Hv, Dk, Dv]``.
-
-    Rows with ``valid`` False (chunk padding) leave the state unchanged.
-    Returns ``(o [T, Hv, Dv], state)``.
-    """
-
-    def step(s, xs):
-        q_t, k_t, v_t, g_t, b_t, ok = xs
-        decayed = s * jnp.exp(g_t)[:, None, None]
-        kv_mem = jnp.einsum("hkv,hk->hv", decayed, k_t)
-        delta = (v_t - kv_mem) * b_t[:, None]
-        new = decayed + k_t[:, :, None] * delta[:, None, :]
-        o_t = jnp.einsum("hkv,hk->hv", new, q_t)
-        return jnp.where(ok, new, s), o_t
-
-    state, o = jax.lax.scan(step, state, (q, k, v, g, beta, valid))
-    return o, state
-
-
-def _attention_cached(cfg: TinyHybridConfig, q, k_buf, v_buf, pos):
-    """The chunk's queries against the K/V buffer: key ``j`` is visible to ``pos_t`` iff ``j <= pos_t``."""
-    rep = cfg.num_heads // cfg.num_kv_heads
-    keys = jnp.repeat(k_buf, rep, axis=1)  # [cap, H, D]: head h reads K/V head h // rep
-    vals = jnp.repeat(v_buf, rep, axis=1)
-    scores = jnp.einsum("thd,shd->ths", q, keys) * cfg.head_dim**-0.5
-    visible = jnp.arange(k_buf.shape[0])[None, :] <= pos[:, None]  # [T, cap]
-    probs = jax.nn.softmax(jnp.where(visible[:, None, :], scores, -jnp.inf), axis=-1)
-    return jnp.einsum("ths,shd->thd", probs, vals)
-
-
 def _chunk_impl(cfg: TinyHybridConfig, params, conv, rec, k_buf, v_buf, tokens, start, n_valid):
     t = tokens.shape[0]
     pos = start + jnp.arange(t)
@@ -198,13 +163,10 @@ def _chunk_impl(cfg: TinyHybridConfig, params, conv, rec, k_buf, v_buf, tokens, 
         x = L.rms_norm(h, p["attn_norm"], cfg.eps)
         if kind is LayerKind.LINEAR:
             i = len(convs)
-            mixed, z, a, b = linear_inputs(p, x)
-            act, new_conv = _conv_stream(p, conv[i], mixed, n_valid)
-            q, k, v = linear_heads(cfg, act)
-            o, new_rec = delta_rule_scan(rec[i], q, k, v, *linear_gates(p, a, b), valid)
+            out, new_conv, new_rec = linear_chunk(cfg, p, x, conv[i], rec[i], n_valid)
             convs.append(new_conv)
             recs.append(new_rec)
-            h = h + linear_output(cfg, p, o, z)
+            h = h + out
         else:
             i = len(ks)
             q, k, v, gate = attention_inputs(cfg, p, x, pos)
@@ -213,7 +175,7 @@ def _chunk_impl(cfg: TinyHybridConfig, params, conv, rec, k_buf, v_buf, tokens, 
             vb = jax.lax.dynamic_update_slice_in_dim(v_buf[i], jnp.where(keep, v, 0.0), start, 0)
             ks.append(kb)
             vs.append(vb)
-            h = h + attention_output(cfg, p, _attention_cached(cfg, q, kb, vb, pos), gate)
+            h = h + attention_output(cfg, p, attention_cached(cfg, q, kb, vb, pos), gate)
         h = mlp_block(cfg, p, h)
 
     def stack(rows, like):
