@@ -11,6 +11,10 @@ A :class:`TreeNode` is a run of ``num_pages`` whole pages at page depth
 ``host_swa``            same on host (``None`` exactly when ``host_full`` is)
 ======================  =======================================================
 
+A node may also hold a recurrent-state snapshot taken exactly at its end
+(``state_dev`` / ``state_host``: a device and a host snapshot slot, ``-1`` = none;
+kept by :class:`jaxhicache.tree.states.Snapshots`).
+
 Two more per-node fields serve the L3 tier and tenant isolation: ``salt`` (the
 request's ``cache_salt`` as bytes, ``None`` = unsalted; equal along a path, so a
 node belongs to exactly one salt) and ``page_hashes`` (the hex L3 page hash of
@@ -32,6 +36,8 @@ from typing import final
 import numpy as np
 
 from jaxhicache.tree.arrays import TOK
+
+_NO_SLOTS = np.zeros(0, np.int32)
 
 __all__ = [
     "BackupPlan",
@@ -98,6 +104,9 @@ class TreeNode:
         "salt",
         "short",
         "start",
+        "state_access",
+        "state_dev",
+        "state_host",
         "swa_hi",
         "swa_live",
         "swa_lo",
@@ -125,6 +134,11 @@ class TreeNode:
         self.last_access = 0  # operation counter, never wall time
         self.hit_count = 0
         self.n_dev_children = 0
+        # ---- recurrent-state snapshot at this node's end (kept by tree.states.Snapshots):
+        # slot ids, -1 = none (a split's upper part is a tombstone: no snapshot)
+        self.state_dev = -1
+        self.state_host = -1
+        self.state_access = 0  # the snapshot's own LRU stamp
         # ---- SWA summaries (kept by jaxhicache.tree.window.SwaWindows)
         self.swa_live = 0  # device SWA pages >= 0
         self.host_swa_live = 0  # host SWA pages >= 0
@@ -192,6 +206,10 @@ class MatchResult:
       swa_device_ids: the device SWA id per window page, ``-1`` where it must be
         loaded from the host id in ``swa_host_ids``.
       swa_host_ids: the host SWA id per window page (``-1``: none needed).
+      state_device_slot: trees with snapshots: ``node``'s device snapshot slot (the
+        state at ``matched_len``; read it, never write it), ``-1`` = none.
+      state_host_slot: ``node``'s host snapshot slot (load it when there is no
+        device one), ``-1`` = none.
     """
 
     node: TreeNode
@@ -204,6 +222,8 @@ class MatchResult:
     swa_window_pages: int
     swa_device_ids: np.ndarray
     swa_host_ids: np.ndarray
+    state_device_slot: int = -1
+    state_host_slot: int = -1
 
     @property
     def needs_load(self) -> bool:
@@ -251,6 +271,8 @@ class EvictResult:
       deleted_pages: pages that left the tree.
       needs_backup: write-back device eviction: unbacked leaves left in place, to
         back up before they can go.
+      state_ids: the snapshot slots of the tier that went with their nodes, for the
+        caller to free.
     """
 
     full_ids: np.ndarray
@@ -259,6 +281,7 @@ class EvictResult:
     demoted_pages: int = 0  # device eviction: pages kept on host
     deleted_pages: int = 0  # pages that left the tree
     needs_backup: list[TreeNode] = field(default_factory=list)  # write_back leaves to back up
+    state_ids: np.ndarray = field(default_factory=lambda: _NO_SLOTS)
 
 
 @final

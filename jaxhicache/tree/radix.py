@@ -41,6 +41,7 @@ from jaxhicache.tree.invariants import check_tree
 from jaxhicache.tree.node import BackupPlan, EvictResult, InsertResult, MatchResult, TreeNode
 from jaxhicache.tree.policy import WritePolicy, _check_write_policy
 from jaxhicache.tree.residency import Residency
+from jaxhicache.tree.states import Snapshots
 from jaxhicache.tree.structure import Structure
 from jaxhicache.tree.window import SwaWindows
 
@@ -63,10 +64,15 @@ class RadixTree:
       swa_pages: trailing pages covering the sliding window (0: no SWA, full attention).
       write_policy: default for :meth:`evict_device` (``WRITE_BACK`` reports
         unbacked leaves instead of deleting them); otherwise informational.
+      state_interval: tokens between recurrent-state snapshot positions (a multiple
+        of ``page_size``; 0: no snapshot component). With it, a match ends at a
+        node holding a snapshot: :mod:`jaxhicache.tree.states`, reached as
+        :attr:`states`.
 
     Raises:
       ValueError: ``page_size`` not a positive integer, ``swa_pages`` negative or
-        not an integer, or ``write_policy`` not a :class:`WritePolicy`.
+        not an integer, ``write_policy`` not a :class:`WritePolicy`, or
+        ``state_interval`` not a non-negative multiple of ``page_size``.
     """
 
     def __init__(
@@ -75,6 +81,7 @@ class RadixTree:
         swa_pages: int = 0,
         *,
         write_policy: WritePolicy = WritePolicy.WRITE_THROUGH,
+        state_interval: int = 0,
     ):
         if int(page_size) != page_size or page_size < 1:
             raise ValueError(f"page_size must be a positive integer, got {page_size!r}")
@@ -86,8 +93,21 @@ class RadixTree:
         self._root = TreeNode(0, b"", 0, 0, None)
         self._root.device_full = EMPTY
         self._root.host_full = EMPTY
+        if (
+            int(state_interval) != state_interval
+            or state_interval < 0
+            or state_interval % page_size
+        ):
+            raise ValueError(
+                f"state_interval must be a non-negative multiple of page_size={page_size}, "
+                f"got {state_interval!r}"
+            )
+        self.state_interval = int(state_interval)
+        self.states: Snapshots | None = (
+            Snapshots(self.state_interval // self.page_size) if state_interval else None
+        )
         self._w = SwaWindows(self.swa_pages)
-        self._r = Residency(self._root, self.page_size * TOK_BYTES, self._w)
+        self._r = Residency(self._root, self.page_size * TOK_BYTES, self._w, self.states)
         self._s = Structure(self._root, self.page_size, self._w, self._r)
 
     # ------------------------------------------------------------------ counters (O(1))
@@ -209,6 +229,33 @@ class RadixTree:
         kb, _ = key_bytes(key, self.page_size, aligned=False)
         *_, pages = walk(self._root, kb, salt_bytes(salt), self.page_size)
         return pages * self.page_size
+
+    # ------------------------------------------------------------------ snapshots
+    def attach_state(self, key, slot: int, *, salt=None) -> tuple[TreeNode, int]:
+        """Keep a recurrent-state snapshot taken right after ``key`` (on device).
+
+        The node ending exactly at ``key``'s end is made if needed (a split; its upper
+        part holds no snapshot). The snapshot is read-only from now on: requests that
+        match it read it and write their advanced state to their own slots.
+
+        Args:
+          key: the page-aligned token ids before the snapshot (its length, a multiple
+            of ``state_interval``, is the snapshot's position); every page on device.
+          slot: the device snapshot slot holding the state at that position.
+          salt: the request's cache salt.
+
+        Returns:
+          ``(node, unused)``: the node now ending at the position, and ``slot`` if
+          that node already had a device snapshot (the caller frees it), else -1.
+
+        Raises:
+          ValueError: a tree without snapshots, a key the tree does not hold on
+            device, a position off the grid, or a bad slot.
+        """
+        if self.states is None:
+            raise ValueError("this tree has no snapshot component (state_interval=0)")
+        node = self._s.node_at(key, salt)
+        return node, self.states.set_device(node, slot)
 
     # ------------------------------------------------------------------ insert
     def insert(self, key, full_device_ids, swa_device_ids=None, *, salt=None) -> InsertResult:
@@ -432,7 +479,12 @@ class RadixTree:
             h.update(n.salt or b"-")
             for arr in (n.device_full, n.device_swa, n.host_full, n.host_swa):
                 h.update(b"." if arr is None else np.asarray(arr, np.int32).tobytes())
-            h.update(np.array([n.num_pages, n.lock_ref, n.last_access], np.int64).tobytes())
+            h.update(
+                np.array(
+                    [n.num_pages, n.lock_ref, n.last_access, n.state_dev, n.state_host],
+                    np.int64,
+                ).tobytes()
+            )
             stack.extend(n.children[k] for k in sorted(n.children, reverse=True))
         return h.digest()
 
@@ -518,3 +570,5 @@ class RadixTree:
             dev_leaves=r.dev_leaves,
             host_leaves=r.host_leaves,
         )
+        if self.states is not None:
+            self.states.check(self.iter_nodes())

@@ -24,6 +24,7 @@ import numpy as np
 
 from jaxhicache.tree.arrays import EMPTY, cat, ids
 from jaxhicache.tree.node import BackupPlan, EvictResult, TreeNode, child_key
+from jaxhicache.tree.states import Snapshots
 from jaxhicache.tree.window import SwaWindows
 
 __all__ = ["Residency"]
@@ -43,12 +44,16 @@ class Residency:
         "num_nodes",
         "pb",
         "root",
+        "states",
         "swa",
         "w",
     )
 
-    def __init__(self, root: TreeNode, page_bytes: int, w: SwaWindows):
+    def __init__(
+        self, root: TreeNode, page_bytes: int, w: SwaWindows, states: Snapshots | None = None
+    ):
         self.root = root
+        self.states = states  # the snapshot component (None: no recurrent states)
         self.pb = page_bytes
         self.w = w
         self.swa = w.swa
@@ -145,8 +150,10 @@ class Residency:
         heapq.heapify(heap)
         full_out: list[np.ndarray] = []
         swa_out: list[np.ndarray] = []
+        state_out: list[int] = []
         needs: list[TreeNode] = []
         evicted = demoted = deleted = 0
+        st = self.states
         while evicted < num_pages and heap:
             _, n = heapq.heappop(heap)
             k = n.num_pages
@@ -157,10 +164,14 @@ class Residency:
                     continue
                 if n.children:  # cannot happen: unbacked nodes have no host-only children
                     raise AssertionError(f"unbacked device leaf {n.id} has children")
+                if st is not None:  # a snapshot goes with its node's KV
+                    st.clear_device(n, state_out)
                 self.clear_device(n, full_out, swa_out)
                 self.detach(n)
                 deleted += k
             else:
+                if st is not None:  # the host snapshot stays: still matchable from host
+                    st.clear_device(n, state_out)
                 self.clear_device(n, full_out, swa_out)
                 demoted += k
             evicted += k
@@ -173,6 +184,7 @@ class Residency:
             demoted_pages=demoted,
             deleted_pages=deleted,
             needs_backup=needs,
+            state_ids=np.asarray(state_out, np.int32),
         )
 
     def evict_host(self, num_pages: int) -> EvictResult:
@@ -182,11 +194,14 @@ class Residency:
         heapq.heapify(heap)
         full_out: list[np.ndarray] = []
         swa_out: list[np.ndarray] = []
+        state_out: list[int] = []
         evicted = 0
         while evicted < num_pages and heap:
             _, n = heapq.heappop(heap)
             k = n.num_pages
             p = n.parent
+            if self.states is not None:
+                self.states.clear_host(n, state_out)
             full_out.append(n.host_full)
             n.host_full = None
             self.host_pages -= k
@@ -203,6 +218,7 @@ class Residency:
             swa_ids=cat(swa_out),
             evicted_pages=evicted,
             deleted_pages=evicted,
+            state_ids=np.asarray(state_out, np.int32),
         )
 
     # ------------------------------------------------------------------ locks

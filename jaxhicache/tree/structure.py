@@ -145,6 +145,12 @@ class Structure:
                     break
             if usable < full_pages:
                 path = self.cut_path(path, usable)
+        st = self.r.states
+        if st is not None and path:  # the match ends where a snapshot is (a node end)
+            end = st.usable_end(path, usable)
+            if end < usable:
+                path = self.cut_path(path, end)
+                usable = end
         self.tick += touch
         tick = self.tick
         dev_parts, host_parts = [], []
@@ -184,8 +190,11 @@ class Structure:
         else:
             w = 0
             swa_dev = swa_host = EMPTY
+        last = path[-1] if path else self.root
+        if st is not None and touch and path:
+            last.state_access = tick  # the snapshot used, not the path
         return MatchResult(  # positional: noticeably cheaper than keywords
-            path[-1] if path else self.root,  # node
+            last,  # node
             usable * ps,  # matched_len
             dev_ids.size * ps,  # device_len
             host_ids.size * ps,  # host_len
@@ -195,6 +204,8 @@ class Structure:
             w,  # swa_window_pages
             swa_dev,  # swa_device_ids
             swa_host,  # swa_host_ids
+            last.state_dev,  # state_device_slot
+            last.state_host,  # state_host_slot
         )
 
     def cut_path(self, path: list[TreeNode], b: int) -> list[TreeNode]:
@@ -333,6 +344,28 @@ class Structure:
             full[: dup_end - own].copy() if dup_end > own else EMPTY,  # dup_full_ids
             cat(dup_swa) if dup_swa else EMPTY,  # free_swa_ids
         )
+
+    def node_at(self, key, salt) -> TreeNode:
+        """The node ending exactly at the end of the page-aligned ``key`` (split there if
+        needed; no access stamps): where a snapshot taken after ``key`` belongs.
+        ``ValueError`` if the tree does not hold every page of ``key``."""
+        kb, P = key_bytes(key, self.page_size, aligned=True)
+        pb = self.pb
+        sb = None if salt is None else salt_bytes(salt)
+        node, pos = self.root, 0
+        while pos < P:
+            off = pos * pb
+            child = node.children.get(kb[off : off + pb] if pos else salt_prefix(sb) + kb[:pb])
+            if child is None:
+                break
+            if not kb.startswith(child.key, off):  # the key ends or diverges inside child
+                if common_pages(self.page_size, child.key, kb, off) < P - pos:
+                    break
+                child = self.split(child, P - pos)
+            node, pos = child, pos + child.num_pages
+        if pos < P or node is self.root:
+            raise ValueError(f"the tree holds only {pos} of the key's {P} pages")
+        return node
 
     def path(self, node: TreeNode) -> list[TreeNode]:
         """The nodes from the root's child to ``node``, root first (``ValueError``:
