@@ -328,8 +328,12 @@ class PagedMLAModel:
         self.traces = 0  # forward programs traced (one per compilation)
 
     # ------------------------------------------------------------------ state
-    def init_pools(self, num_pages: int, num_swa_pages: int = 0) -> DevicePools:
-        """Zeroed device pools for ``num_pages`` full pages (the MLA spec has no SWA space)."""
+    def init_pools(
+        self, num_pages: int, num_swa_pages: int = 0, num_state_slots: int = 0
+    ) -> DevicePools:
+        """Zeroed device pools for ``num_pages`` full pages (the MLA spec has no SWA space
+        and no state space: ``num_state_slots`` is ignored)."""
+        del num_state_slots
         return allocate_device_pools(self.spec, self.mesh, self.stacked, num_pages, num_swa_pages)
 
     def new_scratch(self, start_pos: int = 0) -> None:
@@ -419,6 +423,9 @@ class PagedMLAModel:
         slots,
         fresh=None,
         load: LayerwiseLoad | None = None,
+        *,
+        state_in=None,
+        state_out=None,
     ):
         """One batched forward of ``B`` requests' chunks (decode: ``T = 1``), as
         :meth:`models.paged.PagedModel.forward`: ``tokens`` int32 ``[B, T]``, ``starts`` /
@@ -426,6 +433,7 @@ class PagedMLAModel:
         nothing), ``full_page_ids`` ``[B, W]`` (``-1`` padded), ``swa_page_ids`` ignored,
         ``fresh`` bool ``[B]``, ``load`` an optional fused layer-wise load.  The pools are
         donated.  Returns ``(logits [B, T, vocab] (host numpy), pools, slab)``."""
+        del state_in, state_out  # the protocol's state slots: no STATE space here
         (tokens, starts, n_valid, full), new_starts = check_mla_batch(
             self.config.page_size,
             tokens,
@@ -469,6 +477,10 @@ class PagedMLAModel:
         chunk_size: int | None = None,
         scratch=None,
         load: LayerwiseLoad | None = None,
+        *,
+        state_in=None,
+        state_out=None,
+        snapshots=None,
     ):
         """Runs ``tokens`` at positions ``[start_pos, start_pos + len(tokens))`` in chunks of
         ``chunk_size`` (default: the page size; the last one padded), as
@@ -476,7 +488,7 @@ class PagedMLAModel:
         or arrive with ``load`` (applied by the first chunk, layer by layer).
         ``swa_page_ids`` and ``scratch`` are ignored.  Returns
         ``(logits [len(tokens), vocab] (host numpy), pools, None)``."""
-        del scratch
+        del scratch, state_in, state_out, snapshots  # no STATE space here
         tokens = np.asarray(tokens, np.int32).reshape(-1)
         chunk = chunk_size or self.config.page_size
         if chunk < 1 or start_pos < 0:
@@ -495,8 +507,20 @@ class PagedMLAModel:
             return np.zeros((0, self.config.vocab), np.float32), pools, None
         return np.concatenate([np.asarray(x)[0, :n] for x, n in out]), pools, None
 
-    def decode_step(self, pools, token, pos, full_page_ids, swa_page_ids, scratch=None):
+    def decode_step(
+        self,
+        pools,
+        token,
+        pos,
+        full_page_ids,
+        swa_page_ids,
+        scratch=None,
+        *,
+        state_in=None,
+        state_out=None,
+    ):
         """One token at position ``pos``.  Returns ``(logits [vocab] (numpy), pools, scratch)``."""
+        del state_in, state_out  # the protocol's state slots: no STATE space here
         full = page_tables(full_page_ids, swa_page_ids).full
         tok = np.asarray(token, np.int32).reshape(1)
         logits, pools = self._run(pools, *self._chunk_args(tok, pos, 1, full, 1))

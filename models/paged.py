@@ -172,8 +172,12 @@ class PagedModel:
             return 1
         return self.stacked.max_layers_of(PoolKind.C128_KV)
 
-    def init_pools(self, num_pages: int, num_swa_pages: int) -> DevicePools:
-        """Zeroed device pools for ``num_pages`` full pages and ``num_swa_pages`` SWA pages."""
+    def init_pools(
+        self, num_pages: int, num_swa_pages: int, num_state_slots: int = 0
+    ) -> DevicePools:
+        """Zeroed device pools for ``num_pages`` full pages and ``num_swa_pages`` SWA pages
+        (``num_state_slots``: the protocol's; the DSV4 spec has no state space, ignored)."""
+        del num_state_slots
         return allocate_device_pools(self.spec, self.mesh, self.stacked, num_pages, num_swa_pages)
 
     def new_scratch(self, start_pos: int = 0) -> RequestScratch:
@@ -302,6 +306,9 @@ class PagedModel:
         slots,
         fresh=None,
         load: LayerwiseLoad | None = None,
+        *,
+        state_in=None,
+        state_out=None,
     ):
         """One batched forward of ``B`` requests' chunks (decode: ``T = 1``).
 
@@ -327,6 +334,7 @@ class PagedModel:
         Returns ``(logits [B, T, vocab]`` (host numpy; rows of padding are
         garbage), ``pools, slab)``.
         """
+        del state_in, state_out  # the protocol's state slots: no STATE space here
         b, new_starts = check_batch(
             self.config,
             tokens,
@@ -378,6 +386,10 @@ class PagedModel:
         chunk_size: int | None = None,
         scratch: RequestScratch | None = None,
         load: LayerwiseLoad | None = None,
+        *,
+        state_in=None,
+        state_out=None,
+        snapshots=None,
     ):
         """Run ``tokens`` at positions ``[start_pos, start_pos + len(tokens))`` in chunks.
 
@@ -393,6 +405,7 @@ class PagedModel:
         fresh one starting at ``start_pos`` by default).  The pools and scratch
         are donated.  Returns ``(logits [T, vocab] (numpy, on the host), pools, scratch)``.
         """
+        del state_in, state_out, snapshots  # the protocol's state slots: no STATE space here
         tokens = np.asarray(tokens, np.int32).reshape(-1)
         chunk = chunk_size or self.config.page_size
         if chunk < 1:
@@ -417,8 +430,20 @@ class PagedModel:
         # One host copy per chunk, padding dropped on the host (no program per length).
         return np.concatenate([np.asarray(x)[0, :n] for x, n in out]), pools, scratch
 
-    def decode_step(self, pools, token, pos, full_page_ids, swa_page_ids, scratch):
+    def decode_step(
+        self,
+        pools,
+        token,
+        pos,
+        full_page_ids,
+        swa_page_ids,
+        scratch,
+        *,
+        state_in=None,
+        state_out=None,
+    ):
         """One token at position ``pos``.  Returns ``(logits [vocab] (numpy), pools, scratch)``."""
+        del state_in, state_out  # the protocol's state slots: no STATE space here
         tables = page_tables(full_page_ids, swa_page_ids)
         tok = np.asarray(token, np.int32).reshape(1)
         logits, pools, scratch = self._run_chunk(pools, scratch, tok, pos, 1, tables, 1)
