@@ -34,9 +34,10 @@ import numpy as np
 from jaxhicache.cache.eviction import Evictor
 from jaxhicache.cache.ledger import PageLedger
 from jaxhicache.cache.requests import Batch, LoadParts, Request, check_tokens, page_tables
+from jaxhicache.cache.states import StateSlots
 from jaxhicache.cache.stats import CacheStats
 from jaxhicache.pools.allocator import OutOfPages
-from jaxhicache.spec import PageSpace
+from jaxhicache.spec import PageSpace, Tier
 from jaxhicache.tree import RadixTree, TreeNode, should_backup_on_hit
 
 if TYPE_CHECKING:
@@ -91,8 +92,10 @@ class Admission:
         *,
         engine: TransferEngine,
         backups: Backups,
+        states: StateSlots | None = None,
     ):
         self._cache_id = cache_id
+        self._states = states
         self._tree = tree
         self._ledger = ledger
         self._evictor = evictor
@@ -137,7 +140,7 @@ class Admission:
         requests, deferred, parts, on_hit = admitted
         move = parts.move()
         handle = layer_load = None
-        if move.full_device.size or move.swa_device.size:
+        if not move.empty:
             t0 = time.perf_counter()
             if layerwise:
                 layer_load = self._engine.prepare_layerwise(pools, move)
@@ -191,8 +194,16 @@ class Admission:
         # Own SWA pages: none for L3 pages outside the hit's window (nothing reads them).
         swa_from = pre.swa_first if pre is not None else first
         n_own_swa = (total_pages - swa_from) if self._has_swa else 0
+        state_slot = -1  # a device slot to load a host snapshot into
         try:
             full, swa = self._evictor.allocate(pools, n_load + own, n_swa_load + n_own_swa)
+            if self._states is not None and m.state_device_slot < 0 <= m.state_host_slot:
+                try:
+                    state_slot = int(self._states.alloc(Tier.DEVICE, 1)[0])
+                except OutOfPages:
+                    self._ledger.free(Tier.DEVICE, PageSpace.FULL, full)
+                    self._ledger.free(Tier.DEVICE, PageSpace.SWA, swa)
+                    raise
         except OutOfPages:
             tree.dec_lock(m.node)
             if pre is not None and self._l3 is not None:
@@ -267,6 +278,8 @@ class Admission:
             l3_host_full=None if pre is None else pre.host_full,
             l3_host_swa=None if pre is None else pre.host_swa,
         )
+        if self._states is not None:
+            self._states.admit(req, m, parts, state_slot)
         if m.matched_len and should_backup_on_hit(self._tree.write_policy, m.node):
             backups.append(m.node)
         return req

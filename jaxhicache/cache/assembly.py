@@ -16,6 +16,7 @@ the evictor to its poll point and routes every call; nothing here runs a request
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from typing import final
 
 from jax.sharding import Mesh
@@ -27,12 +28,13 @@ from jaxhicache.cache.eviction import Evictor
 from jaxhicache.cache.inflight import InFlight
 from jaxhicache.cache.l3 import StorageTier
 from jaxhicache.cache.ledger import PageLedger
+from jaxhicache.cache.states import StateSlots
 from jaxhicache.cache.stats import CacheStats
 from jaxhicache.distributed import Agreement, local_stages
 from jaxhicache.layer_map import StageLayerMap, build_layer_maps
 from jaxhicache.mesh import PP
 from jaxhicache.pools.host import HostPools
-from jaxhicache.spec import ModelCacheSpec
+from jaxhicache.spec import ModelCacheSpec, Tier
 from jaxhicache.storage.backend import StorageBackend
 from jaxhicache.transfer import TransferEngine
 from jaxhicache.tree import RadixTree
@@ -58,6 +60,8 @@ class Parts:
     backups: Backups
     admission: Admission
     inflight: InFlight
+    states: StateSlots | None
+    device_state_slots: int
 
 
 def assemble(
@@ -74,16 +78,25 @@ def assemble(
     device_swa = config.device_swa_capacity(spec)
     host_pages = config.host_capacity()
     host_swa = config.host_swa_capacity(spec)
+    dev_states, host_states = config.state_slots(spec)  # 0, 0 without recurrent states
+    if dev_states and (store is not None or config.storage is not None):
+        raise ValueError(
+            f"spec {spec.name!r} has recurrent-state snapshots, which the L3 tier does not "
+            "store yet: build the cache without a store and config.storage"
+        )
     host = HostPools(  # this process's stages only
         spec,
         layer_maps,
         host_pages,
         host_swa,
+        num_state_slots=host_states,
         layout=config.host_layout,
         reserve_bytes=config.host_reserve_bytes,
         ranks=local_stages(mesh),
     )
-    ledger = PageLedger(config.device_pages, device_swa, host_pages, host_swa)
+    ledger = PageLedger(
+        config.device_pages, device_swa, host_pages, host_swa, dev_states, host_states
+    )
     engine = TransferEngine(
         mesh,
         layer_maps,
@@ -93,7 +106,13 @@ def assemble(
         host_is_current=ledger.host_is_current,
         copy_path=config.copy_path,
     )
-    tree = RadixTree(spec.page_size, spec.swa_trailing_pages, write_policy=config.write_policy)
+    tree = RadixTree(
+        spec.page_size,
+        spec.swa_trailing_pages,
+        write_policy=config.write_policy,
+        state_interval=config.state_grid(spec),
+    )
+    states = StateSlots(tree, ledger, tree.state_interval) if tree.state_interval else None
     # Multi-controller JAX: one MIN all-reduce where a decision rests on what only
     # some processes can see (identity, no collective, in a single process).
     agreement = Agreement()
@@ -127,11 +146,21 @@ def assemble(
         evictor.make_room_on_host,
         on_backed_up=None if l3 is None else l3.write,
         agreement=agreement,
+        alloc_host_states=None if states is None else partial(states.alloc, Tier.HOST),
     )
     evictor.backups, evictor.l3 = backups, l3
     has_swa = spec.swa_trailing_pages > 0
     admission = Admission(
-        cache_id, tree, ledger, evictor, stats, l3, has_swa, engine=engine, backups=backups
+        cache_id,
+        tree,
+        ledger,
+        evictor,
+        stats,
+        l3,
+        has_swa,
+        engine=engine,
+        backups=backups,
+        states=states,
     )
     return Parts(
         layer_maps=layer_maps,
@@ -146,5 +175,7 @@ def assemble(
         l3=l3,
         backups=backups,
         admission=admission,
-        inflight=InFlight(cache_id, tree, ledger, evictor, stats),
+        inflight=InFlight(cache_id, tree, ledger, evictor, stats, states),
+        states=states,
+        device_state_slots=dev_states,
     )

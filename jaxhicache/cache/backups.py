@@ -35,6 +35,8 @@ from jaxhicache.tree import RadixTree, TreeNode
 
 __all__ = ["Backups"]
 
+_NO_IDS = np.zeros(0, np.int32)
+
 # Per-backup status, ordered so that the MIN over processes is the agreed outcome.
 _PENDING, _FAILED, _LANDED = 0, 1, 2
 
@@ -44,6 +46,8 @@ class _Part:
     node: TreeNode
     host_full: np.ndarray
     host_swa: np.ndarray  # aligned with host_full, -1 = no SWA page copied
+    state_nodes: list[TreeNode] = dataclasses.field(default_factory=list)
+    host_states: np.ndarray = dataclasses.field(default_factory=lambda: _NO_IDS)
 
 
 @dataclasses.dataclass
@@ -65,7 +69,9 @@ class Backups:
         make_room_on_host: Callable[[PageSpace, int], None],
         on_backed_up: Callable[[TreeNode, int], None] | None = None,
         agreement: Agreement | None = None,
+        alloc_host_states: Callable[[int], np.ndarray] | None = None,
     ):
+        self._alloc_states = alloc_host_states  # recurrent hybrids: host snapshot slots
         self._engine = engine
         self._tree = tree
         self._ledger = ledger
@@ -86,6 +92,7 @@ class Backups:
         return {
             PageSpace.FULL: sum(p.host_full.size for p in self._parts()),
             PageSpace.SWA: sum(int((p.host_swa >= 0).sum()) for p in self._parts()),
+            PageSpace.STATE: sum(p.host_states.size for p in self._parts()),
         }
 
     def issue(self, pools: DevicePools, nodes: TreeNode | Sequence[TreeNode]) -> None:
@@ -111,18 +118,24 @@ class Backups:
             if id(node) in busy or id(node) in covered:
                 continue
             plan = self._tree.backup_plan(node)
-            if plan.num_pages == 0:
+            st_nodes, st_dev = self._state_plan(node)
+            if plan.num_pages == 0 and not st_nodes:
                 continue
             got = self._alloc_for(plan)
             if got is None:
                 continue
             host_full, host_swa, swa_src, host_swa_live = got
-            parts.append(_Part(node, host_full, host_swa))
-            moves.append((plan.device_full_ids, host_full, swa_src, host_swa_live))
+            host_states = self._alloc_states_for(len(st_nodes), host_full, host_swa_live)
+            if host_states is None:
+                continue
+            parts.append(_Part(node, host_full, host_swa, st_nodes, host_states))
+            moves.append(
+                (plan.device_full_ids, host_full, swa_src, host_swa_live, st_dev, host_states)
+            )
             busy.add(id(node))
         if not parts:
             return
-        move = PageMove.of(*(np.concatenate([m[i] for m in moves]) for i in range(4)))
+        move = PageMove.of(*(np.concatenate([m[i] for m in moves]) for i in range(6)))
         gens = {
             space: self._ledger[Tier.HOST, space].generation(ids)
             for space, ids in ((PageSpace.FULL, move.full_host), (PageSpace.SWA, move.swa_host))
@@ -132,6 +145,31 @@ class Backups:
         handle = self._engine.backup(pools, move, host_generations=gens)
         self._pending.append(_Backup(parts, handle))
         self._stats.backups_issued += len(parts)
+
+    def _state_plan(self, node: TreeNode) -> tuple[list[TreeNode], np.ndarray]:
+        """The device snapshots on ``node``'s path without a host copy (none without states)."""
+        states = self._tree.states
+        if states is None or self._alloc_states is None:
+            return [], _NO_IDS
+        path = []
+        n = node
+        while n.parent is not None:
+            path.append(n)
+            n = n.parent
+        return states.backup_plan(reversed(path))
+
+    def _alloc_states_for(self, n: int, host_full, host_swa_live) -> np.ndarray | None:
+        """Host snapshot slots (``None``, the pages just taken given back: no room)."""
+        if not n:
+            return _NO_IDS
+        assert self._alloc_states is not None
+        try:
+            return self._alloc_states(n)
+        except OutOfPages:
+            self._ledger.free(Tier.HOST, PageSpace.FULL, host_full)
+            self._ledger.free(Tier.HOST, PageSpace.SWA, host_swa_live)
+            self._stats.backups_skipped += 1
+            return None
 
     def _alloc_for(self, plan):
         """Host pages for ``plan`` (full, SWA aligned with full, and the live SWA pairs),
@@ -175,11 +213,16 @@ class Backups:
                 if st == _FAILED:  # on some process: nobody records it
                     self._ledger.free(Tier.HOST, PageSpace.FULL, p.host_full)
                     self._ledger.free(Tier.HOST, PageSpace.SWA, p.host_swa[p.host_swa >= 0])
+                    self._ledger.free(Tier.HOST, PageSpace.STATE, p.host_states)
                     self._stats.backups_failed += 1
                     continue
                 unused_full, unused_swa = self._tree.mark_backed_up(p.node, p.host_full, p.host_swa)
                 self._ledger.free(Tier.HOST, PageSpace.FULL, unused_full)
                 self._ledger.free(Tier.HOST, PageSpace.SWA, unused_swa)
+                if p.state_nodes:
+                    assert self._tree.states is not None
+                    unused = self._tree.states.mark_backed_up(p.state_nodes, p.host_states)
+                    self._ledger.free(Tier.HOST, PageSpace.STATE, unused)
                 recorded = p.host_full.size - unused_full.size
                 self._stats.backed_up_pages += recorded
                 if self._on_backed_up is not None and recorded:

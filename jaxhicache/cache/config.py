@@ -69,6 +69,16 @@ class HiCacheConfig:
       check_every: debug (multi-process): every ``check_every`` control-plane steps
         (admit / insert) compare a digest of the cache state across processes and
         raise ``DivergenceError`` if they differ (one all-reduce); 0 = off.
+      state_interval: recurrent hybrids: tokens between snapshot positions, a
+        multiple of the page size (default: 64 rounded up to the page size). A hit
+        ends on this grid.
+      device_state_slots: recurrent hybrids: device snapshot slots (default: one per
+        grid step of the device pages, plus 8 for requests in flight).
+      host_state_slots: recurrent hybrids: host snapshot slots (default: one per grid
+        step of the host pages). Sizing rule: at least ``device_state_slots``, so
+        every device snapshot can be backed up (fewer is refused when the cache is
+        built: the reference system's host state pool could not hold the snapshots
+        of the host KV it anchors).
 
     Raises:
       ValueError: a field of the wrong type or out of range, naming the field
@@ -89,10 +99,20 @@ class HiCacheConfig:
     partition: tuple[int, ...] | None = None
     storage: StorageConfig | None = None
     check_every: int = 0
+    state_interval: int | None = None
+    device_state_slots: int | None = None
+    host_state_slots: int | None = None
 
     def __post_init__(self) -> None:
         _positive_int("device_pages", self.device_pages)
-        for name in ("device_swa_pages", "host_pages", "host_swa_pages"):
+        for name in (
+            "device_swa_pages",
+            "host_pages",
+            "host_swa_pages",
+            "state_interval",
+            "device_state_slots",
+            "host_state_slots",
+        ):
             _positive_int(name, getattr(self, name), allow_none=True)
         r = self.host_ratio
         if type(r) is bool or not isinstance(r, int | float) or not math.isfinite(r) or r <= 0:
@@ -158,3 +178,51 @@ class HiCacheConfig:
         if not spec.swa_trailing_pages:
             return 0
         return self.host_swa_pages or max(1, int(self.device_swa_capacity(spec) * self.host_ratio))
+
+    # ------------------------------------------------------------- recurrent states
+    def state_grid(self, spec: ModelCacheSpec) -> int:
+        """Tokens between snapshot positions (0 for a spec without recurrent states).
+
+        Args:
+          spec: the model's cache spec.
+
+        Returns:
+          ``state_interval``, else 64 rounded up to a multiple of the page size.
+
+        Raises:
+          ValueError: ``state_interval`` is not a multiple of the page size.
+        """
+        if not spec.is_hybrid:
+            return 0
+        ps = spec.page_size
+        grid = self.state_interval or -(-64 // ps) * ps
+        if grid % ps:
+            raise ValueError(
+                f"HiCacheConfig.state_interval={grid} must be a multiple of the page size {ps}"
+            )
+        return grid
+
+    def state_slots(self, spec: ModelCacheSpec) -> tuple[int, int]:
+        """Device and host snapshot slots (both 0 for a spec without recurrent states).
+
+        Args:
+          spec: the model's cache spec.
+
+        Returns:
+          ``(device, host)``; see the class attributes for the defaults.
+
+        Raises:
+          ValueError: fewer host slots than device slots (the sizing rule).
+        """
+        grid = self.state_grid(spec)
+        if not grid:
+            return 0, 0
+        steps = grid // spec.page_size
+        dev = self.device_state_slots or self.device_pages // steps + 8
+        host = self.host_state_slots or max(dev, self.host_capacity() // steps)
+        if host < dev:
+            raise ValueError(
+                f"HiCacheConfig.host_state_slots={host} is below device_state_slots={dev}: "
+                "every device snapshot must be able to reach host (raise host_state_slots)"
+            )
+        return dev, host

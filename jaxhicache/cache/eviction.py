@@ -109,6 +109,7 @@ class Evictor:
             res = self._tree.evict_device(num_pages - freed)
             self._ledger.free(Tier.DEVICE, PageSpace.FULL, res.full_ids)
             self._ledger.free(Tier.DEVICE, PageSpace.SWA, res.swa_ids)
+            self._ledger.free(Tier.DEVICE, PageSpace.STATE, res.state_ids)
             freed += res.evicted_pages
             if not res.needs_backup or freed >= num_pages:
                 break
@@ -125,6 +126,7 @@ class Evictor:
         res = self._tree.evict_host(num_pages)
         self._ledger.free(Tier.HOST, PageSpace.FULL, res.full_ids)
         self._ledger.free(Tier.HOST, PageSpace.SWA, res.swa_ids)
+        self._ledger.free(Tier.HOST, PageSpace.STATE, res.state_ids)
         self._stats.host_evicted_pages += res.evicted_pages
         return res.evicted_pages
 

@@ -105,7 +105,10 @@ class HiCache:
         p = assemble(spec, mesh, config, store, self._id)
         self.layer_maps, self.host, self.ledger = p.layer_maps, p.host, p.ledger
         self.engine, self.tree, self.agreement, self.l3 = p.engine, p.tree, p.agreement, p.l3
-        self._device_swa = p.device_swa_pages
+        self._device_swa, self._device_states = p.device_swa_pages, p.device_state_slots
+        # Recurrent hybrids: the snapshot slots of each forward (``states.plan`` /
+        # ``states.computed``, see :mod:`jaxhicache.cache.states`); None otherwise.
+        self.states = p.states
         self._stats, self._evictor, self._backups = p.stats, p.evictor, p.backups
         self._admission, self._inflight = p.admission, p.inflight
         self._evictor.poll = self._poll
@@ -131,7 +134,12 @@ class HiCache:
           calls that take ``pools`` accept only pools of this geometry.
         """
         return allocate_device_pools(
-            self.spec, self.mesh, self.layer_maps, self.config.device_pages, self._device_swa
+            self.spec,
+            self.mesh,
+            self.layer_maps,
+            self.config.device_pages,
+            self._device_swa,
+            self._device_states,
         )
 
     def _check_pools(self, pools) -> None:
@@ -142,11 +150,12 @@ class HiCache:
                 f"pools hold {sorted(pools.kinds())}, this cache's spec has "
                 f"{sorted(self.spec.kinds())}"
             )
-        want = (self.config.device_pages, self._device_swa)
-        if (pools.num_pages, pools.num_swa_pages) != want:
+        want = (self.config.device_pages, self._device_swa, self._device_states)
+        if (pools.num_pages, pools.num_swa_pages, pools.num_state_slots) != want:
             raise ValueError(
-                f"pools have {pools.num_pages} full / {pools.num_swa_pages} SWA pages, this "
-                f"cache allocates {want[0]} / {want[1]} (use cache.new_device_pools())"
+                f"pools have {pools.num_pages} full / {pools.num_swa_pages} SWA pages / "
+                f"{pools.num_state_slots} snapshot slots, this cache allocates {want[0]} / "
+                f"{want[1]} / {want[2]} (use cache.new_device_pools())"
             )
 
     # ------------------------------------------------------------------ match

@@ -28,6 +28,7 @@ import numpy as np
 from jaxhicache.cache.eviction import Evictor
 from jaxhicache.cache.ledger import PageLedger
 from jaxhicache.cache.requests import Request, RequestState, check_tokens
+from jaxhicache.cache.states import StateSlots
 from jaxhicache.cache.stats import CacheStats
 from jaxhicache.pools.device import DevicePools
 from jaxhicache.spec import PageSpace, Tier
@@ -47,8 +48,10 @@ class InFlight:
         ledger: PageLedger,
         evictor: Evictor,
         stats: CacheStats,
+        states: StateSlots | None = None,
     ):
         self._id = cache_id
+        self._states = states
         self._tree = tree
         self._ledger = ledger
         self._evictor = evictor
@@ -128,6 +131,8 @@ class InFlight:
             req.tokens = tokens
         k = whole - done
         if k <= 0:
+            if self._states is not None:  # snapshots inside pages the tree holds already
+                self._states.attach(req, tokens[: whole * ps])
             return None
         own_full = req.full_page_ids[done:whole]
         own_swa = req.swa_page_ids[done:whole] if self._has_swa else None
@@ -141,6 +146,8 @@ class InFlight:
         tree.inc_lock(res.node)  # the lock moves to the new end
         tree.dec_lock(req.node)
         req.node = res.node
+        if self._states is not None:
+            self._states.attach(req, tokens[: whole * ps])
         req.inserted_pages = whole - req.own_start
         full, swa = tree.device_ids(res.node)  # new arrays: tables handed out stay as they were
         keep = np.arange(whole) >= whole - self._window  # the lock's window
@@ -180,6 +187,8 @@ class InFlight:
                 self._ledger.unhold_host(PageSpace.SWA, req.l3_host_swa.size)
                 self._ledger.free(Tier.HOST, PageSpace.FULL, req.l3_host_full)
                 self._ledger.free(Tier.HOST, PageSpace.SWA, req.l3_host_swa)
+            if self._states is not None:
+                self._states.release(req)
             self._tree.dec_lock(req.node)
             req.state = RequestState.RELEASED
 

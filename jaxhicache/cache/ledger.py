@@ -9,8 +9,10 @@ allocated page is held by exactly one of
 * an in-flight backup or L3 prefetch (host pages whose copy has not landed or
   been claimed yet).
 
-Four allocators: ``(Tier.DEVICE | Tier.HOST) × (PageSpace.FULL | PageSpace.SWA)``.
-A model without an SWA component still gets a one-page SWA allocator that is
+Six allocators: ``(Tier.DEVICE | Tier.HOST) × (PageSpace.FULL | SWA | STATE)``
+(``STATE``: recurrent-state snapshot slots, held by the tree's nodes, by requests
+— their read, write and not yet attached snapshot slots — or by in-flight backups).
+A model without an SWA or state component still gets a one-id allocator that is
 never used, so callers need no special case.
 """
 
@@ -30,15 +32,25 @@ __all__ = ["PageLedger"]
 class PageLedger:
     """Allocators per ``(tier, space)`` plus the count of pages held by requests."""
 
-    def __init__(self, device_pages: int, device_swa: int, host_pages: int, host_swa: int):
+    def __init__(
+        self,
+        device_pages: int,
+        device_swa: int,
+        host_pages: int,
+        host_swa: int,
+        device_states: int = 0,
+        host_states: int = 0,
+    ):
         self._alloc = {
             (Tier.DEVICE, PageSpace.FULL): PageAllocator(device_pages, "device-full"),
             (Tier.DEVICE, PageSpace.SWA): PageAllocator(max(device_swa, 1), "device-swa"),
             (Tier.HOST, PageSpace.FULL): PageAllocator(host_pages, "host-full"),
             (Tier.HOST, PageSpace.SWA): PageAllocator(max(host_swa, 1), "host-swa"),
+            (Tier.DEVICE, PageSpace.STATE): PageAllocator(max(device_states, 1), "device-state"),
+            (Tier.HOST, PageSpace.STATE): PageAllocator(max(host_states, 1), "host-state"),
         }
-        self._held = {PageSpace.FULL: 0, PageSpace.SWA: 0}  # device pages with requests
-        self._held_host = {PageSpace.FULL: 0, PageSpace.SWA: 0}  # L3 slots with requests
+        self._held = dict.fromkeys(PageSpace, 0)  # device pages with requests
+        self._held_host = dict.fromkeys(PageSpace, 0)  # L3 slots with requests
 
     def __getitem__(self, key: tuple[Tier, PageSpace]) -> PageAllocator:
         return self._alloc[key]
@@ -108,6 +120,10 @@ class PageLedger:
             + in_flight[PageSpace.SWA]
             + self._held_host[PageSpace.SWA],
         }
+        st = tree.states
+        if st is not None:
+            want[Tier.DEVICE, PageSpace.STATE] = len(st.dev) + self._held[PageSpace.STATE]
+            want[Tier.HOST, PageSpace.STATE] = len(st.host) + in_flight.get(PageSpace.STATE, 0)
         for key, n in want.items():
             used = self._alloc[key].num_used
             assert used == n, (

@@ -75,6 +75,14 @@ class Request:
       inserted_len: tokens given to the last insert (each must give more).
       tokens: the longest token sequence the request was given (``None``: the
         prompt).
+      state_pos: recurrent hybrids: the position of the request's state.
+      state_read: the slot holding that state (``-1``: the zero state); the tree's
+        snapshot right after admission, read only.
+      state_owned: the device snapshot slots the request owns.
+      pending_states: positions → owned slots holding snapshots the next insert
+        that covers them hands to the tree.
+      snapshot_at: the branch point (a grid position past the hit inside the tree's
+        longer KV match) to snapshot during the prefill; 0: none.
     """
 
     cache_id: int
@@ -96,6 +104,11 @@ class Request:
     inserted_pages: int = 0  # own pages handed to the tree by insert
     inserted_len: int = 0  # tokens given to the last insert (each must give more)
     tokens: np.ndarray | None = None  # the longest token sequence the request was given
+    state_pos: int = 0
+    state_read: int = -1
+    state_owned: list[int] = dataclasses.field(default_factory=list)
+    pending_states: dict[int, int] = dataclasses.field(default_factory=dict)
+    snapshot_at: int = 0
 
     @property
     def prefill_tokens(self) -> int:
@@ -208,11 +221,18 @@ class LoadParts:
     full_host: list = dataclasses.field(default_factory=list)
     swa_device: list = dataclasses.field(default_factory=list)
     swa_host: list = dataclasses.field(default_factory=list)
+    state_device: list = dataclasses.field(default_factory=list)
+    state_host: list = dataclasses.field(default_factory=list)
 
     def move(self) -> PageMove:
         cat = lambda xs: np.concatenate(xs).astype(np.int32) if xs else _NONE  # noqa: E731
         return PageMove.of(
-            cat(self.full_device), cat(self.full_host), cat(self.swa_device), cat(self.swa_host)
+            cat(self.full_device),
+            cat(self.full_host),
+            cat(self.swa_device),
+            cat(self.swa_host),
+            cat(self.state_device),
+            cat(self.state_host),
         )
 
 

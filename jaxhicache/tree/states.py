@@ -17,8 +17,9 @@ on device and ``state_host`` on host, ``-1`` for none. Rules (checked by
 * a match stops at the deepest node of its path holding a snapshot on device or host
   (:meth:`Snapshots.usable_end`); the KV of a longer match stays in the tree;
 * requests never write a snapshot slot they matched (copy-on-write: the cache gives
-  each request its own slots), and a node with own locks keeps its snapshots, since
-  the request that matched it has not read them yet.
+  each request its own slots), and a locked node keeps its snapshots: the request
+  that matched it may not have read them yet, and an in-flight backup may be
+  copying them.
 
 Nothing is freed here: every dropped slot is returned to the caller.
 """
@@ -161,7 +162,7 @@ class Snapshots:
     ) -> tuple[np.ndarray, list[TreeNode]]:
         """Free at least ``num`` snapshots of a tier, LRU, never a node's KV.
 
-        Nodes with own locks keep theirs. On device, a snapshot without a host copy
+        Locked nodes keep theirs. On device, a snapshot without a host copy
         is dropped, or with ``write_back`` reported and kept.
 
         Args:
@@ -173,7 +174,7 @@ class Snapshots:
           ``(freed slots, nodes whose device snapshot needs a backup first)``.
         """
         pool = self.dev if on_device else self.host
-        heap = [(n.state_access, n) for n in pool if n.own_locks == 0]
+        heap = [(n.state_access, n) for n in pool if n.lock_ref == 0]
         heapq.heapify(heap)
         out: list[int] = []
         needs: list[TreeNode] = []
