@@ -1,8 +1,11 @@
 """Tiny test models for proving the cache end to end (see ``models/README.md``): the
-DeepSeek-V4-style model and the MLA + DSA (GLM-5 / DeepSeek V3.2 family) model."""
+DeepSeek-V4-style model, the MLA + DSA (GLM-5 / DeepSeek V3.2 family) model and the
+Qwen3-Next-style recurrent hybrid (gated DeltaNet + full attention)."""
 
 from models.config import TinyDSV4Config
 from models.dsv4 import TinyDSV4, init_params, model_params
+from models.hybrid_config import TinyHybridConfig
+from models.hybrid_paged import PagedHybridModel
 from models.mla import init_mla_params, mla_reference_forward, mla_reference_with_margins
 from models.mla_config import TinyMLAConfig
 from models.mla_paged import PagedMLAModel
@@ -21,6 +24,7 @@ from models.streaming import (
 )
 
 __all__ = [
+    "PagedHybridModel",
     "PagedMLAModel",
     "PagedModel",
     "RequestScratch",
@@ -28,6 +32,7 @@ __all__ = [
     "StreamState",
     "TinyDSV4",
     "TinyDSV4Config",
+    "TinyHybridConfig",
     "TinyMLAConfig",
     "cache_spec",
     "init_mla_params",
