@@ -92,10 +92,12 @@ def test_flush_waits_for_write_back_then_empties_device_and_host(tmp_path, polic
     out: dict = {}
     t = threading.Thread(target=lambda: out.update(c.flush(pools)))
     t.start()
-    t.join(0.5)
-    assert t.is_alive(), "flush returned before its L3 writes could land"
-    assert _objects(tmp_path) == 0  # an L3 lookup now would miss everything
-    store.gate.set()
+    try:
+        t.join(0.5)
+        assert t.is_alive(), "flush returned before its L3 writes could land"
+        assert _objects(tmp_path) == 0  # an L3 lookup now would miss everything
+    finally:
+        store.gate.set()  # (a failed check must not leave writes blocked)
     t.join(30)
     assert not t.is_alive()
 
