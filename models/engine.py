@@ -234,17 +234,32 @@ class Engine:
         if n_pages > oracle_pages(shape):
             raise ValueError(f"the request needs {n_pages} pages; the pools hold {shape.num_pages}")
         if self._oracle_pools is None:
-            self._oracle_pools = self.model.init_pools(shape.num_pages, shape.num_swa_pages)
+            self._oracle_pools = self.model.init_pools(
+                shape.num_pages, shape.num_swa_pages, num_state_slots=shape.num_state_slots
+            )
         ids = np.full(bucket_pages(n_pages, self.config.min_table_pages), -1, np.int32)
         ids[:n_pages] = np.arange(n_pages)
         m = self.model
+        hybrid = m.spec.is_hybrid  # the recurrent state: slot 0, in place
         logits, pools, scratch = m.prefill(
-            self._oracle_pools, prompt, 0, ids, ids, chunk_size=self.chunk
+            self._oracle_pools,
+            prompt,
+            0,
+            ids,
+            ids,
+            chunk_size=self.chunk,
+            **({"state_in": -1, "state_out": 0} if hybrid else {}),
         )
         out, steps = [int(np.argmax(logits[-1]))], [logits[-1]]
         while len(out) < max_new_tokens and out[-1] not in set(stop):
             last, pools, scratch = m.decode_step(
-                pools, out[-1], prompt.size + len(out) - 1, ids, ids, scratch
+                pools,
+                out[-1],
+                prompt.size + len(out) - 1,
+                ids,
+                ids,
+                scratch,
+                **({"state_in": 0, "state_out": 0} if hybrid else {}),
             )
             out.append(int(np.argmax(last)))
             steps.append(last)
@@ -410,9 +425,20 @@ class Engine:
         spare = [s for s in range(self.config.max_running) if s not in set(slots[: len(reqs)])]
         slots[len(reqs) :] = spare[0] if spare else 0
         kw = {} if load is None else {"load": load}
+        plans = []
+        states = self.cache.states
+        if states is not None:  # recurrent hybrids: each row's snapshot slots
+            s_in, s_out = np.full(b, -1, np.int32), np.full(b, -1, np.int32)
+            for i, r in enumerate(reqs):
+                end = int(starts[i] + n_valid[i])
+                plans.append(states.plan(r.cache_req, end, int(n_valid[i])))
+                s_in[i], s_out[i] = plans[-1].state_in, plans[-1].state_out
+            kw.update(state_in=s_in, state_out=s_out)
         logits, self.pools, self.slab = self.model.forward(
             self.pools, self.slab, tokens, starts, n_valid, full, swa, slots, fresh, **kw
         )
+        for r, plan in zip(reqs, plans, strict=False):
+            states.computed(r.cache_req, plan)
         return logits
 
     def _sample(self, r: _Req, logits: np.ndarray, t: float) -> None:

@@ -211,7 +211,7 @@ class ServingLoop:
         p = req.cached_tokens
         full, swa = req.full_page_ids, req.swa_page_ids
         self.pools, prefill_logits, step_logits, generated, ttft, decode = self._generate(
-            self.pools, tokens, p, full, swa, req.max_new_tokens, t0, load=load
+            self.pools, tokens, p, full, swa, req.max_new_tokens, t0, load=load, req=req
         )
         if tokens.size > p:  # the L3 cost model's recompute estimate
             cache.observe_prefill(int(tokens.size - p), ttft)
@@ -255,7 +255,9 @@ class ServingLoop:
                 f"the request needs {n_pages} pages; the oracle pools hold {shape.num_pages}"
             )
         if self._oracle_pools is None:
-            self._oracle_pools = self.model.init_pools(shape.num_pages, shape.num_swa_pages)
+            self._oracle_pools = self.model.init_pools(
+                shape.num_pages, shape.num_swa_pages, num_state_slots=shape.num_state_slots
+            )
         ids = np.arange(n_pages, dtype=np.int32)
         pools, prefill_logits, step_logits, generated, ttft, decode = self._generate(
             self._oracle_pools, tokens, 0, ids, ids, max_new_tokens, t0, load=None
@@ -281,17 +283,28 @@ class ServingLoop:
             step_logits=step_logits,
         )
 
-    def _generate(self, pools, tokens, start, full, swa, max_new_tokens, t0, *, load):
+    def _generate(self, pools, tokens, start, full, swa, max_new_tokens, t0, *, load, req=None):
         """Prefill ``tokens[start:]`` then greedy-decode; returns pools, logits, tokens, TTFT
-        and decode seconds."""
+        and decode seconds. ``req``: the cache's request (its snapshot slots); ``None``:
+        the oracle (recurrent state in slot 0, in place)."""
         n = bucket_pages(full.size, self.min_table_pages)
         full_t, swa_t = _pad(full, n), _pad(swa, n)
         model = self.model
         kw = {} if load is None else {"load": load}
+        states = _States(self.cache if req is not None else None, req, model.spec.is_hybrid)
         self._consumed = False
+        chunk = self.chunk_size or self.page
         logits, pools, scratch = model.prefill(
-            pools, tokens[start:], start, full_t, swa_t, chunk_size=self.chunk_size, **kw
+            pools,
+            tokens[start:],
+            start,
+            full_t,
+            swa_t,
+            chunk_size=self.chunk_size,
+            **kw,
+            **states.plan(tokens.size, chunk, prefill=True),
         )
+        states.done()
         self._consumed = True  # the load (if any) rode on the first chunk
         last = logits[-1]
         tok = int(jnp.argmax(last))
@@ -299,8 +312,15 @@ class ServingLoop:
         generated, steps = [tok], [last]
         for i in range(1, max_new_tokens):
             last, pools, scratch = model.decode_step(
-                pools, tok, tokens.size + i - 1, full_t, swa_t, scratch
+                pools,
+                tok,
+                tokens.size + i - 1,
+                full_t,
+                swa_t,
+                scratch,
+                **states.plan(tokens.size + i, 1),
             )
+            states.done()
             tok = int(jnp.argmax(last))
             generated.append(tok)
             steps.append(last)
@@ -391,3 +411,30 @@ def oracle_pages(pools) -> int:
     """Pages a request alone may use in pools of this shape (a spec without SWA state,
     such as MLA, has no SWA pages: only the full pages count)."""
     return min(pools.num_pages, pools.num_swa_pages or pools.num_pages)
+
+
+class _States:
+    """The recurrent-state arguments of one request's forwards (hybrid models only):
+    the cache's plans (``HiCache.states``), or for the oracle one slot used in place."""
+
+    def __init__(self, cache, req, hybrid: bool):
+        self._cache, self._req, self._hybrid = cache, req, hybrid
+        self._plan = None
+        self._first = True
+
+    def plan(self, end: int, chunk: int, *, prefill: bool = False) -> dict:
+        if not self._hybrid:
+            return {}
+        if self._cache is None:  # the oracle: from the zero state, slot 0 in place
+            first, self._first = self._first, False
+            return {"state_in": -1 if first else 0, "state_out": 0}
+        self._plan = self._cache.states.plan(self._req, end, chunk)
+        out = {"state_in": self._plan.state_in, "state_out": self._plan.state_out}
+        if prefill:
+            out["snapshots"] = self._plan.snapshots
+        return out
+
+    def done(self) -> None:
+        if self._plan is not None:
+            self._cache.states.computed(self._req, self._plan)
+            self._plan = None

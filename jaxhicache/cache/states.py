@@ -94,14 +94,27 @@ class StateSlots:
           OutOfPages: fewer than ``n`` even after evicting every unlocked snapshot.
         """
         a = self._ledger[tier, _S]
-        short = n - a.num_free
-        if short > 0:
-            assert self._tree.states is not None
-            freed, _ = self._tree.states.evict(short, tier is Tier.DEVICE)
-            self._ledger.free(tier, _S, freed)
+        if n > a.num_free:
+            self.evict(tier, n - a.num_free)
         if a.num_free < n:
             raise OutOfPages(a.name, n, a.num_free)
         return self._ledger.alloc(tier, _S, n)
+
+    def evict(self, tier: Tier, n: int) -> int:
+        """Frees up to ``n`` of the tree's snapshots of ``tier`` (LRU; locked nodes keep
+        theirs; their KV always stays).
+
+        Args:
+          tier: ``Tier.DEVICE`` or ``Tier.HOST``.
+          n: snapshots to free.
+
+        Returns:
+          Snapshots freed.
+        """
+        assert self._tree.states is not None
+        freed, _ = self._tree.states.evict(n, tier is Tier.DEVICE)
+        self._ledger.free(tier, _S, freed)
+        return int(freed.size)
 
     def _own(self, req: Request, n: int) -> list[int]:
         slots = self.alloc(Tier.DEVICE, n).tolist()
