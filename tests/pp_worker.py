@@ -101,6 +101,29 @@ def serve_engine(model, **config):
     return eng
 
 
+def hybrid_loop(mesh, **config):
+    """The tiny hybrid recurrent-state model on ``mesh`` (PP 2: layers [3, 5]) in a
+    serving loop with snapshots every 32 tokens; returns ``(model, loop)``."""
+    from jaxhicache.cache import WritePolicy
+    from models.hybrid import init_params as hybrid_params
+    from models.hybrid_config import TinyHybridConfig
+    from models.hybrid_paged import PagedHybridModel
+    from models.serving import ServingLoop
+
+    hcfg = TinyHybridConfig.mini()
+    model = PagedHybridModel(hcfg, hybrid_params(hcfg, seed=0), mesh=mesh, partition=[3, 5])
+    loop = ServingLoop.for_model(
+        model,
+        device_pages=16,
+        host_ratio=4.0,
+        write_policy=WritePolicy.WRITE_THROUGH,
+        state_interval=32,
+        layerwise=False,
+        **config,
+    )
+    return model, loop
+
+
 def main(pp: int, out: Path, mode: str) -> int:
     from jaxhicache.distributed import initialize
 
@@ -118,6 +141,30 @@ def main(pp: int, out: Path, mode: str) -> int:
     me = jax.process_index()
     cfg = TinyDSV4Config.mini(num_layers=6)
     model = PagedModel(cfg, init_params(cfg, 0), mesh=make_mesh(pp))
+    if mode == "hybrid":  # the recurrent hybrid: snapshots on device and host, agreed
+        hyb, loop = hybrid_loop(make_mesh(pp), check_every=1)
+        prompts, reports = serve_all(loop, hyb.config.vocab)
+        uncached = [
+            loop.serve_uncached(p, len(r.generated)) for p, r in zip(prompts, reports, strict=True)
+        ]
+        loop.cache.poll(wait=True)
+        loop.cache.check_invariants()
+        np.savez(
+            out / f"p{me}.npz",
+            step_logits=np.concatenate([r.step_logits for r in reports]),
+            uncached_step_logits=np.concatenate([r.step_logits for r in uncached]),
+            generated=np.concatenate([r.generated for r in reports]),
+            host_tokens=np.array([r.host_cached_tokens for r in reports]),
+        )
+        st = loop.cache.tree.states
+        info = {
+            "digest": loop.cache.digest().hex(),
+            "snapshots": [len(st.dev), len(st.host)],
+            "stats": {k: v for k, v in loop.cache.stats().items() if isinstance(v, int | float)},
+        }
+        (out / f"p{me}.json").write_text(json.dumps(info))
+        loop.close()
+        return 0
     if mode == "engine":
         eng = serve_engine(model, check_every=1)
         eng.cache.poll(wait=True)

@@ -20,6 +20,7 @@ import pytest
 from jaxhicache.cache import WritePolicy
 from jaxhicache.launch import launch_local
 from jaxhicache.layer_map import build_layer_maps
+from jaxhicache.mesh import make_mesh
 from jaxhicache.spec import PoolKind
 from models import PagedModel, TinyDSV4Config, init_params
 from models.serving import ServingLoop
@@ -172,3 +173,26 @@ def test_engine_under_two_processes(tmp_path):
         np.testing.assert_array_equal(out["generated"], np.concatenate([c.generated for c in done]))
         assert out["aborted"].sum() == 1
     eng.cache.close()
+
+
+def test_hybrid_snapshots_under_two_processes(tmp_path):
+    """The recurrent hybrid on PP 2 over 2 processes: every decision about snapshots
+    (which slot, which node, backups, eviction) is the same in both processes (digests
+    compared after every cache call) and as in one process driving both stages; later
+    turns hit on host, and every turn equals its recomputation."""
+    codes, _ = _run(tmp_path, 2, 2, "hybrid")
+    assert codes == [0, 0], _logs(tmp_path, 2)
+    infos = [json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2)]
+    outs = [np.load(tmp_path / f"p{i}.npz") for i in range(2)]
+    worker = _worker_module()
+    _, loop = worker.hybrid_loop(make_mesh(2))
+    _, reports = worker.serve_all(loop, loop.model.config.vocab)
+    loop.cache.poll(wait=True)
+    assert infos[0]["digest"] == infos[1]["digest"] == loop.cache.digest().hex()
+    assert infos[0]["snapshots"][1] > 0 and infos[0]["stats"]["divergence_checks"] > 0
+    generated = np.concatenate([r.generated for r in reports])
+    for out in outs:
+        np.testing.assert_array_equal(out["generated"], generated)
+        np.testing.assert_allclose(out["step_logits"], out["uncached_step_logits"], atol=TOL)
+        assert (out["host_tokens"][2:] > 0).all()  # later turns: snapshots from host
+    loop.close()
