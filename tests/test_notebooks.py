@@ -41,9 +41,18 @@ def _check_hierarchical_cache(out: str) -> None:
     assert _number(out, 'jaxhicache_cached_tokens_total{tier="storage"}') > 0
 
 
+def _check_recurrent_states(out: str) -> None:
+    m = re.search(r"hits per tier: device=(\d+) host=(\d+)", out)
+    assert m, out
+    assert all(int(n) > 0 for n in m.groups()), m.group(0)
+    assert _number(out, "max |logit diff| vs recompute:") <= 1e-4
+    assert "snapshot: 33,792 bytes, KV: 512 bytes per token" in out
+
+
 CHECKS = {
     "01_stage_layer_maps.ipynb": _check_stage_layer_maps,
     "02_hierarchical_cache.ipynb": _check_hierarchical_cache,
+    "03_recurrent_states.ipynb": _check_recurrent_states,
 }
 
 
