@@ -306,8 +306,8 @@ def test_every_public_callable_documents_its_args_returns_and_raises():
 
 
 def test_pending_names_only_real_modules():
-    for module in PENDING:
-        importlib.import_module(module)
+    for module in PENDING:  # a stale entry (a module renamed or split away) fails here
+        assert importlib.util.find_spec(module) is not None, module
 
 
 # Negative controls: the checker flags what it should, on small synthetic callables.
