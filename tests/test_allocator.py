@@ -117,3 +117,10 @@ def test_snapshot_with_tombstones_and_validation():
     other = PageAllocator(4, "other")
     with pytest.raises(ValueError, match="lease of allocator"):
         other.is_current(lease)
+
+
+def test_snapshot_range_checks_ids_before_narrowing_them():
+    a = PageAllocator(4, "t")
+    a.alloc(1)
+    with pytest.raises(ValueError, match="4294967296"):
+        a.snapshot(np.array([2**32], np.int64))  # would wrap to page 0 as int32

@@ -73,6 +73,11 @@ def assemble(
 ) -> Parts:
     """Builds every part of a cache (``ValueError`` for a store without ``config.storage``
     or the reverse, and whatever the parts refuse)."""
+    if (store is None) != (config.storage is None):  # before any part (or thread) exists
+        raise ValueError(
+            "an L3 tier needs both a store (a StorageBackend) and config.storage "
+            f"(got store={type(store).__name__}, config.storage={config.storage!r})"
+        )
     partition = list(config.partition) if config.partition is not None else None
     layer_maps = build_layer_maps(spec, mesh.shape[PP], partition)
     device_swa = config.device_swa_capacity(spec)
@@ -118,11 +123,6 @@ def assemble(
     agreement = Agreement()
     stats = CacheStats()
     evictor = Evictor(tree, ledger, stats)
-    if (store is None) != (config.storage is None):
-        raise ValueError(
-            "an L3 tier needs both a store (a StorageBackend) and config.storage "
-            f"(got store={type(store).__name__}, config.storage={config.storage!r})"
-        )
     l3 = (
         None
         if store is None or config.storage is None  # both or neither (checked above)

@@ -285,9 +285,9 @@ class PageAllocator:
         arr = np.asarray(ids)
         if arr.size and arr.dtype.kind not in "iu":
             raise ValueError(f"allocator {self._name!r}: snapshot needs integer page ids")
-        arr = arr.ravel().astype(np.int32, copy=True)
-        live = arr[arr != -1]
-        live = self._as_ids(live, "snapshot")
+        wide = arr.ravel().astype(np.int64)  # range-checked before narrowing: 2**32 is no 0
+        live = self._as_ids(wide[wide != -1], "snapshot")
+        arr = wide.astype(np.int32)
         not_alloc = live[self._is_free[live]]
         if not_alloc.size:
             raise ValueError(
