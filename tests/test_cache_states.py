@@ -162,5 +162,12 @@ def test_snapshot_slots_are_their_own_capacity_and_their_eviction_keeps_kv():
     m = cache.lookup(np.concatenate([kept[0], [1]]))
     assert m.full_match_len >= 64  # its KV stays (on device or host)
     cache.check_invariants()
+
+
+def test_a_host_snapshot_pool_smaller_than_the_device_one_is_refused():
+    # the reference's #39436: a host state pool out of proportion to what it must hold
     with pytest.raises(ValueError, match="host_state_slots=2 is below device_state_slots=3"):
         HiCache(SPEC, make_mesh(1, 1), HiCacheConfig(24, device_state_slots=3, host_state_slots=2))
+    cfg = HiCacheConfig(24, host_pages=96, state_interval=GRID)
+    assert cfg.state_slots(SPEC) == (24 // 2 + 8, 96 // 2)  # the defaults: one per grid step
+    assert cfg.state_slots(ModelCacheSpec.tiny_dsv4()) == (0, 0)
