@@ -7,9 +7,11 @@ sequential job (one request after another through ``ServingLoop``); with
 Configuration: ``models/multiturn_config.py``; figures: ``models/multiturn_results.py``;
 table and PNG: ``models/multiturn_report.py``. Data flow of the sequential job::
 
-    MultiturnConfig ──> tiny DSV4 model (preset) + ServingLoop over one HiCache
-                        (device pages < working set, host pages < working set,
-                        L3 = a StorageBackend) + Workload (models/workload.py)
+    MultiturnConfig ──> the preset's model (any family: models/multiturn_presets.py,
+                        a ServableModel) + ServingLoop over one HiCache with the
+                        preset's cache knobs (device pages < working set, host
+                        pages < working set, L3 = a StorageBackend unless the
+                        family's cache has no L3 tier) + Workload (models/workload.py)
       1. warm-up   (timed apart)  steps 2-4 on variant-1 tokens (same lengths, no shared
                                   page) on the SAME cache instance, so every program shape
                                   (chunks, decode, fused host/L3 load-backs, per page-table
@@ -28,7 +30,8 @@ table and PNG: ``models/multiturn_report.py``. Data flow of the sequential job::
                                   and host do not hold must come from L3; tokens compared
                                   with step 2 (models/multiturn_two_pass.py))
       4. L3 probe                 device and host emptied, a client's whole conversation plus
-                                  a new user turn served from L3 vs recomputed (same prompt)
+                                  a new user turn served from L3 vs recomputed (same prompt);
+                                  skipped without an L3 tier
       ──> results dict (results.json), a PNG, a text table (``format_table``)
 
 Both passes use the same compiled programs and page-table buckets, so the TTFT
@@ -58,7 +61,6 @@ from jaxhicache.mesh import make_mesh
 from jaxhicache.spec import PageSpace
 from jaxhicache.storage import FileBackend, Namespace, StorageBackend, page_hashes
 from models.compile_counter import CompileCounter
-from models.dsv4 import init_params
 from models.multiturn_concurrent import empty_tiers, run_concurrent
 from models.multiturn_concurrent_results import concurrent_summary
 from models.multiturn_config import ModelPreset, MultiturnConfig, check, check_store
@@ -66,7 +68,6 @@ from models.multiturn_report import format_table, write_outputs
 from models.multiturn_results import RequestRecord, build_results, snapshot
 from models.multiturn_results import summary as sequential_summary
 from models.multiturn_two_pass import check_two_pass, two_pass_results
-from models.paged import PagedModel
 from models.serving import ServingLoop
 from models.workload import Transcript, Workload
 
@@ -95,28 +96,27 @@ def _progress(total: int, enabled: bool):
 class _Job:
     """One run: the model, the loop over one cache, and the two workload variants."""
 
-    def __init__(self, config: MultiturnConfig, store: StorageBackend, progress: bool):
+    def __init__(self, config: MultiturnConfig, store: StorageBackend | None, progress: bool):
         self.config = c = config
-        self.store = store
+        self.store = store  # None: the preset's cache has no L3 tier
         self.mcfg = c.preset.model_config()
         self.page = self.mcfg.page_size
         self.workload = Workload(c.workload)
         self.warm_workload = Workload(c.workload, variant=1)
         self.device_pages, self.host_pages = c.pool_sizes(self.workload)
-        mesh = make_mesh(c.pp, c.tp)
-        self.model = PagedModel(
-            self.mcfg, init_params(self.mcfg, 0), mesh=mesh, fast_compile=c.preset.fast_compile
-        )
+        self.model = c.preset.build_model(make_mesh(c.pp, c.tp), self.mcfg)
         # a run tag in the model id keeps a reused store from serving an earlier run's
         # pages (tenant salts would too, but a salted L3 lookup after an L1/L2 hit raises
         # in jaxhicache/cache/l3.py today); warm-up and timed tokens never overlap anyway
         self.tag = secrets.token_hex(4)
-        self.model_id = f"tiny-dsv4-{c.preset.value}-w0/run-{self.tag}"
-        storage = StorageConfig(
-            model_id=self.model_id,
-            prefetch_threshold=self.page,
-            prefetch_policy=c.prefetch_policy,
-        )
+        self.model_id = f"{c.preset.model_name}-w0/run-{self.tag}"
+        storage = None
+        if store is not None:
+            storage = StorageConfig(
+                model_id=self.model_id,
+                prefetch_threshold=self.page,
+                prefetch_policy=c.prefetch_policy,
+            )
         self.loop = ServingLoop.for_model(
             self.model,
             device_pages=self.device_pages,
@@ -125,14 +125,19 @@ class _Job:
             storage=storage,
             store=store,
             layerwise=True,  # the measured path: the load rides in the first chunk
+            **c.preset.cache_fields(),
         )
+        cache = self.loop.cache
+        # a hit's granularity: whole pages, or the snapshot grid of a recurrent hybrid
+        self.hit_unit = cache.config.state_grid(cache.spec) or self.page
         self.namespaces = [
             Namespace.for_stage(self.model.spec, m, model_id=self.model_id)
             for m in self.model.layer_maps
         ]
         if c.two_pass:
-            check_two_pass(self.loop.cache)
-        self.probe_clients = list(range(min(c.probe_reps, c.workload.clients)))
+            check_two_pass(cache)
+        reps = c.probe_reps if store is not None else 0
+        self.probe_clients = list(range(min(reps, c.workload.clients)))
         passes = 3 if c.two_pass else 2
         total = 2 * (passes * len(self.workload) + 2 * len(self.probe_clients))
         self.bar = _progress(total, progress)
@@ -150,6 +155,8 @@ class _Job:
         The L3 look-up is ``exists`` per page (it counts no hits).
         """
         t0 = time.perf_counter()
+        if self.store is None:
+            return 0.0
         cache, page = self.loop.cache, self.page
         key = prompt[:-1]
         m = cache.lookup(key)
@@ -260,7 +267,8 @@ def run_multiturn(
     """Runs the job (see the module docstring) and returns the results dict.
 
     ``store``: the L3 backend that ``config.store`` names (both ``None``: a
-    ``FileBackend`` on a temporary directory, removed afterwards). ``store_usage``:
+    ``FileBackend`` on a temporary directory, removed afterwards; none at all when the
+    preset's cache has no L3 tier, ``ModelPreset.l3_refusal``). ``store_usage``:
     reports the store's objects and bytes at the end (the CLI passes its lister). Writes ``results.json`` and ``multiturn.png``
     into ``config.out_dir`` when set. With ``config.concurrency`` set, runs the
     concurrent job instead (``models.multiturn_concurrent``).
@@ -271,7 +279,7 @@ def run_multiturn(
     check_store(config, store)
     t_start = time.perf_counter()
     tmp = None
-    if store is None:
+    if store is None and config.preset.l3_refusal is None:
         tmp = tempfile.mkdtemp(prefix="jaxhicache-multiturn-")
         store = FileBackend(tmp)
     counter = CompileCounter()
@@ -308,7 +316,7 @@ def run_multiturn(
             RequestRecord(t.index, t.client, t.turn, int(prompts[t.index].size), t.gen_len, a, b, h)
             for t, a, b, h in zip(job.workload.schedule, off, on, headroom, strict=True)
         ]
-        usage = store_usage(store) if store_usage is not None else None
+        usage = store_usage(store) if store_usage is not None and store is not None else None
         results = build_results(
             job, records, probes, before, after, usage,
             warmup_s=warmup_s, off_s=off_s, on_s=on_s, compiles=counter,
@@ -320,7 +328,7 @@ def run_multiturn(
                 for r, b, h in zip(records, on2, headroom2, strict=True)
             ]
             results["two_pass"] = two_pass_results(
-                records, second, job.page, flushed=flushed, flush_s=flush_s, on_s=on2_s
+                records, second, job.hit_unit, flushed=flushed, flush_s=flush_s, on_s=on2_s
             )
     finally:
         counter.close()

@@ -44,13 +44,11 @@ from jaxhicache.cache import HiCache, HiCacheConfig, StorageConfig
 from jaxhicache.mesh import make_mesh
 from jaxhicache.storage import FileBackend, StorageBackend
 from models.compile_counter import CompileCounter
-from models.dsv4 import init_params
 from models.engine import Completion, Engine, EngineConfig
 from models.multiturn_concurrent_results import concurrent_results
 from models.multiturn_config import MultiturnConfig, check, check_store
 from models.multiturn_report import write_outputs
 from models.multiturn_results import snapshot
-from models.paged import PagedModel
 from models.workload import Transcript, Workload
 
 __all__ = ["Served", "drive_clients", "empty_tiers", "run_concurrent"]
@@ -154,7 +152,7 @@ class ConcurrentJob:
     def __init__(
         self,
         config: MultiturnConfig,
-        store: StorageBackend,
+        store: StorageBackend | None,
         progress: bool,
         engine: EngineConfig | None = None,
     ):
@@ -166,27 +164,25 @@ class ConcurrentJob:
         self.warm_workload = Workload(c.workload, variant=1)
         self.device_pages, self.host_pages = c.pool_sizes(self.workload)
         self.concurrency = c.concurrency
-        self.model = PagedModel(
-            self.mcfg,
-            init_params(self.mcfg, 0),
-            mesh=make_mesh(c.pp, c.tp),
-            fast_compile=c.preset.fast_compile,
-        )
+        self.model = c.preset.build_model(make_mesh(c.pp, c.tp), self.mcfg)
         self.tag = secrets.token_hex(4)  # a reused store never serves an earlier run
-        self.model_id = f"tiny-dsv4-{c.preset.value}-w0/run-{self.tag}"
+        self.model_id = f"{c.preset.model_name}-w0/run-{self.tag}"
         partition = tuple(m.num_local_layers for m in self.model.layer_maps)
         base = HiCacheConfig(
             device_pages=self.device_pages,
             host_pages=self.host_pages,
             write_policy=c.write_policy,
             partition=partition,
+            **c.preset.cache_fields(),
         )
         self.cache_off = HiCache(self.model.spec, self.model.mesh, base)
-        storage = StorageConfig(
-            model_id=self.model_id,
-            prefetch_threshold=self.page,
-            prefetch_policy=c.prefetch_policy,
-        )
+        storage = None  # no L3 tier when the preset's cache has none (store None)
+        if store is not None:
+            storage = StorageConfig(
+                model_id=self.model_id,
+                prefetch_threshold=self.page,
+                prefetch_policy=c.prefetch_policy,
+            )
         self.cache_on = HiCache(
             self.model.spec,
             self.model.mesh,
@@ -253,7 +249,7 @@ def run_concurrent(
     check_store(config, store)
     t_start = time.perf_counter()
     tmp = None
-    if store is None:
+    if store is None and config.preset.l3_refusal is None:
         tmp = tempfile.mkdtemp(prefix="jaxhicache-multiturn-")
         store = FileBackend(tmp)
     counter = CompileCounter()
@@ -277,7 +273,7 @@ def run_concurrent(
             job.cache_on.poll(wait=True)
             after = snapshot(job.cache_on)
         job.bar.close()
-        usage = store_usage(store) if store_usage is not None else None
+        usage = store_usage(store) if store_usage is not None and store is not None else None
         results = concurrent_results(
             job, off, on, before, after, usage,
             off_s=off_s, on_s=on_s, retractions=(off_retractions, on_retractions),

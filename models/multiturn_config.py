@@ -1,5 +1,6 @@
-"""What the main job runs with: the model presets, :class:`MultiturnConfig` and the
-pre-flight :func:`check` (devices, layer split, tier capacities).
+"""What the main job runs with: :class:`MultiturnConfig` and the pre-flight
+:func:`check` (devices, layer split, tier capacities). The model presets, one per
+family and size, are ``models/multiturn_presets.py``.
 
 ``MultiturnConfig.concurrency`` picks the job: ``None`` (default) serves the
 schedule one request after another through ``ServingLoop`` (``models.multiturn``);
@@ -10,7 +11,6 @@ an int serves it with that many clients in flight through the continuous-batchin
 from __future__ import annotations
 
 import dataclasses
-import enum
 import math
 import os
 from pathlib import Path
@@ -20,55 +20,10 @@ import jax
 
 from jaxhicache.cache import PrefetchPolicy, WritePolicy
 from jaxhicache.layer_map import build_layer_maps
-from models.config import TinyDSV4Config
+from models.multiturn_presets import Family, ModelPreset
 from models.workload import Workload, WorkloadConfig
 
-__all__ = ["ModelPreset", "MultiturnConfig", "check", "check_store"]
-
-
-class ModelPreset(enum.Enum):
-    """Tiny DSV4 model sizes for the job (random weights, seed 0)."""
-
-    BENCH = "bench"  # default: page 64, W 32, hidden 256, 8 layers (~0.2 ms per token prefill)
-    SMALL = "small"  # --quick: page 32, W 16, hidden 128, 6 layers
-    TINY = "tiny"  # tests: the mini preset (page 16, W 8), 4 layers, fast compilation
-
-    def model_config(self) -> TinyDSV4Config:
-        if self is ModelPreset.TINY:
-            return TinyDSV4Config.mini(num_layers=4)
-        page, hidden, layers = (64, 256, 8) if self is ModelPreset.BENCH else (32, 128, 6)
-        return TinyDSV4Config.mini(
-            num_layers=layers,
-            page_size=page,
-            window=page // 2,
-            hca_ratio=page // 2,
-            hidden=hidden,
-            mlp_hidden=2 * hidden,
-            vocab=512,
-            head_dim=32,
-            q_lora=hidden // 2,
-            o_lora=hidden // 4,
-            index_head_dim=16,
-            index_topk=8,
-        )
-
-    @property
-    def fast_compile(self) -> bool:
-        """XLA opt level 0 (3× faster compiles, slower programs): the test preset only."""
-        return self is ModelPreset.TINY
-
-    def workload(self, seed: int = 0, *, quick: bool = False) -> WorkloadConfig:
-        """The default traffic for this preset (``quick``: 4 clients × 3 turns, else 6 × 4)."""
-        if self is ModelPreset.TINY:  # sized for the tests: every tier hit with 11 / 14 pages
-            return WorkloadConfig(
-                seed=seed, clients=3, turns=3, system_prompts=1, system_prompt_len=32,
-                user_tokens=24, gen_tokens=8, vocab=128,
-            )  # fmt: skip
-        page = self.model_config().page_size
-        return WorkloadConfig(
-            seed=seed, clients=4 if quick else 6, turns=3 if quick else 4, system_prompts=2,
-            system_prompt_len=16 * page, user_tokens=2 * page, gen_tokens=page // 2, vocab=512,
-        )  # fmt: skip
+__all__ = ["Family", "ModelPreset", "MultiturnConfig", "check", "check_store"]
 
 
 def _positive(name: str, value, *, allow_none: bool = False) -> None:
@@ -84,7 +39,7 @@ class MultiturnConfig:
     """Everything the job runs with (frozen; ``ValueError`` names a bad field and value).
 
     Attributes:
-      preset: the model.
+      preset: the model (its family, size, cache knobs and workload defaults).
       workload: the traffic (``None``: the preset's).
       pp / tp: the mesh (``pp * tp`` devices).
       device_pages / host_pages: tier capacities in pages (``None``: sized from the
@@ -92,7 +47,8 @@ class MultiturnConfig:
       host_ratio: host capacity relative to device, when ``host_pages`` is unset.
       write_policy / prefetch_policy: the cache's knobs.
       store: how the L3 store was given (recorded; ``None``: a temporary directory).
-      probe_reps: L3 probes (one client each, at most ``clients``).
+      probe_reps: L3 probes (one client each, at most ``clients``; none when the
+        preset's cache has no L3 tier).
       out_dir: where ``results.json`` and the PNG go (``None``: nowhere).
       concurrency: ``None``: the sequential job; ``N``: ``N`` clients in flight at
         once through the continuous-batching engine (at most ``workload.clients``).
@@ -166,6 +122,13 @@ class MultiturnConfig:
                 "--two-pass runs on the sequential job only, not with --concurrency "
                 f"{self.concurrency}: drop one of them"
             )
+        refusal = self.preset.l3_refusal
+        if refusal is not None and (self.store is not None or self.two_pass):
+            flags = " and ".join(
+                f for f, on in (("--store", self.store is not None), ("--two-pass", self.two_pass))
+                if on
+            )  # fmt: skip
+            raise ValueError(f"{flags} on the {self.preset.value} model: {refusal}")
         if self.workload.vocab > self.preset.model_config().vocab:
             raise ValueError(
                 f"workload vocab {self.workload.vocab} exceeds the {self.preset.value} model's "

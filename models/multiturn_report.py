@@ -84,6 +84,17 @@ def _plot(results: dict, records: list, path: Path) -> None:
 
 
 # ------------------------------------------------------------------------ table
+def _family(cfg: dict) -> str:
+    return {"dsv4": "DSV4", "mla": "MLA + DSA", "hybrid": "recurrent hybrid"}.get(
+        cfg.get("family", "dsv4"), cfg.get("family", "?")
+    )
+
+
+def _layers(cfg: dict) -> int:
+    m = cfg["model"]  # DSV4 configs have one compress ratio per layer, the others num_layers
+    return m["num_layers"] if "num_layers" in m else len(m["compress_ratios"])
+
+
 def format_table(r: dict) -> str:
     """The human summary of a results dict (what the CLI prints)."""
     if r.get("mode") == "concurrent":
@@ -108,13 +119,13 @@ def format_table(r: dict) -> str:
     total_hit = sum(hit.values())
     l3 = u["l3_store"]
     lines = [
-        f"jaxhicache bench multiturn — {cfg['preset']} model (page {cfg['page_size']}, "
-        f"{cfg['model']['hidden']} hidden, {len(cfg['model']['compress_ratios'])} layers), "
+        f"jaxhicache bench multiturn — {cfg['preset']} model ({_family(cfg)}, page "
+        f"{cfg['page_size']}, {cfg['model']['hidden']} hidden, {_layers(cfg)} layers), "
         f"pp={cfg['pp']} tp={cfg['tp']}, {cfg['devices']}",
         f"workload: {w['clients']} clients × {w['turns']} turns, {w['system_prompts']} system prompt(s) "
         f"of {w['system_prompt_len']} tokens, user ~{w['user_tokens']}, answer ~{w['gen_tokens']} "
         f"(seed {w['seed']}); tiers: device {cfg['device_pages']} pages, host {cfg['host_pages']} "
-        f"pages, L3 {cfg['store']}; {cfg['write_policy']}, prefetch {cfg['prefetch_policy']}",
+        f"pages, L3 {cfg['store'] or 'none'}; {cfg['write_policy']}, prefetch {cfg['prefetch_policy']}",
         f"warm-up {r['warmup_s']:.1f} s (not timed below); cache off {r['cache_off_s']:.1f} s, "
         f"cache on {r['cache_on_s']:.1f} s; compilations in timed steps: {r['compiles_in_timed_steps']}",
         "",
@@ -138,6 +149,8 @@ def format_table(r: dict) -> str:
             f"{'':>28}{r['l3_restore_vs_recompute']:>10.3f}"
             if r["l3_restore_vs_recompute"] is not None
             else "  no probe was served from L3"
+            if cfg.get("l3", True)
+            else "  no L3 tier for this model family"
         ),
         f"{'tokens equal to cache off':<34}{'':>14}{'yes' if r['tokens_match'] else 'NO':>14}"
         f"   (max |Δlogit| {r['max_step_logit_diff']:.1e})",
@@ -247,15 +260,15 @@ def _concurrent_table(r: dict) -> str:
     off, on = thr["cache_off"], thr["cache_on"]
     lines = [
         f"jaxhicache bench multiturn --concurrency {r['concurrency']} — {cfg['preset']} model "
-        f"(page {cfg['page_size']}, {cfg['model']['hidden']} hidden, "
-        f"{len(cfg['model']['compress_ratios'])} layers), pp={cfg['pp']} tp={cfg['tp']}, "
+        f"({_family(cfg)}, page {cfg['page_size']}, {cfg['model']['hidden']} hidden, "
+        f"{_layers(cfg)} layers), pp={cfg['pp']} tp={cfg['tp']}, "
         f"{cfg['devices']}; continuous-batching engine (chunk {cfg['chunk_size']}, "
         f"{cfg['prefill_tokens_per_step']} prefill tokens per step)",
         f"workload: {w['clients']} clients × {w['turns']} turns, {r['concurrency']} in flight, "
         f"think {r['think_ms']:g} ms; {w['system_prompts']} system prompt(s) of "
         f"{w['system_prompt_len']} tokens, user ~{w['user_tokens']}, answer ~{w['gen_tokens']} "
         f"(seed {w['seed']}); tiers: device {cfg['device_pages']} pages, host "
-        f"{cfg['host_pages']} pages, L3 {cfg['store']}; {cfg['write_policy']}, prefetch "
+        f"{cfg['host_pages']} pages, L3 {cfg['store'] or 'none'}; {cfg['write_policy']}, prefetch "
         f"{cfg['prefetch_policy']}",
         f"warm-up {r['warmup_s']:.1f} s (not timed below); cache off {r['cache_off_s']:.1f} s, "
         f"cache on {r['cache_on_s']:.1f} s; compilations in timed steps: "

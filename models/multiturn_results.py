@@ -88,6 +88,7 @@ def summary(results: dict) -> dict:
     out = {"bench": "multiturn", **{k: results[k] for k in keys}}
     out["ttft_turn1_ratio"] = results["ttft"]["turn1"]["ratio_p50"]
     out["preset"] = results["config"]["preset"]
+    out["family"] = results["config"].get("family", "dsv4")
     from models.multiturn_two_pass import two_pass_summary  # (it imports this module)
 
     out.update(two_pass_summary(results))
@@ -161,6 +162,8 @@ def config_fields(job, model_config, temp_store: bool) -> dict:
     c = job.config
     return {
         "preset": c.preset.value,
+        "family": c.preset.family.value,
+        "l3": job.store is not None,
         "quick": c.quick,
         "model": dataclasses.asdict(model_config),
         "fast_compile": c.preset.fast_compile,
@@ -172,9 +175,12 @@ def config_fields(job, model_config, temp_store: bool) -> dict:
         "write_policy": c.write_policy.value,
         "prefetch_policy": c.prefetch_policy.value,
         "prefetch_threshold": job.page,
+        **c.preset.cache_fields(),
         "two_pass": c.two_pass,
-        "store": c.store or "temporary FileBackend directory",
-        "store_backend": repr(job.store) if not temp_store else "FileBackend(<temp>)",
+        "store": c.store or ("temporary FileBackend directory" if job.store else None),
+        "store_backend": (
+            "FileBackend(<temp>)" if temp_store else None if job.store is None else repr(job.store)
+        ),
         "model_id": job.model_id,
         "workload": dataclasses.asdict(c.workload),
         "workload_digest": job.workload.digest(),

@@ -11,13 +11,15 @@ be identical. After the cache-on pass (pass 1)::
     ──> results["two_pass"]  hits per tier, the L3 hit fraction of the reusable
                              tokens, TTFT vs cache off, tokens vs cache off
 
-Definitions (per request ``i`` of pass 2, page size ``P``):
+Definitions (per request ``i`` of pass 2, hit unit ``P``: the page size, or for a
+recurrent hybrid its snapshot grid ``state_interval``, since a hit ends on a snapshot):
 
-- **reusable tokens** ``R_i``: the whole pages of ``prompt_i[:-1]`` (the part a hit
-  can cover: the last prompt token is always computed, hits are whole pages) that
-  pass 1 inserted into the cache, ``min(P * floor((len_i - 1) / P), inserted_i)``
-  with ``inserted_i`` pass 1's page-aligned inserted tokens of the same prompt
-  (always the whole ``P * floor((len_i - 1) / P)``: pass 1 served that prompt);
+- **reusable tokens** ``R_i``: the whole units of ``prompt_i[:-1]`` (the part a hit
+  can cover: the last prompt token is always computed, hits are whole units) that
+  pass 1 inserted into the cache, ``min(P * floor((len_i - 1) / P), P *
+  floor(inserted_i / P))`` with ``inserted_i`` pass 1's page-aligned inserted tokens
+  of the same prompt (always covering ``P * floor((len_i - 1) / P)``: pass 1 served
+  that prompt, and a hybrid's prefill snapshots the last grid point before its end);
 - **recomputed reusable tokens**: ``max(0, R_i - cached_i)``, reusable tokens pass 2
   computed instead of being served by any tier;
 - **L3 hit fraction** ``= storage / (storage + recomputed reusable)``, summed over
@@ -65,22 +67,23 @@ def check_two_pass(cache) -> None:
         )
 
 
-def reusable_tokens(prompt_len: int, page: int, inserted: int) -> int:
-    """``R_i`` (module docstring): whole pages of ``prompt[:-1]`` that pass 1 inserted."""
-    return min((prompt_len - 1) // page * page, inserted // page * page)
+def reusable_tokens(prompt_len: int, unit: int, inserted: int) -> int:
+    """``R_i`` (module docstring): whole hit units (pages, or a hybrid's snapshot grid)
+    of ``prompt[:-1]`` that pass 1 inserted."""
+    return min((prompt_len - 1) // unit * unit, inserted // unit * unit)
 
 
 def _ms(xs) -> list[float]:
     return [x * 1e3 for x in xs]
 
 
-def two_pass_results(records1, records2, page: int, *, flushed: dict, flush_s: float, on_s: float):
+def two_pass_results(records1, records2, unit: int, *, flushed: dict, flush_s: float, on_s: float):
     """``results["two_pass"]`` from the two passes' records (``RequestRecord``: the
     cache-off report as ``off``, that pass's cache-on report as ``on``), in schedule
-    order."""
+    order; ``unit``: a hit's granularity (the page size, or a hybrid's snapshot grid)."""
     rows, reusable, recomputed = [], 0, 0
     for a, b in zip(records1, records2, strict=True):
-        r = reusable_tokens(b.prompt_len, page, a.on.inserted_tokens)
+        r = reusable_tokens(b.prompt_len, unit, a.on.inserted_tokens)
         lost = max(0, r - b.on.cached_tokens)
         reusable += r
         recomputed += lost
@@ -114,6 +117,7 @@ def two_pass_results(records1, records2, page: int, *, flushed: dict, flush_s: f
     bad1, bad2 = mismatches(records1), mismatches(records2)
     return {
         "requests": len(records2),
+        "hit_unit": unit,
         "reusable_tokens": reusable,
         "hit_tokens": hit,
         "recomputed_reusable_tokens": recomputed,

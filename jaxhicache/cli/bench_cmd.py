@@ -12,14 +12,19 @@ from jaxhicache import compile_cache
 from jaxhicache.cli.common import ENUM_CHOICES, CliError, count, one_line, ratio, seed
 from jaxhicache.cli.storage_cmd import open_store, store_usage
 
-__all__ = ["add_parser", "run"]
+__all__ = ["MODEL_PRESETS", "add_parser", "run"]
+
+# the values of models.multiturn_presets.ModelPreset (kept here so that building the
+# parser imports no model code; tests/test_cli.py checks they agree)
+MODEL_PRESETS = ("bench", "small", "tiny", "mla", "mla-tiny", "hybrid", "hybrid-tiny")
 
 
 def run(args) -> int:
     """Validates everything (one-line errors), then runs the job and prints its table.
 
-    The workload is the preset's (``--model``, else ``small`` with ``--quick`` and
-    ``bench`` without), with each workload flag given overriding its field. After
+    The workload is the preset's (``--model``: a family and size, else ``small``
+    with ``--quick`` and ``bench`` without), with each workload flag given
+    overriding its field. After
     the table it prints the files written (with ``--out``) and one JSON summary
     line. The store, if any, is closed however the job ends.
 
@@ -103,17 +108,19 @@ def add_parser(sub) -> None:
         "multiturn",
         help="the main job: a multi-turn chat workload with the cache off, then on",
         description=(
-            "Replays a synthetic multi-turn chat workload through the tiny DSV4 model's serving "
-            "loop twice (cache off, then on with device, host and L3 tiers), after warming every "
+            "Replays a synthetic multi-turn chat workload through a tiny model's serving "
+            "loop (--model: the DSV4, MLA + DSA or recurrent hybrid family) twice (cache off, then on with device, host and L3 tiers), after warming every "
             "program shape up; prints a table and one JSON line, writes results.json and "
             "multiturn.png into --out."
         ),
     )
     m.add_argument(
         "--model",
-        choices=("bench", "small", "tiny"),
+        choices=MODEL_PRESETS,
         default=None,
-        help="model preset (default bench; small with --quick; tiny: the tests' model)",
+        help="model preset: DSV4 bench (default), small (default with --quick), tiny; "
+        "MLA + DSA mla, mla-tiny; recurrent hybrid hybrid, hybrid-tiny (no L3 tier yet: "
+        "no --store or --two-pass); the *tiny presets are the tests' models",
     )
     m.add_argument("--pp", type=count, default=1, help="pipeline stages (default 1)")
     m.add_argument("--tp", type=count, default=1, help="tensor-parallel size (default 1)")
