@@ -50,6 +50,7 @@ def _same(r, oracle) -> None:
 CASES = [
     ("pp1", WritePolicy.WRITE_BACK),
     ("pp2", WritePolicy.WRITE_THROUGH),
+    ("pp2", WritePolicy.WRITE_THROUGH_SELECTIVE),
     ("pp4", WritePolicy.WRITE_THROUGH),
 ]
 
@@ -70,6 +71,8 @@ def test_device_and_host_hits_serve_what_recomputation_gives(layout, policy):
     _same(r1, loop.serve_uncached(turn1, 6))
     turn2 = np.concatenate([turn1, r1.generated, _tokens(2, 20)])  # 71 tokens
     oracle = loop.serve_uncached(turn2, 4)
+    if policy is WritePolicy.WRITE_THROUGH_SELECTIVE:
+        loop.serve(turn1, 6)  # a second hit makes the node (and its snapshot) backed up
     r2 = loop.serve(turn2, 4)
     # turn 1 computed 50 positions: its last grid point, 32, was snapshotted
     assert r2.device_cached_tokens == GRID and r2.host_cached_tokens == 0
@@ -82,7 +85,10 @@ def test_device_and_host_hits_serve_what_recomputation_gives(layout, policy):
     assert cache.tree.total_device_pages() == 0 and not cache.tree.states.dev
     loop.pools = cache.new_device_pools()  # zeroed: a stale device state cannot pass
     r3 = loop.serve(turn2, 4)
-    assert r3.host_cached_tokens == 64 and r3.device_cached_tokens == 0  # turn 2 left 64
+    # turn 2 left a snapshot at 64; write-through-selective backs up only what was hit
+    # twice (turn 1's prefix), so the rest of turn 2 left with its device pages
+    want = GRID if policy is WritePolicy.WRITE_THROUGH_SELECTIVE else 64
+    assert r3.host_cached_tokens == want and r3.device_cached_tokens == 0
     _same(r3, oracle)
     cache.check_invariants()
 
