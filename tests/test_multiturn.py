@@ -1,10 +1,13 @@
-"""The main job (``jaxhicache bench multiturn``) end to end on the tiny model, its
-workload generator, and ``jaxhicache storage`` on the store the job wrote.
+"""The main job (``jaxhicache bench multiturn``) end to end on each model family's
+tiny preset, its workload generator, and ``jaxhicache storage`` on the store the job
+wrote.
 
-One job run (module fixture, ~30 s on 2 cores): the tiny model on PP 2, 3 clients
-× 3 turns with 11 device and 14 host pages, which forces device and host
-eviction, so every tier serves hits; with ``--two-pass`` (device and host flushed,
-the same traffic again from L3).
+One job run per family (module fixture ``job``, parametrized: ``tiny`` (DSV4),
+``mla-tiny``, ``hybrid-tiny``): PP 2, 3 clients × 3 turns with 11 device and 14 host
+pages, which forces device and host eviction, so every tier serves hits; with
+``--two-pass`` (device and host flushed, the same traffic again from L3) wherever the
+family's cache has an L3 tier (``ModelPreset.l3_refusal``; the hybrid's snapshots have
+none yet, so its run has no store and its L3 flags are refused).
 """
 
 import contextlib
@@ -33,6 +36,7 @@ from models.multiturn import (
     run_multiturn,
     summary,
 )
+from models.multiturn_presets import Family
 from models.multiturn_results import RequestRecord, mismatches
 from models.multiturn_two_pass import check_two_pass, two_pass_results
 from models.serving import RequestReport
@@ -46,21 +50,40 @@ def _no_nan(name):
     raise ValueError(f"results.json holds {name}: not strict JSON")
 
 
-@pytest.fixture(scope="module")
-def job(tmp_path_factory):
-    root = tmp_path_factory.mktemp("multiturn")
+FAMILY_PRESETS = {
+    "dsv4": ModelPreset.TINY,
+    "mla": ModelPreset.MLA_TINY,
+    "hybrid": ModelPreset.HYBRID_TINY,
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILY_PRESETS))
+def job(request, tmp_path_factory):
+    """``--quick`` on the family's tiny preset; ``--store`` and ``--two-pass`` where
+    its cache has an L3 tier."""
+    preset = FAMILY_PRESETS[request.param]
+    root = tmp_path_factory.mktemp(f"multiturn-{request.param}")
     out, store = root / "out", root / "store"
+    l3 = preset.l3_refusal is None
     argv = [
-        "bench", "multiturn", "--model", "tiny", "--pp", "2", "--device-pages", str(DEVICE_PAGES),
-        "--host-pages", str(HOST_PAGES), "--prefetch-policy", "wait_complete",
-        "--store", str(store), "--out", str(out), "--no-progress", "--two-pass",
-    ]  # fmt: skip
+        "bench", "multiturn", "--model", preset.value, "--pp", "2", "--quick",
+        "--device-pages", str(DEVICE_PAGES), "--host-pages", str(HOST_PAGES),
+        "--prefetch-policy", "wait_complete", "--out", str(out), "--no-progress",
+    ] + (["--store", str(store), "--two-pass"] if l3 else [])  # fmt: skip
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         code = main(argv)
     assert code == 0, stderr.getvalue()
     results = json.loads((out / "results.json").read_text(), parse_constant=_no_nan)
-    return {"out": out, "store": store, "stdout": stdout.getvalue(), "results": results}
+    return {
+        "family": request.param, "preset": preset, "l3": l3, "out": out,
+        "store": store if l3 else None, "stdout": stdout.getvalue(), "results": results,
+    }  # fmt: skip
+
+
+def _needs_l3(job):
+    if not job["l3"]:
+        pytest.skip(f"{job['preset'].value}: {job['preset'].l3_refusal}")
 
 
 def test_results_json_headline_figures(job):
@@ -72,7 +95,8 @@ def test_results_json_headline_figures(job):
     ):  # fmt: skip
         assert key in r, key
     hit = r["hit_tokens"]
-    assert hit["device"] > 0 and hit["host"] > 0 and hit["storage"] > 0, hit
+    assert hit["device"] > 0 and hit["host"] > 0, hit
+    assert (hit["storage"] > 0) is job["l3"], hit  # no L3 tier: nothing from it
     assert r["usage"]["device_evicted_pages"] > 0 and r["usage"]["host_evicted_pages"] > 0
     pre = r["prefill_tokens"]
     assert pre["cache_on"] < pre["cache_off"]
@@ -88,10 +112,13 @@ def test_results_json_headline_figures(job):
 
 def test_results_json_records_the_exact_configuration(job):
     c = job["results"]["config"]
-    assert c["preset"] == "tiny" and c["pp"] == 2 and c["tp"] == 1
+    assert c["preset"] == job["preset"].value and c["pp"] == 2 and c["tp"] == 1
+    assert c["family"] == job["family"] and c["l3"] is job["l3"]
     assert (c["device_pages"], c["host_pages"]) == (DEVICE_PAGES, HOST_PAGES)
     assert c["write_policy"] == "write_through" and c["prefetch_policy"] == "wait_complete"
-    assert c["store"] == str(job["store"])
+    assert c["store"] == (str(job["store"]) if job["l3"] else None)
+    if job["family"] == "hybrid":  # the preset's cache knob: snapshots every 2 pages
+        assert c["state_interval"] == 2 * c["page_size"]
     assert c["workload"]["clients"] == 3 and c["workload"]["turns"] == 3
     assert c["model"]["page_size"] == 16 and len(c["workload_digest"]) == 64
 
@@ -99,6 +126,10 @@ def test_results_json_records_the_exact_configuration(job):
 def test_l3_probe_is_served_from_storage_only(job):
     r = job["results"]
     probes = r["l3_probe"]
+    if not job["l3"]:  # no L3 tier: no probe, and the table says why
+        assert probes == [] and r["l3_restore_vs_recompute"] is None
+        assert "no L3 tier for this model family" in job["stdout"]
+        return
     assert len(probes) == 3
     for p in probes:
         assert p["storage_tokens"] > 0 and p["device_tokens"] == p["host_tokens"] == 0, p
@@ -126,14 +157,16 @@ def test_two_pass_serves_every_reusable_prefix_from_l3(job):
     hold came from L3: none is recomputed, so the L3 hit fraction is exactly 1 (every
     page pass 1 inserted was written through to L3; the tiny model recomputes a page
     in more time than it takes to load it, so the cost model fetches every hit)."""
+    _needs_l3(job)
     r = job["results"]
     t = r["two_pass"]
     assert r["config"]["two_pass"] is True and t["requests"] == 9
     rows = t["per_request"]
-    page = r["config"]["page_size"]
+    unit = t["hit_unit"]  # a hit's granularity: the page, or a hybrid's snapshot grid
+    assert unit == r["config"].get("state_interval", r["config"]["page_size"])
     assert [x["prompt_len"] for x in rows] == [x["prompt_len"] for x in r["per_request"]]
     for x in rows:
-        assert x["reusable_tokens"] == (x["prompt_len"] - 1) // page * page, x
+        assert x["reusable_tokens"] == (x["prompt_len"] - 1) // unit * unit, x
         assert x["device_tokens"] + x["host_tokens"] + x["storage_tokens"] == x["reusable_tokens"]
         assert x["recomputed_reusable_tokens"] == 0 and x["tokens_match"], x
     # the first request after the flush: nothing on device or host, all of it from L3
@@ -167,6 +200,42 @@ def test_two_pass_serves_every_reusable_prefix_from_l3(job):
     assert last["two_pass_ttft_ratio_later_turns"] == round(t["ttft_ratio_later_turns"], 4)
 
 
+def test_families_without_l3_refuse_its_flags(capsys):
+    """A preset whose cache has no L3 tier refuses ``--store`` and ``--two-pass`` up
+    front, naming the reason (``ModelPreset.l3_refusal``)."""
+    for preset in ModelPreset:
+        reason = preset.l3_refusal
+        if reason is None:
+            continue
+        assert preset.family is Family.HYBRID and "snapshots" in reason
+        with pytest.raises(ValueError, match=f"--two-pass on the {preset.value} model: "):
+            MultiturnConfig(preset=preset, two_pass=True)
+        with pytest.raises(ValueError, match="--store and --two-pass on the"):
+            MultiturnConfig(preset=preset, store="/some/dir", two_pass=True)
+        code = main(
+            ["bench", "multiturn", "--model", preset.value, "--store", "/x", "--no-progress"]
+        )
+        err = capsys.readouterr().err
+        assert (
+            code != 0 and f"--store on the {preset.value} model" in err and "\n" not in err.strip()
+        )
+
+
+def test_presets_build_every_family():
+    """Each preset's config, its model's spec and cache knobs (no compilation)."""
+    from jaxhicache.cache import HiCacheConfig
+
+    for preset in ModelPreset:
+        cfg = preset.model_config()
+        assert preset.workload().vocab <= cfg.vocab
+        assert preset.model_name == f"tiny-{preset.family.value}-{preset.size}"
+        grid = HiCacheConfig(device_pages=8, **preset.cache_fields()).state_grid(cfg.cache_spec())
+        assert (grid > 0) is (preset.family is Family.HYBRID)
+        assert grid % cfg.page_size == 0
+    assert {p.family for p in ModelPreset} == set(Family)
+    assert [p.value for p in ModelPreset if p.is_tiny] == ["tiny", "mla-tiny", "hybrid-tiny"]
+
+
 def test_two_pass_refusals():
     with pytest.raises(ValueError, match="sequential job only, not with --concurrency 2"):
         MultiturnConfig(preset=ModelPreset.TINY, concurrency=2, two_pass=True)
@@ -196,17 +265,19 @@ def _run(argv, capsys):
 
 
 def test_storage_ls_stats_clear_on_the_jobs_store(job, tmp_path, capsys):
+    _needs_l3(job)
     store = tmp_path / "store"
     shutil.copytree(job["store"], store)
     s = str(store)
     text, ls = _run(["storage", "ls", "--store", s], capsys)
     assert ls["objects"] == job["results"]["usage"]["l3_store"]["objects"] > 0
     models = {g["model"] for g in ls["groups"]}
-    assert len(models) == 1 and models.pop().startswith("tiny-dsv4-tiny-w0/run-")
-    assert {g["unit"] for g in ls["groups"]} == {"full", "swa"}
+    assert len(models) == 1 and models.pop().startswith(f"{job['preset'].model_name}-w0/run-")
+    units = {"full", "swa"} if job["family"] == "dsv4" else {"full"}  # MLA has no SWA space
+    assert {g["unit"] for g in ls["groups"]} == units
     assert {g["layers"] for g in ls["groups"]} == {"0-2", "2-4"}  # one namespace per PP stage
     assert sum(g["objects"] for g in ls["groups"]) == ls["objects"]
-    assert "swa" in text and "full" in text
+    assert all(u in text for u in units)
     keys_text, _ = _run(["storage", "ls", "--store", s, "--keys"], capsys)
     assert keys_text.count("jaxhicache/v2/") == ls["objects"]
 
