@@ -217,3 +217,13 @@ def test_compile_cache_flags_exclude_each_other_and_check_the_path(tmp_path, cap
     assert main([*argv, "--out", str(tmp_path / "o"), "--compile-cache", str(a_file)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("jaxhicache: error: --compile-cache") and str(a_file) in err
+
+
+def test_bench_model_choices_are_the_presets():
+    """``--model``'s choices (kept in the CLI so its parser imports no model code) are
+    the job's presets, every family included."""
+    from jaxhicache.cli.bench_cmd import MODEL_PRESETS
+    from models.multiturn_presets import ModelPreset
+
+    assert tuple(p.value for p in ModelPreset) == MODEL_PRESETS
+    assert {"mla", "mla-tiny", "hybrid", "hybrid-tiny"} <= set(MODEL_PRESETS)
