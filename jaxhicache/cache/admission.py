@@ -197,7 +197,10 @@ class Admission:
         state_slot = -1  # a device slot to load a host snapshot into
         try:
             full, swa = self._evictor.allocate(pools, n_load + own, n_swa_load + n_own_swa)
-            if self._states is not None and m.state_device_slot < 0 <= m.state_host_slot:
+            # a device slot to load a host snapshot into: the L3 hit's, else the tree's
+            l3_state = pre is not None and pre.host_state.size > 0
+            host_snap = pre is None and m.state_device_slot < 0 <= m.state_host_slot
+            if self._states is not None and (l3_state or host_snap):
                 try:
                     state_slot = int(self._states.alloc(Tier.DEVICE, 1)[0])
                 except OutOfPages:
@@ -253,6 +256,7 @@ class Admission:
             cached += storage_hit
             self._ledger.hold_host(PageSpace.FULL, pre.host_full.size)
             self._ledger.hold_host(PageSpace.SWA, pre.host_swa.size)
+            self._ledger.hold_host(PageSpace.STATE, pre.host_state.size)
         self._ledger.hold(PageSpace.FULL, own_full.size)
         self._ledger.hold(PageSpace.SWA, own_swa.size)
         s = self._stats
@@ -277,9 +281,11 @@ class Admission:
             own_from=first,
             l3_host_full=None if pre is None else pre.host_full,
             l3_host_swa=None if pre is None else pre.host_swa,
+            l3_host_state=None if pre is None else pre.host_state,
         )
         if self._states is not None:
-            self._states.admit(req, m, parts, state_slot)
+            l3_snap = int(pre.host_state[0]) if pre is not None and pre.host_state.size else -1
+            self._states.admit(req, m, parts, state_slot, l3_snap, cached)
         if m.matched_len and should_backup_on_hit(self._tree.write_policy, m.node):
             backups.append(m.node)
         return req

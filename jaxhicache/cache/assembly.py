@@ -5,7 +5,7 @@
     spec, mesh, config ─> layer maps ─> HostPools (this process's stages)
                            PageLedger ─> TransferEngine (host generations checked)
                            RadixTree, Agreement, CacheStats, Evictor
-    store + config.storage ─> StorageTier (both or neither) ─┐
+    store + config.storage ─> StorageTier (both or neither; StateSlots for snapshots) ─┐
                            Backups (landed backups written to L3) ─> Evictor.backups, .l3
                            Admission, InFlight (over the same tree, ledger and evictor)
 
@@ -84,11 +84,6 @@ def assemble(
     host_pages = config.host_capacity()
     host_swa = config.host_swa_capacity(spec)
     dev_states, host_states = config.state_slots(spec)  # 0, 0 without recurrent states
-    if dev_states and (store is not None or config.storage is not None):
-        raise ValueError(
-            f"spec {spec.name!r} has recurrent-state snapshots, which the L3 tier does not "
-            "store yet: build the cache without a store and config.storage"
-        )
     host = HostPools(  # this process's stages only
         spec,
         layer_maps,
@@ -136,8 +131,11 @@ def assemble(
             stats,
             agreement=agreement,
             make_room=evictor.make_room_on_host,
+            states=states,
         )
     )
+    if states is not None:
+        states.l3 = l3  # host snapshot room: unclaimed prefetches, then L3 writes waited
     backups = Backups(
         engine,
         tree,

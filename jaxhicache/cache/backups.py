@@ -67,7 +67,7 @@ class Backups:
         ledger: PageLedger,
         stats: CacheStats,
         make_room_on_host: Callable[[PageSpace, int], None],
-        on_backed_up: Callable[[TreeNode, int], None] | None = None,
+        on_backed_up: Callable[[TreeNode, int, list[TreeNode]], None] | None = None,
         agreement: Agreement | None = None,
         alloc_host_states: Callable[[int], np.ndarray] | None = None,
     ):
@@ -219,14 +219,20 @@ class Backups:
                 unused_full, unused_swa = self._tree.mark_backed_up(p.node, p.host_full, p.host_swa)
                 self._ledger.free(Tier.HOST, PageSpace.FULL, unused_full)
                 self._ledger.free(Tier.HOST, PageSpace.SWA, unused_swa)
+                snaps: list[TreeNode] = []  # the snapshots whose host copy was recorded
                 if p.state_nodes:
                     assert self._tree.states is not None
                     unused = self._tree.states.mark_backed_up(p.state_nodes, p.host_states)
                     self._ledger.free(Tier.HOST, PageSpace.STATE, unused)
+                    snaps = [
+                        n
+                        for n, s in zip(p.state_nodes, p.host_states.tolist(), strict=True)
+                        if n.state_host == s
+                    ]
                 recorded = p.host_full.size - unused_full.size
                 self._stats.backed_up_pages += recorded
-                if self._on_backed_up is not None and recorded:
-                    self._on_backed_up(p.node, recorded)  # e.g. write them on to L3
+                if self._on_backed_up is not None and (recorded or snaps):
+                    self._on_backed_up(p.node, recorded, snaps)  # e.g. write them on to L3
         self._pending = still
         return done
 

@@ -187,6 +187,9 @@ class InFlight:
                 self._ledger.unhold_host(PageSpace.SWA, req.l3_host_swa.size)
                 self._ledger.free(Tier.HOST, PageSpace.FULL, req.l3_host_full)
                 self._ledger.free(Tier.HOST, PageSpace.SWA, req.l3_host_swa)
+            if req.l3_host_state is not None:  # hybrids: the prefetched snapshot's host slot
+                self._ledger.unhold_host(PageSpace.STATE, req.l3_host_state.size)
+                self._ledger.free(Tier.HOST, PageSpace.STATE, req.l3_host_state)
             if self._states is not None:
                 self._states.release(req)
             self._tree.dec_lock(req.node)

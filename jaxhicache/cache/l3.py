@@ -20,9 +20,10 @@ Control plane (main thread; the only place the tree changes)::
        │                                 request's own device pages with the prefix load, the
        │                                 tree gets the pages at insert, the slots are freed at
        v                                 release; failed or stale prefetches are dropped
-    write(node, pages)                   after a D2H backup landed: the worker writes (absent
-       │                                 pages only) the full-space objects of every page and
-       v                                 the SWA-space objects at checkpoints
+    write(node, pages, snapshots)        after a D2H backup landed: the worker writes (absent
+       │                                 pages only) the full-space objects of every page, the
+       │                                 SWA-space objects at checkpoints and (hybrids) one
+       v                                 state object per host snapshot backed up
     finish_writes()                      before anything frees host pages (host eviction, SWA
                                          reclaim), so no slot the worker reads changes
 
@@ -30,6 +31,12 @@ The worker only reads and writes slab rows of pages the controller reserved or
 locked, so no slab row changes under it. Storage faults never raise: a failed
 page ends the loaded prefix (a shorter hit or a miss); a failed write is a
 counter. Every decision (hit end, what to insert) is taken once for all stages.
+
+Recurrent hybrids: a snapshot at position ``e`` (pages) is one object per stage in the
+``STATE`` space, keyed by the hash of page ``e - 1`` (the chain of the KV pages, salt
+included). A hit ends only on the snapshot grid where that object is on every stage;
+its prefetch fetches it into a host snapshot slot (``StateSlots.alloc``), all or
+nothing with the KV pages, and the request loads it into its own device slot.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from jaxhicache.cache.l3_config import LookupWindows, PrefetchPolicy, StorageCon
 from jaxhicache.cache.l3_lookup import Lookups, StageObjects
 from jaxhicache.cache.l3_writer import WriteBack, WriteItem
 from jaxhicache.cache.ledger import PageLedger
+from jaxhicache.cache.states import StateSlots
 from jaxhicache.cache.stats import CacheStats
 from jaxhicache.distributed import Agreement
 from jaxhicache.pools.allocator import OutOfPages
@@ -72,6 +80,9 @@ class Prefetch:
     host_full: np.ndarray  # slots for pages [first, end)
     host_swa: np.ndarray  # slots for pages [swa_first, end)
     future: concurrent.futures.Future
+    host_state: np.ndarray = dataclasses.field(  # hybrids: the snapshot slot of end
+        default_factory=lambda: np.zeros(0, np.int32)
+    )
 
 
 @final
@@ -89,6 +100,7 @@ class StorageTier:
         stats: CacheStats,
         agreement: Agreement | None = None,
         make_room: Callable[[PageSpace, int], None] | None = None,
+        states: StateSlots | None = None,
     ):
         if not isinstance(backend, StorageBackend):
             raise ValueError(f"storage must be a StorageBackend, got {type(backend).__name__}")
@@ -101,6 +113,8 @@ class StorageTier:
         self._stats = stats
         self._ps = spec.page_size
         self._w = spec.swa_trailing_pages
+        self._states = states  # hybrids: host snapshot slots (LRU snapshots evicted for room)
+        self._grid = states.interval // self._ps if states is not None else 0
         # This process's stages only (all of them in a single process).
         self.namespaces = {
             m.pp_rank: Namespace.for_stage(spec, m, model_id=config.model_id)
@@ -121,12 +135,12 @@ class StorageTier:
                 ns,
                 *(
                     backend.page_objects(ns, s, host, r) if s in spaces else (0, 0)
-                    for s in (PageSpace.FULL, PageSpace.SWA)
+                    for s in (PageSpace.FULL, PageSpace.SWA, PageSpace.STATE)
                 ),
             )
             for r, ns in self.namespaces.items()
         ]
-        n_jobs = sum(bool(st.full[0]) + bool(st.swa[0]) for st in self._stages)
+        n_jobs = sum(bool(st.full[0]) + bool(st.swa[0]) + bool(st.state[0]) for st in self._stages)
         self._io = (  # a prefetch's gets of several stages and spaces at once
             concurrent.futures.ThreadPoolExecutor(n_jobs, thread_name_prefix="jaxhicache-l3-io")
             if backend.concurrent and n_jobs > 1
@@ -141,6 +155,7 @@ class StorageTier:
             stats,
             self._ps,
             self._w,
+            self._grid,
         )
         self.costs = self.lookups.costs
         self._prefetches: list[Prefetch] = []
@@ -160,6 +175,7 @@ class StorageTier:
         return {
             PageSpace.FULL: sum(p.host_full.size for p in self._prefetches),
             PageSpace.SWA: sum(p.host_swa.size for p in self._prefetches),
+            PageSpace.STATE: sum(p.host_state.size for p in self._prefetches),
         }
 
     def find(self, key: np.ndarray, salt) -> Prefetch | None:
@@ -252,12 +268,17 @@ class StorageTier:
         if host_full is None:
             return None
         host_swa = self._alloc_host(PageSpace.SWA, end - swa_first)
-        if host_swa is None:
+        host_state = self._alloc_state() if host_swa is not None else None
+        if host_swa is None or host_state is None:
             self._ledger.free(Tier.HOST, PageSpace.FULL, host_full)
+            self._ledger.free(Tier.HOST, PageSpace.SWA, host_swa if host_swa is not None else [])
             return None
         job_hashes = hashes[: end - first]
         swa_hashes = job_hashes[swa_first - first :]
-        fut = self._fetcher.submit(self._fetch, job_hashes, host_full, swa_hashes, host_swa)
+        state_hashes = job_hashes[-1:] if host_state.size else []  # keyed by end's page
+        fut = self._fetcher.submit(
+            self._fetch, job_hashes, host_full, swa_hashes, host_swa, state_hashes, host_state
+        )
         p = Prefetch(
             key=key[: end * ps].copy(),
             salt=salt,
@@ -267,6 +288,7 @@ class StorageTier:
             host_full=host_full,
             host_swa=host_swa,
             future=fut,
+            host_state=host_state,
         )
         self._prefetches.append(p)
         self._stats.storage_prefetches += 1
@@ -282,17 +304,29 @@ class StorageTier:
         except OutOfPages:
             return None
 
-    def _fetch(self, hashes, host_full, swa_hashes, host_swa) -> int:
-        """Fetch thread: loads the pages into the slots (the gets of every stage and page
-        space at once on a concurrent store); returns the pages usable on every stage."""
+    def _alloc_state(self) -> np.ndarray | None:
+        """Hybrids: one host snapshot slot (LRU host snapshots evicted for room; ``None``
+        when none is free even then); others: no slot."""
+        if self._states is None:
+            return np.zeros(0, np.int32)
+        try:
+            return self._states.alloc(Tier.HOST, 1)
+        except OutOfPages:
+            return None
+
+    def _fetch(self, hashes, host_full, swa_hashes, host_swa, state_hashes, host_state) -> int:
+        """Fetch thread: loads the pages (and the snapshot at their end) into the slots
+        (the gets of every stage and page space at once on a concurrent store); returns
+        the pages usable on every stage (all or nothing)."""
         jobs = [
             (st, space, hs, ids)
             for space, hs, ids in (
                 (PageSpace.FULL, hashes, host_full),
                 (PageSpace.SWA, swa_hashes, host_swa),
+                (PageSpace.STATE, state_hashes, host_state),
             )
             for st in self._stages
-            if len(hs) and (st.full if space is PageSpace.FULL else st.swa)[0]
+            if len(hs) and _objects(st, space)[0]
         ]
         if not jobs:
             return len(hashes)
@@ -310,7 +344,7 @@ class StorageTier:
         seconds = time.perf_counter() - t0
         objects = nbytes = 0
         for st, space, hs, _ids in jobs:
-            o, b = st.full if space is PageSpace.FULL else st.swa
+            o, b = _objects(st, space)
             objects, nbytes = objects + o * len(hs), nbytes + b * len(hs)
         self.costs.observe_fetch(objects, nbytes, in_flight, seconds)
         n = len(hashes)
@@ -325,9 +359,9 @@ class StorageTier:
         window_ok = all(
             bool(ok.all())
             for (_, sp, _, _), ok in zip(jobs, oks, strict=True)
-            if sp is PageSpace.SWA
+            if sp is not PageSpace.FULL
         )
-        # A hit must end where its window was fetched: all or nothing.
+        # A hit must end where its window and its snapshot were fetched: all or nothing.
         return n if good == n and window_ok else 0
 
     def wait(self, prefetch: Prefetch) -> None:
@@ -339,15 +373,22 @@ class StorageTier:
             prefetch.future.result(timeout)
 
     # -------------------------------------------------------------------- backup
-    def write(self, node: TreeNode, num_pages: int) -> None:
-        """Writes the last ``num_pages`` backed-up pages of ``node``'s path to storage.
+    def write(self, node: TreeNode, num_pages: int, snapshots: Sequence[TreeNode] = ()) -> None:
+        """Writes the last ``num_pages`` backed-up pages of ``node``'s path to storage,
+        and the host snapshots just backed up at the ends of ``snapshots`` (nodes of the
+        path): one state object each, keyed by the hash of the page ending there.
 
         Call after the D2H backup landed (the pages are host-resident). The host
         slots must not be freed before :meth:`finish_writes` (the cache calls it
-        before every host eviction or SWA reclaim); device eviction is harmless.
+        before every host eviction, SWA reclaim or snapshot eviction); device
+        eviction is harmless.
         """
-        if not self.config.backup or num_pages <= 0:
+        snaps = [n for n in snapshots if n.parent is not None and n.state_host >= 0]
+        if not self.config.backup or (num_pages <= 0 and not snaps):
             return
+        state_hashes = [self._tree.path_hashes(n)[-1] for n in snaps]
+        host_states = np.asarray([n.state_host for n in snaps], np.int32)
+        num_pages = max(num_pages, 0)
         path_full, path_swa = _path_host_ids(node)
         hashes = self._tree.path_hashes(node)
         total = len(hashes)
@@ -355,7 +396,7 @@ class StorageTier:
         k = self.config.swa_checkpoint_every
         w = self._w
         swa_pages: list[int] = []
-        if w:
+        if w and num_pages:
             ends = {e for e in range(lo + 1, total + 1) if e % k == 0} | {total}
             swa_pages = sorted({i for e in ends for i in range(max(e - w, 0), e)})
             swa_pages = [i for i in swa_pages if path_swa[i] >= 0]
@@ -365,6 +406,8 @@ class StorageTier:
                 path_full[lo:].copy(),
                 [hashes[i] for i in swa_pages],
                 path_swa[swa_pages].copy() if swa_pages else np.zeros(0, np.int32),
+                state_hashes,
+                host_states,
             )
         )
 
@@ -375,6 +418,7 @@ class StorageTier:
         for space, pairs in (
             (PageSpace.FULL, [(it.hashes, it.host_full) for it in items]),
             (PageSpace.SWA, [(it.swa_hashes, it.host_swa) for it in items]),
+            (PageSpace.STATE, [(it.state_hashes, it.host_states) for it in items]),
         ):
             # A page in two items (a shared window) is written once.
             unique = {h: i for hs, ids in pairs for h, i in zip(hs, ids.tolist(), strict=True)}
@@ -424,6 +468,7 @@ class StorageTier:
     def _drop(self, p: Prefetch) -> None:
         self._ledger.free(Tier.HOST, PageSpace.FULL, p.host_full)
         self._ledger.free(Tier.HOST, PageSpace.SWA, p.host_swa)
+        self._ledger.free(Tier.HOST, PageSpace.STATE, p.host_state)
 
     def finish_writes(self) -> None:
         """Waits for every L3 write (they read host slots that are about to be freed)."""
@@ -476,6 +521,11 @@ def _raised(p: Prefetch) -> bool:
 def _leading(mask: np.ndarray) -> int:
     bad = np.flatnonzero(~np.asarray(mask, bool))
     return int(bad[0]) if bad.size else int(np.asarray(mask).size)
+
+
+def _objects(st: StageObjects, space: PageSpace) -> tuple[int, int]:
+    """``(objects, bytes)`` of one page (or snapshot) of ``space`` on stage ``st``."""
+    return {PageSpace.FULL: st.full, PageSpace.SWA: st.swa, PageSpace.STATE: st.state}[space]
 
 
 def _has_space(ns: Namespace, spec: ModelCacheSpec, space: PageSpace) -> bool:

@@ -9,6 +9,9 @@ at once), the existence checks of
 * the SWA-space objects of the pages in the windows of the hit ends the tier may
   choose without a second look (:func:`window_pages`: every checkpoint, i.e. multiple
   of ``swa_checkpoint_every``, and ``stop``), on every local stage,
+* recurrent hybrids: the state-space object (one snapshot) of every candidate end on
+  the snapshot grid (:func:`state_pages`: keyed by the hash of the page ending there),
+  on every local stage; a hit ends only where one is,
 
 so a lookup costs about ``ceil(checks / lookup_in_flight)`` sequential round trips to
 the store instead of one per stage plus one per candidate window. The result is
@@ -34,7 +37,7 @@ from jaxhicache.storage.backend import ExistsQuery, StorageBackend
 from jaxhicache.storage.keys import Namespace
 from jaxhicache.tree import RadixTree
 
-__all__ = ["Lookups", "Probe", "StageObjects", "probe", "window_pages"]
+__all__ = ["Lookups", "Probe", "StageObjects", "probe", "state_pages", "window_pages"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +48,7 @@ class StageObjects:
     ns: Namespace
     full: tuple[int, int]  # (objects, bytes) of one full-space page; (0, 0): no such pool
     swa: tuple[int, int]
+    state: tuple[int, int] = (0, 0)  # of one recurrent-state snapshot (hybrids)
 
 
 @dataclasses.dataclass
@@ -53,7 +57,8 @@ class Probe:
 
     ``full[i]``: page ``first + i``'s full-space objects are present on every local
     stage; ``swa[i]``: its SWA-space objects are (only pages in ``checked`` were
-    looked at; the others read ``False``).
+    looked at; the others read ``False``); ``state[i]``: the snapshot object at the
+    end of page ``first + i`` (keyed by its hash) is (only at :func:`state_pages`).
     """
 
     first: int
@@ -64,6 +69,7 @@ class Probe:
     requests: int = 0
     seconds: float = 0.0
     final: bool = False  # the lookup gave up (timed out, skipped): look no further
+    state: np.ndarray | None = None  # None: no state objects looked up (all False)
 
     @classmethod
     def nothing(cls, first: int, stop: int) -> Probe:
@@ -71,6 +77,12 @@ class Probe:
         skipped)."""
         n = max(stop - first, 0)
         return cls(first, stop, np.zeros(n, bool), np.zeros(n, bool), frozenset(), final=True)
+
+    def state_present(self, end: int) -> bool:
+        """Whether the snapshot object at ``end`` (pages; keyed by page ``end - 1``'s
+        hash) was found on every local stage."""
+        i = end - 1 - self.first
+        return self.state is not None and 0 <= i < self.state.size and bool(self.state[i])
 
     def present_prefix(self) -> int:
         """Consecutive pages from ``first`` with their full-space objects on every stage."""
@@ -98,6 +110,15 @@ def window_pages(first: int, stop: int, w: int, k: int, all_windows: bool = True
     return sorted({p for e in ends for p in range(e - w, e)})
 
 
+def state_pages(first: int, stop: int, grid: int) -> list[int]:
+    """The pages whose hashes key the snapshot objects a lookup of ``[first, stop)``
+    checks: ``e - 1`` for every hit end ``e`` in ``(first, stop]`` on the snapshot grid
+    (a multiple of ``grid`` pages; ``grid`` 0: none)."""
+    if grid <= 0:
+        return []
+    return [e - 1 for e in range((first // grid + 1) * grid, stop + 1, grid)]
+
+
 def probe(
     backend: StorageBackend,
     stages: Sequence[StageObjects],
@@ -106,12 +127,15 @@ def probe(
     swa_pages: Sequence[int],
     in_flight: int,
     costs: CostModel | None = None,
+    snap_pages: Sequence[int] = (),
 ) -> Probe:
-    """Checks pages ``[first, first + len(hashes))`` (``hashes[i]`` is page ``first + i``)
-    and the SWA objects of ``swa_pages``, all in one batch; observes its time in
-    ``costs``. Never raises for a store fault (an error is an absent page)."""
+    """Checks pages ``[first, first + len(hashes))`` (``hashes[i]`` is page ``first + i``),
+    the SWA objects of ``swa_pages`` and the snapshot objects keyed by ``snap_pages``,
+    all in one batch; observes its time in ``costs``. Never raises for a store fault
+    (an error is an absent page)."""
     stop = first + len(hashes)
     swa_pages = [p for p in swa_pages if first <= p < stop]
+    snap_pages = [p for p in snap_pages if first <= p < stop]
     queries: list[ExistsQuery] = []
     kinds: list[PageSpace] = []
     for s in stages:
@@ -122,6 +146,10 @@ def probe(
             sub = [hashes[p - first] for p in swa_pages]
             queries.append(ExistsQuery(s.ns, PageSpace.SWA, sub, swa_pages))
             kinds.append(PageSpace.SWA)
+        if s.state[0] and snap_pages:  # in page order with the KV: cut at the first gap
+            sub = [hashes[p - first] for p in snap_pages]
+            queries.append(ExistsQuery(s.ns, PageSpace.STATE, sub, snap_pages))
+            kinds.append(PageSpace.STATE)
     t0 = time.perf_counter()
     issued: list[int] = []
     done: list[float] = []
@@ -131,19 +159,25 @@ def probe(
     seconds = time.perf_counter() - t0
     full = np.ones(stop - first, bool)
     swa_sub = np.ones(len(swa_pages), bool)
+    snap_sub = np.ones(len(snap_pages), bool)
     for kind, m in zip(kinds, masks, strict=True):
         if kind is PageSpace.FULL:
             full &= m
-        else:
+        elif kind is PageSpace.SWA:
             swa_sub &= m
+        else:
+            snap_sub &= m
     swa = np.zeros(stop - first, bool)
     if swa_pages:
         swa[np.asarray(swa_pages) - first] = swa_sub
+    state = np.zeros(stop - first, bool)
+    if snap_pages:
+        state[np.asarray(snap_pages) - first] = snap_sub
     requests = issued[0]
     if costs is not None and done:  # a backend running checks inline has one in flight
         eff = in_flight if backend.concurrent else 1
         costs.observe_lookup(requests, eff, seconds, first_s=done[0] - t0)
-    return Probe(first, stop, full, swa, frozenset(swa_pages), requests, seconds)
+    return Probe(first, stop, full, swa, frozenset(swa_pages), requests, seconds, state=state)
 
 
 @dataclasses.dataclass(eq=False)
@@ -177,10 +211,12 @@ class Lookups:
         stats: CacheStats,
         page_size: int,
         window_pages: int,
+        state_grid: int = 0,
     ):
         self.backend, self.config, self.stages = backend, config, list(stages)
         self._tree, self.agreement, self._stats = tree, agreement, stats
         self._ps, self._w = page_size, window_pages
+        self._grid = state_grid  # pages between snapshot positions (hybrids; 0: none)
         self.costs = CostModel(
             config.store_latency_s, config.store_bytes_per_s, config.recompute_s_per_token
         )
@@ -195,7 +231,10 @@ class Lookups:
         after what the tree holds now; see :meth:`StorageTier.start_lookup`."""
         ps = self._ps
         pages = key.size // ps
-        first = self._tree.cached_len(key, salt=salt) // ps
+        if self._grid:  # admission's match ends at a snapshot, before the KV match
+            first = self._tree.match_prefix(key, salt=salt, touch=False).matched_len // ps
+        else:
+            first = self._tree.cached_len(key, salt=salt) // ps
         if (pages - first) * ps < self.config.prefetch_threshold:
             return False
         tag = (salt, key[: pages * ps].tobytes())
@@ -238,8 +277,16 @@ class Lookups:
         here, one more for it (so a queued lookup has it by admission)."""
         k, w = self.config.swa_checkpoint_every, self._w
         swa = window_pages(first, stop, w, k, self._all_windows(first, stop))
+        snaps = state_pages(first, stop, self._grid)
         got = probe(
-            self.backend, self.stages, hashes, first, swa, self.config.lookup_in_flight, self.costs
+            self.backend,
+            self.stages,
+            hashes,
+            first,
+            swa,
+            self.config.lookup_in_flight,
+            self.costs,
+            snaps,
         )
         end = first + got.present_prefix()
         pages = [p for p in range(end - w, end) if p not in got.checked]
@@ -273,17 +320,21 @@ class Lookups:
         self._stats.storage_lookups += 1
         if got.first < first:  # queued from a shorter match: keep our pages only
             cut = first - got.first
-            got = dataclasses.replace(got, first=first, full=got.full[cut:], swa=got.swa[cut:])
+            state = None if got.state is None else got.state[cut:]
+            got = dataclasses.replace(
+                got, first=first, full=got.full[cut:], swa=got.swa[cut:], state=state
+            )
         return got
 
     def _in_flight(self, n: int) -> int:
         return n if self.backend.concurrent else 1  # inline operations: one at a time
 
     def _fetch_seconds(self, first: int, end: int) -> float:
-        """Modelled time to fetch pages ``[first, end)`` and the window before ``end``."""
+        """Modelled time to fetch pages ``[first, end)``, the window and the snapshot at
+        ``end``."""
         n, nw = end - first, min(self._w, end - first)
-        objects = sum(st.full[0] * n + st.swa[0] * nw for st in self.stages)
-        nbytes = sum(st.full[1] * n + st.swa[1] * nw for st in self.stages)
+        objects = sum(st.full[0] * n + st.swa[0] * nw + st.state[0] for st in self.stages)
+        nbytes = sum(st.full[1] * n + st.swa[1] * nw + st.state[1] for st in self.stages)
         return self.costs.load_seconds(
             objects, nbytes, self._in_flight(self.config.fetch_in_flight)
         )
@@ -324,8 +375,12 @@ class Lookups:
             return True
         k = self.config.swa_checkpoint_every
         windows = len(window_pages(first, stop, self._w, k, self._all_windows(first, stop)))
+        snaps = len(state_pages(first, stop, self._grid))
         checks = sum(
-            (st.full[0] > 0) * (stop - first) + (st.swa[0] > 0) * windows for st in self.stages
+            (st.full[0] > 0) * (stop - first)
+            + (st.swa[0] > 0) * windows
+            + (st.state[0] > 0) * snaps
+            for st in self.stages
         )
         lookup = self.costs.load_seconds(checks, 0, self._in_flight(self.config.lookup_in_flight))
         save = self.costs.recompute_seconds((stop - first) * self._ps)
@@ -336,32 +391,45 @@ class Lookups:
 
     def _agree(self, got: Probe, hashes: Sequence[str], first: int, deadline: float) -> int:
         """The largest ``e`` such that on every process's stages the full-space objects
-        of ``[first, e)`` and the SWA objects of the window before ``e`` are present and
-        loading is cheaper than recomputing (``first``: none).
+        of ``[first, e)``, the SWA objects of the window before ``e`` and (hybrids) the
+        snapshot object at ``e`` on the grid are present and loading is cheaper than
+        recomputing (``first``: none).
 
         One MIN collective over ``[consecutive pages present, per candidate end: window
-        present, per candidate end: worth loading]`` for the windows this process's
-        batch checked. The windows of the hit's own end ``first + n`` (``n`` the agreed
+        (and snapshot) present, per candidate end: worth loading, (hybrids) per candidate
+        end: snapshot present]`` for the windows this process's batch checked (every
+        snapshot on the grid is in that batch). The windows of the hit's own end ``first + n`` (``n`` the agreed
         consecutive pages) and then of the checkpoints below it, where no complete one
         was agreed yet, are agreed in later steps every process takes alike (they
         follow from agreed values only); a process answers them from its batch where it
         checked those windows, else with one more batch (until ``deadline``).
         """
-        w, k = self._w, self.config.swa_checkpoint_every
+        w, k, g = self._w, self.config.swa_checkpoint_every, self._grid
         n_local = got.present_prefix()
         ends = list(range(first + max(w, 1), got.stop + 1))
-        valid = [e - first <= n_local and (not w or got.window_present(e, w)) for e in ends]
+        snap = [not g or (e % g == 0 and got.state_present(e)) for e in ends]
+        valid = [
+            e - first <= n_local and (not w or got.window_present(e, w)) and s
+            for e, s in zip(ends, snap, strict=True)
+        ]
         worth = [v and self.worth(first, e) for v, e in zip(valid, ends, strict=True)]
-        agreed = self.agreement.min([n_local, *valid, *worth])
+        agreed = self.agreement.min([n_local, *valid, *worth, *(snap if g else ())])
         m = len(ends)
+        snap_ok = {e for e, v in zip(ends, agreed[1 + 2 * m :], strict=True) if v} if g else None
         best_valid = max(
             (e for e, v in zip(ends, agreed[1 : 1 + m], strict=True) if v), default=first
         )
-        best = max((e for e, v in zip(ends, agreed[1 + m :], strict=True) if v), default=first)
+        best = max(
+            (e for e, v in zip(ends, agreed[1 + m : 1 + 2 * m], strict=True) if v), default=first
+        )
         end = first + int(agreed[0])
         steps = [[end], [e for e in range(end - 1, first + w - 1, -1) if e % k == 0]]
         for step in steps if w else ():
-            todo = [e for e in step if e > best_valid and e - first >= w]
+            todo = [
+                e
+                for e in step
+                if e > best_valid and e - first >= w and (snap_ok is None or e in snap_ok)
+            ]
             if not todo:
                 continue
             here = self._windows(got, hashes, first, todo, deadline)

@@ -32,12 +32,16 @@ __all__ = ["WriteBack", "WriteItem", "lower_thread_priority"]
 
 @dataclasses.dataclass(frozen=True)
 class WriteItem:
-    """The objects of one backed-up path: full-space pages and the SWA checkpoints."""
+    """The objects of one backed-up path: full-space pages, the SWA checkpoints and
+    (hybrids) the snapshots backed up with it (``state_hashes[i]``: the hash of the
+    page ending at snapshot ``i``, read from host snapshot slot ``host_states[i]``)."""
 
     hashes: list
     host_full: np.ndarray
     swa_hashes: list
     host_swa: np.ndarray
+    state_hashes: list = dataclasses.field(default_factory=list)
+    host_states: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
 
     @property
     def pages(self) -> int:

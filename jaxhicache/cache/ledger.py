@@ -123,7 +123,9 @@ class PageLedger:
         st = tree.states
         if st is not None:
             want[Tier.DEVICE, PageSpace.STATE] = len(st.dev) + self._held[PageSpace.STATE]
-            want[Tier.HOST, PageSpace.STATE] = len(st.host) + in_flight.get(PageSpace.STATE, 0)
+            want[Tier.HOST, PageSpace.STATE] = (
+                len(st.host) + in_flight.get(PageSpace.STATE, 0) + self._held_host[PageSpace.STATE]
+            )
         for key, n in want.items():
             used = self._alloc[key].num_used
             assert used == n, (

@@ -70,6 +70,8 @@ class Request:
       l3_host_full: host full-page slots of its claimed L3 prefetch (``None``:
         none).
       l3_host_swa: host SWA-page slots of that prefetch.
+      l3_host_state: recurrent hybrids: the host snapshot slot of that prefetch
+        (the state at its end; ``None``: none).
       state: :class:`RequestState`.
       inserted_pages: own pages handed to the tree by insert.
       inserted_len: tokens given to the last insert (each must give more).
@@ -100,6 +102,7 @@ class Request:
     own_from: int  # page index of the request's first own page
     l3_host_full: np.ndarray | None = None  # host slots of its claimed L3 prefetch
     l3_host_swa: np.ndarray | None = None
+    l3_host_state: np.ndarray | None = None  # hybrids: its snapshot slot
     state: RequestState = RequestState.OPEN
     inserted_pages: int = 0  # own pages handed to the tree by insert
     inserted_len: int = 0  # tokens given to the last insert (each must give more)

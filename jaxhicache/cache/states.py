@@ -4,7 +4,9 @@ The tree keeps snapshots at node ends (:mod:`jaxhicache.tree.states`); this modu
 owns the slots around them and the contract with the model's forward::
 
     admit:   the match ends at a snapshot ──> the request reads it in place (device)
-             or from its own slot, loaded in the batch's one H2D move (host);
+             or from its own slot, loaded in the batch's one H2D move (host); an L3
+             hit past the match ends at a snapshot the prefetch put in a host slot:
+             loaded the same way, and handed to the tree at the insert covering it;
              a longer KV match marks a branch point to snapshot during the prefill
     plan(request, end) ──> StatePlan(state_in, state_out, snapshots)
              the forward reads state_in and writes its state after ``end`` to
@@ -18,13 +20,15 @@ owns the slots around them and the contract with the model's forward::
 
 Slots a request owns are counted as held in the ledger until the tree takes them
 or they are freed; device slots come from the free list, then from the tree's
-snapshot LRU (never its KV).
+snapshot LRU (never its KV). With an L3 tier (:attr:`StateSlots.l3`), host slots
+short drop unclaimed prefetches first, and evicting host snapshots first waits for
+the L3 writes that read them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, final
+from typing import TYPE_CHECKING, Any, final
 
 import numpy as np
 
@@ -78,6 +82,7 @@ class StateSlots:
         self._tree = tree
         self._ledger = ledger
         self.interval = interval
+        self.l3: Any = None  # the cache's StorageTier, if any (set once both are built)
 
     # ------------------------------------------------------------------ slots
     def alloc(self, tier: Tier, n: int) -> np.ndarray:
@@ -94,6 +99,8 @@ class StateSlots:
           OutOfPages: fewer than ``n`` even after evicting every unlocked snapshot.
         """
         a = self._ledger[tier, _S]
+        if n > a.num_free and tier is Tier.HOST and self.l3 is not None:
+            self.l3.drop_landed()  # prefetched snapshots nobody claimed
         if n > a.num_free:
             self.evict(tier, n - a.num_free)
         if a.num_free < n:
@@ -112,6 +119,8 @@ class StateSlots:
           Snapshots freed.
         """
         assert self._tree.states is not None
+        if tier is Tier.HOST and self.l3 is not None:
+            self.l3.finish_writes()  # they read host snapshot slots
         freed, _ = self._tree.states.evict(n, tier is Tier.DEVICE)
         self._ledger.free(tier, _S, freed)
         return int(freed.size)
@@ -129,18 +138,37 @@ class StateSlots:
             self._ledger.free(Tier.DEVICE, _S, [slot])
 
     # ------------------------------------------------------------------ admission
-    def admit(self, req: Request, m: MatchResult, parts: LoadParts, slot: int) -> None:
+    def admit(
+        self,
+        req: Request,
+        m: MatchResult,
+        parts: LoadParts,
+        slot: int,
+        l3_slot: int = -1,
+        l3_pos: int = 0,
+    ) -> None:
         """Where a new request's state comes from (its prefix ends at a snapshot).
 
         Args:
-          req: the request, admitted at ``m``'s end.
+          req: the request, admitted at ``m``'s end (or at ``l3_pos``).
           m: its match.
           parts: the batch's loads (a host snapshot joins them).
           slot: a device slot from :meth:`alloc` for a host snapshot (``-1``: none
             needed: the match has a device snapshot or none).
+          l3_slot: the host slot of the snapshot an L3 hit past the match fetched
+            (``-1``: none); it wins over the match's.
+          l3_pos: that hit's end (tokens), where the request's state is then.
         """
         req.state_pos = m.matched_len
-        if m.state_device_slot >= 0:
+        if l3_slot >= 0:  # as a host snapshot, and the tree gets it at insert
+            assert slot >= 0, "admission allocates the slot an L3 snapshot loads into"
+            self._ledger.hold(_S, 1)
+            req.state_owned.append(slot)
+            parts.state_device.append(np.array([slot], np.int32))
+            parts.state_host.append(np.array([l3_slot], np.int32))
+            req.state_read, req.state_pos = slot, l3_pos
+            req.pending_states[l3_pos] = slot
+        elif m.state_device_slot >= 0:
             req.state_read = m.state_device_slot  # the tree's: read in place, never written
         elif m.state_host_slot >= 0:
             assert slot >= 0, "admission allocates the slot a host snapshot loads into"
@@ -150,7 +178,7 @@ class StateSlots:
             parts.state_host.append(np.array([m.state_host_slot], np.int32))
             req.state_read = slot
         branch = m.full_match_len // self.interval * self.interval
-        req.snapshot_at = branch if branch > m.matched_len else 0
+        req.snapshot_at = branch if branch > req.state_pos else 0
 
     # ------------------------------------------------------------------ forwards
     def plan(self, req: Request, end: int, chunk: int | None = None) -> StatePlan:
