@@ -1,6 +1,7 @@
 """The hybrid recurrent-state model served through the library (issue 17): cached ≡
 uncached from device and host hits, PP 1, 2 and 4 (uneven), write-through and write-back,
-evictions of KV and of snapshots between turns, and the continuous-batching engine.
+evictions of KV and of snapshots between turns, an L3 hit after a flush (the KV pages and
+the snapshot from storage), and the continuous-batching engine.
 
 Every turn equals its recomputation without a cache: tokens equal, logits within 1e-4.
 """
@@ -10,9 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jaxhicache.cache import HiCache, HiCacheConfig, WritePolicy
+from jaxhicache.cache import HiCache, HiCacheConfig, PrefetchPolicy, StorageConfig, WritePolicy
 from jaxhicache.mesh import make_mesh
 from jaxhicache.spec import Tier
+from jaxhicache.storage import FileBackend
 from models.engine import Engine, EngineConfig
 from models.hybrid import init_params
 from models.hybrid_config import TinyHybridConfig
@@ -126,3 +128,36 @@ def test_engine_concurrent_requests_match_uncached():
     done = eng.run(max_steps=100)
     assert done[later].device_cached_tokens == GRID  # the shared system prompt's snapshot
     cache.check_invariants()
+
+
+def test_a_flushed_cache_serves_the_follow_up_turn_from_l3(tmp_path):
+    st = StorageConfig(
+        model_id="tiny-hybrid",
+        prefetch_threshold=PAGE,
+        cost_model=False,
+        prefetch_policy=PrefetchPolicy.WAIT_COMPLETE,
+    )
+    loop = ServingLoop.for_model(
+        _model("pp2"),
+        device_pages=16,
+        state_interval=GRID,
+        chunk_size=PAGE,
+        store=FileBackend(tmp_path),
+        storage=st,
+    )
+    cache = loop.cache
+    turn1 = _tokens(3, 45)
+    r1 = loop.serve(turn1, 6)
+    turn2 = np.concatenate([turn1, r1.generated, _tokens(4, 20)])  # 71 tokens
+    oracle = loop.serve_uncached(turn2, 4)
+    _same(loop.serve(turn2, 4), oracle)  # leaves a snapshot at 64
+    dropped = cache.flush(loop.pools)  # device and host emptied, L3 kept
+    assert dropped["host_state_pages"] >= 2 and cache.tree.total_host_pages() == 0
+    snaps = [p for p in tmp_path.rglob("*") if p.is_file() and "/state/" in str(p)]
+    assert len(snaps) == 4  # snapshots at 32 (turn 1) and 64 (turn 2), on both stages
+    loop.pools = cache.new_device_pools()  # zeroed: only L3 can bring the KV and the state
+    r3 = loop.serve(turn2, 4)
+    assert r3.storage_cached_tokens == 64 and r3.device_cached_tokens == r3.host_cached_tokens == 0
+    _same(r3, oracle)
+    cache.check_invariants()
+    loop.close()
