@@ -2,7 +2,8 @@
 ``test_cache_states``): one object per snapshot per stage, keyed by the hash of the page
 ending at it; a second instance over the same store serves the prefix and the exact
 state; a missing, corrupt, truncated or foreign state object moves the hit back to the
-previous grid point that has one (or to a miss), never to a wrong state.
+previous grid point that has one (or to a miss), never to a wrong state; TP-split state
+rows are one object per TP rank.
 
 The stand-in forward writes the value ``p`` into the snapshot slot of position ``p``
 (every layer, both state kinds) and checks, before each forward, that the state it
@@ -18,10 +19,12 @@ from test_cache_states import GRID, PAGE, SPEC, STATES, _forward, _serve, _token
 
 from jaxhicache.cache import HiCache, HiCacheConfig, WritePolicy
 from jaxhicache.cache.l3 import PrefetchPolicy, StorageConfig
+from jaxhicache.layer_map import build_layer_maps
 from jaxhicache.mesh import make_mesh
+from jaxhicache.pools.host import HostPools
 from jaxhicache.spec import PageSpace
 from jaxhicache.storage import FileBackend
-from jaxhicache.storage.keys import object_key, page_hashes
+from jaxhicache.storage.keys import Namespace, object_key, page_hashes
 
 
 def _cache(store, pp=2, policy=PrefetchPolicy.WAIT_COMPLETE, **kw):
@@ -241,3 +244,31 @@ def test_a_prefetch_not_taken_falls_back_to_the_trees_hit(tmp_path):
     c.check_invariants()
     c.flush(pools)
     c.close()
+
+
+def test_tp_split_state_objects_hold_their_ranks_rows(tmp_path):
+    maps = build_layer_maps(SPEC, 1, None)
+    host = HostPools(SPEC, maps, 4, 0, num_state_slots=2)
+    for kind in STATES:  # slot 0: distinct values everywhere; slot 1: zeros
+        slab = host.slab(0, kind)
+        slab[0] = np.arange(slab[0].size).reshape(slab[0].shape) % 251
+    store = FileBackend(tmp_path)
+    hs = page_hashes(_tokens(40, PAGE), PAGE)
+    spaces = [
+        Namespace.for_stage(SPEC, maps[0], model_id="m", tp_rank=r, tp_size=2) for r in (0, 1)
+    ]
+    for r, ns in enumerate(spaces):
+        assert ns.unit_is_sharded(PageSpace.STATE)
+        assert store.put(ns, PageSpace.STATE, hs, host, 0, [0]).all()
+        assert f"/tp-{r}-of-2/state/" in object_key(ns, PageSpace.STATE, hs[0])
+    assert len(_state_files(tmp_path)) == 2  # one object per TP rank
+    assert store.get(spaces[0], PageSpace.STATE, hs, host, 0, [1]).all()
+    for kind in STATES:  # rank 0's half of the split axis (0): the rest still zero
+        slab, axis = host.slab(0, kind), kind.tp_axis
+        assert axis == 0
+        half = SPEC.row_shape(kind)[0] // 2
+        np.testing.assert_array_equal(slab[1][:, :half], slab[0][:, :half])
+        assert not slab[1][:, half:].any()
+    assert store.get(spaces[1], PageSpace.STATE, hs, host, 0, [1]).all()
+    for kind in STATES:
+        np.testing.assert_array_equal(host.slab(0, kind)[1], host.slab(0, kind)[0])
