@@ -6,8 +6,9 @@ One job run per family (module fixture ``job``, parametrized: ``tiny`` (DSV4),
 ``mla-tiny``, ``hybrid-tiny``): PP 2, 3 clients × 3 turns with 11 device and 14 host
 pages, which forces device and host eviction, so every tier serves hits; with
 ``--two-pass`` (device and host flushed, the same traffic again from L3) wherever the
-family's cache has an L3 tier (``ModelPreset.l3_refusal``; the hybrid's snapshots have
-none yet, so its run has no store and its L3 flags are refused).
+family's cache has an L3 tier (``ModelPreset.l3_refusal``: every family now; the
+hybrid's recurrent-state snapshots go to L3 too, and its hits are counted in
+snapshot-grid units).
 """
 
 import contextlib
@@ -200,14 +201,16 @@ def test_two_pass_serves_every_reusable_prefix_from_l3(job):
     assert last["two_pass_ttft_ratio_later_turns"] == round(t["ttft_ratio_later_turns"], 4)
 
 
-def test_families_without_l3_refuse_its_flags(capsys):
-    """A preset whose cache has no L3 tier refuses ``--store`` and ``--two-pass`` up
-    front, naming the reason (``ModelPreset.l3_refusal``)."""
-    for preset in ModelPreset:
-        reason = preset.l3_refusal
-        if reason is None:
-            continue
-        assert preset.family is Family.HYBRID and "snapshots" in reason
+def test_a_family_without_l3_refuses_its_flags(capsys, monkeypatch):
+    """Every family has an L3 tier today; a preset whose cache had none
+    (``ModelPreset.l3_refusal``, patched here) refuses ``--store`` and ``--two-pass``
+    up front, naming the reason."""
+    import models.multiturn_presets as presets
+
+    assert all(p.l3_refusal is None for p in ModelPreset)
+    monkeypatch.setitem(presets._L3_REFUSAL, Family.HYBRID, "no snapshots in L3 (a test)")
+    for preset in (ModelPreset.HYBRID, ModelPreset.HYBRID_TINY):
+        assert "snapshots" in preset.l3_refusal
         with pytest.raises(ValueError, match=f"--two-pass on the {preset.value} model: "):
             MultiturnConfig(preset=preset, two_pass=True)
         with pytest.raises(ValueError, match="--store and --two-pass on the"):
@@ -273,9 +276,15 @@ def test_storage_ls_stats_clear_on_the_jobs_store(job, tmp_path, capsys):
     assert ls["objects"] == job["results"]["usage"]["l3_store"]["objects"] > 0
     models = {g["model"] for g in ls["groups"]}
     assert len(models) == 1 and models.pop().startswith(f"{job['preset'].model_name}-w0/run-")
-    units = {"full", "swa"} if job["family"] == "dsv4" else {"full"}  # MLA has no SWA space
+    # per family: its page spaces (MLA: full pages only; the hybrid: full K/V pages and
+    # one state object per snapshot) and its layers split over the 2 PP stages
+    units, layers = {
+        "dsv4": ({"full", "swa"}, {"0-2", "2-4"}),
+        "mla": ({"full"}, {"0-2", "2-4"}),
+        "hybrid": ({"full", "state"}, {"0-4", "4-8"}),
+    }[job["family"]]
     assert {g["unit"] for g in ls["groups"]} == units
-    assert {g["layers"] for g in ls["groups"]} == {"0-2", "2-4"}  # one namespace per PP stage
+    assert {g["layers"] for g in ls["groups"]} == layers  # one namespace per PP stage
     assert sum(g["objects"] for g in ls["groups"]) == ls["objects"]
     assert all(u in text for u in units)
     keys_text, _ = _run(["storage", "ls", "--store", s, "--keys"], capsys)

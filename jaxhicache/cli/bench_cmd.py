@@ -119,8 +119,8 @@ def add_parser(sub) -> None:
         choices=MODEL_PRESETS,
         default=None,
         help="model preset: DSV4 bench (default), small (default with --quick), tiny; "
-        "MLA + DSA mla, mla-tiny; recurrent hybrid hybrid, hybrid-tiny (no L3 tier yet: "
-        "no --store or --two-pass); the *tiny presets are the tests' models",
+        "MLA + DSA mla, mla-tiny; recurrent hybrid hybrid, hybrid-tiny; the *tiny presets "
+        "are the tests' models",
     )
     m.add_argument("--pp", type=count, default=1, help="pipeline stages (default 1)")
     m.add_argument("--tp", type=count, default=1, help="tensor-parallel size (default 1)")
