@@ -104,10 +104,10 @@ class ModelPreset(enum.Enum):
 
             if self.is_tiny:
                 return TinyMLAConfig.mini(num_layers=4)
-            # top-256 of 1-2k tokens: with top-32, a ~1e-6 difference between a restored
-            # and a recomputed prefix (other page-table buckets, other reduction order)
-            # moved a key across an fp8 rounding step and a borderline token in or out of
-            # the selection often enough to flip a greedy token (benchmarks/RESULTS.md)
+            # top-256 of 1-2k tokens: with top-32, the ~1e-6 differences between a restored
+            # and a recomputed prefix (other programs, other reduction order) moved
+            # borderline tokens in or out of the selection (isolated logit jumps of 1e-4
+            # to 0.3) often enough to flip a greedy token (benchmarks/RESULTS.md)
             return TinyMLAConfig.mini(
                 num_layers=8, hidden=256, vocab=512, num_heads=4, qk_nope_dim=32, rope_dim=16,
                 v_head_dim=32, q_lora=128, kv_lora_rank=64, page_size=64, index_heads=2,
