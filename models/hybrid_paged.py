@@ -26,14 +26,15 @@ slot) with no copies.  SWA page tables are accepted and ignored (no SWA space).
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from jaxhicache.distributed import put_global, put_global_tree
-from jaxhicache.layer_map import build_layer_maps, stack_layer_maps
-from jaxhicache.mesh import PP, TP, make_mesh, pool_partition_spec, pool_sharding
+from jaxhicache.distributed import put_global
+from jaxhicache.mesh import PP, TP, pool_partition_spec, pool_sharding
 from jaxhicache.pools.device import DevicePools, allocate_device_pools
 from jaxhicache.spec import ModelCacheSpec, PoolKind
 from jaxhicache.transfer import LayerwiseLoad
@@ -47,6 +48,7 @@ from models.pipeline import (
     global_layer_rows,
     page_tables,
     pipeline,
+    place,
     pools_from_global,
     stage0_logits,
 )
@@ -163,25 +165,19 @@ class PagedHybridModel:
         want = config.cache_spec(self.spec.name)
         if self.spec != want:
             raise ValueError(f"spec {self.spec} is not the cache of this config ({want})")
-        if mesh is None:
-            mesh = make_mesh(pp or 1)
-        elif pp is not None and mesh.shape[PP] != pp:
-            raise ValueError(f"pp={pp} but the mesh has pp={mesh.shape[PP]}")
-        self.mesh = mesh
-        self.pp, self.tp = mesh.shape[PP], mesh.shape[TP]
-        for name in ("k_heads", "v_heads", "num_kv_heads"):
-            if getattr(config, name) % self.tp:
+        tp = (mesh.shape[TP] if mesh is not None else 1) or 1
+        for name in ("k_heads", "v_heads", "num_kv_heads"):  # before any weight is placed
+            if getattr(config, name) % tp:
                 raise ValueError(
-                    f"tp={self.tp} does not divide {name}={getattr(config, name)} "
+                    f"tp={tp} does not divide {name}={getattr(config, name)} "
                     "(the state and K/V pools are split over 'tp')"
                 )
-        self.layer_maps = build_layer_maps(self.spec, self.pp, partition)
-        self.stacked = stack_layer_maps(self.layer_maps)
-        sp = stack_hybrid_params(config, params, self.layer_maps)
-        head = {k: sp.pop(k) for k in HEAD}
-        self._replicated = NamedSharding(mesh, P())
-        self._head = put_global_tree(head, self._replicated)
-        self._stages = put_global_tree(sp, NamedSharding(mesh, P(PP)))
+        at = place(
+            self.spec, mesh, pp, partition, partial(stack_hybrid_params, config, params), HEAD
+        )
+        self.mesh, self.pp, self.tp = at.mesh, at.mesh.shape[PP], tp
+        self.layer_maps, self.stacked = at.layer_maps, at.stacked
+        self._head, self._stages, self._replicated = at.head, at.stages, at.replicated
         self._compiler_options = compiler_options(fast_compile)
         self._fns: dict[tuple, object] = {}
         self.traces = 0  # forward programs traced (one per compilation)

@@ -29,16 +29,17 @@ started (for the same host checks as the DSV4 model).
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from jaxhicache.distributed import put_global, put_global_tree
-from jaxhicache.layer_map import StageView, build_layer_maps, stack_layer_maps
-from jaxhicache.mesh import PP, make_mesh, pool_sharding
+from jaxhicache.distributed import put_global
+from jaxhicache.layer_map import StageView
+from jaxhicache.mesh import PP, pool_sharding
 from jaxhicache.pools.device import DevicePools, allocate_device_pools
 from jaxhicache.spec import AttentionKind, ModelCacheSpec, PoolKind
 from jaxhicache.transfer import LayerwiseLoad, apply_layer, fetch_layer
@@ -51,6 +52,7 @@ from models.pipeline import (
     global_layer_rows,
     page_tables,
     pipeline,
+    place,
     pools_from_global,
     stack_rows,
     stage0_logits,
@@ -310,19 +312,10 @@ class PagedMLAModel:
         want = config.cache_spec(self.spec.name)
         if self.spec != want:
             raise ValueError(f"spec {self.spec} is not the cache of this config ({want})")
-        if mesh is None:
-            mesh = make_mesh(pp or 1)
-        elif pp is not None and mesh.shape[PP] != pp:
-            raise ValueError(f"pp={pp} but the mesh has pp={mesh.shape[PP]}")
-        self.mesh = mesh
-        self.pp = mesh.shape[PP]
-        self.layer_maps = build_layer_maps(self.spec, self.pp, partition)
-        self.stacked = stack_layer_maps(self.layer_maps)
-        sp = stack_mla_params(config, params, self.layer_maps)
-        head = {k: sp.pop(k) for k in _HEAD}
-        self._replicated = NamedSharding(mesh, P())
-        self._head = put_global_tree(head, self._replicated)
-        self._stages = put_global_tree(sp, NamedSharding(mesh, P(PP)))
+        at = place(self.spec, mesh, pp, partition, partial(stack_mla_params, config, params), _HEAD)
+        self.mesh, self.pp = at.mesh, at.mesh.shape[PP]
+        self.layer_maps, self.stacked = at.layer_maps, at.stacked
+        self._head, self._stages, self._replicated = at.head, at.stages, at.replicated
         self._compiler_options = compiler_options(fast_compile)
         self._fns: dict[tuple, object] = {}
         self.traces = 0  # forward programs traced (one per compilation)

@@ -32,15 +32,15 @@ B = 1 (a ``RequestScratch`` is a one-slot slab): one copy of the layer math.
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxhicache.distributed import put_global, put_global_tree
-from jaxhicache.layer_map import build_layer_maps, stack_layer_maps
-from jaxhicache.mesh import PP, make_mesh, pool_sharding
+from jaxhicache.distributed import put_global
+from jaxhicache.mesh import PP, pool_sharding
 from jaxhicache.pools.device import DevicePools, allocate_device_pools
 from jaxhicache.spec import ModelCacheSpec, PoolKind
 from jaxhicache.transfer import LayerwiseLoad
@@ -52,6 +52,7 @@ from models.pipeline import (
     global_layer_rows,
     page_tables,
     pipeline,
+    place,
     pools_from_global,
     stage0_logits,
 )
@@ -147,20 +148,12 @@ class PagedModel:
         self.config = config
         self.spec = spec if spec is not None else cache_spec(config)
         check_spec(config, self.spec)
-        if mesh is None:
-            mesh = make_mesh(pp or 1)
-        elif pp is not None and mesh.shape[PP] != pp:
-            raise ValueError(f"pp={pp} but the mesh has pp={mesh.shape[PP]}")
-        self.mesh = mesh
-        self.pp = mesh.shape[PP]
-        self.layer_maps = build_layer_maps(self.spec, self.pp, partition)
-        self.stacked = stack_layer_maps(self.layer_maps)
-        sp = stack_stage_params(config, params, self.layer_maps)
-        head = {k: sp.pop(k) for k in _HEAD}
-        rep, staged = NamedSharding(mesh, P()), NamedSharding(mesh, P(PP))
-        self._head = put_global_tree(head, rep)  # each process fills its own shards
-        self._stages = put_global_tree(sp, staged)
-        self._replicated = rep
+        at = place(
+            self.spec, mesh, pp, partition, partial(stack_stage_params, config, params), _HEAD
+        )
+        self.mesh, self.pp = at.mesh, at.mesh.shape[PP]
+        self.layer_maps, self.stacked = at.layer_maps, at.stacked
+        self._head, self._stages, self._replicated = at.head, at.stages, at.replicated
         self._compiler_options = compiler_options(fast_compile)
         self._fns: dict[tuple, object] = {}
         self.traces = 0  # how many times a forward program was traced (one per compilation)

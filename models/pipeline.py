@@ -1,8 +1,11 @@
 """Model-independent pieces of the paged, pipeline-parallel models.
 
-Shared by :class:`models.paged.PagedModel` (DSV4) and
-:class:`models.mla_paged.PagedMLAModel` (MLA + DSA):
+Shared by :class:`models.paged.PagedModel` (DSV4),
+:class:`models.mla_paged.PagedMLAModel` (MLA + DSA) and
+:class:`models.hybrid_paged.PagedHybridModel` (recurrent hybrid):
 
+* :func:`place`: a model's mesh, layer maps and weights placed on it (the head
+  replicated, the per-stage stacks sharded over ``'pp'``);
 * :func:`pipeline`: inside ``jax.shard_map``, a loop of ``pp`` steps where step
   ``s`` runs stage ``s`` (``lax.cond`` on ``axis_index('pp')``) and
   ``lax.ppermute`` hands the activations (any pytree: the residual stream, plus
@@ -17,29 +20,87 @@ Shared by :class:`models.paged.PagedModel` (DSV4) and
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from jaxhicache.layer_map import StageLayerMap
-from jaxhicache.mesh import PP
+from jaxhicache.distributed import put_global_tree
+from jaxhicache.layer_map import StackedLayerMap, StageLayerMap, build_layer_maps, stack_layer_maps
+from jaxhicache.mesh import PP, make_mesh
 from jaxhicache.pools.device import DevicePools
-from jaxhicache.spec import PoolKind
+from jaxhicache.spec import ModelCacheSpec, PoolKind
 from jaxhicache.transfer import LayerwiseLoad
 from models.chunk import PageTables
 
 __all__ = [
+    "Placement",
     "check_load",
     "global_layer_rows",
     "page_tables",
     "pipeline",
+    "place",
     "pools_from_global",
     "stack_rows",
     "stage0_logits",
 ]
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where a paged model lives: its mesh, every stage's layer map, and its weights.
+
+    Attributes:
+      mesh: the ``('pp', 'tp')`` mesh.
+      layer_maps: every stage's map, in rank order.
+      stacked: the maps stacked (``[pp, ...]``).
+      head: the stage-independent weights, replicated.
+      stages: the per-stage weight stacks, sharded over ``'pp'``.
+      replicated: the mesh's replicated sharding.
+    """
+
+    mesh: Mesh
+    layer_maps: list[StageLayerMap]
+    stacked: StackedLayerMap
+    head: dict
+    stages: dict
+    replicated: NamedSharding
+
+
+def place(
+    spec: ModelCacheSpec,
+    mesh: Mesh | None,
+    pp: int | None,
+    partition,
+    stack: Callable[[list[StageLayerMap]], dict],
+    head_keys: Sequence[str],
+) -> Placement:
+    """A model's mesh (``make_mesh(pp or 1)`` when none is given), layer maps and weights.
+
+    ``stack(layer_maps)`` returns the model's weights as per-stage stacks plus the
+    stage-independent entries named in ``head_keys``; each process fills its own shards.
+    ``ValueError`` when ``pp`` contradicts the mesh (or the partition does not fit).
+    """
+    if mesh is None:
+        mesh = make_mesh(pp or 1)
+    elif pp is not None and mesh.shape[PP] != pp:
+        raise ValueError(f"pp={pp} but the mesh has pp={mesh.shape[PP]}")
+    maps = build_layer_maps(spec, mesh.shape[PP], partition)
+    sp = stack(maps)
+    head = {k: sp.pop(k) for k in head_keys}
+    rep = NamedSharding(mesh, P())
+    return Placement(
+        mesh=mesh,
+        layer_maps=maps,
+        stacked=stack_layer_maps(maps),
+        head=put_global_tree(head, rep),
+        stages=put_global_tree(sp, NamedSharding(mesh, P(PP))),
+        replicated=rep,
+    )
 
 
 def pipeline(pp: int, run: Callable, act, *state):
