@@ -17,8 +17,9 @@ Presets by family:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypeVar, cast
 
 from jaxhicache.kinds import (
     C4_RATIO,
@@ -265,18 +266,10 @@ class SpecPresets:
         Returns:
           The spec.
         """
-        return _build(
-            cls,
+        attention = cls.mha(num_layers, num_kv_heads, head_dim, page_size, dtype)
+        return dataclasses.replace(  # the attention layers' pool, then the linear layers'
+            cast(Any, attention),
             name=name or f"tiny-hybrid-l{num_layers}-i{full_attention_interval}-p{page_size}",
-            num_layers=num_layers,
-            compress_ratios=None,
-            page_size=page_size,
-            window=page_size,
-            head_dim=head_dim,
-            rope_dim=0,
-            indexer_head_dim=0,
-            num_kv_heads=num_kv_heads,
-            dtype=dtype,
             layer_kinds=hybrid_layer_kinds(num_layers, full_attention_interval),
             recurrent=RecurrentGeometry(k_heads, v_heads, k_dim, v_dim, conv_kernel),
         )
