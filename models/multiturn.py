@@ -47,9 +47,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import secrets
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -59,11 +57,11 @@ import numpy as np
 from jaxhicache.cache import StorageConfig
 from jaxhicache.mesh import make_mesh
 from jaxhicache.spec import PageSpace
-from jaxhicache.storage import FileBackend, Namespace, StorageBackend, page_hashes
+from jaxhicache.storage import Namespace, StorageBackend, page_hashes
 from models.compile_counter import CompileCounter
 from models.multiturn_concurrent import empty_tiers, run_concurrent
 from models.multiturn_concurrent_results import concurrent_summary
-from models.multiturn_config import ModelPreset, MultiturnConfig, check, check_store
+from models.multiturn_config import JobStore, ModelPreset, MultiturnConfig, check, job_store
 from models.multiturn_report import format_table, write_outputs
 from models.multiturn_results import RequestRecord, build_results, snapshot
 from models.multiturn_results import summary as sequential_summary
@@ -276,12 +274,17 @@ def run_multiturn(
     if isinstance(config, MultiturnConfig) and config.concurrency is not None:
         return run_concurrent(config, store=store, progress=progress, store_usage=store_usage)
     check(config)
-    check_store(config, store)
     t_start = time.perf_counter()
-    tmp = None
-    if store is None and config.preset.l3_refusal is None:
-        tmp = tempfile.mkdtemp(prefix="jaxhicache-multiturn-")
-        store = FileBackend(tmp)
+    with job_store(config, store) as js:
+        results, records = _run(config, js, progress, store_usage, t_start)
+    if config.out_dir is not None:
+        write_outputs(results, records, Path(config.out_dir))
+    return results
+
+
+def _run(config: MultiturnConfig, js: JobStore, progress: bool, store_usage, t_start: float):
+    """The sequential job's steps on the job's store; ``(results, records)``."""
+    store = js.backend
     counter = CompileCounter()
     job = None
     try:
@@ -316,11 +319,11 @@ def run_multiturn(
             RequestRecord(t.index, t.client, t.turn, int(prompts[t.index].size), t.gen_len, a, b, h)
             for t, a, b, h in zip(job.workload.schedule, off, on, headroom, strict=True)
         ]
-        usage = store_usage(store) if store_usage is not None and store is not None else None
+        usage = store_usage(js.inner) if store_usage is not None and js.inner is not None else None
         results = build_results(
             job, records, probes, before, after, usage,
             warmup_s=warmup_s, off_s=off_s, on_s=on_s, compiles=counter,
-            wall_s=time.perf_counter() - t_start, temp_store=tmp is not None,
+            wall_s=time.perf_counter() - t_start, temp_store=js.temporary,
         )  # fmt: skip
         if config.two_pass:
             second = [
@@ -335,12 +338,7 @@ def run_multiturn(
         if job is not None:
             job.bar.close()
             job.loop.close()
-        if tmp is not None:
-            store.close()
-            shutil.rmtree(tmp, ignore_errors=True)
-    if config.out_dir is not None:
-        write_outputs(results, records, Path(config.out_dir))
-    return results
+    return results, records
 
 
 def summary(results: dict) -> dict:

@@ -32,9 +32,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import secrets
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -42,11 +40,11 @@ import numpy as np
 
 from jaxhicache.cache import HiCache, HiCacheConfig, StorageConfig
 from jaxhicache.mesh import make_mesh
-from jaxhicache.storage import FileBackend, StorageBackend
+from jaxhicache.storage import StorageBackend
 from models.compile_counter import CompileCounter
 from models.engine import Completion, Engine, EngineConfig
 from models.multiturn_concurrent_results import concurrent_results
-from models.multiturn_config import MultiturnConfig, check, check_store
+from models.multiturn_config import JobStore, MultiturnConfig, check, job_store
 from models.multiturn_report import write_outputs
 from models.multiturn_results import snapshot
 from models.workload import Transcript, Workload
@@ -246,16 +244,20 @@ def run_concurrent(
     check(config)
     if config.concurrency is None:
         raise ValueError("run_concurrent needs MultiturnConfig.concurrency")
-    check_store(config, store)
     t_start = time.perf_counter()
-    tmp = None
-    if store is None and config.preset.l3_refusal is None:
-        tmp = tempfile.mkdtemp(prefix="jaxhicache-multiturn-")
-        store = FileBackend(tmp)
+    with job_store(config, store) as js:
+        results = _run(config, js, progress, store_usage, engine, t_start)
+    if config.out_dir is not None:
+        write_outputs(results, None, Path(config.out_dir))
+    return results
+
+
+def _run(config, js: JobStore, progress: bool, store_usage, engine, t_start: float) -> dict:
+    """The concurrent job's steps on the job's store; the results dict."""
     counter = CompileCounter()
     job = None
     try:
-        job = ConcurrentJob(config, store, progress, engine)
+        job = ConcurrentJob(config, js.backend, progress, engine)
         t0 = time.perf_counter()
         job.bar.set_description("warm-up")
         job.warm_up()
@@ -273,21 +275,16 @@ def run_concurrent(
             job.cache_on.poll(wait=True)
             after = snapshot(job.cache_on)
         job.bar.close()
-        usage = store_usage(store) if store_usage is not None and store is not None else None
+        usage = store_usage(js.inner) if store_usage is not None and js.inner is not None else None
         results = concurrent_results(
             job, off, on, before, after, usage,
             off_s=off_s, on_s=on_s, retractions=(off_retractions, on_retractions),
             steps=(off_steps, on_steps),
             warmup_s=warmup_s, compiles=counter, wall_s=time.perf_counter() - t_start,
-            temp_store=tmp is not None,
+            temp_store=js.temporary,
         )  # fmt: skip
     finally:
         counter.close()
         if job is not None:
             job.close()
-        if tmp is not None:
-            store.close()
-            shutil.rmtree(tmp, ignore_errors=True)
-    if config.out_dir is not None:
-        write_outputs(results, None, Path(config.out_dir))
     return results

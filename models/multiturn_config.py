@@ -10,20 +10,33 @@ an int serves it with that many clients in flight through the continuous-batchin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import final
+from typing import NamedTuple, final
 
 import jax
 
 from jaxhicache.cache import PrefetchPolicy, WritePolicy
 from jaxhicache.layer_map import build_layer_maps
+from jaxhicache.storage import FileBackend, LatencyBackend, StorageBackend
 from models.multiturn_presets import Family, ModelPreset
 from models.workload import Workload, WorkloadConfig
 
-__all__ = ["Family", "ModelPreset", "MultiturnConfig", "check", "check_store"]
+__all__ = [
+    "Family",
+    "JobStore",
+    "ModelPreset",
+    "MultiturnConfig",
+    "check",
+    "check_store",
+    "job_store",
+]
 
 
 def _positive(name: str, value, *, allow_none: bool = False) -> None:
@@ -47,6 +60,8 @@ class MultiturnConfig:
       host_ratio: host capacity relative to device, when ``host_pages`` is unset.
       write_policy / prefetch_policy: the cache's knobs.
       store: how the L3 store was given (recorded; ``None``: a temporary directory).
+      store_latency_ms: added to every L3 object request (``LatencyBackend``), to
+        measure the tier at an object store's round trip on one machine (0: none).
       probe_reps: L3 probes (one client each, at most ``clients``; none when the
         preset's cache has no L3 tier).
       out_dir: where ``results.json`` and the PNG go (``None``: nowhere).
@@ -68,6 +83,7 @@ class MultiturnConfig:
     write_policy: WritePolicy = WritePolicy.WRITE_THROUGH
     prefetch_policy: PrefetchPolicy = PrefetchPolicy.TIMEOUT
     store: str | None = None
+    store_latency_ms: float = 0.0
     probe_reps: int = 3
     out_dir: str | os.PathLike | None = None
     quick: bool = False
@@ -109,6 +125,18 @@ class MultiturnConfig:
             raise ValueError(
                 f"MultiturnConfig.concurrency={self.concurrency} exceeds the workload's "
                 f"{self.workload.clients} clients"
+            )
+        lat = self.store_latency_ms
+        if (
+            type(lat) is bool
+            or not isinstance(lat, int | float)
+            or not math.isfinite(lat)
+            or lat < 0
+        ):
+            raise ValueError(f"MultiturnConfig.store_latency_ms must be a number >= 0, got {lat!r}")
+        if lat and self.preset.l3_refusal is not None:
+            raise ValueError(
+                f"--store-latency-ms on the {self.preset.value} model: {self.preset.l3_refusal}"
             )
         t = self.think_ms
         if type(t) is bool or not isinstance(t, int | float) or not math.isfinite(t) or t < 0:
@@ -198,3 +226,40 @@ def check_store(config: MultiturnConfig, store) -> None:
             "pass the opened L3 backend as store= exactly when config.store names it "
             f"(config.store={config.store!r}, store={store!r})"
         )
+
+
+class JobStore(NamedTuple):
+    """The L3 backend a job serves with (:func:`job_store`).
+
+    Attributes:
+      backend: what the cache reads and writes (``None``: no L3 tier).
+      inner: the store itself (``backend`` without the injected latency), for
+        listing what it holds.
+      temporary: whether it is a temporary directory the job removes.
+    """
+
+    backend: StorageBackend | None
+    inner: StorageBackend | None
+    temporary: bool
+
+
+@contextlib.contextmanager
+def job_store(config: MultiturnConfig, store: StorageBackend | None) -> Iterator[JobStore]:
+    """The job's L3 backend: ``store`` (opened from ``config.store`` by the caller, who
+    closes it), else a ``FileBackend`` on a temporary directory closed and removed on
+    exit; none when the preset's cache has no L3 tier. Behind
+    ``config.store_latency_ms`` per request when that is set."""
+    check_store(config, store)
+    tmp = None
+    if store is None and config.preset.l3_refusal is None:
+        tmp = tempfile.mkdtemp(prefix="jaxhicache-multiturn-")
+        store = FileBackend(tmp)
+    served = store
+    if store is not None and config.store_latency_ms:
+        served = LatencyBackend(store, config.store_latency_ms / 1e3)
+    try:
+        yield JobStore(served, store, tmp is not None)
+    finally:
+        if tmp is not None and store is not None:
+            store.close()
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -178,6 +178,7 @@ def config_fields(job, model_config, temp_store: bool) -> dict:
         **c.preset.cache_fields(),
         "two_pass": c.two_pass,
         "store": c.store or ("temporary FileBackend directory" if job.store else None),
+        "store_latency_ms": c.store_latency_ms,
         "store_backend": (
             "FileBackend(<temp>)" if temp_store else None if job.store is None else repr(job.store)
         ),

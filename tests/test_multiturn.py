@@ -21,6 +21,8 @@ import json
 import math
 import os
 import shutil
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,7 @@ from jaxhicache.cache import HiCache, HiCacheConfig, PrefetchPolicy, WritePolicy
 from jaxhicache.cli import main
 from jaxhicache.mesh import make_mesh
 from jaxhicache.spec import ModelCacheSpec
+from jaxhicache.storage import FileBackend, LatencyBackend
 from models.multiturn import (
     ModelPreset,
     MultiturnConfig,
@@ -38,6 +41,7 @@ from models.multiturn import (
     run_multiturn,
     summary,
 )
+from models.multiturn_config import job_store
 from models.multiturn_presets import Family
 from models.multiturn_results import RequestRecord, mismatches
 from models.multiturn_two_pass import check_two_pass, two_pass_results
@@ -454,6 +458,11 @@ def test_multiturn_config_validation_and_sizing():
         MultiturnConfig(prefetch_policy="timeout")
     with pytest.raises(ValueError, match="preset"):
         MultiturnConfig(preset="tiny")
+    for bad in (-1, float("nan"), True, "5"):
+        with pytest.raises(
+            ValueError, match=f"store_latency_ms must be a number >= 0, got {bad!r}"
+        ):
+            MultiturnConfig(store_latency_ms=bad)
     cfg = MultiturnConfig(preset=ModelPreset.TINY)
     plan = check(cfg)
     # auto sizing: one request fits, device and host each below the working set
@@ -478,7 +487,7 @@ def conc(tmp_path_factory):
     argv = [
         "bench", "multiturn", "--model", "tiny", "--concurrency", "3", "--clients", "4",
         "--device-pages", "13", "--host-pages", "16", "--prefetch-policy", "wait_complete",
-        "--out", str(out), "--no-progress",
+        "--store-latency-ms", "3", "--out", str(out), "--no-progress",
     ]  # fmt: skip
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
@@ -515,6 +524,31 @@ def test_concurrent_run_end_to_end(conc):
     if r["retractions"]["cache_on"] == 0:  # no re-prefill: every prompt token hit or computed
         assert pre["cache_on"] + sum(hit.values()) == pre["cache_off"]
     assert r["compiles_in_timed_steps"] == 0, r["compiled_in_timed_steps"]
+    assert r["config"]["store_latency_ms"] == 3.0
+
+
+def test_job_store_adds_the_latency_and_removes_its_temporary_directory():
+    """``job_store``: a temporary ``FileBackend`` behind ``store_latency_ms`` (its
+    requests wait that long), removed on exit; a given store is served as given."""
+    cfg = MultiturnConfig(preset=ModelPreset.TINY, store_latency_ms=20)
+    with job_store(cfg, None) as js:
+        assert isinstance(js.backend, LatencyBackend) and js.backend.inner is js.inner
+        assert isinstance(js.inner, FileBackend) and js.temporary
+        root = js.inner.root
+        t0 = time.perf_counter()
+        assert js.backend.clear() is True  # one request to the store
+        assert time.perf_counter() - t0 >= 0.02
+    assert not os.path.exists(root)
+    with job_store(MultiturnConfig(preset=ModelPreset.TINY), None) as js:
+        assert js.backend is js.inner and isinstance(js.inner, FileBackend)
+    given = FileBackend(tmp := tempfile.mkdtemp())
+    try:
+        with job_store(MultiturnConfig(preset=ModelPreset.TINY, store=tmp), given) as js:
+            assert js.backend is given and not js.temporary
+        assert os.path.isdir(tmp)  # the caller's store is left alone
+    finally:
+        given.close()
+        shutil.rmtree(tmp)
 
 
 def test_concurrent_clients_wait_for_their_answers_and_for_a_place(conc):

@@ -66,6 +66,7 @@ def run(args) -> int:
             write_policy=WritePolicy(args.write_policy),
             prefetch_policy=PrefetchPolicy(args.prefetch_policy),
             store=args.store,
+            store_latency_ms=args.store_latency_ms,
             probe_reps=args.probe_reps,
             out_dir=args.out,
             quick=args.quick,
@@ -147,6 +148,13 @@ def add_parser(sub) -> None:
         default=None,
         help="L3: a directory (FileBackend) or a tensorstore kvstore JSON spec / URL "
         "(TensorStoreBackend); default: a temporary directory, removed afterwards",
+    )
+    m.add_argument(
+        "--store-latency-ms",
+        type=ratio,
+        default=0.0,
+        help="add this many ms to every L3 object request (an object store's round trip, "
+        "simulated over --store; default 0)",
     )
     m.add_argument("--clients", type=count, default=None, help="concurrent conversations")
     m.add_argument("--turns", type=count, default=None, help="turns per conversation")

@@ -13,6 +13,7 @@ from .keys import (
     page_hashes,
     tp_sharded_kinds,
 )
+from .latency import LatencyBackend
 from .layout import ObjectLayout, plan_units, stored_bytes_per_page
 from .stats import StorageStats
 
@@ -33,6 +34,7 @@ __all__ = [
     "FaultInjectionBackend",
     "FileBackend",
     "IntegrityError",
+    "LatencyBackend",
     "Namespace",
     "ObjectLayout",
     "ObjectRead",

@@ -90,6 +90,10 @@ class LatencyBackend(StorageBackend):
         are not used: this wrapper's own are).
       latency_s: seconds from issuing a request to its answer (``>= 0``).
       max_in_flight: requests in flight per call (a store serves them concurrently).
+
+    Raises:
+      ValueError: ``inner`` is not a ``StorageBackend``, or ``latency_s`` is not a
+        finite number ``>= 0``; the message names the value.
     """
 
     def __init__(self, inner: StorageBackend, latency_s: float, *, max_in_flight: int = 64):
@@ -113,15 +117,26 @@ class LatencyBackend(StorageBackend):
 
     # ----------------------------------------------------------- round trips
     def round_trips(self, kind: str | None = None) -> int:
-        """The deepest chain of dependent requests since :meth:`reset_round_trips`
-        (``kind``: the deepest request of that kind: ``"stat"`` for lookups, ``"read"``
-        for fetches, ``"write"``, ``"delete"``)."""
+        """The deepest chain of dependent requests since :meth:`reset_round_trips`.
+
+        Args:
+          kind: only requests of this kind: ``"stat"`` (lookups), ``"read"``
+            (fetches), ``"write"`` or ``"delete"``; ``None``: any.
+
+        Returns:
+          The depth: 1 when every request was issued without waiting for another,
+          one more per answer a request waited for; 0 when none was issued.
+        """
         deepest = self._trips.deepest
         return max(deepest.values(), default=0) if kind is None else deepest[kind]
 
     def requests(self) -> dict[str, int]:
-        """Requests issued since :meth:`reset_round_trips`, per kind (read, stat, write,
-        delete)."""
+        """Requests issued since :meth:`reset_round_trips`.
+
+        Returns:
+          ``{kind: count}`` for the kinds issued (``read``, ``stat``, ``write``,
+          ``delete``).
+        """
         return dict(self._trips.requests)
 
     def reset_round_trips(self) -> None:
