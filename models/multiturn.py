@@ -56,8 +56,7 @@ import numpy as np
 
 from jaxhicache.cache import StorageConfig
 from jaxhicache.mesh import make_mesh
-from jaxhicache.spec import PageSpace
-from jaxhicache.storage import Namespace, StorageBackend, page_hashes
+from jaxhicache.storage import StorageBackend
 from models.compile_counter import CompileCounter
 from models.multiturn_concurrent import empty_tiers, run_concurrent
 from models.multiturn_concurrent_results import concurrent_summary
@@ -77,12 +76,6 @@ __all__ = [
     "run_multiturn",
     "summary",
 ]
-
-
-def _leading(mask: np.ndarray) -> int:
-    """Length of the leading run of ``True``."""
-    bad = np.flatnonzero(~mask)
-    return int(bad[0]) if bad.size else int(mask.size)
 
 
 def _progress(total: int, enabled: bool):
@@ -128,10 +121,6 @@ class _Job:
         cache = self.loop.cache
         # a hit's granularity: whole pages, or the snapshot grid of a recurrent hybrid
         self.hit_unit = cache.config.state_grid(cache.spec) or self.page
-        self.namespaces = [
-            Namespace.for_stage(self.model.spec, m, model_id=self.model_id)
-            for m in self.model.layer_maps
-        ]
         if c.two_pass:
             check_two_pass(cache)
         reps = c.probe_reps if store is not None else 0
@@ -150,7 +139,8 @@ class _Job:
         Like a server's host watermark, this evicts LRU host-only leaves (L3 holds their
         pages) and, when those are too few (host slots mirror device pages under
         write-through), first the device pages the request's admission would evict anyway.
-        The L3 look-up is ``exists`` per page (it counts no hits).
+        How many pages L3 holds comes from the request's own lookup
+        (``HiCache.stored_pages``), which its admission then reuses.
         """
         t0 = time.perf_counter()
         if self.store is None:
@@ -160,10 +150,7 @@ class _Job:
         m = cache.lookup(key)
         first, pages = m.matched_len // page, key.size // page
         if pages > first:
-            hashes = page_hashes(key[: pages * page], page)[first:]
-            need = min(
-                _leading(self.store.exists(ns, PageSpace.FULL, hashes)) for ns in self.namespaces
-            )
+            need = cache.stored_pages(prompt)  # the request's own lookup, kept for admission
             short = need - (self.host_pages - cache.stats()["host_full_pages_used"])
             if short > 0:
                 short -= self.loop.evict_host(short)

@@ -346,3 +346,74 @@ def test_latency_backend_counts_dependent_requests(tmp_path):
     assert store.round_trips() == 0 and store.requests() == {}
     with pytest.raises(ValueError, match=r"latency_s .*-0\.1"):
         LatencyBackend(FileBackend(tmp_path), -0.1)
+
+
+def test_latency_backend_serves_one_request_after_another_with_request_s(tmp_path):
+    """``request_s``: the ``n``-th of ``n`` checks issued at once answers after about
+    ``latency_s + n * request_s`` (moto on loopback); without it, all after ``latency_s``."""
+    from jaxhicache.layer_map import build_layer_maps
+    from jaxhicache.spec import PageSpace
+    from jaxhicache.storage import Namespace, page_hashes
+
+    ns = Namespace.for_stage(SPEC, build_layer_maps(SPEC, 1)[0])
+    hs = page_hashes(np.arange(10 * PAGE), PAGE)
+    times = {}
+    for request_s in (0.0, 0.01):
+        store = LatencyBackend(FileBackend(tmp_path), 0.005, request_s=request_s)
+        t0 = time.perf_counter()
+        store.exists(ns, PageSpace.FULL, hs)  # 10 checks, all in flight at once
+        times[request_s] = time.perf_counter() - t0
+    assert times[0.0] < 0.05 <= 0.005 + 10 * 0.01 <= times[0.01], times
+    with pytest.raises(ValueError, match=r"request_s .*-1"):
+        LatencyBackend(FileBackend(tmp_path), 0.0, request_s=-1)
+
+
+@pytest.mark.parametrize("serial", [False, True], ids=["all_at_once", "one_by_one"])
+def test_a_miss_on_a_store_serving_one_request_at_a_time_costs_a_check_or_two(
+    tmp_path, serial
+):
+    """Once the cost model has seen a store that serves requests one after another,
+    a lookup keeps just enough checks in flight to cover its round trip: a miss costs
+    a check or two, not the whole batch (which such a store works through one by one,
+    delaying the request by all of them). A store serving everything in flight at once
+    still gets the whole batch (one round trip)."""
+    toks = _tokens(11, 12)
+    _write(tmp_path, toks)
+    store = LatencyBackend(FileBackend(tmp_path), 0.002, request_s=0.002 if serial else 0.0)
+    c, pools = _cache(store)
+    c.l3.lookups.costs.observe_recompute(1, 1.0)  # recompute is dear: every lookup pays
+    pools, req = _admit(c, pools, toks)  # a hit: the model learns the store's pace
+    assert req.storage_hit_tokens == 12 * PAGE
+    c.release(req)
+    snap = c.l3.lookups.costs.snapshot()
+    assert (snap["request_s"] > snap["latency_s"] / 4) is serial, snap
+    store.reset_round_trips()
+    pools, req = _admit(c, pools, _tokens(12, 12))  # never stored: a miss
+    assert req.storage_hit_tokens == 0
+    checks = store.requests()["stat"]
+    if serial:
+        assert checks <= 4, store.requests()
+    else:
+        assert checks >= 12 and store.round_trips("stat") == 1, store.requests()
+    c.release(req)
+    c.close()
+
+
+def test_stored_pages_answers_from_the_requests_lookup_and_admission_reuses_it(tmp_path):
+    """``HiCache.stored_pages`` (a server's host watermark): the pages L3 holds after the
+    tree's match, from the request's own queued lookup; its admission then asks the
+    store nothing."""
+    toks = _tokens(13, 6)
+    _write(tmp_path, toks)
+    store = LatencyBackend(FileBackend(tmp_path), 0.005)
+    c, pools = _cache(store, cost_model=False)
+    assert c.stored_pages(_tokens(14, 6)) == 0  # nothing stored for these
+    store.reset_round_trips()
+    assert c.stored_pages(toks) == 6
+    assert store.requests()["stat"] > 0
+    store.reset_round_trips()
+    pools, req = _admit(c, pools, toks)
+    assert req.storage_hit_tokens == 6 * PAGE
+    assert store.requests().get("stat", 0) == 0  # the lookup above was reused
+    c.release(req)
+    c.close()

@@ -205,6 +205,31 @@ class HiCache:
             return False
         return self.l3.start_lookup(check_tokens(tokens, "tokens")[:-1], salt)
 
+    def stored_pages(self, tokens, *, salt=None) -> int:
+        """How many pages after what device and host hold L3 has of a queued request.
+
+        For a server's host watermark: free that many host slots before the request
+        is admitted (an L3 prefetch only evicts host-only pages to make room). The
+        answer is this process's stages' (not agreed with other processes). It comes
+        from the request's lookup (:meth:`prefetch`, started here if it was not),
+        which stays queued for the admission: the store is not asked twice.
+
+        Args:
+          tokens: the request's prompt (non-empty), as it will be admitted.
+          salt: its ``cache_salt``, as it will be admitted.
+
+        Returns:
+          Pages from the end of the tree's match that every local stage holds; 0
+          without an L3 tier, below ``prefetch_threshold``, or when the lookup is
+          not answered within ``lookup_timeout_s``.
+
+        Raises:
+          ValueError: ``tokens`` is empty or not a 1-D sequence of token ids.
+        """
+        if self.l3 is None:
+            return 0
+        return self.l3.stored_pages(check_tokens(tokens, "tokens")[:-1], salt)
+
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         """Feeds the L3 cost model one measurement of the recompute cost.
 

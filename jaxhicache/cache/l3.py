@@ -235,6 +235,12 @@ class StorageTier:
         """
         return self.lookups.start(np.asarray(key, np.int32).reshape(-1), salt_bytes(salt))
 
+    def stored_pages(self, key: np.ndarray, salt=None) -> int:
+        """Pages of ``key`` after what the tree holds that this process's stages hold in
+        L3 (local, not agreed): the lookup :meth:`start_lookup` queued (started now if
+        none), kept for the request's admission."""
+        return self.lookups.present(np.asarray(key, np.int32).reshape(-1), salt_bytes(salt))
+
     def observe_recompute(self, tokens: int, seconds: float) -> None:
         """Feeds the cost model: prefilling ``tokens`` tokens took ``seconds``."""
         self.lookups.costs.observe_recompute(tokens, seconds)

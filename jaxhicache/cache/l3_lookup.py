@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import math
 import time
 from collections.abc import Sequence
 
@@ -175,7 +176,7 @@ def probe(
         state[np.asarray(snap_pages) - first] = snap_sub
     requests = issued[0]
     if costs is not None and done:  # a backend running checks inline has one in flight
-        eff = in_flight if backend.concurrent else 1
+        eff = min(in_flight, requests) if backend.concurrent else 1
         costs.observe_lookup(requests, eff, seconds, first_s=done[0] - t0)
     return Probe(first, stop, full, swa, frozenset(swa_pages), requests, seconds, state=state)
 
@@ -247,6 +248,22 @@ class Lookups:
         self._stats.storage_early_lookups += 1
         return True
 
+    def present(self, key: np.ndarray, salt: bytes | None) -> int:
+        """Pages of ``key`` after what the tree holds that this process's stages hold
+        (local, not agreed), from the lookup :meth:`start` queued for it (started here
+        if none; left queued for the admission, which then does not look again).
+        Waits at most ``lookup_timeout_s``; 0 when nothing was looked up or no answer
+        came in time."""
+        self.start(key, salt)
+        ps = self._ps
+        early = self._early.get((salt, key[: key.size // ps * ps].tobytes()))
+        if early is None:
+            return 0
+        try:
+            return early.future.result(timeout=self.config.lookup_timeout_s).present_prefix()
+        except Exception:  # a timeout or a backend bug: the admission counts it
+            return 0
+
     def hit_end(
         self, key: np.ndarray, salt: bytes | None, hashes: Sequence[str], first: int
     ) -> int:
@@ -278,24 +295,13 @@ class Lookups:
         k, w = self.config.swa_checkpoint_every, self._w
         swa = window_pages(first, stop, w, k, self._all_windows(first, stop))
         snaps = state_pages(first, stop, self._grid)
-        got = probe(
-            self.backend,
-            self.stages,
-            hashes,
-            first,
-            swa,
-            self.config.lookup_in_flight,
-            self.costs,
-            snaps,
-        )
+        got = probe(self.backend, self.stages, hashes, first, swa, self._paced(), self.costs, snaps)
         end = first + got.present_prefix()
         pages = [p for p in range(end - w, end) if p not in got.checked]
         if w and end - first >= w and pages:
             stages = [dataclasses.replace(st, full=(0, 0)) for st in self.stages]
             sub = [hashes[p - first] for p in pages]
-            more = _probe_pages(
-                self.backend, stages, sub, first, self.config.lookup_in_flight, pages
-            )
+            more = _probe_pages(self.backend, stages, sub, first, self._paced(), pages)
             got.swa[np.asarray(pages) - first] = more.swa[np.asarray(pages) - first]
             got.checked = got.checked | more.checked
             got.requests += more.requests
@@ -325,6 +331,21 @@ class Lookups:
                 got, first=first, full=got.full[cut:], swa=got.swa[cut:], state=state
             )
         return got
+
+    def _paced(self) -> int:
+        """Existence checks one lookup keeps in flight: ``lookup_in_flight``, or on a store
+        that serves requests one after another (the cost model's ``request_s``) just
+        enough to cover one round trip at that pace (``ceil(latency_s / request_s) +
+        1``), so that a miss costs a check or two instead of the whole batch while a
+        hit takes as long as before (the store works through the checks at its pace
+        either way). Inline backends: 1."""
+        limit = self._in_flight(self.config.lookup_in_flight)
+        if not self.config.cost_model or not self.costs.observed["request"]:
+            return limit
+        snap = self.costs.snapshot()
+        if snap["request_s"] <= 0:
+            return limit
+        return max(1, min(limit, math.ceil(snap["latency_s"] / snap["request_s"]) + 1))
 
     def _in_flight(self, n: int) -> int:
         return n if self.backend.concurrent else 1  # inline operations: one at a time
@@ -382,7 +403,7 @@ class Lookups:
             + (st.state[0] > 0) * snaps
             for st in self.stages
         )
-        lookup = self.costs.load_seconds(checks, 0, self._in_flight(self.config.lookup_in_flight))
+        lookup = self.costs.load_seconds(checks, 0, self._paced())
         save = self.costs.recompute_seconds((stop - first) * self._ps)
         if lookup + self._fetch_seconds(first, stop) < save:
             self._skips = 0
@@ -454,7 +475,7 @@ class Lookups:
         if pages and not got.final and remaining > 0:
             stages = [dataclasses.replace(st, full=(0, 0)) for st in self.stages]
             sub = [hashes[p - first] for p in pages]
-            args = (self.backend, stages, sub, first, self.config.lookup_in_flight, pages)
+            args = (self.backend, stages, sub, first, self._paced(), pages)
             try:
                 more = self._pool.submit(_probe_pages, *args).result(timeout=remaining)
                 return [(got if e in known else more).window_present(e, w) for e in ends]

@@ -90,13 +90,24 @@ class LatencyBackend(StorageBackend):
         are not used: this wrapper's own are).
       latency_s: seconds from issuing a request to its answer (``>= 0``).
       max_in_flight: requests in flight per call (a store serves them concurrently).
+      request_s: the store's own time per request, one request after another (a
+        server that serves requests one at a time, such as moto on loopback: the
+        ``n``-th of ``n`` requests issued at once answers after ``latency_s + n *
+        request_s``); 0 (default): every request in flight is served at once.
 
     Raises:
       ValueError: ``inner`` is not a ``StorageBackend``, or ``latency_s`` is not a
         finite number ``>= 0``; the message names the value.
     """
 
-    def __init__(self, inner: StorageBackend, latency_s: float, *, max_in_flight: int = 64):
+    def __init__(
+        self,
+        inner: StorageBackend,
+        latency_s: float,
+        *,
+        max_in_flight: int = 64,
+        request_s: float = 0.0,
+    ):
         if not isinstance(inner, StorageBackend):
             raise ValueError(f"inner must be a StorageBackend, got {type(inner).__name__}")
         if (
@@ -106,9 +117,19 @@ class LatencyBackend(StorageBackend):
             or latency_s < 0
         ):
             raise ValueError(f"latency_s must be a finite number >= 0, got {latency_s!r}")
+        if (
+            type(request_s) is bool
+            or not isinstance(request_s, int | float)
+            or not math.isfinite(request_s)
+            or request_s < 0
+        ):
+            raise ValueError(f"request_s must be a finite number >= 0, got {request_s!r}")
         super().__init__(max_in_flight=max_in_flight, object_layout=inner.object_layout)
         self.inner = inner
         self.latency_s = float(latency_s)
+        self.request_s = float(request_s)
+        self._busy_until = 0.0  # when the store is through with the requests it has
+        self._busy = threading.Lock()
         self._reads_into = inner._reads_into
         self._trips = _RoundTrips()
 
@@ -145,7 +166,10 @@ class LatencyBackend(StorageBackend):
     # ------------------------------------------------------------ primitives
     def _delay(self, kind: str, start):
         epoch, depth = self._trips.issue(kind)
-        due = time.monotonic() + self.latency_s
+        now = time.monotonic()
+        with self._busy:  # served one after another, request_s each
+            self._busy_until = max(now, self._busy_until) + self.request_s
+            due = self._busy_until + self.latency_s
         try:
             inner = start()
         except Exception as e:  # a failure to start is still answered after the latency
