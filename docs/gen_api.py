@@ -35,6 +35,7 @@ PUBLIC = (
     "jaxhicache.distributed",
     "jaxhicache.metrics",
     "jaxhicache.compile_cache",
+    "jaxhicache.program_cache",
     "jaxhicache.launch",
     "jaxhicache.cli",
     "kernels_pallas",

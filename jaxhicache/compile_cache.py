@@ -1,21 +1,32 @@
-"""Fast restarts: JAX's persistent compilation cache for the programs jaxhicache runs.
+"""Fast restarts: compiled programs that outlive the process.
 
 A serving process compiles one program per transfer bucket, chunk shape and
-batch size; on CPU the main job spends most of its warm-up compiling. With the
-persistent cache, a restarted process loads those executables from disk::
+batch size; on CPU the main job spends most of its warm-up compiling. Two caches
+in one directory let a restarted process skip that work::
 
     import jaxhicache
-    jaxhicache.enable_compile_cache()   # returns the directory; later compiles are cached
+    jaxhicache.enable_compile_cache()   # returns the directory; both caches are on
+
+* JAX's persistent compilation cache (the directory itself): a program that is
+  traced and lowered again finds its executable there instead of compiling.
+* The program cache (its ``programs`` subdirectory,
+  :mod:`jaxhicache.program_cache`): programs built with
+  :func:`~jaxhicache.program_cache.cached_jit` (the forward programs of the
+  models in ``models/``) are loaded as executables, keyed on their code,
+  configuration, input shapes and shardings, versions and devices, so a restart
+  does not trace or lower them either. CPU only; elsewhere they take the
+  persistent cache. ``enable_compile_cache(programs=False)`` keeps it off.
 
 The ``jaxhicache`` command line does this by default (``--no-compile-cache`` turns
-it off, ``--compile-cache DIR`` picks the directory) and prints where.
+both off, ``--compile-cache DIR`` picks the directory) and prints where.
 
 Default directory: ``$JAXHICACHE_COMPILE_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/jaxhicache/jax`` (``~/.cache/jaxhicache/jax``). JAX treats the
-directory as trusted code: keep it private to the user (it is created ``0700``).
-Entries are keyed by JAX on the program, the jax/jaxlib version and the devices,
-so a changed program or an upgraded jax compiles afresh and never loads a stale
-executable.
+directory as trusted code (so does the program cache: its entries are pickled
+executables): keep it private to the user (it is created ``0700``). JAX keys its
+entries on the program, the jax/jaxlib version and the devices, the program cache
+on everything listed in :mod:`jaxhicache.program_key`, so a changed program or an
+upgraded jax compiles afresh and never loads a stale executable.
 """
 
 from __future__ import annotations
@@ -26,6 +37,8 @@ from collections.abc import Iterator
 from typing import Any, cast
 
 import jax
+
+from jaxhicache import program_cache
 
 __all__ = [
     "add_cli_flags",
@@ -94,9 +107,12 @@ def _directory(path: str | os.PathLike | None) -> str:
 
 
 def enable_compile_cache(
-    path: str | os.PathLike | None = None, *, min_compile_time_s: float = 0.0
+    path: str | os.PathLike | None = None,
+    *,
+    min_compile_time_s: float = 0.0,
+    programs: bool = True,
 ) -> str:
-    """Turns JAX's persistent compilation cache on in ``path``.
+    """Turns JAX's persistent compilation cache on in ``path``, and the program cache.
 
     Args:
       path: the cache directory (``~`` expanded, created ``0700`` if missing);
@@ -104,6 +120,9 @@ def enable_compile_cache(
       min_compile_time_s: programs that compile faster are not written (JAX's own
         default is 1 s, which would skip most of jaxhicache's small programs on
         CPU). Every entry size is written.
+      programs: also keep :func:`~jaxhicache.program_cache.cached_jit` executables
+        in ``path/programs`` (:mod:`jaxhicache.program_cache`); ``False`` turns
+        that cache off.
 
     Returns:
       The absolute directory.
@@ -115,6 +134,7 @@ def enable_compile_cache(
     if isinstance(min_compile_time_s, bool) or not float(min_compile_time_s) >= 0:
         raise ValueError(f"min_compile_time_s must be a number >= 0, got {min_compile_time_s!r}")
     d = _directory(path)
+    program_cache.set_program_cache_dir(os.path.join(d, "programs") if programs else None)
     jax.config.update("jax_compilation_cache_dir", d)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_s))
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # every size
@@ -123,7 +143,8 @@ def enable_compile_cache(
 
 
 def disable_compile_cache() -> None:
-    """Turns the persistent compilation cache off (programs compile in memory only)."""
+    """Turns both caches off (programs are traced and compiled in memory only)."""
+    program_cache.set_program_cache_dir(None)
     jax.config.update("jax_compilation_cache_dir", None)
     _reset()
 
@@ -132,10 +153,11 @@ def disable_compile_cache() -> None:
 def compile_cache(
     path: str | os.PathLike | None = None, *, enabled: bool = True
 ) -> Iterator[str | None]:
-    """A block within which the persistent cache is on in ``path`` (or off).
+    """A block within which both caches are on in ``path`` (or off).
 
     JAX's previous cache settings (directory, minimum compile time, minimum entry
-    size) come back when the block ends, also on an exception.
+    size) and the previous program cache directory come back when the block ends,
+    also on an exception.
 
     Args:
       path: as for :func:`enable_compile_cache`.
@@ -148,6 +170,7 @@ def compile_cache(
       ValueError: on entry, as :func:`enable_compile_cache` raises it.
     """
     before = {name: getattr(jax.config, name) for name in _SETTINGS}
+    programs_before = program_cache.program_cache_dir()
     try:
         if enabled:
             yield enable_compile_cache(path)
@@ -157,6 +180,7 @@ def compile_cache(
     finally:
         for name, value in before.items():
             jax.config.update(name, value)
+        program_cache.set_program_cache_dir(programs_before)
         _reset()
 
 
@@ -173,10 +197,15 @@ def add_cli_flags(parser) -> None:
         "--compile-cache",
         default=None,
         metavar="DIR",
-        help="JAX persistent compilation cache (default $JAXHICACHE_COMPILE_CACHE_DIR, "
-        "else ~/.cache/jaxhicache/jax): a second run skips most compiling",
+        help="JAX persistent compilation cache and the program cache in DIR/programs "
+        "(default $JAXHICACHE_COMPILE_CACHE_DIR, else ~/.cache/jaxhicache/jax): a second "
+        "run loads its programs instead of tracing and compiling them",
     )
-    g.add_argument("--no-compile-cache", action="store_true", help="compile every program afresh")
+    g.add_argument(
+        "--no-compile-cache",
+        action="store_true",
+        help="trace and compile every program afresh (both caches off)",
+    )
 
 
 def cli_cache(args) -> contextlib.AbstractContextManager[str | None]:

@@ -36,6 +36,7 @@ from jax.sharding import PartitionSpec as P
 from jaxhicache.distributed import put_global
 from jaxhicache.mesh import PP, TP, pool_partition_spec, pool_sharding
 from jaxhicache.pools.device import DevicePools, allocate_device_pools
+from jaxhicache.program_cache import cached_jit
 from jaxhicache.spec import ModelCacheSpec, PoolKind
 from jaxhicache.transfer import LayerwiseLoad
 from models import layers as L
@@ -50,6 +51,7 @@ from models.pipeline import (
     pipeline,
     place,
     pools_from_global,
+    program_key,
     stage0_logits,
 )
 from models.stage import MATMUL_PRECISION, compiler_options
@@ -237,8 +239,9 @@ class PagedHybridModel:
             self._replicated,
             {k: pool_sharding(self.spec, self.mesh, k) for k in kinds},
         )
-        jitted = jax.jit(
+        jitted = cached_jit(  # a restart loads it (jaxhicache.program_cache)
             fn,
+            key=program_key(self, t, load, tp=tp),
             donate_argnums=(2,),
             out_shardings=out_shardings,
             compiler_options=self._compiler_options,

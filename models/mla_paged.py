@@ -41,6 +41,7 @@ from jaxhicache.distributed import put_global
 from jaxhicache.layer_map import StageView
 from jaxhicache.mesh import PP, pool_sharding
 from jaxhicache.pools.device import DevicePools, allocate_device_pools
+from jaxhicache.program_cache import cached_jit
 from jaxhicache.spec import AttentionKind, ModelCacheSpec, PoolKind
 from jaxhicache.transfer import LayerwiseLoad, apply_layer, fetch_layer
 from models import layers as L
@@ -54,6 +55,7 @@ from models.pipeline import (
     pipeline,
     place,
     pools_from_global,
+    program_key,
     stack_rows,
     stage0_logits,
 )
@@ -376,8 +378,9 @@ class PagedMLAModel:
             self._replicated,
             {k: pool_sharding(self.spec, self.mesh, k) for k in kinds},
         )
-        jitted = jax.jit(
+        jitted = cached_jit(  # a restart loads it (jaxhicache.program_cache)
             fn,
+            key=program_key(self, t, load),
             donate_argnums=(2,),
             out_shardings=out_shardings,
             compiler_options=self._compiler_options,

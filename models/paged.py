@@ -42,6 +42,7 @@ from jax.sharding import PartitionSpec as P
 from jaxhicache.distributed import put_global
 from jaxhicache.mesh import PP, pool_sharding
 from jaxhicache.pools.device import DevicePools, allocate_device_pools
+from jaxhicache.program_cache import cached_jit
 from jaxhicache.spec import ModelCacheSpec, PoolKind
 from jaxhicache.transfer import LayerwiseLoad
 from models import layers as L
@@ -54,6 +55,7 @@ from models.pipeline import (
     pipeline,
     place,
     pools_from_global,
+    program_key,
     stage0_logits,
 )
 from models.stage import (
@@ -236,8 +238,9 @@ class PagedModel:
             {k: pool_sharding(spec, self.mesh, k) for k in kinds},
             staged,
         )
-        jitted = jax.jit(
+        jitted = cached_jit(  # a restart loads it (jaxhicache.program_cache)
             fn,
+            key=program_key(self, t, load),
             donate_argnums=(2, 3),
             out_shardings=out_shardings,
             compiler_options=self._compiler_options,

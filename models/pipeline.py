@@ -12,6 +12,8 @@ Shared by :class:`models.paged.PagedModel` (DSV4),
   whatever a model carries with it) to the next stage; after ``pp`` steps the
   last stage's output is back on stage 0. :func:`stage0_logits` replicates it.
 * :func:`stack_rows`: per-layer weight trees stacked on the host, zero-padded.
+* :func:`program_key`: the key of a model's forward program in the program cache
+  (:func:`jaxhicache.program_cache.cached_jit`): everything its body closes over.
 * host-side helpers addressed with the library's layer maps: :func:`check_load`
   (a fused layer-wise load fits the pools), :func:`global_layer_rows` and
   :func:`pools_from_global` (per-global-layer rows of any PP layout),
@@ -45,6 +47,7 @@ __all__ = [
     "pipeline",
     "place",
     "pools_from_global",
+    "program_key",
     "stack_rows",
     "stage0_logits",
 ]
@@ -196,3 +199,20 @@ def page_tables(full, swa) -> PageTables:
             f"full_page_ids {full.shape} and swa_page_ids {swa.shape} differ in length"
         )
     return PageTables(full, swa)  # host arrays: checked on the host, sent with each chunk
+
+
+def program_key(model, t: int, load: LayerwiseLoad | None, **extra) -> str:
+    """What a paged model's forward program for chunk length ``t`` closes over, as text.
+
+    The key :func:`jaxhicache.program_cache.cached_jit` needs: the model class, its
+    config, cache spec and stage layer maps (the stacked maps, the mesh's ``pp`` and
+    the pool kinds follow from them), ``t``, the structure of a fused ``load`` and
+    ``extra`` (e.g. ``tp``). The mesh, weights and pools are arguments, keyed by the
+    cache itself.
+    """
+    structure = None if load is None else jax.tree.structure(load)
+    more = " ".join(f"{k}={v!r}" for k, v in sorted(extra.items()))
+    return (
+        f"{type(model).__module__}.{type(model).__qualname__} t={t} load={structure} "
+        f"config={model.config!r} spec={model.spec!r} maps={list(model.layer_maps)!r} {more}"
+    )
