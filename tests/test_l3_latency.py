@@ -369,16 +369,15 @@ def test_latency_backend_serves_one_request_after_another_with_request_s(tmp_pat
 
 
 @pytest.mark.parametrize("serial", [False, True], ids=["all_at_once", "one_by_one"])
-def test_a_miss_on_a_store_serving_one_request_at_a_time_costs_a_check_or_two(
-    tmp_path, serial
-):
+def test_a_miss_on_a_store_serving_one_request_at_a_time_costs_a_check_or_two(tmp_path, serial):
     """Once the cost model has seen a store that serves requests one after another,
     a lookup keeps just enough checks in flight to cover its round trip: a miss costs
     a check or two, not the whole batch (which such a store works through one by one,
     delaying the request by all of them). A store serving everything in flight at once
     still gets the whole batch (one round trip)."""
-    toks = _tokens(11, 12)
+    toks, again = _tokens(11, 12), _tokens(15, 12)
     _write(tmp_path, toks)
+    _write(tmp_path, again)
     store = LatencyBackend(FileBackend(tmp_path), 0.002, request_s=0.002 if serial else 0.0)
     c, pools = _cache(store)
     c.l3.lookups.costs.observe_recompute(1, 1.0)  # recompute is dear: every lookup pays
@@ -395,6 +394,11 @@ def test_a_miss_on_a_store_serving_one_request_at_a_time_costs_a_check_or_two(
         assert checks <= 4, store.requests()
     else:
         assert checks >= 12 and store.round_trips("stat") == 1, store.requests()
+    c.release(req)
+    pools, req = _admit(c, pools, again)  # a paced hit: the estimates stay the store's
+    assert req.storage_hit_tokens == 12 * PAGE
+    if serial:
+        assert c.l3.lookups.costs.snapshot()["request_s"] >= 0.0015
     c.release(req)
     c.close()
 
@@ -416,4 +420,24 @@ def test_stored_pages_answers_from_the_requests_lookup_and_admission_reuses_it(t
     assert req.storage_hit_tokens == 6 * PAGE
     assert store.requests().get("stat", 0) == 0  # the lookup above was reused
     c.release(req)
+    c.close()
+
+
+def test_a_paced_lookup_is_observed_as_the_whole_batch(tmp_path):
+    """A lookup paced to a serial store (2 checks in flight) keeps the store as busy
+    as the whole batch would: the cost model reads its time as that, so the store's
+    per-request time stays its own (read as rounds of 2, it would come out near 0 and
+    the model would fetch hits slower than their recompute)."""
+    from jaxhicache.cache.l3_lookup import probe
+    from jaxhicache.storage import page_hashes
+
+    toks = _tokens(16, 12)
+    _write(tmp_path, toks)
+    store = LatencyBackend(FileBackend(tmp_path), 0.002, request_s=0.002)
+    c, _pools = _cache(store)
+    costs = CostModel(0.001, 1e9, 1e-4, window=1)
+    hashes = page_hashes(toks[: 12 * PAGE], PAGE)
+    got = probe(store, c.l3.lookups.stages, hashes, 0, [], 2, costs, paced=True)
+    assert got.present_prefix() == 12 and got.requests == 24
+    assert 0.0015 <= costs.request_s <= 0.004, costs.snapshot()
     c.close()

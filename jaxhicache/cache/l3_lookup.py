@@ -129,10 +129,13 @@ def probe(
     in_flight: int,
     costs: CostModel | None = None,
     snap_pages: Sequence[int] = (),
+    paced: bool = False,
 ) -> Probe:
     """Checks pages ``[first, first + len(hashes))`` (``hashes[i]`` is page ``first + i``),
     the SWA objects of ``swa_pages`` and the snapshot objects keyed by ``snap_pages``,
-    all in one batch; observes its time in ``costs``. Never raises for a store fault
+    all in one batch; observes its time in ``costs`` (``paced``: ``in_flight`` was cut
+    to a serial store's pace, which keeps it as busy as the whole batch at once would:
+    observed as that). Never raises for a store fault
     (an error is an absent page)."""
     stop = first + len(hashes)
     swa_pages = [p for p in swa_pages if first <= p < stop]
@@ -176,7 +179,7 @@ def probe(
         state[np.asarray(snap_pages) - first] = snap_sub
     requests = issued[0]
     if costs is not None and done:  # a backend running checks inline has one in flight
-        eff = min(in_flight, requests) if backend.concurrent else 1
+        eff = requests if paced else min(in_flight, requests) if backend.concurrent else 1
         costs.observe_lookup(requests, eff, seconds, first_s=done[0] - t0)
     return Probe(first, stop, full, swa, frozenset(swa_pages), requests, seconds, state=state)
 
@@ -295,7 +298,9 @@ class Lookups:
         k, w = self.config.swa_checkpoint_every, self._w
         swa = window_pages(first, stop, w, k, self._all_windows(first, stop))
         snaps = state_pages(first, stop, self._grid)
-        got = probe(self.backend, self.stages, hashes, first, swa, self._paced(), self.costs, snaps)
+        c = self._paced()
+        paced = c < self._in_flight(self.config.lookup_in_flight)
+        got = probe(self.backend, self.stages, hashes, first, swa, c, self.costs, snaps, paced)
         end = first + got.present_prefix()
         pages = [p for p in range(end - w, end) if p not in got.checked]
         if w and end - first >= w and pages:
@@ -338,7 +343,8 @@ class Lookups:
         enough to cover one round trip at that pace (``ceil(latency_s / request_s) +
         1``), so that a miss costs a check or two instead of the whole batch while a
         hit takes as long as before (the store works through the checks at its pace
-        either way). Inline backends: 1."""
+        either way; the cost model prices a lookup as the whole batch at once, which
+        keeps such a store as busy). Inline backends: 1."""
         limit = self._in_flight(self.config.lookup_in_flight)
         if not self.config.cost_model or not self.costs.observed["request"]:
             return limit
@@ -403,7 +409,7 @@ class Lookups:
             + (st.state[0] > 0) * snaps
             for st in self.stages
         )
-        lookup = self.costs.load_seconds(checks, 0, self._paced())
+        lookup = self.costs.load_seconds(checks, 0, self._in_flight(self.config.lookup_in_flight))
         save = self.costs.recompute_seconds((stop - first) * self._ps)
         if lookup + self._fetch_seconds(first, stop) < save:
             self._skips = 0
