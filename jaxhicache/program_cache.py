@@ -44,8 +44,9 @@ the other settings ``jax.jit`` keys its own cache on) and the arguments' tree,
 shapes, dtypes, weak types, commitment and shardings (:mod:`jaxhicache.program_key`).
 A loaded executable must take exactly the call's avals, shardings and donations.
 An entry that fails any check (damaged, unreadable, refused by XLA, other inputs) is
-ignored with a warning and replaced. A source file changed since this process
-hashed it stops code entries from being written.
+ignored with a warning and replaced. A source file modified after this process
+started stops code entries from being written (the code it runs may not be the
+code on disk).
 
 **Where it is off** (a :class:`CachedJit` then calls its ``jax.jit``): platforms other
 than :data:`PLATFORMS` (CPU; GPU programs with Triton calls have not been verified

@@ -16,6 +16,7 @@ import importlib
 import os
 import platform
 import sys
+import time
 from typing import Any, cast
 
 import jax
@@ -31,6 +32,18 @@ __all__ = [
     "source_digest",
     "sources_unchanged",
 ]
+
+
+def _process_start() -> float:
+    """When this process started (Linux: its ``/proc`` entry), else now."""
+    now = time.time()
+    try:
+        return min(now, os.stat(f"/proc/{os.getpid()}").st_ctime)
+    except OSError:
+        return now
+
+
+_STARTED_NS = int(_process_start() * 1e9)
 
 
 def _package_files(name: str) -> list[str] | None:
@@ -82,24 +95,25 @@ def source_digest(name: str) -> tuple[str, tuple[tuple[str, tuple[int, int]], ..
 
 
 def sources_unchanged(names) -> bool:
-    """Whether the files :func:`source_digest` hashed are unchanged on disk (stat).
+    """Whether the files :func:`source_digest` hashed are what this process imported.
 
-    A program traced in this process ran the code that was imported; if the files
-    changed since, an entry written now would carry old code under the new files'
-    key.
+    A program traced in this process ran the code that was imported; if a file
+    changed after the process started, an entry keyed on its digest could carry the
+    old code's program under the new code's key.
 
     Args:
       names: the package names.
 
     Returns:
-      ``True`` when every file has the size and mtime it had when it was hashed.
+      ``True`` when every file was last modified before this process started and
+      still has the size and mtime it had when it was hashed.
     """
     for name in names:
         got = source_digest(name)
         if got is None:
             return False
         try:
-            if any(_stat(f) != st for f, st in got[1]):
+            if any(st[0] >= _STARTED_NS or _stat(f) != st for f, st in got[1]):
                 return False
         except OSError:
             return False

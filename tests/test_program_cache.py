@@ -114,6 +114,20 @@ def test_a_code_change_relinks_the_program_without_compiling(programs, monkeypat
     assert _delta(s) == {"loaded": 0, "relinked": 1, "compiled": 0, "rejected": 0}
 
 
+def test_no_code_entry_when_a_source_changed_after_the_process_started(programs, monkeypatch):
+    """The code that runs may not be the code on disk: only the program entry (keyed on
+    what was traced) is written, and the next lookup relinks."""
+    monkeypatch.setattr(program_key, "_STARTED_NS", 0)  # every file "newer" than us
+    s = pc.program_cache_stats()
+    _step(2.0)(*_args())
+    assert _delta(s)["compiled"] == 1 and pc.program_cache_stats().write_errors > s.write_errors
+    assert [p.name for p in programs.glob("*.jxp") if "-program-" not in p.name] == []
+    monkeypatch.undo()
+    s = pc.program_cache_stats()
+    _step(2.0)(*_args())
+    assert _delta(s) == {"loaded": 0, "relinked": 1, "compiled": 0, "rejected": 0}
+
+
 @pytest.mark.parametrize(("which", "rejects"), [("code", 1), ("program", 2)])
 def test_a_damaged_entry_is_ignored_and_replaced(programs, which, rejects):
     """A damaged program entry is met twice: through the code entry, then by program."""
