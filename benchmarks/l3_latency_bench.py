@@ -162,7 +162,8 @@ def main(argv=None) -> dict:
                 "ttft_recompute_ms": [round(p["ttft_recompute_ms"], 1) for p in probes],
                 "tokens_match": all(p["tokens_match"] for p in probes),
                 "estimates": {
-                    k: costs[k] for k in ("latency_s", "bytes_per_s", "recompute_s_per_token")
+                    k: costs[k]
+                    for k in ("latency_s", "request_s", "bytes_per_s", "recompute_s_per_token")
                 },
             }
             rows.append(row)

@@ -210,11 +210,11 @@ class ServingLoop:
         tokens = req.prompt
         p = req.cached_tokens
         full, swa = req.full_page_ids, req.swa_page_ids
-        self.pools, prefill_logits, step_logits, generated, ttft, decode = self._generate(
+        self.pools, prefill_logits, step_logits, generated, ttft, decode, prefill = self._generate(
             self.pools, tokens, p, full, swa, req.max_new_tokens, t0, load=load, req=req
         )
-        if tokens.size > p:  # the L3 cost model's recompute estimate
-            cache.observe_prefill(int(tokens.size - p), ttft)
+        if tokens.size > p:  # the L3 cost model's recompute estimate: the forward only
+            cache.observe_prefill(int(tokens.size - p), prefill)
         computed = np.concatenate([tokens, generated[:-1]])
         cache.insert(self.pools, req, computed)
         cache.release(req)
@@ -259,7 +259,7 @@ class ServingLoop:
                 shape.num_pages, shape.num_swa_pages, num_state_slots=shape.num_state_slots
             )
         ids = np.arange(n_pages, dtype=np.int32)
-        pools, prefill_logits, step_logits, generated, ttft, decode = self._generate(
+        pools, prefill_logits, step_logits, generated, ttft, decode, _ = self._generate(
             self._oracle_pools, tokens, 0, ids, ids, max_new_tokens, t0, load=None
         )
         self._oracle_pools = pools
@@ -284,8 +284,9 @@ class ServingLoop:
         )
 
     def _generate(self, pools, tokens, start, full, swa, max_new_tokens, t0, *, load, req=None):
-        """Prefill ``tokens[start:]`` then greedy-decode; returns pools, logits, tokens, TTFT
-        and decode seconds. ``req``: the cache's request (its snapshot slots); ``None``:
+        """Prefill ``tokens[start:]`` then greedy-decode; returns pools, logits, tokens, TTFT,
+        decode seconds and the prefill forward's seconds (its first chunk to the first
+        token: TTFT less the admission). ``req``: the cache's request (its snapshot slots); ``None``:
         the oracle (recurrent state in slot 0, in place)."""
         n = bucket_pages(full.size, self.min_table_pages)
         full_t, swa_t = _pad(full, n), _pad(swa, n)
@@ -294,6 +295,7 @@ class ServingLoop:
         states = _States(self.cache if req is not None else None, req, model.spec.is_hybrid)
         self._consumed = False
         chunk = self.chunk_size or self.page
+        t_prefill = time.perf_counter()
         logits, pools, scratch = model.prefill(
             pools,
             tokens[start:],
@@ -308,7 +310,8 @@ class ServingLoop:
         self._consumed = True  # the load (if any) rode on the first chunk
         last = logits[-1]
         tok = int(jnp.argmax(last))
-        ttft = time.perf_counter() - t0
+        t_first = time.perf_counter()
+        ttft, prefill = t_first - t0, t_first - t_prefill
         generated, steps = [tok], [last]
         for i in range(1, max_new_tokens):
             last, pools, scratch = model.decode_step(
@@ -332,6 +335,7 @@ class ServingLoop:
             np.asarray(generated, np.int32),
             ttft,
             decode,
+            prefill,
         )
 
     # ----------------------------------------------------------- passthroughs

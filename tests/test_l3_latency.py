@@ -441,3 +441,36 @@ def test_a_paced_lookup_is_observed_as_the_whole_batch(tmp_path):
     assert got.present_prefix() == 12 and got.requests == 24
     assert 0.0015 <= costs.request_s <= 0.004, costs.snapshot()
     c.close()
+
+
+def test_recompute_cost_is_the_marginal_cost_of_a_token():
+    """A prefill costs a fixed part plus a per-token part; a hit of ``t`` tokens saves
+    only the latter. The estimate is the median slope between prefills of different
+    lengths: short continuations (where the fixed part dominates) do not inflate it."""
+    m = CostModel(0.005, 1e9, 1e-3)
+    m.observe_recompute(64, 0.02 + 64e-4)  # one prefill: its time per token
+    assert m.recompute_s_per_token == pytest.approx(0.0264 / 64)
+    for tokens in (570, 128, 800, 100, 96, 700):
+        m.observe_recompute(tokens, 0.02 + tokens * 1e-4)  # 20 ms + 0.1 ms per token
+    assert m.recompute_s_per_token == pytest.approx(1e-4)
+    m.observe_recompute(600, 9.0)  # one stall does not swing it
+    assert m.recompute_s_per_token == pytest.approx(1e-4, rel=0.05)
+    same = CostModel(0.005, 1e9, 1e-3)
+    for _ in range(5):  # one length only: no slope, the time per token
+        same.observe_recompute(100, 0.03)
+    assert same.recompute_s_per_token == pytest.approx(3e-4)
+
+
+def test_stored_pages_asks_nothing_when_the_cost_model_says_a_lookup_would_not_pay(tmp_path):
+    toks = _tokens(17, 6)
+    _write(tmp_path, toks)
+    store = LatencyBackend(FileBackend(tmp_path), 0.005)
+    c, _pools = _cache(store)
+    c.l3.costs.observe_lookup(8, 64, 0.0101, first_s=0.01)  # a store 10 ms away
+    c.l3.observe_recompute(1000, 1e-4)  # recomputing 6 pages is nearly free
+    store.reset_round_trips()
+    assert c.stored_pages(toks) == 0 and store.requests() == {}
+    c.l3.observe_recompute(16, 10.0)
+    c.l3.observe_recompute(16, 10.0)  # now it is dear: look
+    assert c.stored_pages(toks) == 6
+    c.close()

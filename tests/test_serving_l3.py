@@ -184,3 +184,19 @@ def test_prefetch_evicts_host_leaves_for_room(model, tmp_path, make_room):
         assert r.storage_cached_tokens == 0
     loop.cache.check_invariants()
     loop.close()
+
+
+def test_the_cost_model_is_fed_the_prefill_forward_not_the_admission(model, tmp_path):
+    """``ServingLoop`` feeds ``observe_prefill`` the forward's time (its first chunk to
+    the first token), not the TTFT: the admission's L3 lookup and fetch wait are not
+    recompute cost (counted in, they made hits look cheaper than recomputing them)."""
+    from jaxhicache.storage.latency import LatencyBackend
+
+    turn2 = _turns(model, tmp_path)
+    loop = _loop(model, LatencyBackend(FileBackend(tmp_path), 0.1))  # lookup, fetch: 0.1 s
+    r = loop.serve(turn2, 1)
+    assert r.storage_cached_tokens > 0 and r.ttft_s >= 0.2
+    costs = loop.cache.l3.costs
+    assert costs.observed["recompute"] == 1
+    assert costs.recompute_seconds(r.prefill_tokens) <= r.ttft_s - 0.2
+    loop.close()

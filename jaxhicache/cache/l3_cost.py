@@ -19,6 +19,14 @@ decision; the first observation replaces the configured prior): ``latency_s`` fr
 checks, which carry no payload), ``bytes_per_s`` from fetches (the time left after
 the requests, never less than a quarter of the fetch), ``recompute_s_per_token``
 from the serving engine (:meth:`observe_recompute`). Thread-safe.
+
+``recompute_s_per_token`` is the *marginal* cost of a token, the time a hit of
+``t`` tokens saves: a prefill of ``n`` tokens costs a fixed part (dispatch, the
+first token out) plus ``n`` times that. It is the median slope between pairs of
+observed prefills of clearly different lengths (Theil-Sen), at most their median
+time per token; with no such pair yet, the median time per token. Dividing each
+prefill's time by its tokens instead would price a short continuation's tokens
+several times too high, and the model would fetch hits slower than their recompute.
 """
 
 from __future__ import annotations
@@ -70,6 +78,7 @@ class CostModel:
             raise ValueError(f"window must be an int >= 1, got {window!r}")
         self.observed = {"latency": 0, "request": 0, "bandwidth": 0, "recompute": 0}
         self._samples: dict[str, deque[float]] = {k: deque(maxlen=window) for k in self.observed}
+        self._prefills: deque[tuple[int, float]] = deque(maxlen=2 * window)
         self._lock = threading.Lock()
 
     def _mix(self, name: str, attr: str, sample: float) -> None:
@@ -106,12 +115,15 @@ class CostModel:
             self._mix("bandwidth", "bytes_per_s", nbytes / max(transfer, 1e-9))
 
     def observe_recompute(self, tokens: int, seconds: float) -> None:
-        """Prefilling ``tokens`` tokens took ``seconds`` (the serving engine's measurement)."""
+        """Prefilling ``tokens`` tokens took ``seconds`` (the serving engine's measurement
+        of the forward, not of the admission before it)."""
         if type(tokens) is bool or not isinstance(tokens, int) or tokens < 1:
             raise ValueError(f"tokens must be an int >= 1, got {tokens!r}")
         seconds = _number("seconds", seconds)
         with self._lock:
-            self._mix("recompute", "recompute_s_per_token", seconds / tokens)
+            self._prefills.append((tokens, seconds))
+            self.recompute_s_per_token = _marginal(self._prefills)
+            self.observed["recompute"] += 1
 
     # ---------------------------------------------------------------- estimates
     def load_seconds(self, objects: int, nbytes: int, in_flight: int) -> float:
@@ -140,3 +152,20 @@ class CostModel:
                 "recompute_s_per_token": self.recompute_s_per_token,
                 **{f"{k}_observations": v for k, v in self.observed.items()},
             }
+
+
+def _marginal(prefills) -> float:
+    """Seconds per token of ``(tokens, seconds)`` prefills: the median slope over pairs
+    whose lengths differ by at least a quarter of the longer (at least 3 such pairs),
+    at most the median time per token; else that median."""
+    per_token = statistics.median(s / t for t, s in prefills)
+    slopes = [
+        (s2 - s1) / (t2 - t1)
+        for i, (t1, s1) in enumerate(prefills)
+        for t2, s2 in list(prefills)[i + 1 :]
+        if abs(t2 - t1) >= max(t1, t2) / 4
+    ]
+    if len(slopes) < 3:
+        return per_token
+    slope = statistics.median(slopes)
+    return min(slope, per_token) if slope > 0 else per_token

@@ -235,10 +235,7 @@ class Lookups:
         after what the tree holds now; see :meth:`StorageTier.start_lookup`."""
         ps = self._ps
         pages = key.size // ps
-        if self._grid:  # admission's match ends at a snapshot, before the KV match
-            first = self._tree.match_prefix(key, salt=salt, touch=False).matched_len // ps
-        else:
-            first = self._tree.cached_len(key, salt=salt) // ps
+        first = self._first(key, salt)
         if (pages - first) * ps < self.config.prefetch_threshold:
             return False
         tag = (salt, key[: pages * ps].tobytes())
@@ -256,10 +253,16 @@ class Lookups:
         (local, not agreed), from the lookup :meth:`start` queued for it (started here
         if none; left queued for the admission, which then does not look again).
         Waits at most ``lookup_timeout_s``; 0 when nothing was looked up or no answer
-        came in time."""
-        self.start(key, salt)
+        came in time, or when the cost model says a lookup would not pay."""
         ps = self._ps
-        early = self._early.get((salt, key[: key.size // ps * ps].tobytes()))
+        pages = key.size // ps
+        tag = (salt, key[: pages * ps].tobytes())
+        if tag not in self._early and not self.worth_looking(
+            self._first(key, salt), pages, explore=False
+        ):
+            return 0  # as the admission would decide (it counts the skip)
+        self.start(key, salt)
+        early = self._early.get(tag)
         if early is None:
             return 0
         try:
@@ -388,7 +391,13 @@ class Lookups:
         snap = self.costs.snapshot()
         return snap["request_s"] * extra * stages <= snap["latency_s"]
 
-    def worth_looking(self, first: int, stop: int) -> bool:
+    def _first(self, key: np.ndarray, salt: bytes | None) -> int:
+        """The page the admission's L3 lookup of ``key`` would start at now."""
+        if self._grid:  # admission's match ends at a snapshot, before the KV match
+            return self._tree.match_prefix(key, salt=salt, touch=False).matched_len // self._ps
+        return self._tree.cached_len(key, salt=salt) // self._ps
+
+    def worth_looking(self, first: int, stop: int, explore: bool = True) -> bool:
         """Whether even a hit of every page ``[first, stop)`` would save more than the
         lookup and the fetch cost (else the lookup is skipped: a miss for nothing).
 
@@ -397,9 +406,10 @@ class Lookups:
         a row that would be skipped (a store that was slow may have recovered)."""
         if not self.config.cost_model or not self.costs.observed["latency"]:
             return True
-        self._skips += 1
-        if self._skips % _EXPLORE == 0:
-            return True
+        if explore:  # ``False``: a question only (no skip counted, never an exploration)
+            self._skips += 1
+            if self._skips % _EXPLORE == 0:
+                return True
         k = self.config.swa_checkpoint_every
         windows = len(window_pages(first, stop, self._w, k, self._all_windows(first, stop)))
         snaps = len(state_pages(first, stop, self._grid))
@@ -412,7 +422,7 @@ class Lookups:
         lookup = self.costs.load_seconds(checks, 0, self._in_flight(self.config.lookup_in_flight))
         save = self.costs.recompute_seconds((stop - first) * self._ps)
         if lookup + self._fetch_seconds(first, stop) < save:
-            self._skips = 0
+            self._skips = 0 if explore else self._skips
             return True
         return False
 
