@@ -20,9 +20,10 @@ two entries:
    function traces to (list below). A hit loads the executable and calls it:
    nothing is traced or lowered.
 2. **by program**: on a miss the function is traced and lowered, and the module's
-   text (no source locations) with its trees, arguments and environment is the
-   key. A hit (the code changed, the program did not) loads the executable;
-   a miss compiles it. Both record a code entry pointing at it for the next process.
+   text (no source locations) with its arguments and environment is the key. A hit
+   (the code changed but not the program, or another function with the same
+   program) loads the executable; a miss compiles it. Both record a code entry
+   pointing at it, with the argument and output trees, for the next process.
 
 Executables are compiled here without JAX's persistent cache (an executable that
 JAX loaded from its cache does not serialize whole on CPU); JAX's cache keeps
@@ -432,7 +433,7 @@ class CachedJit:
         code_text = "\n".join([self._key, self._jit_text, *(f"{k}={v}" for k, v in parts.items())])
         code_path = os.path.join(d, f"{self._stem}-{_sha(code_text)[:40]}.jxp")
         t0 = time.perf_counter()
-        found = self._load(code_path, code_text, args, leaves, pointer=True)
+        found = self._load(code_path, code_text, args, leaves)
         if found is not None:
             _count("loaded")
             jax.monitoring.record_event_duration_secs(
@@ -440,10 +441,11 @@ class CachedJit:
             )
             return found
         lowered = self.jit.trace(*args).lower()
+        # the flat program only: functions that differ in their argument or output trees
+        # alone share it (the trees come with the code entry, or from this lowering)
         program_text = "\n".join(
             [
                 f"program={_sha(lowered.as_text())}",
-                f"in={lowered.in_tree} out={lowered.out_tree}",
                 self._jit_text,
                 f"env={parts['env']}",
                 f"args={parts['args']}",
@@ -451,8 +453,9 @@ class CachedJit:
         )
         exe_name = f"{self._stem}-program-{_sha(program_text)[:40]}.jxp"
         exe_path = os.path.join(d, exe_name)
+        trees = {"in_tree": lowered.in_tree, "out_tree": lowered.out_tree}
         t0 = time.perf_counter()
-        compiled = self._load(exe_path, program_text, args, leaves, pointer=False)
+        compiled = self._load(exe_path, program_text, args, leaves, trees=trees)
         if compiled is not None:
             _count("relinked")
             jax.monitoring.record_event_duration_secs(
@@ -464,7 +467,7 @@ class CachedJit:
             _count("compiled")
             self._save(exe_path, lambda: self._exe_entry(program_text, compiled))
         if sources_unchanged(self._packages):  # else it would carry the old code's program
-            pointer = {"key": code_text, "exe": exe_name, "exe_key": _sha(program_text)}
+            pointer = {"key": code_text, "exe": exe_name, "exe_key": _sha(program_text), **trees}
             self._save(code_path, lambda: pointer)
         else:
             _count("write_errors")
@@ -474,8 +477,8 @@ class CachedJit:
     def _exe_entry(program_text: str, compiled) -> dict:
         from jax.experimental import serialize_executable
 
-        exe, in_tree, out_tree = serialize_executable.serialize(compiled)
-        return {"key": program_text, "exe": exe, "in_tree": in_tree, "out_tree": out_tree}
+        exe, _in_tree, _out_tree = serialize_executable.serialize(compiled)
+        return {"key": program_text, "exe": exe}
 
     def _save(self, path: str, entry: Callable[[], dict]) -> None:
         try:
@@ -484,20 +487,20 @@ class CachedJit:
             _count("write_errors")
             _log.warning("jaxhicache program cache: not writing %s (%s)", path, e)
 
-    def _load(self, path: str, text: str, args, leaves, *, pointer: bool):
-        """The executable of the entry at ``path`` (a code entry when ``pointer``), or
-        ``None`` (missing, or rejected with a warning)."""
+    def _load(self, path: str, text: str, args, leaves, *, trees: dict | None = None):
+        """The executable of the entry at ``path``, or ``None`` (missing, or rejected
+        with a warning). Without ``trees`` it is a code entry: it names the program
+        entry that holds the executable and carries the trees."""
         try:
             entry = _read(path)
             if entry is None:
                 return None
             if entry.get("key") != text:
                 raise ValueError("its key text differs")
-            if pointer:  # a code entry names the program entry that holds the executable
-                exe_key, target = (
-                    entry["exe_key"],
-                    os.path.join(os.path.dirname(path), entry["exe"]),
-                )
+            if trees is None:
+                trees = {"in_tree": entry["in_tree"], "out_tree": entry["out_tree"]}
+                exe_key = entry["exe_key"]
+                target = os.path.join(os.path.dirname(path), entry["exe"])
                 entry = _read(target)
                 if entry is None:
                     raise ValueError(f"its executable {target} is gone")
@@ -508,8 +511,8 @@ class CachedJit:
             devices = devices_of(leaves[0].sharding) or ()
             compiled = serialize_executable.deserialize_and_load(
                 entry["exe"],
-                entry["in_tree"],
-                entry["out_tree"],
+                trees["in_tree"],
+                trees["out_tree"],
                 backend=devices[0].client,
                 execution_devices=list(devices),
             )

@@ -40,12 +40,12 @@ def _body(scale: float):
     return body
 
 
-def _step(scale: float) -> pc.CachedJit:
+def _step(scale: float, key: str = "toy step") -> pc.CachedJit:
     """A new function object each time, like a model's per-instance program."""
     mesh = _mesh()
     f = jax.shard_map(_body(scale), mesh=mesh, in_specs=(P("x"), P()), out_specs=(P("x"), P()))
     outs = (NamedSharding(mesh, P("x")), NamedSharding(mesh, P()))
-    return pc.cached_jit(f, key=f"toy step scale={scale}", donate_argnums=(0,), out_shardings=outs)
+    return pc.cached_jit(f, key=f"{key} scale={scale}", donate_argnums=(0,), out_shardings=outs)
 
 
 def _args(n: int = 8):
@@ -98,6 +98,17 @@ def test_a_new_instance_loads_the_executable_and_matches_plain_jit(programs):
     _close(out, [np.asarray(x) for x in plain])
 
 
+def test_an_executable_jax_had_cached_is_still_written_whole(programs):
+    """JAX's persistent cache (same directory) already holds the program; what the
+    program cache writes must still run in the next lookup (an executable JAX loaded
+    from its cache re-serializes without its kernels on CPU)."""
+    _close(_step(5.0).jit(*_args()), _want(5.0))  # plain jit: into JAX's cache
+    _close(_step(5.0)(*_args()), _want(5.0))
+    s = pc.program_cache_stats()
+    _close(_step(5.0)(*_args()), _want(5.0))
+    assert _delta(s) == {"loaded": 1, "relinked": 0, "compiled": 0, "rejected": 0}
+
+
 def test_a_changed_key_or_shape_misses(programs):
     _step(2.0)(*_args())
     s = pc.program_cache_stats()
@@ -126,6 +137,16 @@ def test_no_code_entry_when_a_source_changed_after_the_process_started(programs,
     s = pc.program_cache_stats()
     _step(2.0)(*_args())
     assert _delta(s) == {"loaded": 0, "relinked": 1, "compiled": 0, "rejected": 0}
+
+
+def test_another_function_with_the_same_program_relinks_it(programs):
+    """Programs are shared by their lowered text: another key that traces to the same
+    program loads its executable instead of compiling it again."""
+    _step(2.0)(*_args())
+    s = pc.program_cache_stats()
+    _close(_step(2.0, key="another model")(*_args()), _want(2.0))
+    assert _delta(s) == {"loaded": 0, "relinked": 1, "compiled": 0, "rejected": 0}
+    assert len(list(programs.glob("*-program-*.jxp"))) == 1
 
 
 @pytest.mark.parametrize(("which", "rejects"), [("code", 1), ("program", 2)])
