@@ -474,3 +474,30 @@ def test_stored_pages_asks_nothing_when_the_cost_model_says_a_lookup_would_not_p
     c.l3.observe_recompute(16, 10.0)  # now it is dear: look
     assert c.stored_pages(toks) == 6
     c.close()
+
+
+def test_host_eviction_waits_only_for_the_writes_of_the_pages_it_frees(tmp_path):
+    """On a slow store the newest pages' L3 writes take long; evicting the host's
+    LRU pages (written long ago) does not wait for them, and frees no slot a pending
+    write still reads (every page still lands in L3)."""
+    from test_cache import _serve
+
+    store = LatencyBackend(FileBackend(tmp_path), 0.4)  # a write: 0.4 s check + 0.4 s put
+    c, pools = _cache(store, pp=1, cost_model=False)
+    old, new = _tokens(20, 4), _tokens(21, 4)
+    pools, _ = _serve(c, pools, old, 1.0)
+    c.poll(wait=True)  # its backup landed and its L3 write finished
+    pools, _ = _serve(c, pools, new, 2.0)
+    c.poll()  # the new pages' backup lands; their write is queued (0.8 s)
+    c.evict(pools, 10**6)
+    t0 = time.perf_counter()
+    freed = c.evict_host(4)  # the LRU host pages: old's
+    waited = time.perf_counter() - t0
+    assert freed >= 4 and waited < 0.4, waited
+    c.poll(wait=True)
+    c.evict_host(10**6)
+    for toks in (old, new):  # both sequences are in L3 and load back
+        pools, req = _admit(c, pools, toks)
+        assert req.storage_hit_tokens == 4 * PAGE
+        c.release(req)
+    c.close()

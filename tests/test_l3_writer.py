@@ -74,3 +74,34 @@ def test_write_nice_is_validated():
         StorageConfig(model_id="m", write_nice=20)
     with pytest.raises(ValueError, match=r"write_nice must be an int in \[0, 19\], got True"):
         StorageConfig(model_id="m", write_nice=True)
+
+
+def test_finish_of_some_slots_waits_only_for_the_writes_that_read_them():
+    """An eviction of old pages does not wait behind the newest writes: ``finish(slots)``
+    returns once the items reading those host slots are written, while a later item
+    is still in its put."""
+    gate = threading.Event()
+
+    def put(items):
+        if any(it.host_full[0] == 5 for it in items):
+            gate.wait(10)  # a slow store holds the newest write
+        return sum(it.pages for it in items)
+
+    wb = WriteBack(put, nice=0)
+    wb.add(_item(0))
+    wb.finish({"full": np.array([0])})  # item 0's own drain
+    wb.add(_item(5))
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (wb.finish({"full": np.array([0, 3])}), done.set()))
+    t.start()
+    assert done.wait(2)  # slot 0's write landed before; slot 3 has none
+    late = threading.Thread(target=lambda: (wb.finish({"full": np.array([5])}), done.clear()))
+    late.start()
+    late.join(0.3)
+    assert late.is_alive()  # slot 5's write is still in its put
+    gate.set()
+    late.join(5)
+    assert not late.is_alive() and not done.is_set()
+    wb.finish()
+    assert wb.collect() == (2, 0)
+    wb.close()

@@ -75,9 +75,9 @@ class Evictor:
 
     def reclaim_swa(self, tier: Tier, n: int) -> int:
         """Frees up to ``n`` SWA pages of ``tier`` outside every protected window."""
-        if tier is Tier.HOST and self.l3 is not None:
-            self.l3.finish_writes()  # they read host slots
         ids = self._tree.reclaim_swa(n, tier)
+        if tier is Tier.HOST and self.l3 is not None:
+            self.l3.finish_writes({PageSpace.SWA: ids})  # the writes reading them
         self._ledger.free(tier, PageSpace.SWA, ids)
         if tier is Tier.DEVICE:
             self._stats.device_swa_reclaimed_pages += int(ids.size)
@@ -120,10 +120,18 @@ class Evictor:
         return freed
 
     def evict_host(self, num_pages: int) -> int:
-        """Frees at least ``num_pages`` host pages (host-only leaves, LRU); returns pages freed."""
-        if self.l3 is not None:
-            self.l3.finish_writes()  # they read host slots
+        """Frees at least ``num_pages`` host pages (host-only leaves, LRU); returns pages
+        freed. Waits only for the L3 writes that read the freed slots (LRU pages were
+        queued long ago: on a slow store the newest writes need not land first)."""
         res = self._tree.evict_host(num_pages)
+        if self.l3 is not None:  # the writes that read these slots land first
+            self.l3.finish_writes(
+                {
+                    PageSpace.FULL: res.full_ids,
+                    PageSpace.SWA: res.swa_ids,
+                    PageSpace.STATE: res.state_ids,
+                }
+            )
         self._ledger.free(Tier.HOST, PageSpace.FULL, res.full_ids)
         self._ledger.free(Tier.HOST, PageSpace.SWA, res.swa_ids)
         self._ledger.free(Tier.HOST, PageSpace.STATE, res.state_ids)

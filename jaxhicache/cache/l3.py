@@ -45,7 +45,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import final
 
 import numpy as np
@@ -476,9 +476,14 @@ class StorageTier:
         self._ledger.free(Tier.HOST, PageSpace.SWA, p.host_swa)
         self._ledger.free(Tier.HOST, PageSpace.STATE, p.host_state)
 
-    def finish_writes(self) -> None:
-        """Waits for every L3 write (they read host slots that are about to be freed)."""
-        self._record_writes(wait=True)
+    def finish_writes(self, slots: Mapping[PageSpace, np.ndarray] | None = None) -> None:
+        """Waits for the L3 writes that read host slots about to be freed: those that
+        read any of ``slots`` (``{space: host ids}``), or (``None``) every write."""
+        if slots is None:
+            self._record_writes(wait=True)
+            return
+        self._writeback.finish({s.value: np.asarray(ids).reshape(-1) for s, ids in slots.items()})
+        self._record_writes(wait=False)
 
     def _record_writes(self, wait: bool) -> None:
         written, failed = self._writeback.collect(wait)

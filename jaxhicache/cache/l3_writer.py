@@ -8,12 +8,16 @@ decode steps it runs beside::
     worker: take EVERY pending item, one exists + one put per (stage, space) for all
             of them (fewer round trips and less Python per page), repeat until empty
             ─ runs at a lower CPU priority (``nice``) so the cores go to serving first
-    finish()   (before host slots are freed): waits for the drain in flight
+    finish()   (before host slots are freed): waits for every queued write
+    finish(slots)  waits only for the writes that read those host slots (an eviction
+               of old pages does not wait behind the newest writes on a slow store)
     collect()  (poll points): counters of finished writes, failures counted, never raised
 
 Invariants: the worker only reads host slots of pages the tree holds (backed up);
-nothing frees those slots before :meth:`finish`. Order does not matter: objects are
-content-addressed and written only where absent.
+nothing frees those slots before a :meth:`finish` that covers them. Items are
+numbered as they are queued and every drain takes all pending ones, so the items
+finished are always a prefix of that numbering (``_done``). Order does not matter
+to the store: objects are content-addressed and written only where absent.
 """
 
 from __future__ import annotations
@@ -47,6 +51,14 @@ class WriteItem:
     def pages(self) -> int:
         return len(self.hashes)
 
+    def reads(self, slots: dict) -> bool:
+        """Whether it reads any of ``slots`` (``{"full" | "swa" | "state": host ids}``)."""
+        mine = {"full": self.host_full, "swa": self.host_swa, "state": self.host_states}
+        return any(
+            ids.size and mine[k].size and np.intersect1d(mine[k], ids).size
+            for k, ids in slots.items()
+        )
+
 
 def lower_thread_priority(nice: int) -> bool:
     """Raises the calling thread's nice value by ``nice`` (Linux: per thread); returns
@@ -68,7 +80,10 @@ class WriteBack:
     def __init__(self, put: Callable[[list[WriteItem]], int], *, nice: int = 10):
         self._put = put
         self._lock = threading.Lock()
-        self._pending: list[WriteItem] = []
+        self._finished = threading.Condition(self._lock)
+        self._pending: list[tuple[int, WriteItem]] = []  # (number, item), queued
+        self._running: list[tuple[int, WriteItem]] = []  # the drain in flight
+        self._queued = self._done = 0  # items numbered so far; items 1.._done finished
         self._drain: concurrent.futures.Future | None = None
         self._written = self._failed = 0
         self.batches = 0  # put calls: one per drain round, however many items it took
@@ -82,17 +97,20 @@ class WriteBack:
     def add(self, item: WriteItem) -> None:
         """Queues ``item``; starts a drain unless one is running (it will take it)."""
         with self._lock:
-            self._pending.append(item)
+            self._queued += 1
+            self._pending.append((self._queued, item))
             if self._drain is None:
                 self._drain = self._pool.submit(self._run)
 
     def _run(self) -> None:
         while True:
             with self._lock:
-                items, self._pending = self._pending, []
-                if not items:
+                self._running, self._pending = self._pending, []
+                if not self._running:
                     self._drain = None
+                    self._finished.notify_all()
                     return
+                items = [it for _n, it in self._running]
             try:
                 written = self._put(items)
             except Exception:  # a backend bug must not take the cache down; counted
@@ -103,19 +121,26 @@ class WriteBack:
                 self.batches += 1
                 self._written += written
                 self._failed += failed
+                self._done = self._running[-1][0]
+                self._running = []
+                self._finished.notify_all()
 
     def pending(self) -> bool:
         with self._lock:
             return bool(self._pending) or self._drain is not None
 
-    def finish(self) -> None:
-        """Waits until every queued item was written (or failed)."""
-        while True:
-            with self._lock:
-                fut = self._drain
-            if fut is None:
-                return
-            fut.result()
+    def finish(self, slots: dict | None = None) -> None:
+        """Waits until every queued item was written (or failed); with ``slots``
+        (``{"full" | "swa" | "state": host ids}``) only until those that read any of
+        them were."""
+        with self._lock:
+            if slots is None:
+                last = self._queued
+            else:
+                last = max(
+                    (n for n, it in self._running + self._pending if it.reads(slots)), default=0
+                )
+            self._finished.wait_for(lambda: self._done >= last)
 
     def collect(self, wait: bool = False) -> tuple[int, int]:
         """``(pages written, failed batches)`` since the last call (``wait``: finish

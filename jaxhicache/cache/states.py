@@ -119,9 +119,9 @@ class StateSlots:
           Snapshots freed.
         """
         assert self._tree.states is not None
-        if tier is Tier.HOST and self.l3 is not None:
-            self.l3.finish_writes()  # they read host snapshot slots
         freed, _ = self._tree.states.evict(n, tier is Tier.DEVICE)
+        if tier is Tier.HOST and self.l3 is not None:
+            self.l3.finish_writes({_S: freed})  # the writes reading these snapshot slots
         self._ledger.free(tier, _S, freed)
         return int(freed.size)
 
