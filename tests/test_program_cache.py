@@ -117,6 +117,16 @@ def test_a_changed_key_or_shape_misses(programs):
     assert _delta(s) == {"loaded": 0, "relinked": 0, "compiled": 2, "rejected": 0}
 
 
+def test_a_changed_tracing_context_misses(programs):
+    """``jax.default_matmul_precision`` (and every other setting jax.jit keys on) is part
+    of the key: a call under another precision traces its own program."""
+    _step(2.0)(*_args())
+    s = pc.program_cache_stats()
+    with jax.default_matmul_precision("highest"):
+        _close(_step(2.0)(*_args()), _want(2.0))
+    assert _delta(s)["loaded"] == 0 and _delta(s)["compiled"] + _delta(s)["relinked"] == 1
+
+
 def test_a_code_change_relinks_the_program_without_compiling(programs, monkeypatch):
     _step(2.0)(*_args())
     monkeypatch.setattr(program_key, "source_digest", lambda name: (f"edited {name}", ()))
