@@ -13,7 +13,9 @@ import dataclasses
 import json
 import os
 import sys
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages
 os.environ["JAX_PLATFORMS"] = "cpu"
 import jax
 import numpy as np
