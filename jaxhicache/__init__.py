@@ -1,7 +1,9 @@
 """jaxhicache: a hierarchical prefix KV cache (device / host / storage) for JAX serving.
 
 ``jaxhicache.enable_compile_cache()`` (see :mod:`jaxhicache.compile_cache`) turns on
-JAX's persistent compilation cache so a restarted process skips recompiling.
+JAX's persistent compilation cache and the program cache
+(:mod:`jaxhicache.program_cache`), so a restarted process skips recompiling and, for
+``cached_jit`` programs, tracing.
 The attribute loads lazily: ``import jaxhicache`` alone imports nothing else.
 """
 
