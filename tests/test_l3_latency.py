@@ -204,17 +204,34 @@ def test_the_cost_model_fetches_only_what_is_cheaper_than_recompute(tmp_path, re
     c.close()
 
 
-def test_skipped_lookups_still_run_now_and_then(tmp_path):
+def test_skipped_lookups_sample_the_store_now_and_then(tmp_path):
     """Until a lookup was observed nothing is skipped (the priors must not keep the
-    estimates from being learnt); then one in eight lookups the cost model would skip
-    still runs (a store that was slow may have recovered)."""
-    c, _pools = _cache(FileBackend(tmp_path))
+    estimates from being learnt); then one in eight lookups the cost model skips
+    samples the store in the background (a few checks, off the request's critical
+    path), so the estimates follow a store that recovers."""
+    toks = _tokens(7, 6)
+    _write(tmp_path, toks, pp=1)
+    store = LatencyBackend(FileBackend(tmp_path), 0.002)
+    c, pools = _cache(store, pp=1)
     lk = c.l3.lookups
     c.l3.observe_recompute(1000, 1e-4)  # recomputing is nearly free
     assert all(lk.worth_looking(0, 4) for _ in range(20))  # no lookup observed yet
     c.l3.costs.observe_lookup(8, 64, 0.0101, first_s=0.01)
-    runs = [lk.worth_looking(0, 4) for _ in range(24)]
-    assert runs == ([False] * 7 + [True]) * 3
+    assert not any(lk.worth_looking(0, 4) for _ in range(5))
+    lk._skips = 0
+    seen = c.l3.costs.observed["latency"]
+    store.reset_round_trips()
+    for i in range(1, 17):
+        pools, req = _admit(c, pools, toks)
+        assert req.storage_hit_tokens == 0  # skipped: a miss
+        c.release(req)
+        t0 = time.perf_counter()  # a sample runs in the background: give it a second
+        while c.l3.costs.observed["latency"] - seen < i // 8 and time.perf_counter() - t0 < 1:
+            time.sleep(0.01)
+        samples = c.l3.costs.observed["latency"] - seen
+        assert samples == i // 8, (i, samples)
+        assert store.requests().get("stat", 0) == 4 * samples  # 4 pages, 1 stage
+    assert c.stats()["storage_lookups_skipped"] == 16
     c.close()
 
 

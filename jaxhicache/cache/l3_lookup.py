@@ -193,7 +193,8 @@ class _Early:
 
 
 _EARLY_MAX = 256  # queued lookups kept; the oldest are forgotten beyond this
-_EXPLORE = 8  # one in this many lookups the cost model would skip still runs
+_EXPLORE = 8  # one in this many lookups the cost model skips samples the store
+_SAMPLE = 4  # pages whose full-space objects such a sample checks
 
 
 class Lookups:
@@ -282,6 +283,8 @@ class Lookups:
         early = self._early.pop((salt, key[: stop * self._ps].tobytes()), None)
         if early is None and not self.worth_looking(first, stop):
             self._stats.storage_lookups_skipped += 1
+            if self._skips % _EXPLORE == 0:  # a store that was slow may have recovered
+                self._pool.submit(self._sample, hashes[:_SAMPLE], first)
             got = Probe.nothing(first, stop)  # still agreed: every process takes the step
         else:
             got = self._await(early, hashes, first, stop, deadline)
@@ -294,6 +297,13 @@ class Lookups:
         self._pool.shutdown(wait=False, cancel_futures=True)  # lookups hold no slots
 
     # ---------------------------------------------------------------- internals
+    def _sample(self, hashes: Sequence[str], first: int) -> None:
+        """Lookup thread: the existence checks of a few full-space pages, all at once,
+        for the cost model's estimates only (a skipped lookup's exploration)."""
+        stages = [dataclasses.replace(st, swa=(0, 0), state=(0, 0)) for st in self.stages]
+        limit = self._in_flight(self.config.lookup_in_flight)
+        probe(self.backend, stages, hashes, first, [], limit, self.costs)
+
     def _probe(self, hashes: Sequence[str], first: int, stop: int) -> Probe:
         """Lookup thread: one batch of every existence check of pages ``[first, stop)``;
         then, if that batch did not check the window of the end of the pages present
@@ -402,14 +412,14 @@ class Lookups:
         lookup and the fetch cost (else the lookup is skipped: a miss for nothing).
 
         Always true until a lookup was observed (the priors decide nothing that would
-        keep the estimates from being learnt), and for every ``_EXPLORE``-th lookup in
-        a row that would be skipped (a store that was slow may have recovered)."""
+        keep the estimates from being learnt). ``explore``: counts a skip (every
+        ``_EXPLORE``-th skip in a row, :meth:`hit_end` samples the store in the
+        background, so that the estimates follow a store that recovers, without a
+        whole lookup on a request's critical path)."""
         if not self.config.cost_model or not self.costs.observed["latency"]:
             return True
-        if explore:  # ``False``: a question only (no skip counted, never an exploration)
+        if explore:
             self._skips += 1
-            if self._skips % _EXPLORE == 0:
-                return True
         k = self.config.swa_checkpoint_every
         windows = len(window_pages(first, stop, self._w, k, self._all_windows(first, stop)))
         snaps = len(state_pages(first, stop, self._grid))
