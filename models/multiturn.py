@@ -107,6 +107,7 @@ class _Job:
                 model_id=self.model_id,
                 prefetch_threshold=self.page,
                 prefetch_policy=c.prefetch_policy,
+                cost_model=c.l3_cost_model,
             )
         self.loop = ServingLoop.for_model(
             self.model,
@@ -151,7 +152,7 @@ class _Job:
         first, pages = m.matched_len // page, key.size // page
         if pages > first:
             need = cache.stored_pages(prompt)  # the request's own lookup, kept for admission
-            short = need - (self.host_pages - cache.stats()["host_full_pages_used"])
+            short = need - self._free_host()
             if short > 0:
                 short -= self.loop.evict_host(short)
             if short > 0:
@@ -161,8 +162,14 @@ class _Job:
                 if would_evict > 0:
                     self.loop.evict(min(short, would_evict))
                     cache.poll(wait=True)
-                    self.loop.evict_host(short)
+                    # the pages it evicted from device may now come from L3 too
+                    short = cache.stored_pages(prompt) - self._free_host()
+                    if short > 0:
+                        self.loop.evict_host(short)
         return time.perf_counter() - t0
+
+    def _free_host(self) -> int:
+        return self.host_pages - self.loop.cache.stats()["host_full_pages_used"]
 
     def cache_on(self, wl: Workload, prompts=None) -> tuple[list, list, Transcript]:
         """Serves the schedule with the cache; ``prompts``: replay these (else the

@@ -180,6 +180,7 @@ class ConcurrentJob:
                 model_id=self.model_id,
                 prefetch_threshold=self.page,
                 prefetch_policy=c.prefetch_policy,
+                cost_model=c.l3_cost_model,
             )
         self.cache_on = HiCache(
             self.model.spec,

@@ -60,6 +60,9 @@ class MultiturnConfig:
       host_ratio: host capacity relative to device, when ``host_pages`` is unset.
       write_policy / prefetch_policy: the cache's knobs.
       store: how the L3 store was given (recorded; ``None``: a temporary directory).
+      l3_cost_model: ``StorageConfig.cost_model``: serve an L3 hit only where the
+        running estimates say loading it is cheaper than recomputing it (``False``:
+        every hit, whatever it costs).
       store_latency_ms: added to every L3 object request (``LatencyBackend``), to
         measure the tier at an object store's round trip on one machine (0: none).
       probe_reps: L3 probes (one client each, at most ``clients``; none when the
@@ -84,6 +87,7 @@ class MultiturnConfig:
     prefetch_policy: PrefetchPolicy = PrefetchPolicy.TIMEOUT
     store: str | None = None
     store_latency_ms: float = 0.0
+    l3_cost_model: bool = True
     probe_reps: int = 3
     out_dir: str | os.PathLike | None = None
     quick: bool = False
@@ -125,6 +129,10 @@ class MultiturnConfig:
             raise ValueError(
                 f"MultiturnConfig.concurrency={self.concurrency} exceeds the workload's "
                 f"{self.workload.clients} clients"
+            )
+        if type(self.l3_cost_model) is not bool:
+            raise ValueError(
+                f"MultiturnConfig.l3_cost_model must be a bool, got {self.l3_cost_model!r}"
             )
         lat = self.store_latency_ms
         if (

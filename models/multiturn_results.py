@@ -179,6 +179,7 @@ def config_fields(job, model_config, temp_store: bool) -> dict:
         "two_pass": c.two_pass,
         "store": c.store or ("temporary FileBackend directory" if job.store else None),
         "store_latency_ms": c.store_latency_ms,
+        "l3_cost_model": c.l3_cost_model,
         "store_backend": (
             "FileBackend(<temp>)" if temp_store else None if job.store is None else repr(job.store)
         ),

@@ -288,6 +288,8 @@ def test_a_queued_lookup_from_a_longer_match_is_not_used(tmp_path):
     c.poll(wait=True)
     c.evict(pools, 10**6)
     c.evict_host(10**6)  # the tree forgets pages 0..1
+    assert c.stored_pages(toks) == 5  # a lookup of every page replaces the queued one
+    assert not c.l3.start_lookup(toks[:-1])  # that one covers them: none more
     pools, req = _admit(c, pools, toks)
     assert (req.device_hit_tokens, req.host_hit_tokens, req.storage_hit_tokens) == (0, 0, 80)
     c.release(req)

@@ -233,15 +233,17 @@ class Lookups:
 
     def start(self, key: np.ndarray, salt: bytes | None) -> bool:
         """Starts the lookup of a queued request's ``key`` (what admission will match)
-        after what the tree holds now; see :meth:`StorageTier.start_lookup`."""
+        after what the tree holds now; see :meth:`StorageTier.start_lookup`. A lookup
+        of the key queued before the tree lost some of its pages is replaced."""
         ps = self._ps
         pages = key.size // ps
         first = self._first(key, salt)
         if (pages - first) * ps < self.config.prefetch_threshold:
             return False
         tag = (salt, key[: pages * ps].tobytes())
-        if tag in self._early:
-            return False
+        queued = self._early.get(tag)
+        if queued is not None and queued.first <= first:
+            return False  # pending, and it covers the pages (else: the tree lost some)
         hashes = self._tree.key_hashes(key[: pages * ps], salt=salt)[first:]
         self._early[tag] = _Early(first, self._pool.submit(self._probe, hashes, first, pages))
         while len(self._early) > _EARLY_MAX:
@@ -258,8 +260,10 @@ class Lookups:
         ps = self._ps
         pages = key.size // ps
         tag = (salt, key[: pages * ps].tobytes())
-        if tag not in self._early and not self.worth_looking(
-            self._first(key, salt), pages, explore=False
+        queued = self._early.get(tag)
+        first = self._first(key, salt)
+        if (queued is None or queued.first > first) and not self.worth_looking(
+            first, pages, explore=False
         ):
             return 0  # as the admission would decide (it counts the skip)
         self.start(key, salt)
@@ -402,10 +406,11 @@ class Lookups:
         return snap["request_s"] * extra * stages <= snap["latency_s"]
 
     def _first(self, key: np.ndarray, salt: bytes | None) -> int:
-        """The page the admission's L3 lookup of ``key`` would start at now."""
-        if self._grid:  # admission's match ends at a snapshot, before the KV match
-            return self._tree.match_prefix(key, salt=salt, touch=False).matched_len // self._ps
-        return self._tree.cached_len(key, salt=salt) // self._ps
+        """The page the admission's L3 lookup of ``key`` would start at now: the end of
+        its match (with SWA: the last page whose window the tree holds; hybrids: a
+        snapshot), not of every page the tree holds (a lookup queued from there would
+        be replaced at admission)."""
+        return self._tree.match_prefix(key, salt=salt, touch=False).matched_len // self._ps
 
     def worth_looking(self, first: int, stop: int, explore: bool = True) -> bool:
         """Whether even a hit of every page ``[first, stop)`` would save more than the

@@ -67,6 +67,7 @@ def run(args) -> int:
             prefetch_policy=PrefetchPolicy(args.prefetch_policy),
             store=args.store,
             store_latency_ms=args.store_latency_ms,
+            l3_cost_model=not args.no_l3_cost_model,
             probe_reps=args.probe_reps,
             out_dir=args.out,
             quick=args.quick,
@@ -155,6 +156,12 @@ def add_parser(sub) -> None:
         default=0.0,
         help="add this many ms to every L3 object request (an object store's round trip, "
         "simulated over --store; default 0)",
+    )
+    m.add_argument(
+        "--no-l3-cost-model",
+        action="store_true",
+        help="serve every L3 hit, even where the cost model estimates recomputing it is "
+        "faster (StorageConfig.cost_model=False)",
     )
     m.add_argument("--clients", type=count, default=None, help="concurrent conversations")
     m.add_argument("--turns", type=count, default=None, help="turns per conversation")

@@ -161,6 +161,8 @@ class LatencyBackend(StorageBackend):
         return dict(self._trips.requests)
 
     def reset_round_trips(self) -> None:
+        """Starts counting round trips and requests afresh (answers to requests issued
+        before count as depth 0)."""
         self._trips.reset()
 
     # ------------------------------------------------------------ primitives
