@@ -44,6 +44,7 @@ are counted (``compiles_in_timed_steps``; 0 when the warm-up covered every shape
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import secrets
@@ -236,15 +237,18 @@ class _Job:
 
     def warm_up(self) -> Transcript:
         """The whole job on the variant-1 tokens (same lengths, other pages), on this
-        cache: every program and eager-op shape of the timed steps compiles here. Then
-        device and host are emptied."""
+        cache: every program and eager-op shape of the timed steps compiles here (every
+        L3 hit is served meanwhile, ``StorageTier.every_hit``: the cost model may accept
+        any of them later). Then device and host are emptied."""
         wl = self.warm_workload
-        _off, prompts, tr = self.cache_off(wl)
-        self.cache_on(wl, prompts)
-        if self.config.two_pass:
-            self.flush()
+        l3 = self.loop.cache.l3  # every L3 hit served: each hit's load shape compiles
+        with contextlib.nullcontext() if l3 is None else l3.every_hit():
+            _off, prompts, tr = self.cache_off(wl)
             self.cache_on(wl, prompts)
-        self.probe(tr)
+            if self.config.two_pass:
+                self.flush()
+                self.cache_on(wl, prompts)
+            self.probe(tr)
         empty_tiers(self.loop.cache, self.loop.pools)
         return tr
 

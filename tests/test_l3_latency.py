@@ -520,3 +520,25 @@ def test_host_eviction_waits_only_for_the_writes_of_the_pages_it_frees(tmp_path)
         assert req.storage_hit_tokens == 4 * PAGE
         c.release(req)
     c.close()
+
+
+def test_every_hit_serves_what_the_cost_model_would_skip_while_it_learns(tmp_path):
+    """``StorageTier.every_hit`` (a warm-up): hits the cost model would skip are looked
+    up and fetched, so their load programs compile then; after it, they are skipped."""
+    toks = _tokens(22, 6)
+    _write(tmp_path, toks)
+    c, pools = _cache(FileBackend(tmp_path))
+    c.l3.costs.observe_lookup(8, 64, 0.0101, first_s=0.01)  # a store 10 ms away
+    c.l3.observe_recompute(1000, 1e-4)  # recomputing is nearly free
+    with c.l3.every_hit():
+        pools, req = _admit(c, pools, toks)
+        assert req.storage_hit_tokens == 6 * PAGE
+        c.release(req)
+    seen = c.l3.costs.observed["latency"]
+    assert seen >= 2  # it learnt from that lookup
+    c.evict(pools, 10**6)
+    c.evict_host(10**6)
+    pools, req = _admit(c, pools, toks)
+    assert req.storage_hit_tokens == 0 and c.stats()["storage_lookups_skipped"] == 1
+    c.release(req)
+    c.close()

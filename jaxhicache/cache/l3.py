@@ -45,7 +45,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import final
 
 import numpy as np
@@ -240,6 +240,18 @@ class StorageTier:
         L3 (local, not agreed): the lookup :meth:`start_lookup` queued (started now if
         none), kept for the request's admission."""
         return self.lookups.present(np.asarray(key, np.int32).reshape(-1), salt_bytes(salt))
+
+    @contextlib.contextmanager
+    def every_hit(self) -> Iterator[None]:
+        """Within: every L3 hit is looked up and fetched whatever the cost model says
+        (it still learns). For a server's warm-up: the load programs of every hit
+        shape compile then, not at the first hit the model accepts later."""
+        decide = self.lookups.decide
+        self.lookups.decide = False
+        try:
+            yield
+        finally:
+            self.lookups.decide = decide
 
     def observe_recompute(self, tokens: int, seconds: float) -> None:
         """Feeds the cost model: prefilling ``tokens`` tokens took ``seconds``."""

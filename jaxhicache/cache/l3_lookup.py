@@ -230,6 +230,9 @@ class Lookups:
         )
         self._early: collections.OrderedDict[tuple, _Early] = collections.OrderedDict()
         self._skips = 0  # lookups in a row the cost model would skip
+        # whether the cost model decides (``config.cost_model``; off during a warm-up,
+        # StorageTier.every_hit): off, it still learns but declines nothing
+        self.decide = config.cost_model
 
     def start(self, key: np.ndarray, salt: bytes | None) -> bool:
         """Starts the lookup of a queued request's ``key`` (what admission will match)
@@ -363,7 +366,7 @@ class Lookups:
         either way; the cost model prices a lookup as the whole batch at once, which
         keeps such a store as busy). Inline backends: 1."""
         limit = self._in_flight(self.config.lookup_in_flight)
-        if not self.config.cost_model or not self.costs.observed["request"]:
+        if not self.decide or not self.costs.observed["request"]:
             return limit
         snap = self.costs.snapshot()
         if snap["request_s"] <= 0:
@@ -386,7 +389,7 @@ class Lookups:
     def worth(self, first: int, end: int) -> bool:
         """Whether loading pages ``[first, end)`` (and the window before ``end``) is
         cheaper than recomputing them, by this process's estimates."""
-        if not self.config.cost_model or end <= first:
+        if not self.decide or end <= first:
             return True
         return self._fetch_seconds(first, end) <= self.costs.recompute_seconds(
             (end - first) * self._ps
@@ -421,7 +424,7 @@ class Lookups:
         ``_EXPLORE``-th skip in a row, :meth:`hit_end` samples the store in the
         background, so that the estimates follow a store that recovers, without a
         whole lookup on a request's critical path)."""
-        if not self.config.cost_model or not self.costs.observed["latency"]:
+        if not self.decide or not self.costs.observed["latency"]:
             return True
         if explore:
             self._skips += 1
