@@ -44,7 +44,6 @@ are counted (``compiles_in_timed_steps``; 0 when the warm-up covered every shape
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import secrets
@@ -128,7 +127,8 @@ class _Job:
         reps = c.probe_reps if store is not None else 0
         self.probe_clients = list(range(min(reps, c.workload.clients)))
         passes = 3 if c.two_pass else 2
-        total = 2 * (passes * len(self.workload) + 2 * len(self.probe_clients))
+        # warm-up and timed steps; probes: 2 serves each, the warm-up's twice
+        total = 2 * passes * len(self.workload) + 3 * 2 * len(self.probe_clients)
         self.bar = _progress(total, progress)
 
     # ----------------------------------------------------------------- passes
@@ -237,18 +237,21 @@ class _Job:
 
     def warm_up(self) -> Transcript:
         """The whole job on the variant-1 tokens (same lengths, other pages), on this
-        cache: every program and eager-op shape of the timed steps compiles here (every
-        L3 hit is served meanwhile, ``StorageTier.every_hit``: the cost model may accept
-        any of them later). Then device and host are emptied."""
+        cache: every program and eager-op shape of the timed steps compiles here, with
+        the probes once more serving every L3 hit (``StorageTier.every_hit``: which of
+        them the cost model accepts depends on timing). Then device and host are
+        emptied."""
         wl = self.warm_workload
-        l3 = self.loop.cache.l3  # every L3 hit served: each hit's load shape compiles
-        with contextlib.nullcontext() if l3 is None else l3.every_hit():
-            _off, prompts, tr = self.cache_off(wl)
+        _off, prompts, tr = self.cache_off(wl)
+        self.cache_on(wl, prompts)
+        if self.config.two_pass:
+            self.flush()
             self.cache_on(wl, prompts)
-            if self.config.two_pass:
-                self.flush()
-                self.cache_on(wl, prompts)
-            self.probe(tr)
+        self.probe(tr)
+        l3 = self.loop.cache.l3
+        if l3 is not None and self.probe_clients:
+            with l3.every_hit():  # the probes' whole restores, which the model may accept
+                self.probe(tr)
         empty_tiers(self.loop.cache, self.loop.pools)
         return tr
 

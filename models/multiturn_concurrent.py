@@ -29,7 +29,6 @@ are counted (``compiles_in_timed_steps``; 0 when the warm-up covered every shape
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import heapq
 import secrets
@@ -222,9 +221,7 @@ class ConcurrentJob:
     def warm_up(self) -> None:
         wl = self.warm_workload
         off, _wall = self.pass_off(wl)
-        l3 = self.cache_on.l3  # every L3 hit served: each hit's load shape compiles
-        with contextlib.nullcontext() if l3 is None else l3.every_hit():
-            self.pass_on(wl, {k: s.prompt for k, s in off.items()})
+        self.pass_on(wl, {k: s.prompt for k, s in off.items()})
         empty_tiers(self.cache_on, self.on.pools)
 
     def close(self) -> None:
