@@ -542,3 +542,30 @@ def test_every_hit_serves_what_the_cost_model_would_skip_while_it_learns(tmp_pat
     assert req.storage_hit_tokens == 0 and c.stats()["storage_lookups_skipped"] == 1
     c.release(req)
     c.close()
+
+
+def test_host_eviction_passes_over_pages_an_l3_write_still_reads(tmp_path):
+    """When the LRU host pages are still being written to a slow store, host eviction
+    frees other host-only pages first (no wait), and only then those."""
+    from test_cache import _serve
+
+    store = LatencyBackend(FileBackend(tmp_path), 0.4)  # a write: 0.4 s check + 0.4 s put
+    c, pools = _cache(store, pp=1, cost_model=False)
+    a, b = _tokens(23, 4), _tokens(24, 4)
+    pools, _ = _serve(c, pools, a, 1.0)
+    c.poll(wait=True)  # a is written
+    pools, _ = _serve(c, pools, b, 2.0)
+    c.poll()  # b's write is queued (0.8 s)
+    pools, req = _admit(c, pools, a)  # a device hit: a is now the more recent
+    c.release(req)
+    c.evict(pools, 10**6)
+    t0 = time.perf_counter()
+    assert c.evict_host(4) >= 4
+    assert time.perf_counter() - t0 < 0.4  # b (LRU, being written) passed over
+    assert c.lookup(a[:-1]).matched_len == 0 and c.lookup(b[:-1]).matched_len == 4 * PAGE
+    assert c.evict_host(4) >= 4  # nothing else left: b goes, after its write
+    c.poll(wait=True)
+    pools, req = _admit(c, pools, b)
+    assert req.storage_hit_tokens == 4 * PAGE  # its write landed before its slots went
+    c.release(req)
+    c.close()

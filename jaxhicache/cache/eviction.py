@@ -18,6 +18,7 @@ anything that frees host pages first waits for the L3 writes that read them.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING, final
 
@@ -119,11 +120,31 @@ class Evictor:
         self._stats.device_evicted_pages += freed
         return freed
 
+    def _writing(self):
+        """``skip`` for the tree's host eviction: pages an L3 write still reads (evicted
+        only when the others do not free enough; their writes are waited for)."""
+        if self.l3 is None:
+            return None
+        busy = self.l3.writing()
+        if not busy.size:
+            return None
+        return lambda ids: bool(np.isin(ids, busy, assume_unique=True).any())
+
     def evict_host(self, num_pages: int) -> int:
         """Frees at least ``num_pages`` host pages (host-only leaves, LRU); returns pages
-        freed. Waits only for the L3 writes that read the freed slots (LRU pages were
-        queued long ago: on a slow store the newest writes need not land first)."""
-        res = self._tree.evict_host(num_pages)
+        freed. Pages no L3 write still reads go first; it waits only for the writes
+        that read the slots it frees (on a slow store the write queue runs behind)."""
+        res = self._tree.evict_host(num_pages, skip=self._writing())
+        if res.evicted_pages < num_pages and self.l3 is not None:  # then pages being written
+            more = self._tree.evict_host(num_pages - res.evicted_pages)
+            res = dataclasses.replace(
+                res,
+                full_ids=np.concatenate([res.full_ids, more.full_ids]),
+                swa_ids=np.concatenate([res.swa_ids, more.swa_ids]),
+                state_ids=np.concatenate([res.state_ids, more.state_ids]),
+                evicted_pages=res.evicted_pages + more.evicted_pages,
+                deleted_pages=res.deleted_pages + more.deleted_pages,
+            )
         if self.l3 is not None:  # the writes that read these slots land first
             self.l3.finish_writes(
                 {

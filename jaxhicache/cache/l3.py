@@ -488,6 +488,10 @@ class StorageTier:
         self._ledger.free(Tier.HOST, PageSpace.SWA, p.host_swa)
         self._ledger.free(Tier.HOST, PageSpace.STATE, p.host_state)
 
+    def writing(self) -> np.ndarray:
+        """Host full-space slots that queued or running L3 writes still read (sorted)."""
+        return self._writeback.busy()
+
     def finish_writes(self, slots: Mapping[PageSpace, np.ndarray] | None = None) -> None:
         """Waits for the L3 writes that read host slots about to be freed: those that
         read any of ``slots`` (``{space: host ids}``), or (``None``) every write."""

@@ -129,6 +129,12 @@ class WriteBack:
         with self._lock:
             return bool(self._pending) or self._drain is not None
 
+    def busy(self) -> np.ndarray:
+        """The host full-space slots that queued or running items read (sorted)."""
+        with self._lock:
+            ids = [it.host_full for _n, it in self._running + self._pending]
+        return np.unique(np.concatenate(ids)) if ids else np.zeros(0, np.int32)
+
     def finish(self, slots: dict | None = None) -> None:
         """Waits until every queued item was written (or failed); with ``slots``
         (``{"full" | "swa" | "state": host ids}``) only until those that read any of

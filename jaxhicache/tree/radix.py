@@ -356,17 +356,19 @@ class RadixTree:
         wb = self.write_policy is WritePolicy.WRITE_BACK if write_back is None else write_back
         return self._r.evict_device(num_pages, wb)
 
-    def evict_host(self, num_pages: int) -> EvictResult:
+    def evict_host(self, num_pages: int, *, skip=None) -> EvictResult:
         """Free at least ``num_pages`` host full pages (if possible): LRU over unlocked
         host-only leaves, which leave the tree (with their host SWA pages).
 
         Args:
           num_pages: host full pages to free (whole nodes: may free more).
+          skip: ``skip(host_full ids) -> bool``: leaves to pass over (their
+            ancestors stay too), e.g. pages an L3 write still reads.
 
         Returns:
           An :class:`EvictResult` with the freed host ids for the caller to free.
         """
-        return self._r.evict_host(num_pages)
+        return self._r.evict_host(num_pages, skip)
 
     # ------------------------------------------------------------------ backup / load back
     def device_ids(self, node: TreeNode) -> tuple[np.ndarray, np.ndarray]:

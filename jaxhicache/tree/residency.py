@@ -187,10 +187,15 @@ class Residency:
             state_ids=np.asarray(state_out, np.int32),
         )
 
-    def evict_host(self, num_pages: int) -> EvictResult:
+    def evict_host(self, num_pages: int, skip=None) -> EvictResult:
         """Free at least ``num_pages`` host full pages (if possible): LRU over unlocked
-        host-only leaves, which leave the tree."""
-        heap = [(n.last_access, n) for n in self.host_leaves if n.lock_ref == 0]
+        host-only leaves, which leave the tree (``skip(host_full ids)``: leaves to pass
+        over, and so their ancestors)."""
+        heap = [
+            (n.last_access, n)
+            for n in self.host_leaves
+            if n.lock_ref == 0 and (skip is None or not skip(n.host_full))
+        ]
         heapq.heapify(heap)
         full_out: list[np.ndarray] = []
         swa_out: list[np.ndarray] = []
@@ -211,7 +216,11 @@ class Residency:
             self.host_leaves.discard(n)
             self.detach(n)
             evicted += k
-            if p in self.host_leaves and p.lock_ref == 0:
+            if (
+                p in self.host_leaves
+                and p.lock_ref == 0
+                and (skip is None or not skip(p.host_full))
+            ):
                 heapq.heappush(heap, (p.last_access, p))
         return EvictResult(
             full_ids=cat(full_out),
