@@ -162,7 +162,7 @@ class _Job:
                 would_evict = want - (self.device_pages - used)
                 if would_evict > 0:
                     self.loop.evict(min(short, would_evict))
-                    cache.poll(wait=True)
+                    cache.poll(wait=True, l3=False)  # their backups land: host-only now
                     # the pages it evicted from device may now come from L3 too
                     short = cache.stored_pages(prompt) - self._free_host()
                     if short > 0:

@@ -569,3 +569,18 @@ def test_host_eviction_passes_over_pages_an_l3_write_still_reads(tmp_path):
     assert req.storage_hit_tokens == 4 * PAGE  # its write landed before its slots went
     c.release(req)
     c.close()
+
+
+def test_poll_can_wait_for_the_backups_without_the_l3_writes(tmp_path):
+    from test_cache import _serve
+
+    store = LatencyBackend(FileBackend(tmp_path), 0.4)
+    c, pools = _cache(store, pp=1, cost_model=False)
+    pools, _ = _serve(c, pools, _tokens(25, 4), 1.0)
+    t0 = time.perf_counter()
+    c.poll(wait=True, l3=False)
+    assert time.perf_counter() - t0 < 0.3
+    assert c.stats()["in_flight_backups"] == 0 and c.l3.writing().size == 4  # still writing
+    c.poll(wait=True)
+    assert c.l3.writing().size == 0 and c.stats()["storage_backed_up_pages"] >= 4
+    c.close()

@@ -307,10 +307,10 @@ class HiCache:
         self._step()
         return self._admission.dispatch(pools, admitted, layerwise)
 
-    def _poll(self, wait: bool = False) -> int:
+    def _poll(self, wait: bool = False, l3: bool = True) -> int:
         done = self._backups.poll(wait)
         if self.l3 is not None:
-            self.l3.poll(wait)
+            self.l3.poll(wait and l3)
         return done
 
     # ------------------------------------------------------ requests in flight
@@ -486,7 +486,7 @@ class HiCache:
         return self._evictor.flush(pools)
 
     # -------------------------------------------------------------- backups
-    def poll(self, wait: bool = False) -> int:
+    def poll(self, wait: bool = False, *, l3: bool = True) -> int:
         """Records landed backups in the tree, and polls L3 prefetches and writes.
 
         Outcomes are agreed across processes before they are applied, so every
@@ -494,11 +494,13 @@ class HiCache:
 
         Args:
           wait: block until every in-flight backup (and L3 work) has finished.
+          l3: with ``wait``, wait for L3 prefetches and writes too (``False``: the
+            backups only; a slow store's write queue does not hold the caller).
 
         Returns:
           How many backups this poll recorded.
         """
-        return self._poll(wait)
+        return self._poll(wait, l3)
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict:
