@@ -397,7 +397,7 @@ def test_a_miss_on_a_store_serving_one_request_at_a_time_costs_a_check_or_two(tm
     toks, again = _tokens(11, 12), _tokens(15, 12)
     _write(tmp_path, toks)
     _write(tmp_path, again)
-    store = LatencyBackend(FileBackend(tmp_path), 0.002, request_s=0.002 if serial else 0.0)
+    store = LatencyBackend(FileBackend(tmp_path), 0.01, request_s=0.01 if serial else 0.0)
     c, pools = _cache(store)
     c.l3.lookups.costs.observe_recompute(1, 1.0)  # recompute is dear: every lookup pays
     pools, req = _admit(c, pools, toks)  # a hit: the model learns the store's pace
@@ -417,7 +417,7 @@ def test_a_miss_on_a_store_serving_one_request_at_a_time_costs_a_check_or_two(tm
     pools, req = _admit(c, pools, again)  # a paced hit: the estimates stay the store's
     assert req.storage_hit_tokens == 12 * PAGE
     if serial:
-        assert c.l3.lookups.costs.snapshot()["request_s"] >= 0.0015
+        assert c.l3.lookups.costs.snapshot()["request_s"] >= 0.0075
     c.release(req)
     c.close()
 
@@ -555,7 +555,8 @@ def test_host_eviction_passes_over_pages_an_l3_write_still_reads(tmp_path):
     pools, _ = _serve(c, pools, a, 1.0)
     c.poll(wait=True)  # a is written
     pools, _ = _serve(c, pools, b, 2.0)
-    c.poll()  # b's write is queued (0.8 s)
+    c.poll(wait=True, l3=False)  # b's backup landed: its write starts (0.8 s)
+    time.sleep(0.1)
     pools, req = _admit(c, pools, a)  # a device hit: a is now the more recent
     c.release(req)
     c.evict(pools, 10**6)
@@ -583,4 +584,33 @@ def test_poll_can_wait_for_the_backups_without_the_l3_writes(tmp_path):
     assert c.stats()["in_flight_backups"] == 0 and c.l3.writing().size == 4  # still writing
     c.poll(wait=True)
     assert c.l3.writing().size == 0 and c.stats()["storage_backed_up_pages"] >= 4
+    c.close()
+
+
+def test_host_eviction_drops_queued_writes_of_the_pages_it_frees(tmp_path):
+    """A store behind the write rate: host eviction that must free pages whose L3
+    write has not started drops that write (counted) instead of waiting for the
+    queue; a write already running is waited for; nothing wrong is ever stored."""
+    from test_cache import _serve
+
+    store = LatencyBackend(FileBackend(tmp_path), 0.4)  # a write: 0.4 s check + 0.4 s put
+    c, pools = _cache(store, pp=1, cost_model=False)
+    b, d = _tokens(26, 4), _tokens(27, 4)
+    pools, _ = _serve(c, pools, b, 1.0)
+    c.poll(wait=True, l3=False)  # b's write starts (running, 0.8 s)
+    pools, _ = _serve(c, pools, d, 2.0)
+    c.poll(wait=True, l3=False)  # d's write is queued behind it
+    pools, req = _admit(c, pools, b)  # b is now the more recent: d is the LRU
+    c.release(req)
+    c.evict(pools, 10**6)
+    t0 = time.perf_counter()
+    assert c.evict_host(4) >= 4  # d: its queued write dropped, no wait
+    assert time.perf_counter() - t0 < 0.3
+    assert c.stats()["storage_dropped_writes"] == 4
+    c.poll(wait=True)
+    c.evict_host(10**6)
+    for toks, hit in ((b, 4 * PAGE), (d, 0)):
+        pools, req = _admit(c, pools, toks)
+        assert req.storage_hit_tokens == hit
+        c.release(req)
     c.close()

@@ -105,3 +105,26 @@ def test_finish_of_some_slots_waits_only_for_the_writes_that_read_them():
     wb.finish()
     assert wb.collect() == (2, 0)
     wb.close()
+
+
+def test_drop_takes_the_slots_objects_out_of_items_not_yet_started():
+    gate, started = threading.Event(), threading.Event()
+    calls = []
+
+    def put(items):
+        calls.append(sorted(int(i) for it in items for i in it.host_full))
+        started.set()
+        gate.wait(10)
+        return sum(it.pages for it in items)
+
+    wb = WriteBack(put, nice=0)
+    wb.add(_item(1))  # running: its put is held
+    assert started.wait(5)
+    wb.add(
+        WriteItem([f"{2:064x}", f"{3:064x}"], np.array([2, 3], np.int32), [], np.zeros(0, np.int32))
+    )
+    assert wb.drop({"full": np.array([1, 3])}) == 1  # page 3 of the queued item; 1 is running
+    gate.set()
+    wb.finish()
+    assert calls == [[1], [2]] and wb.collect() == (2, 0)
+    wb.close()

@@ -494,11 +494,16 @@ class StorageTier:
 
     def finish_writes(self, slots: Mapping[PageSpace, np.ndarray] | None = None) -> None:
         """Waits for the L3 writes that read host slots about to be freed: those that
-        read any of ``slots`` (``{space: host ids}``), or (``None``) every write."""
+        read any of ``slots`` (``{space: host ids}``), or (``None``) every write. With
+        ``slots``, their objects not yet being written are dropped instead
+        (``storage_dropped_writes``): a store behind the write rate costs misses later,
+        not a stall of the serving thread now."""
         if slots is None:
             self._record_writes(wait=True)
             return
-        self._writeback.finish({s.value: np.asarray(ids).reshape(-1) for s, ids in slots.items()})
+        by_space = {s.value: np.asarray(ids).reshape(-1) for s, ids in slots.items()}
+        self._stats.storage_dropped_writes += self._writeback.drop(by_space)
+        self._writeback.finish(by_space)
         self._record_writes(wait=False)
 
     def _record_writes(self, wait: bool) -> None:

@@ -11,6 +11,8 @@ decode steps it runs beside::
     finish()   (before host slots are freed): waits for every queued write
     finish(slots)  waits only for the writes that read those host slots (an eviction
                of old pages does not wait behind the newest writes on a slow store)
+    drop(slots)    takes those slots' objects out of the items not yet started (host
+               eviction, when the store is behind: a miss later, not a stall now)
     collect()  (poll points): counters of finished writes, failures counted, never raised
 
 Invariants: the worker only reads host slots of pages the tree holds (backed up);
@@ -50,6 +52,28 @@ class WriteItem:
     @property
     def pages(self) -> int:
         return len(self.hashes)
+
+    def without(self, slots: dict) -> WriteItem:
+        """This item less the objects read from ``slots`` (as in :meth:`reads`)."""
+
+        def keep(k, ids):
+            gone = slots.get(k)
+            return np.ones(ids.size, bool) if gone is None else ~np.isin(ids, gone)
+
+        f, w, st = (
+            keep("full", self.host_full),
+            keep("swa", self.host_swa),
+            keep("state", self.host_states),
+        )
+        pick = lambda xs, m: [x for x, k in zip(xs, m, strict=True) if k]  # noqa: E731
+        return WriteItem(
+            pick(self.hashes, f),
+            self.host_full[f],
+            pick(self.swa_hashes, w),
+            self.host_swa[w],
+            pick(self.state_hashes, st),
+            self.host_states[st],
+        )
 
     def reads(self, slots: dict) -> bool:
         """Whether it reads any of ``slots`` (``{"full" | "swa" | "state": host ids}``)."""
@@ -128,6 +152,22 @@ class WriteBack:
     def pending(self) -> bool:
         with self._lock:
             return bool(self._pending) or self._drain is not None
+
+    def drop(self, slots: dict) -> int:
+        """Takes the objects read from ``slots`` out of the items not yet started (their
+        slots are about to be freed and the store is behind); returns the full-space
+        pages dropped. Items already being written are left alone (:meth:`finish`)."""
+        dropped = 0
+        with self._lock:
+            kept = []
+            for n, it in self._pending:
+                if it.reads(slots):
+                    less = it.without(slots)
+                    dropped += it.pages - less.pages
+                    it = less
+                kept.append((n, it))
+            self._pending = kept
+        return dropped
 
     def busy(self) -> np.ndarray:
         """The host full-space slots that queued or running items read (sorted)."""

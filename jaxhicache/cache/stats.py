@@ -47,6 +47,8 @@ class CacheStats:
       storage_backed_up_pages: stage pages written to L3 (absent ones only).
       storage_read_failures: prefetches that failed as a whole (backend error).
       storage_write_failures: L3 write batches that failed (backend error).
+      storage_dropped_writes: pages whose queued L3 write was dropped because host
+        eviction freed their slots before the store got to them.
       storage_lookups: L3 lookups an admission waited for (or found done).
       storage_early_lookups: lookups started when their request was queued.
       storage_lookup_timeouts: lookups not back within ``lookup_timeout_s``
@@ -84,6 +86,7 @@ class CacheStats:
     storage_backed_up_pages: int = 0
     storage_read_failures: int = 0
     storage_write_failures: int = 0
+    storage_dropped_writes: int = 0
     storage_lookups: int = 0
     storage_early_lookups: int = 0
     storage_lookup_timeouts: int = 0
