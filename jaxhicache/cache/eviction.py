@@ -183,7 +183,8 @@ class Evictor:
         dropped = self.l3.drop_landed() if self.l3 is not None else 0
         out = {f"{t.value}_{s.value}_pages": a.num_used for (t, s), a in led.items()}
         self.evict_device(pools, led[Tier.DEVICE, PageSpace.FULL].capacity)
-        self.evict_host(led[Tier.HOST, PageSpace.FULL].capacity)  # waits for L3 writes first
+        self.poll(True)  # write-back: the backups that started land and are written
+        self.evict_host(led[Tier.HOST, PageSpace.FULL].capacity)  # nothing left to drop
         if self.l3 is not None:
             self.l3.finish_writes()
         left = {f"{t.value}_{s.value}": a.num_used for (t, s), a in led.items() if a.num_used}

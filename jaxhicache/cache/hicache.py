@@ -452,7 +452,8 @@ class HiCache:
     def evict_host(self, num_pages: int) -> int:
         """Frees at least ``num_pages`` host pages (host-only leaves, LRU); returns pages freed.
 
-        Waits first for the L3 writes that read host pages.
+        Pages an L3 write still reads go last; of the pages it frees, queued L3 writes
+        are dropped (``storage_dropped_writes``), running ones waited for.
 
         Args:
           num_pages: host full pages wanted free.
