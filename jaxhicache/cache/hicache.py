@@ -452,8 +452,7 @@ class HiCache:
     def evict_host(self, num_pages: int) -> int:
         """Frees at least ``num_pages`` host pages (host-only leaves, LRU); returns pages freed.
 
-        Pages an L3 write still reads go last; of the pages it frees, queued L3 writes
-        are dropped (``storage_dropped_writes``), running ones waited for.
+        Pages an L3 write reads go last; their queued writes are dropped, running ones waited for.
 
         Args:
           num_pages: host full pages wanted free.
