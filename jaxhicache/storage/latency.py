@@ -110,20 +110,9 @@ class LatencyBackend(StorageBackend):
     ):
         if not isinstance(inner, StorageBackend):
             raise ValueError(f"inner must be a StorageBackend, got {type(inner).__name__}")
-        if (
-            type(latency_s) is bool
-            or not isinstance(latency_s, int | float)
-            or not math.isfinite(latency_s)
-            or latency_s < 0
-        ):
-            raise ValueError(f"latency_s must be a finite number >= 0, got {latency_s!r}")
-        if (
-            type(request_s) is bool
-            or not isinstance(request_s, int | float)
-            or not math.isfinite(request_s)
-            or request_s < 0
-        ):
-            raise ValueError(f"request_s must be a finite number >= 0, got {request_s!r}")
+        for name, v in (("latency_s", latency_s), ("request_s", request_s)):
+            if type(v) is bool or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
         super().__init__(max_in_flight=max_in_flight, object_layout=inner.object_layout)
         self.inner = inner
         self.latency_s = float(latency_s)
