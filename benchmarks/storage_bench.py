@@ -119,13 +119,17 @@ def _baseline_read(paths):
     return time.perf_counter() - t0, n
 
 
-def _backend(kind, path, layout, max_in_flight):
+def _backend(kind, path, layout, max_in_flight, io_threads=0):
     if kind == "file":
-        return FileBackend(path, object_layout=layout, max_in_flight=max_in_flight)
+        return FileBackend(
+            path, object_layout=layout, max_in_flight=max_in_flight, io_threads=io_threads
+        )
     return TensorStoreBackend(path, object_layout=layout, max_in_flight=max_in_flight)
 
 
-def bench_layout(spec, maps, src, dst, kind, layout, pages, reps, root, max_in_flight, rounds=3):
+def bench_layout(
+    spec, maps, src, dst, kind, layout, pages, reps, root, max_in_flight, rounds=3, io_threads=0
+):
     """Best-of timings; each rep writes both ways (order alternating per rep), then
     reads ``rounds`` times each way, alternating (reads leave the files unchanged)."""
     hashes = page_hashes(np.arange(pages * spec.page_size) % 50_000, spec.page_size)
@@ -140,7 +144,7 @@ def bench_layout(spec, maps, src, dst, kind, layout, pages, reps, root, max_in_f
     for rep in range(reps):
         ours_dir = os.path.join(root, f"ours-{rep}")
         base_dir = os.path.join(root, f"base-{rep}")
-        be = _backend(kind, ours_dir, layout, max_in_flight)
+        be = _backend(kind, ours_dir, layout, max_in_flight, io_threads)
 
         def write_ours(be=be):
             t0 = time.perf_counter()

@@ -33,8 +33,8 @@ def _backend(kind, root):
     return TensorStoreBackend(str(root), max_in_flight=8)
 
 
-def _pools(maps, fill=None, seed=0):
-    h = HostPools(SPEC, maps, 8, 8, reserve_bytes=0)
+def _pools(maps, fill=None, seed=0, pages=8):
+    h = HostPools(SPEC, maps, pages, pages, reserve_bytes=0)
     rng = np.random.default_rng(seed)
     for k in SPEC.kinds():
         a = h.stacked(k).view(np.uint8)
@@ -104,4 +104,76 @@ def test_a_bad_object_is_a_counted_miss_on_every_read_path(tmp_path, kind, fault
             assert np.isin(got, [POISON, 0]).all(), kind
         else:
             np.testing.assert_array_equal(got, _slot(ref, 1, space, 2 + i))
+    be.close()
+
+
+def _counters(st):
+    return {k: v for k, v in st.as_prometheus("").items() if not k.endswith("_seconds_total")}
+
+
+def test_threaded_reads_split_the_pages_among_the_threads_and_count_as_the_default(
+    tmp_path, monkeypatch
+):
+    """``FileBackend(io_threads=3)`` reads a 9-page ``get`` as three tight loops of 3
+    pages on its threads; a flipped, a missing and a truncated object, one in each
+    share, give exactly the default path's pages, slots and counters."""
+    import shutil
+    import threading
+
+    maps = build_layer_maps(SPEC, 1)
+    space = PAGE_SPACES[0]
+    src = _pools(maps, pages=9)
+    ns = Namespace.for_stage(SPEC, maps[0])
+    hs = page_hashes(np.arange(9 * SPEC.page_size) % 991, SPEC.page_size)
+    assert FileBackend(tmp_path / "a").put(ns, space, hs, src, 0, list(range(9))).all()
+    _flip(tmp_path / "a" / object_key(ns, space, hs[1]))
+    (tmp_path / "a" / object_key(ns, space, hs[4])).unlink()
+    _truncate(tmp_path / "a" / object_key(ns, space, hs[8]))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shares = []
+    read_share = FileBackend._read_share
+
+    def spy(self, keys, *a, **kw):
+        shares.append((threading.current_thread().name, len(keys)))
+        return read_share(self, keys, *a, **kw)
+
+    monkeypatch.setattr(FileBackend, "_read_share", spy)
+    got = {}
+    for name, be in (
+        ("a", FileBackend(tmp_path / "a")),
+        ("b", FileBackend(tmp_path / "b", io_threads=3)),
+    ):
+        dst = _pools(maps, fill=POISON, pages=9)
+        ok = be.get(ns, space, hs, dst, 0, list(range(9)))
+        got[name] = (
+            ok.tolist(),
+            _counters(be.stats()),
+            [_slot(dst, 0, space, i) for i in range(9)],
+        )
+        be.close()
+    assert shares[0] == ("MainThread", 9)  # the default: one loop on the calling thread
+    assert sorted(n for _, n in shares[1:]) == [3, 3, 3]
+    assert all(t.startswith("jaxhicache-l3") for t, _ in shares[1:])
+    (ok_a, st_a, slots_a), (ok_b, st_b, slots_b) = got["a"], got["b"]
+    assert ok_a == ok_b == [i not in (1, 4, 8) for i in range(9)]
+    assert st_a == st_b
+    assert st_b["integrity_failures_total"] == 2 and st_b["missing_objects_total"] == 1
+    assert st_b["deleted_objects_total"] == 2
+    for i in range(9):
+        np.testing.assert_array_equal(slots_a[i], slots_b[i])
+        if ok_b[i]:
+            np.testing.assert_array_equal(slots_b[i], _slot(src, 0, space, i))
+        else:  # never unverified bytes: zeroed (read, then failed) or untouched (absent)
+            assert np.isin(slots_b[i], [POISON, 0]).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("bad", [0, -1, True, 1.5])
+def test_a_bad_max_in_flight_is_refused_on_every_read_path(tmp_path, kind, bad):
+    maps = build_layer_maps(SPEC, 1)
+    ns = Namespace.for_stage(SPEC, maps[0])
+    hs = page_hashes(np.arange(2 * SPEC.page_size), SPEC.page_size)
+    be = _backend(kind, tmp_path)
+    with pytest.raises(ValueError, match="max_in_flight"):
+        be.get(ns, PAGE_SPACES[0], hs, _pools(maps), 0, [0, 1], max_in_flight=bad)
     be.close()

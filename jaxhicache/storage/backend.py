@@ -368,9 +368,11 @@ class StorageBackend(abc.ABC):
             self._start_read_into,
             self._start_delete,
         )
-        if reads.direct and self._window() == 1:
+        limit = _check_limit(max_in_flight)
+        shards = self._direct_shards(limit) if reads.direct else 0
+        if shards:
             self._get_direct_sync(
-                keys, pages, ids.tolist(), reads.ok, reads.touched, reads.st, reads.corrupt
+                keys, pages, ids.tolist(), reads.ok, reads.touched, reads.st, reads.corrupt, shards
             )
         else:
             self._pipelined(reads.jobs(), reads.start, reads.finish, limit=max_in_flight)
@@ -379,7 +381,15 @@ class StorageBackend(abc.ABC):
         self._merge(st)
         return reads.ok
 
-    def _get_direct_sync(self, keys, pages: StagePages, ids, ok, touched, st, corrupt) -> None:
+    def _direct_shards(self, limit: int | None) -> int:
+        """How many tight loops (:meth:`_get_direct_sync`) :meth:`get`'s direct reads
+        run as, each over a share of the pages; 0: through the pipeline instead. Here
+        1 when operations complete as they start, else 0."""
+        return 1 if self._window() == 1 else 0
+
+    def _get_direct_sync(
+        self, keys, pages: StagePages, ids, ok, touched, st, corrupt, shards: int = 1
+    ) -> None:
         """The direct-read path of :meth:`get` when operations complete as they start:
         one tight loop, and a page stops at its first failed object
         (:func:`~jaxhicache.storage.page_io.read_direct_sync`; a backend may
@@ -510,8 +520,7 @@ class StorageBackend(abc.ABC):
         ``None``."""
         window: deque = deque()
         own = self._window()
-        if limit is not None and (type(limit) is bool or not isinstance(limit, int) or limit < 1):
-            raise ValueError(f"max_in_flight must be an int >= 1, got {limit!r}")
+        limit = _check_limit(limit)
         limit = own if limit is None or own == 1 else limit
         for item in items:
             if len(window) >= limit:
@@ -528,3 +537,10 @@ class StorageBackend(abc.ABC):
     def _merge(self, st: StorageStats) -> None:
         with self._lock:
             self._stats.add(st)
+
+
+def _check_limit(limit: int | None) -> int | None:
+    """``limit`` (a call's ``max_in_flight``) if ``None`` or an int >= 1, else ValueError."""
+    if limit is not None and (type(limit) is bool or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"max_in_flight must be an int >= 1, got {limit!r}")
+    return limit

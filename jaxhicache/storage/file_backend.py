@@ -37,6 +37,7 @@ from .backend import ObjectRead, StorageBackend
 from .format import IntegrityError, header_length, verify_header, verify_payload
 from .layout import ObjectLayout, StagePages
 from .ops import Done, Raised
+from .stats import StorageStats
 
 __all__ = ["FileBackend", "default_cache_dir"]
 
@@ -141,6 +142,7 @@ class FileBackend(StorageBackend):
         if io_threads < 0:
             raise ValueError(f"io_threads must be >= 0, got {io_threads}")
         self.sync = bool(sync)
+        self._threads = io_threads
         self._pool = ThreadPoolExecutor(io_threads, "jaxhicache-l3") if io_threads else None
         self._buffers = _Buffers()
         self._tmp_ids = itertools.count()
@@ -216,13 +218,52 @@ class FileBackend(StorageBackend):
             os.close(fd)
         return ObjectRead(memoryview(header), _generation(st), None, st.st_size)
 
-    def _get_direct_sync(self, keys, pages: StagePages, ids, ok, touched, st, corrupt) -> None:
-        """:meth:`StorageBackend.get`'s direct path on the calling thread, per object:
-        open, ``fstat``, one ``readv`` into ``[header, slab runs..., staging]``, close,
-        verify the header, hash the buffers, then move the staged parts (compressor
-        state A halves: many short runs) into the slab. An object whose size is not
-        the one expected is not read past its header (it fails verification anyway).
-        Same outcome and counters as the base class's loop."""
+    def _direct_shards(self, limit: int | None) -> int:
+        # every direct get runs as tight loops: one on the calling thread, or one per
+        # I/O thread (at most ``limit``), each over a contiguous share of the pages
+        return 1 if self._pool is None else min(self._threads, limit or self.max_in_flight)
+
+    def _get_direct_sync(
+        self, keys, pages: StagePages, ids, ok, touched, st, corrupt, shards: int = 1
+    ) -> None:
+        """:meth:`StorageBackend.get`'s direct path as ``shards`` tight loops, the
+        pages split into contiguous shares, one loop per I/O thread (the checksum
+        releases the GIL: reads, hashes and copies of different shares overlap), or
+        one on the calling thread. Same outcome and counters as the base class's loop."""
+        n = len(ids)
+        shards = max(1, min(shards, n))
+        if shards == 1 or self._pool is None:
+            self._read_share(keys, pages, ids, ok, touched, st, corrupt)
+            return
+        cuts = [n * k // shards for k in range(shards + 1)]
+        found: list[list[tuple[str, bytes]]] = [[] for _ in range(shards)]
+        counters = [StorageStats() for _ in range(shards)]
+        futs = [
+            self._pool.submit(
+                self._read_share,
+                keys[a:b],
+                pages,
+                ids[a:b],
+                ok[a:b],  # views: each loop writes its own pages' entries
+                touched[a:b],
+                counters[k],
+                lambda key, gen, out=found[k]: out.append((key, gen)),
+            )
+            for k, (a, b) in enumerate(itertools.pairwise(cuts))
+        ]
+        for f in futs:
+            f.result()
+        for c, bad in zip(counters, found, strict=True):
+            st.add(c)
+            for key, gen in bad:  # deleted (conditionally) and counted on this thread
+                corrupt(key, gen)
+
+    def _read_share(self, keys, pages: StagePages, ids, ok, touched, st, corrupt) -> None:
+        """One loop of the direct path, per object: open, ``fstat``, one ``readv`` into
+        ``[header, slab runs..., staging]``, close, verify the header, hash the buffers,
+        then move the staged parts (compressor state A halves: many short runs) into
+        the slab. An object whose size is not the one expected is not read past its
+        header (it fails verification anyway)."""
         units = pages.units
         if not keys:
             return
