@@ -41,11 +41,13 @@ the default layout, ``l3_restore_vs_recompute``, ``swa_checkpoints``,
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -111,11 +113,19 @@ def _baseline_write(root, src, jobs, hashes, ids):
     return time.perf_counter() - t0, paths
 
 
-def _baseline_read(paths):
+def _baseline_read(paths, pool=None, k=1):
+    """``fromfile`` of every path; with ``pool`` (``k`` threads), in ``k`` contiguous
+    shares at once, as ``FileBackend(io_threads=k)`` splits a get."""
+
+    def share(ps):
+        return sum(np.fromfile(p, dtype=np.uint8).nbytes for p in ps)
+
     t0 = time.perf_counter()
-    n = 0
-    for p in paths:
-        n += np.fromfile(p, dtype=np.uint8).nbytes
+    if pool is None:
+        n = share(paths)
+    else:
+        cuts = [len(paths) * i // k for i in range(k + 1)]
+        n = sum(pool.map(share, [paths[a:b] for a, b in itertools.pairwise(cuts)]))
     return time.perf_counter() - t0, n
 
 
@@ -137,7 +147,8 @@ def bench_layout(
     jobs = _jobs(spec, maps, layout, hashes)
     payload = pages * sum(u.nbytes for *_, units in jobs for u in units)
     objects = pages * sum(len(units) for *_, units in jobs)
-    best = {"w": np.inf, "r": np.inf, "tofile": np.inf, "fromfile": np.inf}
+    best = {"w": np.inf, "r": np.inf, "tofile": np.inf, "fromfile": np.inf, "fromfile_k": np.inf}
+    pool = ThreadPoolExecutor(io_threads) if io_threads else None
     stored = 0
     for k in host_kinds(dst):
         dst.stacked(k).view(np.uint8)[...] = 0  # poison: every restored byte must be loaded
@@ -169,6 +180,10 @@ def bench_layout(
             tr, nread = _baseline_read(paths)
             assert nread == payload
             best["fromfile"] = min(best["fromfile"], tr)
+            if pool is not None:  # the same bytes on as many threads as ours
+                tr, nread = _baseline_read(paths, pool, io_threads)
+                assert nread == payload
+                best["fromfile_k"] = min(best["fromfile_k"], tr)
 
         first, second = (write_ours, write_base) if rep % 2 == 0 else (write_base, write_ours)
         first()
@@ -189,9 +204,18 @@ def bench_layout(
             for p in u.parts:
                 for i in ids.tolist():
                     np.testing.assert_array_equal(got.view(p, i), want.view(p, i))
+    if pool is not None:
+        pool.shutdown()
     gb = payload / 1e9
+    threaded = {}
+    if io_threads:
+        threaded = {
+            "fromfile_threads_GBps": gb / best["fromfile_k"],
+            "read_vs_fromfile_threads": best["fromfile_k"] / best["r"],
+        }
     return {
-        "backend": kind,
+        "backend": kind if not io_threads else f"{kind}-t{io_threads}",
+        "io_threads": io_threads,
         "layout": layout.value,
         "pages": pages,
         "objects": objects,
@@ -203,6 +227,7 @@ def bench_layout(
         "fromfile_GBps": gb / best["fromfile"],
         "write_vs_tofile": best["tofile"] / best["w"],
         "read_vs_fromfile": best["fromfile"] / best["r"],
+        **threaded,
     }
 
 
@@ -383,6 +408,12 @@ def main(argv=None) -> dict:
     p.add_argument("--reps", type=int, default=None, help="repetitions (default 5; quick 2)")
     p.add_argument("--pp", type=int, default=4)
     p.add_argument("--max-in-flight", type=int, default=16)
+    p.add_argument(
+        "--io-threads",
+        type=int,
+        default=2,
+        help="FileBackend io_threads of the extra threaded row (default 2; 0: no such row)",
+    )
     p.add_argument("--dir", default=None, help="directory to write in (default: a temp dir)")
     p.add_argument(
         "--model",
@@ -429,6 +460,22 @@ def main(argv=None) -> dict:
                 for kind in ("file", "tensorstore")
                 for lay in (ObjectLayout.PER_SPACE, ObjectLayout.PER_SUBPOOL)
             ]
+            + [
+                bench_layout(
+                    spec,
+                    maps,
+                    src,
+                    dst,
+                    "file",
+                    DEFAULT_LAYOUT,
+                    pages,
+                    reps,
+                    root,
+                    args.max_in_flight,
+                    io_threads=args.io_threads,
+                )
+                for _ in range(args.io_threads > 0)
+            ]
         )
         model = _serving_model(preset, layers)
         extra = model.config.page_size // 2
@@ -454,6 +501,11 @@ def main(argv=None) -> dict:
             f"{r['backend']:<13}{r['layout']:<12}{r['objects']:>8}{r['write_GBps']:>12.2f}{r['tofile_GBps']:>9.2f}"
             f"{r['write_vs_tofile']:>7.2f}{r['read_GBps']:>11.2f}{r['fromfile_GBps']:>10.2f}"
             f"{r['read_vs_fromfile']:>7.2f}"
+            + (
+                f"   ({r['read_vs_fromfile_threads']:.2f} of fromfile on {r['io_threads']} threads)"
+                if r["io_threads"]
+                else ""
+            )
         )
     print("stored bytes per 256-token page (payload), DSV4-Flash:")
     print(f"  {'stage layers':<14}{'full space':>12}{'SWA space':>12}")
@@ -489,6 +541,7 @@ def main(argv=None) -> dict:
         (r for r in results if r["layout"] == DEFAULT_LAYOUT.value and r["backend"] == "file"),
         None,
     )
+    threaded = next((r for r in results if r["io_threads"]), None)
 
     def rnd(d):
         if isinstance(d, dict):
@@ -499,6 +552,11 @@ def main(argv=None) -> dict:
         "bench": "storage",
         "write_vs_tofile": default and round(default["write_vs_tofile"], 3),
         "read_vs_fromfile": default and round(default["read_vs_fromfile"], 3),
+        "io_threads": args.io_threads,
+        "write_vs_tofile_io_threads": threaded and round(threaded["write_vs_tofile"], 3),
+        "read_vs_fromfile_io_threads": threaded and round(threaded["read_vs_fromfile"], 3),
+        "read_vs_fromfile_io_threads_same_threads": threaded
+        and round(threaded["read_vs_fromfile_threads"], 3),
         "l3_restore_vs_recompute": round(restore["ratio"], 4),
         "l3_restore": rnd(restore),
         "swa_checkpoints": {

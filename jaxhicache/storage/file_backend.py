@@ -12,10 +12,13 @@ driver it avoids two copies per object:
 * read: ``readv`` into a reused staging buffer, verification there, then one
   copy into the slab (a failed page never touches the slab).
 
-``io_threads=0`` (default) runs every operation on the calling thread (best on
-a page-cache-warm machine with few cores); ``io_threads > 0`` overlaps
-operations on a thread pool (for real disks and network file systems, where
-queue depth matters).
+``io_threads=0`` (default) runs every operation on the calling thread;
+``io_threads > 0`` overlaps operations on a thread pool (real disks and network
+file systems, where queue depth matters), and splits a direct ``get`` into
+``io_threads`` contiguous shares, one tight read-verify loop per thread (the
+checksum releases the GIL: on two free cores a page-cache-warm read runs at
+about 1.5x the single loop's speed). Writes and existence checks go through
+the pipeline either way.
 """
 
 from __future__ import annotations
