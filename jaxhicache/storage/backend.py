@@ -41,6 +41,7 @@ from jaxhicache.spec import PageSpace, PoolKind
 
 from .existence import ExistsCheck
 from .format import Buffer, header_length
+from .groups import PageGroups
 from .keys import Namespace, check_page_hash, object_key
 from .layout import ObjectLayout, StagePages, check_host_ids, plan_units
 from .ops import ExistsQuery, ObjectRead, Pending, _Failed, _leading, _safe
@@ -232,7 +233,8 @@ class StorageBackend(abc.ABC):
     def page_objects(
         self, ns: Namespace, space: PageSpace, host: HostPools, rank: int
     ) -> tuple[int, int]:
-        """What one page of ``space`` on stage ``rank`` is stored as.
+        """What one page (one object's group of pages, :meth:`Namespace.group`) of
+        ``space`` on stage ``rank`` is stored as.
 
         Args:
           ns: the stage's namespace (must describe stage ``rank`` of ``host``).
@@ -249,8 +251,9 @@ class StorageBackend(abc.ABC):
             describe it.
         """
         units = self._plan(ns, space, host, rank).units
+        g = ns.group(space)
         return len(units), sum(
-            u.nbytes + header_length(object_key(ns, u.unit, "0" * 64)) for u in units
+            g * u.nbytes + header_length(object_key(ns, u.unit, "0" * 64)) for u in units
         )
 
     def units_per_page(self, ns: Namespace, space: PageSpace) -> int:
@@ -293,7 +296,9 @@ class StorageBackend(abc.ABC):
           hashes: one page hash per page written.
           host: the host slabs to read.
           rank: the stage.
-          host_ids: one host page id of ``space`` per hash (repeats allowed).
+          host_ids: one host page id of ``space`` per hash (repeats allowed); with
+            :meth:`Namespace.group` ``g > 1``, ``g`` per hash in page order (the
+            hash is the group's last page's).
 
         Returns:
           bool ``[n]``: ``True`` where every object of the page was written (a
@@ -303,12 +308,11 @@ class StorageBackend(abc.ABC):
           ValueError: a bad rank, namespace, hash or host id (named).
         """
         t0 = time.perf_counter()
-        pages = self._plan(ns, space, host, rank)
-        ids = check_host_ids(host, space, host_ids, len(hashes), unique=False)
+        pages, ids = self._slots(ns, space, host, rank, host_ids, len(hashes), unique=False)
         keys = self._keys(ns, [u.unit for u in pages.units], hashes)
         writes = PageWrites(keys, pages, ids, self._start_write)
         self._pipelined(writes.jobs(), writes.start, writes.finish)
-        st = writes.settle(ns.page_size)
+        st = writes.settle(ns.page_size, ns.group(space))
         st.write_seconds_total = time.perf_counter() - t0
         self._merge(st)
         return writes.ok
@@ -332,7 +336,8 @@ class StorageBackend(abc.ABC):
           hashes: one page hash per page loaded.
           host: the host slabs to write.
           rank: the stage.
-          host_ids: one host page id of ``space`` per hash, no repeats.
+          host_ids: one host page id of ``space`` per hash, no repeats; ``g`` per
+            hash with :meth:`Namespace.group` ``g > 1``, as for :meth:`put`.
           max_in_flight: objects read at once in this call (default: the backend's).
 
         Returns:
@@ -356,8 +361,7 @@ class StorageBackend(abc.ABC):
           ``get`` are the load's own fresh slots; callers free the failed ones.
         """
         t0 = time.perf_counter()
-        pages = self._plan(ns, space, host, rank)
-        ids = check_host_ids(host, space, host_ids, len(hashes), unique=True)
+        pages, ids = self._slots(ns, space, host, rank, host_ids, len(hashes), unique=True)
         keys = self._keys(ns, [u.unit for u in pages.units], hashes)
         reads = PageReads(
             keys,
@@ -376,7 +380,7 @@ class StorageBackend(abc.ABC):
             )
         else:
             self._pipelined(reads.jobs(), reads.start, reads.finish, limit=max_in_flight)
-        st = reads.settle(ns.page_size)
+        st = reads.settle(ns.page_size, ns.group(space))
         st.read_seconds_total = time.perf_counter() - t0
         self._merge(st)
         return reads.ok
@@ -471,6 +475,18 @@ class StorageBackend(abc.ABC):
         if not kinds:
             return []
         return [space] if self.object_layout is ObjectLayout.PER_SPACE else [*kinds]
+
+    def _slots(self, ns, space, host, rank, host_ids, n: int, *, unique: bool):
+        """``(pages, ids)`` for ``n`` objects of ``space``: the stage's page views and
+        the validated host slots (``g`` per object, :meth:`Namespace.group`, as
+        :class:`~jaxhicache.storage.groups.PageGroups` over their ``[n, g]`` table
+        and ids ``0 .. n-1`` when ``g > 1``)."""
+        pages = self._plan(ns, space, host, rank)
+        g = ns.group(space)
+        ids = check_host_ids(host, space, host_ids, n * g, unique=unique)
+        if g == 1:
+            return pages, ids
+        return PageGroups(pages, ids.reshape(n, g)), np.arange(n, dtype=np.int64)
 
     def _plan(self, ns: Namespace, space: PageSpace, host: HostPools, rank: int) -> StagePages:
         """The objects of one page of ``space`` on stage ``rank`` and their slab views.

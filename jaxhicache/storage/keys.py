@@ -28,7 +28,10 @@ Object keys (path-like, valid for files, S3 and GCS)::
   with ``tp > 1``); replicated sub-pools (DSV4's single KV head, the MLA latent,
   the DSA indexer keys) never carry it: one object per stage, not per TP rank;
 * ``unit``: a page space (``full`` / ``swa``, one object per page space) or a pool
-  kind (``c4_kv``, ... one object per sub-pool); the two never collide;
+  kind (``c4_kv``, ... one object per sub-pool); the two never collide. With
+  ``pages_per_object = g > 1`` a full-space unit reads ``<unit>-x<g>`` (``full-x4``):
+  one object per group of ``g`` pages, keyed by its last page's hash
+  (:mod:`~jaxhicache.storage.groups`), never found by a namespace of another ``g``;
 * ``h[:2]/h``: a 256-way fan-out so no directory (or S3 prefix) grows unbounded.
 """
 
@@ -223,11 +226,13 @@ class Namespace:
         canonical order (what a page of the stage stores).
       layout_version: the object layout version in the key
         (:data:`LAYOUT_VERSION`).
+      pages_per_object: full-space pages per object (``g``; 1: one object per
+        page); see :meth:`group`.
 
     Raises:
       ValueError: an empty ``model_id``, a layer range that is not
-        ``0 <= start_layer < end_layer``, or TP-sharded sub-pools without a
-        ``tp_rank`` in ``[0, tp_size)``.
+        ``0 <= start_layer < end_layer``, TP-sharded sub-pools without a
+        ``tp_rank`` in ``[0, tp_size)``, or ``pages_per_object`` not an int >= 1.
     """
 
     model_id: str
@@ -241,10 +246,14 @@ class Namespace:
     tp_sharded: tuple[PoolKind, ...] = ()
     stage_kinds: tuple[PoolKind, ...] = ()  # sub-pools with at least one layer on the stage
     layout_version: int = LAYOUT_VERSION
+    pages_per_object: int = 1
 
     def __post_init__(self):
         if not self.model_id:
             raise ValueError("model_id must be a non-empty string")
+        g = self.pages_per_object
+        if type(g) is not int or g < 1:
+            raise ValueError(f"pages_per_object must be an int >= 1, got {g!r}")
         if not 0 <= self.start_layer < self.end_layer:
             raise ValueError(f"bad layer range [{self.start_layer}, {self.end_layer})")
         if self.tp_sharded and (self.tp_rank is None or not 0 <= self.tp_rank < self.tp_size):
@@ -262,6 +271,7 @@ class Namespace:
         model_id: str | None = None,
         tp_rank: int | None = None,
         tp_size: int = 1,
+        pages_per_object: int = 1,
     ) -> Namespace:
         """The namespace of one stage.
 
@@ -272,6 +282,7 @@ class Namespace:
           tp_rank: this process's TP rank; needed only when a sub-pool is
             TP-sharded at ``tp_size``, ignored (``None`` in the result) otherwise.
           tp_size: tensor-parallel ranks.
+          pages_per_object: full-space pages per object (:meth:`group`).
 
         Returns:
           The stage's :class:`Namespace`: the spec's format digest and page size,
@@ -299,7 +310,21 @@ class Namespace:
             tp_size=tp_size if sharded else 1,
             tp_sharded=sharded,
             stage_kinds=tuple(k for k in spec.kinds() if layer_map.num_layers_of(k) > 0),
+            pages_per_object=pages_per_object,
         )
+
+    def group(self, unit: PageSpace | PoolKind) -> int:
+        """Pages per object of ``unit``.
+
+        Args:
+          unit: a page space, or a pool kind (of its page space).
+
+        Returns:
+          :attr:`pages_per_object` for the full space, 1 for the others (a restore
+          reads their objects at one end only).
+        """
+        space = unit if isinstance(unit, PageSpace) else unit.page_space
+        return self.pages_per_object if space is PageSpace.FULL else 1
 
     def matches(self, spec: ModelCacheSpec, layer_map: StageLayerMap) -> bool:
         """Whether this namespace describes stage ``layer_map`` of ``spec``.
@@ -355,8 +380,9 @@ def object_key(namespace: Namespace, unit: PageSpace | PoolKind, page_hash: str)
       page_hash: the page's hash (:func:`page_hashes`).
 
     Returns:
-      ``<namespace.prefix>[/tp-<r>-of-<n>]/<unit>/<h[:2]>/<h>``; the TP segment
-      only when :meth:`Namespace.unit_is_sharded`.
+      ``<namespace.prefix>[/tp-<r>-of-<n>]/<unit>[-x<g>]/<h[:2]>/<h>``; the TP
+      segment only when :meth:`Namespace.unit_is_sharded`, ``-x<g>`` only when
+      :meth:`Namespace.group` is ``g > 1`` (``page_hash``: the group's last page).
 
     Raises:
       ValueError: ``unit`` is neither a :class:`PageSpace` nor a :class:`PoolKind`,
@@ -368,7 +394,9 @@ def object_key(namespace: Namespace, unit: PageSpace | PoolKind, page_hash: str)
     tp = (
         f"/tp-{namespace.tp_rank}-of-{namespace.tp_size}" if namespace.unit_is_sharded(unit) else ""
     )
-    return f"{namespace.prefix}{tp}/{unit.value}/{page_hash[:2]}/{page_hash}"
+    g = namespace.group(unit)
+    name = unit.value if g == 1 else f"{unit.value}-x{g}"
+    return f"{namespace.prefix}{tp}/{name}/{page_hash[:2]}/{page_hash}"
 
 
 def _format_digest(spec: ModelCacheSpec) -> str:

@@ -109,19 +109,21 @@ class PageWrites:
             self.st.write_errors_total += 1
             self.ok[item[0]] = False
 
-    def settle(self, page_size: int) -> StorageStats:
+    def settle(self, page_size: int, group: int = 1) -> StorageStats:
         """The call's counters, once every object finished.
 
         Args:
           page_size: tokens per page.
+          group: pages per item (``g`` of grouped objects).
 
         Returns:
-          The object counters and ``backed_up_*`` / ``backup_failed_pages_total``.
+          The object counters and ``backed_up_*`` / ``backup_failed_pages_total``
+          (in pages).
         """
-        done = int(self.ok.sum())
+        done = int(self.ok.sum()) * group
         self.st.backed_up_pages_total = done
         self.st.backed_up_tokens_total = done * page_size
-        self.st.backup_failed_pages_total = self.ok.size - done
+        self.st.backup_failed_pages_total = self.ok.size * group - done
         return self.st
 
 
@@ -261,12 +263,13 @@ class PageReads:
                 self.pages.write(jj, int(self.ids[i]), payload)
                 _release(r)
 
-    def settle(self, page_size: int) -> StorageStats:
+    def settle(self, page_size: int, group: int = 1) -> StorageStats:
         """Zero the slots of failed pages that received bytes, wait for the deletes,
         and total the call's counters, once every object finished.
 
         Args:
           page_size: tokens per page.
+          group: pages per item (``g`` of grouped objects).
 
         Returns:
           The object counters and ``prefetched_*`` / ``prefetch_failed_pages_total``.
@@ -280,10 +283,10 @@ class PageReads:
                     st.deleted_objects_total += 1
             except Exception:
                 st.delete_errors_total += 1
-        done = int(self.ok.sum())
+        done = int(self.ok.sum()) * group
         st.prefetched_pages_total = done
         st.prefetched_tokens_total = done * page_size
-        st.prefetch_failed_pages_total = self.ok.size - done
+        st.prefetch_failed_pages_total = self.ok.size * group - done
         return st
 
 
