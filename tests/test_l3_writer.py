@@ -128,3 +128,15 @@ def test_drop_takes_the_slots_objects_out_of_items_not_yet_started():
     wb.finish()
     assert calls == [[1], [2]] and wb.collect() == (2, 0)
     wb.close()
+
+
+def test_dropping_one_slot_of_a_group_drops_the_whole_group_object():
+    """Full-space objects of ``g`` pages: a group any of whose slots is freed cannot be
+    written (its payload would be incomplete), so it goes whole; the others stay."""
+    none = np.zeros(0, np.int32)
+    item = WriteItem(["a", "b", "c"], np.array([1, 2, 3, 4, 5, 6], np.int32), [], none, group=2)
+    assert item.pages == 6
+    less = item.without({"full": np.array([4])})
+    assert less.hashes == ["a", "c"] and less.host_full.tolist() == [1, 2, 5, 6]
+    assert less.pages == 4 and less.group == 2
+    assert item.without({"swa": np.array([4])}).hashes == ["a", "b", "c"]  # other space

@@ -83,6 +83,9 @@ class Prefetch:
     host_state: np.ndarray = dataclasses.field(  # hybrids: the snapshot slot of end
         default_factory=lambda: np.zeros(0, np.int32)
     )
+    # pages_per_object > 1: scratch slots for the pages of the fetched groups outside
+    # [first, end) (freed once the prefetch is claimed or dropped)
+    host_extra: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
 
 
 @final
@@ -115,9 +118,12 @@ class StorageTier:
         self._w = spec.swa_trailing_pages
         self._states = states  # hybrids: host snapshot slots (LRU snapshots evicted for room)
         self._grid = states.interval // self._ps if states is not None else 0
+        self._g = config.pages_per_object
         # This process's stages only (all of them in a single process).
         self.namespaces = {
-            m.pp_rank: Namespace.for_stage(spec, m, model_id=config.model_id)
+            m.pp_rank: Namespace.for_stage(
+                spec, m, model_id=config.model_id, pages_per_object=self._g
+            )
             for m in host.local_maps
         }
         self._agreement = agreement if agreement is not None else Agreement(local_only=True)
@@ -173,7 +179,7 @@ class StorageTier:
     def in_flight(self) -> dict[PageSpace, int]:
         """Host slots held by prefetches that have not been applied yet."""
         return {
-            PageSpace.FULL: sum(p.host_full.size for p in self._prefetches),
+            PageSpace.FULL: sum(p.host_full.size + p.host_extra.size for p in self._prefetches),
             PageSpace.SWA: sum(p.host_swa.size for p in self._prefetches),
             PageSpace.STATE: sum(p.host_state.size for p in self._prefetches),
         }
@@ -220,6 +226,8 @@ class StorageTier:
             self._stats.storage_read_failures += 1
         if status == _LOADED and p.first == first:
             self._stats.storage_prefetched_tokens += (p.end - p.first) * self._ps
+            self._ledger.free(Tier.HOST, PageSpace.FULL, p.host_extra)
+            p.host_extra = p.host_extra[:0]
             return p
         self._drop(p)
         return None
@@ -282,20 +290,31 @@ class StorageTier:
         if (end - first) * ps < self.config.prefetch_threshold or end - first < w:
             return None  # too little, or the window would reach back into the tree's pages
         swa_first = max(end - w, first) if w else end
+        g = self._g
+        lo, hi = first // g * g, -(-end // g) * g  # the groups holding [first, end)
         host_full = self._alloc_host(PageSpace.FULL, end - first)
         if host_full is None:
             return None
+        host_extra = self._alloc_host(PageSpace.FULL, (first - lo) + (hi - end))
         host_swa = self._alloc_host(PageSpace.SWA, end - swa_first)
         host_state = self._alloc_state() if host_swa is not None else None
-        if host_swa is None or host_state is None:
-            self._ledger.free(Tier.HOST, PageSpace.FULL, host_full)
-            self._ledger.free(Tier.HOST, PageSpace.SWA, host_swa if host_swa is not None else [])
+        if host_extra is None or host_swa is None or host_state is None:
+            for space, ids in (
+                (PageSpace.FULL, host_full),
+                (PageSpace.FULL, host_extra),
+                (PageSpace.SWA, host_swa),
+            ):
+                self._ledger.free(Tier.HOST, space, ids if ids is not None else [])
             return None
         job_hashes = hashes[: end - first]
         swa_hashes = job_hashes[swa_first - first :]
         state_hashes = job_hashes[-1:] if host_state.size else []  # keyed by end's page
+        # full-space objects: one per group, keyed by its last page; its slots in page order
+        group_pages = self._tree.path_hashes(match.node)[lo:first] + hashes[: hi - first]
+        full_hashes = group_pages[g - 1 :: g]
+        table = np.concatenate([host_extra[: first - lo], host_full, host_extra[first - lo :]])
         fut = self._fetcher.submit(
-            self._fetch, job_hashes, host_full, swa_hashes, host_swa, state_hashes, host_state
+            self._fetch, full_hashes, table, swa_hashes, host_swa, state_hashes, host_state
         )
         p = Prefetch(
             key=key[: end * ps].copy(),
@@ -307,6 +326,7 @@ class StorageTier:
             host_swa=host_swa,
             future=fut,
             host_state=host_state,
+            host_extra=host_extra,
         )
         self._prefetches.append(p)
         self._stats.storage_prefetches += 1
@@ -335,7 +355,8 @@ class StorageTier:
     def _fetch(self, hashes, host_full, swa_hashes, host_swa, state_hashes, host_state) -> int:
         """Fetch thread: loads the pages (and the snapshot at their end) into the slots
         (the gets of every stage and page space at once on a concurrent store); returns
-        the pages usable on every stage (all or nothing)."""
+        the full-space objects usable on every stage (all or nothing). ``hashes``: one
+        per full-space object (a group's last page), ``host_full`` its slots."""
         jobs = [
             (st, space, hs, ids)
             for space, hs, ids in (
@@ -410,22 +431,27 @@ class StorageTier:
         path_full, path_swa = _path_host_ids(node)
         hashes = self._tree.path_hashes(node)
         total = len(hashes)
-        lo = total - num_pages
+        # full space: the groups of g pages completed by these pages, those whose pages
+        # are all host-resident (g = 1: the new pages themselves)
+        g = self._g
+        lo, covered = (total - num_pages) // g * g, total // g * g
+        starts = [a for a in range(lo, covered, g) if (path_full[a : a + g] >= 0).all()]
         k = self.config.swa_checkpoint_every
         w = self._w
         swa_pages: list[int] = []
-        if w and num_pages:
-            ends = {e for e in range(lo + 1, total + 1) if e % k == 0} | {total}
+        if w and covered > lo:  # windows of the ends L3 can serve: checkpoints, the last
+            ends = {e for e in range(lo + 1, covered + 1) if e % k == 0} | {covered}
             swa_pages = sorted({i for e in ends for i in range(max(e - w, 0), e)})
             swa_pages = [i for i in swa_pages if path_swa[i] >= 0]
         self._writeback.add(
             WriteItem(
-                hashes[lo:],
-                path_full[lo:].copy(),
+                [hashes[a + g - 1] for a in starts],
+                np.concatenate([path_full[a : a + g] for a in starts] or [np.zeros(0, np.int32)]),
                 [hashes[i] for i in swa_pages],
                 path_swa[swa_pages].copy() if swa_pages else np.zeros(0, np.int32),
                 state_hashes,
                 host_states,
+                group=g,
             )
         )
 
@@ -438,16 +464,23 @@ class StorageTier:
             (PageSpace.SWA, [(it.swa_hashes, it.host_swa) for it in items]),
             (PageSpace.STATE, [(it.state_hashes, it.host_states) for it in items]),
         ):
-            # A page in two items (a shared window) is written once.
-            unique = {h: i for hs, ids in pairs for h, i in zip(hs, ids.tolist(), strict=True)}
-            hs, ids = list(unique), np.fromiter(unique.values(), np.int32, len(unique))
+            g = self._g if space is PageSpace.FULL else 1  # slots per object
+            # An object in two items (a shared window) is written once.
+            unique = {
+                h: tuple(row)
+                for hs, ids in pairs
+                for h, row in zip(hs, ids.reshape(len(hs), g).tolist(), strict=True)
+            }
+            hs = list(unique)
+            ids = np.asarray(list(unique.values()), np.int32).reshape(len(hs), g)
             for r, ns in self.namespaces.items():
                 if not hs or not _has_space(ns, self.spec, space):
                     continue
                 todo = np.flatnonzero(~self.backend.exists(ns, space, hs))
                 if todo.size:
-                    ok = self.backend.put(ns, space, [hs[i] for i in todo], self.host, r, ids[todo])
-                    written += int(ok.sum())
+                    sub = [hs[i] for i in todo]
+                    ok = self.backend.put(ns, space, sub, self.host, r, ids[todo].reshape(-1))
+                    written += int(ok.sum()) * g
         return written
 
     # ---------------------------------------------------------------------- poll
@@ -485,6 +518,7 @@ class StorageTier:
 
     def _drop(self, p: Prefetch) -> None:
         self._ledger.free(Tier.HOST, PageSpace.FULL, p.host_full)
+        self._ledger.free(Tier.HOST, PageSpace.FULL, p.host_extra)
         self._ledger.free(Tier.HOST, PageSpace.SWA, p.host_swa)
         self._ledger.free(Tier.HOST, PageSpace.STATE, p.host_state)
 

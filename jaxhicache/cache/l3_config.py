@@ -77,6 +77,16 @@ class StorageConfig:
       write_nice: how much lower the write-back thread's CPU priority is than the
         serving thread's (Linux nice steps, 0 to 19; 0: the same), so writes to
         storage yield the cores to decode steps; writes are batched per drain.
+      pages_per_object: full-space pages per storage object (``g``, default 1). On
+        a store that charges per request (object stores: S3, GCS), ``g > 1``
+        divides the requests of a lookup and of a fetch by ``g``: the group
+        ``[g i, g i + g)`` of a prefix is one object, written once all its pages are
+        backed up (a sequence's last ``< g`` pages stay out of L3 until it grows),
+        and a hit fetches whole groups (the pages of a group before the tree's match
+        or after the hit end go to scratch host slots). Part of the object keys:
+        instances share objects only with the same ``g``. Aim for objects of about
+        ``store latency x bandwidth`` bytes (a group's full-space bytes per stage);
+        window and state objects stay one per page.
 
     Raises:
       ValueError: a field of the wrong type or out of range, naming the field and
@@ -101,6 +111,7 @@ class StorageConfig:
     store_bytes_per_s: float = 500e6
     recompute_s_per_token: float = 1e-4
     write_nice: int = 10
+    pages_per_object: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_id, str) or not self.model_id:
@@ -112,6 +123,7 @@ class StorageConfig:
             ("swa_checkpoint_every", 1),
             ("lookup_in_flight", 1),
             ("fetch_in_flight", 1),
+            ("pages_per_object", 1),
         ):
             v = getattr(self, name)
             if type(v) is bool or not isinstance(v, int) or v < lo:

@@ -130,21 +130,26 @@ def probe(
     costs: CostModel | None = None,
     snap_pages: Sequence[int] = (),
     paced: bool = False,
+    group: int = 1,
 ) -> Probe:
     """Checks pages ``[first, first + len(hashes))`` (``hashes[i]`` is page ``first + i``),
     the SWA objects of ``swa_pages`` and the snapshot objects keyed by ``snap_pages``,
     all in one batch; observes its time in ``costs`` (``paced``: ``in_flight`` was cut
     to a serial store's pace, which keeps it as busy as the whole batch at once would:
-    observed as that). Never raises for a store fault
-    (an error is an absent page)."""
+    observed as that). ``group``: full-space pages per object (one check per group
+    of ``[first, stop)`` that ends by ``stop``, keyed by its last page; a page is
+    present when its group is; pages after the last whole group never are). Never
+    raises for a store fault (an error is an absent page)."""
     stop = first + len(hashes)
+    lasts = list(range(first // group * group + group - 1, stop, group))  # groups' last pages
     swa_pages = [p for p in swa_pages if first <= p < stop]
     snap_pages = [p for p in snap_pages if first <= p < stop]
     queries: list[ExistsQuery] = []
     kinds: list[PageSpace] = []
     for s in stages:
-        if s.full[0]:
-            queries.append(ExistsQuery(s.ns, PageSpace.FULL, hashes, range(first, stop), True))
+        if s.full[0] and lasts:
+            sub = [hashes[p - first] for p in lasts]
+            queries.append(ExistsQuery(s.ns, PageSpace.FULL, sub, lasts, True))
             kinds.append(PageSpace.FULL)
         if s.swa[0] and swa_pages:
             sub = [hashes[p - first] for p in swa_pages]
@@ -161,16 +166,20 @@ def probe(
         queries, max_in_flight=in_flight, stop_at_absent=True, started=issued, finished=done
     )
     seconds = time.perf_counter() - t0
-    full = np.ones(stop - first, bool)
+    groups = np.ones(len(lasts), bool)
     swa_sub = np.ones(len(swa_pages), bool)
     snap_sub = np.ones(len(snap_pages), bool)
     for kind, m in zip(kinds, masks, strict=True):
         if kind is PageSpace.FULL:
-            full &= m
+            groups &= m
         elif kind is PageSpace.SWA:
             swa_sub &= m
         else:
             snap_sub &= m
+    full = np.zeros(stop - first, bool)  # page p: its group (last page p // g * g + g - 1)
+    if lasts:
+        pages = np.arange(first, lasts[-1] + 1)
+        full[: pages.size] = groups[(pages - lasts[0] + group - 1) // group]
     swa = np.zeros(stop - first, bool)
     if swa_pages:
         swa[np.asarray(swa_pages) - first] = swa_sub
@@ -222,6 +231,7 @@ class Lookups:
         self._tree, self.agreement, self._stats = tree, agreement, stats
         self._ps, self._w = page_size, window_pages
         self._grid = state_grid  # pages between snapshot positions (hybrids; 0: none)
+        self._g = config.pages_per_object  # full-space pages per object
         self.costs = CostModel(
             config.store_latency_s, config.store_bytes_per_s, config.recompute_s_per_token
         )
@@ -291,7 +301,7 @@ class Lookups:
         if early is None and not self.worth_looking(first, stop):
             self._stats.storage_lookups_skipped += 1
             if self._skips % _EXPLORE == 0:  # a store that was slow may have recovered
-                self._pool.submit(self._sample, hashes[:_SAMPLE], first)
+                self._pool.submit(self._sample, hashes[: _SAMPLE * self._g], first)
             got = Probe.nothing(first, stop)  # still agreed: every process takes the step
         else:
             got = self._await(early, hashes, first, stop, deadline)
@@ -309,7 +319,7 @@ class Lookups:
         for the cost model's estimates only (a skipped lookup's exploration)."""
         stages = [dataclasses.replace(st, swa=(0, 0), state=(0, 0)) for st in self.stages]
         limit = self._in_flight(self.config.lookup_in_flight)
-        probe(self.backend, stages, hashes, first, [], limit, self.costs)
+        probe(self.backend, stages, hashes, first, [], limit, self.costs, group=self._g)
 
     def _probe(self, hashes: Sequence[str], first: int, stop: int) -> Probe:
         """Lookup thread: one batch of every existence check of pages ``[first, stop)``;
@@ -320,7 +330,9 @@ class Lookups:
         snaps = state_pages(first, stop, self._grid)
         c = self._paced()
         paced = c < self._in_flight(self.config.lookup_in_flight)
-        got = probe(self.backend, self.stages, hashes, first, swa, c, self.costs, snaps, paced)
+        got = probe(
+            self.backend, self.stages, hashes, first, swa, c, self.costs, snaps, paced, self._g
+        )
         end = first + got.present_prefix()
         pages = [p for p in range(end - w, end) if p not in got.checked]
         if w and end - first >= w and pages:
@@ -379,7 +391,7 @@ class Lookups:
     def _fetch_seconds(self, first: int, end: int) -> float:
         """Modelled time to fetch pages ``[first, end)``, the window and the snapshot at
         ``end``."""
-        n, nw = end - first, min(self._w, end - first)
+        n, nw = -(-end // self._g) - first // self._g, min(self._w, end - first)  # n: groups
         objects = sum(st.full[0] * n + st.swa[0] * nw + st.state[0] for st in self.stages)
         nbytes = sum(st.full[1] * n + st.swa[1] * nw + st.state[1] for st in self.stages)
         return self.costs.load_seconds(
@@ -432,7 +444,7 @@ class Lookups:
         windows = len(window_pages(first, stop, self._w, k, self._all_windows(first, stop)))
         snaps = len(state_pages(first, stop, self._grid))
         checks = sum(
-            (st.full[0] > 0) * (stop - first)
+            (st.full[0] > 0) * (stop // self._g - first // self._g)
             + (st.swa[0] > 0) * windows
             + (st.state[0] > 0) * snaps
             for st in self.stages

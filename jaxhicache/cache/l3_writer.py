@@ -40,7 +40,9 @@ __all__ = ["WriteBack", "WriteItem", "lower_thread_priority"]
 class WriteItem:
     """The objects of one backed-up path: full-space pages, the SWA checkpoints and
     (hybrids) the snapshots backed up with it (``state_hashes[i]``: the hash of the
-    page ending at snapshot ``i``, read from host snapshot slot ``host_states[i]``)."""
+    page ending at snapshot ``i``, read from host snapshot slot ``host_states[i]``).
+    Full-space objects hold ``group`` pages each: ``hashes[i]`` is group ``i``'s last
+    page's, ``host_full[group * i : group * (i + 1)]`` its slots."""
 
     hashes: list
     host_full: np.ndarray
@@ -48,10 +50,11 @@ class WriteItem:
     host_swa: np.ndarray
     state_hashes: list = dataclasses.field(default_factory=list)
     host_states: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
+    group: int = 1
 
     @property
     def pages(self) -> int:
-        return len(self.hashes)
+        return len(self.hashes) * self.group
 
     def without(self, slots: dict) -> WriteItem:
         """This item less the objects read from ``slots`` (as in :meth:`reads`)."""
@@ -60,19 +63,20 @@ class WriteItem:
             gone = slots.get(k)
             return np.ones(ids.size, bool) if gone is None else ~np.isin(ids, gone)
 
-        f, w, st = (
-            keep("full", self.host_full),
+        f, w, st = (  # a group goes whole when any of its slots goes
+            keep("full", self.host_full).reshape(len(self.hashes), self.group).all(axis=1),
             keep("swa", self.host_swa),
             keep("state", self.host_states),
         )
         pick = lambda xs, m: [x for x, k in zip(xs, m, strict=True) if k]  # noqa: E731
         return WriteItem(
             pick(self.hashes, f),
-            self.host_full[f],
+            self.host_full[np.repeat(f, self.group)],
             pick(self.swa_hashes, w),
             self.host_swa[w],
             pick(self.state_hashes, st),
             self.host_states[st],
+            self.group,
         )
 
     def reads(self, slots: dict) -> bool:
