@@ -163,3 +163,18 @@ def test_a_lookup_checks_one_object_per_group(model, tmp_path, g):
     assert n["stat"] == full * (9 if g == 1 else 2) + swa * 9, n
     assert n["read"] == full * 8 // g + swa * 1, n  # the hit's objects and its window
     b.close()
+
+
+def test_a_missing_group_ends_the_hit_where_it_starts(model, tmp_path):
+    """Groups 0-3 and 4-7 stored, then 4-7 lost on one stage: the hit is pages 0-3,
+    not a fetch of 8 pages that fails whole (a miss)."""
+    turn2 = _conversation(model, tmp_path, 4, n=8 * PAGE + 10)
+    h7 = page_hashes(turn2[: 8 * PAGE], PAGE)[7]
+    lost = [p for p in _files(tmp_path, "full-x4") if p.name == h7]
+    assert lost
+    lost[0].unlink()
+    b = _loop(model, FileBackend(tmp_path), 4, backup=False)
+    r = b.serve(turn2, 2)
+    assert r.storage_cached_tokens == 4 * PAGE
+    _close_to(r, b.serve_uncached(turn2, 2))
+    b.close()
