@@ -108,6 +108,7 @@ class _Job:
                 prefetch_threshold=self.page,
                 prefetch_policy=c.prefetch_policy,
                 cost_model=c.l3_cost_model,
+                pages_per_object=c.pages_per_object(self.page),
             )
         self.loop = ServingLoop.for_model(
             self.model,

@@ -181,6 +181,7 @@ class ConcurrentJob:
                 prefetch_threshold=self.page,
                 prefetch_policy=c.prefetch_policy,
                 cost_model=c.l3_cost_model,
+                pages_per_object=c.pages_per_object(self.page),
             )
         self.cache_on = HiCache(
             self.model.spec,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -65,6 +66,8 @@ class MultiturnConfig:
         every hit, whatever it costs).
       store_latency_ms: added to every L3 object request (``LatencyBackend``), to
         measure the tier at an object store's round trip on one machine (0: none).
+      l3_pages_per_object: ``StorageConfig.pages_per_object`` (``None``: auto, see
+        :meth:`pages_per_object`).
       probe_reps: L3 probes (one client each, at most ``clients``; none when the
         preset's cache has no L3 tier).
       out_dir: where ``results.json`` and the PNG go (``None``: nowhere).
@@ -88,6 +91,7 @@ class MultiturnConfig:
     store: str | None = None
     store_latency_ms: float = 0.0
     l3_cost_model: bool = True
+    l3_pages_per_object: int | None = None
     probe_reps: int = 3
     out_dir: str | os.PathLike | None = None
     quick: bool = False
@@ -109,6 +113,7 @@ class MultiturnConfig:
         for name in ("pp", "tp", "probe_reps"):
             _positive(name, getattr(self, name))
         _positive("device_pages", self.device_pages, allow_none=True)
+        _positive("l3_pages_per_object", self.l3_pages_per_object, allow_none=True)
         _positive("host_pages", self.host_pages, allow_none=True)
         r = self.host_ratio
         if r is not None:
@@ -171,6 +176,17 @@ class MultiturnConfig:
                 f"{self.preset.model_config().vocab}"
             )
 
+    def pages_per_object(self, page_size: int) -> int:
+        """Full-space pages per L3 object: ``l3_pages_per_object`` if given; auto: 1
+        on a directory, and on a store that charges per request (an object store:
+        ``s3``, ``gcs`` or ``http`` kvstore, or ``store_latency_ms`` injected) objects
+        of at least 256 tokens (``256 // page_size`` pages, as LMCache's default
+        chunk), which divides a restore's requests by as much."""
+        if self.l3_pages_per_object is not None:
+            return self.l3_pages_per_object
+        per_request = self.store_latency_ms > 0 or _object_store(self.store)
+        return max(1, 256 // page_size) if per_request else 1
+
     def pool_sizes(self, workload: Workload) -> tuple[int, int]:
         """``(device_pages, host_pages)``: given, or sized so that every tier gets hits.
 
@@ -224,6 +240,21 @@ def check(config: MultiturnConfig) -> dict:
         "request_pages": wl.request_pages(mcfg.page_size),
         "distinct_pages": wl.distinct_pages(mcfg.page_size),
     }
+
+
+def _object_store(spec: str | None) -> bool:
+    """Whether ``--store`` names an object store (a kvstore spec or URL on ``s3``,
+    ``gcs`` or ``http``), where every request costs a round trip."""
+    if not spec:
+        return False
+    text = spec.strip()
+    if text.startswith("{"):
+        try:
+            driver = json.loads(text).get("driver", "")
+        except (ValueError, AttributeError):
+            return False
+        return driver in ("s3", "gcs", "http")
+    return text.split("://", 1)[0] in ("s3", "gs", "gcs", "http", "https") and "://" in text
 
 
 def check_store(config: MultiturnConfig, store) -> None:

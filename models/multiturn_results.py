@@ -180,6 +180,7 @@ def config_fields(job, model_config, temp_store: bool) -> dict:
         "store": c.store or ("temporary FileBackend directory" if job.store else None),
         "store_latency_ms": c.store_latency_ms,
         "l3_cost_model": c.l3_cost_model,
+        "l3_pages_per_object": c.pages_per_object(job.page),
         "store_backend": (
             "FileBackend(<temp>)" if temp_store else None if job.store is None else repr(job.store)
         ),

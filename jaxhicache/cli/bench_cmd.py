@@ -68,6 +68,7 @@ def run(args) -> int:
             store=args.store,
             store_latency_ms=args.store_latency_ms,
             l3_cost_model=not args.no_l3_cost_model,
+            l3_pages_per_object=args.l3_pages_per_object,
             probe_reps=args.probe_reps,
             out_dir=args.out,
             quick=args.quick,
@@ -156,6 +157,13 @@ def add_parser(sub) -> None:
         default=0.0,
         help="add this many ms to every L3 object request (an object store's round trip, "
         "simulated over --store; default 0)",
+    )
+    m.add_argument(
+        "--l3-pages-per-object",
+        type=count,
+        default=None,
+        help="full-space pages per L3 object (default: 1 on a directory; on an object "
+        "store or with --store-latency-ms, 256 tokens' worth)",
     )
     m.add_argument(
         "--no-l3-cost-model",
