@@ -177,15 +177,16 @@ class MultiturnConfig:
             )
 
     def pages_per_object(self, page_size: int) -> int:
-        """Full-space pages per L3 object: ``l3_pages_per_object`` if given; auto: 1
-        on a directory, and on a store that charges per request (an object store:
-        ``s3``, ``gcs`` or ``http`` kvstore, or ``store_latency_ms`` injected) objects
-        of at least 256 tokens (``256 // page_size`` pages, as LMCache's default
-        chunk), which divides a restore's requests by as much."""
+        """Full-space pages per L3 object: ``l3_pages_per_object`` if given; auto: on
+        an object store (``s3``, ``gcs`` or ``http`` kvstore), which charges (and may
+        serve one at a time) per request, objects of at least 256 tokens (``256 //
+        page_size`` pages, as LMCache's default chunk), dividing a restore's requests
+        by as much; 1 elsewhere, ``store_latency_ms`` included (a store answering
+        every request in flight at once after a latency gains nothing from fewer,
+        larger objects, and a hit would end on a coarser grid)."""
         if self.l3_pages_per_object is not None:
             return self.l3_pages_per_object
-        per_request = self.store_latency_ms > 0 or _object_store(self.store)
-        return max(1, 256 // page_size) if per_request else 1
+        return max(1, 256 // page_size) if _object_store(self.store) else 1
 
     def pool_sizes(self, workload: Workload) -> tuple[int, int]:
         """``(device_pages, host_pages)``: given, or sized so that every tier gets hits.

@@ -27,9 +27,13 @@ from jaxhicache.storage import FileBackend
 from jaxhicache.storage.keys import Namespace, object_key, page_hashes
 
 
-def _cache(store, pp=2, policy=PrefetchPolicy.WAIT_COMPLETE, **kw):
+def _cache(store, pp=2, policy=PrefetchPolicy.WAIT_COMPLETE, g=1, **kw):
     st = StorageConfig(
-        model_id="tiny-hybrid", prefetch_threshold=PAGE, prefetch_policy=policy, cost_model=False
+        model_id="tiny-hybrid",
+        prefetch_threshold=PAGE,
+        prefetch_policy=policy,
+        cost_model=False,
+        pages_per_object=g,
     )
     kw.setdefault("device_pages", 24)
     kw.setdefault("host_pages", 48)
@@ -40,10 +44,10 @@ def _cache(store, pp=2, policy=PrefetchPolicy.WAIT_COMPLETE, **kw):
     return c, c.new_device_pools()
 
 
-def _write(store, prompt, gen=3, salt=None, pp=2):
+def _write(store, prompt, gen=3, salt=None, pp=2, g=1):
     """Instance A serves ``prompt`` (snapshots at its grid points), backs it up to host and
     writes it on to L3; returns the closed cache."""
-    c, pools = _cache(store, pp)
+    c, pools = _cache(store, pp, g=g)
     pools, batch = c.admit(pools, [prompt], gen, salts=[salt])
     (req,) = batch.requests
     pools, _ = _forward(c, pools, req, prompt.size)
@@ -272,3 +276,28 @@ def test_tp_split_state_objects_hold_their_ranks_rows(tmp_path):
     assert store.get(spaces[1], PageSpace.STATE, hs, host, 0, [1]).all()
     for kind in STATES:
         np.testing.assert_array_equal(host.slab(0, kind)[1], host.slab(0, kind)[0])
+
+
+def test_objects_of_several_pages_serve_the_prefix_and_the_state_at_a_grid_point(tmp_path):
+    """``pages_per_object=3`` (48-token groups) on a 32-token snapshot grid. A1 serves 70
+    tokens (group of pages 0-2, snapshot at 64), A2 96 + 4 (groups 0-2 and 3-5, snapshot
+    at 96), then the objects of the snapshot at 96 are lost: B's hit is 64, the last
+    grid point with a snapshot inside present groups; both groups are fetched whole
+    (pages 4-5 into scratch slots the claim frees) with the exact state at 64."""
+    store = FileBackend(tmp_path)
+    prompt = _tokens(0, 100)
+    _write(store, prompt[:70], g=3)
+    a2 = _write(store, prompt, g=3)
+    for r in range(2):
+        (tmp_path / _state_key(a2, r, prompt, 96)).unlink()
+    follow = np.concatenate([prompt, _tokens(1, 20)])
+    c, pools, req = _admit(store, follow, g=3)
+    assert (req.device_hit_tokens, req.host_hit_tokens, req.storage_hit_tokens) == (0, 0, 64)
+    assert req.state_pos == 64 and _state_values(c, pools, req.state_read) == {64.0}
+    assert c.l3.in_flight()[PageSpace.FULL] == 0  # the scratch slots went back at the claim
+    pools, plan = _forward(c, pools, req, follow.size)  # asserts it read the state at 64
+    assert plan.start == 64
+    c.insert(pools, req, follow)
+    c.release(req)
+    c.check_invariants()
+    c.close()

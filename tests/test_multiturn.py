@@ -599,3 +599,30 @@ def test_concurrency_config_refusals():
         MultiturnConfig(preset=ModelPreset.TINY, concurrency=2, think_ms=-1)
     with pytest.raises(ValueError, match="think_ms=5 needs a concurrency"):
         MultiturnConfig(preset=ModelPreset.TINY, think_ms=5)
+
+
+def test_pages_per_object_is_256_tokens_on_an_object_store():
+    """Auto ``l3_pages_per_object``: 1 on a directory (injected latency included: a
+    store answering every request in flight at once gains nothing); 256 tokens' worth
+    of pages on an object store (kvstore JSON or URL on s3 / gcs / http); a given value
+    always wins."""
+    s3 = json.dumps({"driver": "s3", "bucket": "b", "endpoint": "http://127.0.0.1:1"})
+    cases = [
+        (MultiturnConfig(), 1),
+        (MultiturnConfig(store="/some/dir"), 1),
+        (MultiturnConfig(store='{"driver": "file", "path": "/x"}'), 1),
+        (MultiturnConfig(store="file:///x"), 1),
+        (MultiturnConfig(store=s3), 4),
+        (MultiturnConfig(store="gs://bucket/l3/"), 4),
+        (MultiturnConfig(store='{"driver": "gcs", "bucket": "b"}'), 4),
+        (MultiturnConfig(store_latency_ms=20), 1),
+        (MultiturnConfig(store=s3, l3_pages_per_object=1), 1),
+        (MultiturnConfig(l3_pages_per_object=3), 3),
+    ]
+    for cfg, want in cases:
+        assert cfg.pages_per_object(64) == want, (cfg.store, cfg.store_latency_ms)
+    assert MultiturnConfig(store=s3).pages_per_object(256) == 1  # a page is 256 tokens
+    assert MultiturnConfig(store=s3).pages_per_object(512) == 1
+    for bad in (0, -1, True, 2.0):
+        with pytest.raises(ValueError, match="l3_pages_per_object must be a positive int"):
+            MultiturnConfig(l3_pages_per_object=bad)

@@ -162,8 +162,8 @@ def add_parser(sub) -> None:
         "--l3-pages-per-object",
         type=count,
         default=None,
-        help="full-space pages per L3 object (default: 1 on a directory; on an object "
-        "store or with --store-latency-ms, 256 tokens' worth)",
+        help="full-space pages per L3 object (default: 256 tokens' worth on an s3, gcs or "
+        "http store, else 1)",
     )
     m.add_argument(
         "--no-l3-cost-model",
