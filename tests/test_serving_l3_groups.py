@@ -178,3 +178,38 @@ def test_a_missing_group_ends_the_hit_where_it_starts(model, tmp_path):
     assert r.storage_cached_tokens == 4 * PAGE
     _close_to(r, b.serve_uncached(turn2, 2))
     b.close()
+
+
+def test_write_back_writes_the_groups_a_leaf_eviction_completes(model, tmp_path):
+    """Write-back: evicting B's leaf (pages 4-5) backs up its path (host residency is
+    prefix-closed), and the writes cover every group those pages complete: pages 0-2
+    and 3-5, the latter with page 3 from the parent node's host slot."""
+    rng = np.random.default_rng(8)
+    vocab = model.config.vocab
+    loop = ServingLoop.for_model(
+        model,
+        device_pages=16,
+        write_policy=WritePolicy.WRITE_BACK,
+        storage=StorageConfig(
+            model_id="tiny", prefetch_threshold=PAGE, cost_model=False, pages_per_object=3
+        ),
+        store=FileBackend(tmp_path),
+        layerwise=True,
+    )
+    a = rng.integers(0, vocab, 4 * PAGE + 3).astype(np.int32)
+    loop.serve(a, 2)
+    b = np.concatenate([a[: 4 * PAGE], rng.integers(0, vocab, 40)]).astype(np.int32)
+    loop.serve(b, 2)  # the tree: pages 0-3 (shared), B's pages 4-5 a leaf below them
+    assert not _files(tmp_path, "full-x3")  # write-back: nothing in host or L3 yet
+    assert loop.evict(2) >= 2
+    loop.cache.poll(wait=True)
+    s = loop.cache.stats()
+    assert s["backed_up_pages"] == 6 and s["storage_write_failures"] == 0
+    hb = page_hashes(b[: 6 * PAGE], PAGE)
+    assert {p.name for p in _files(tmp_path, "full-x3")} == {hb[2], hb[5]}
+    loop.close()
+    c = _loop(model, FileBackend(tmp_path), 3, backup=False)
+    r = c.serve(b, 2)
+    assert r.storage_cached_tokens == 6 * PAGE
+    _close_to(r, c.serve_uncached(b, 2))
+    c.close()

@@ -431,11 +431,12 @@ class StorageTier:
         path_full, path_swa = _path_host_ids(node)
         hashes = self._tree.path_hashes(node)
         total = len(hashes)
-        # full space: the groups of g pages completed by these pages, those whose pages
-        # are all host-resident (g = 1: the new pages themselves)
+        # full space: the groups of g pages these pages complete (g = 1: the pages), a
+        # group's earlier pages read from their host slots (host residency is
+        # prefix-closed: a backed-up node's ancestors are in host too)
         g = self._g
         lo, covered = (total - num_pages) // g * g, total // g * g
-        starts = [a for a in range(lo, covered, g) if (path_full[a : a + g] >= 0).all()]
+        starts = list(range(lo, covered, g))
         k = self.config.swa_checkpoint_every
         w = self._w
         swa_pages: list[int] = []
