@@ -84,6 +84,14 @@ def _plot(results: dict, records: list, path: Path) -> None:
 
 
 # ------------------------------------------------------------------------ table
+def _l3(cfg: dict) -> str:
+    """The L3 store, and its full-space pages per object when more than one."""
+    if not cfg["store"]:
+        return "none"
+    g = cfg.get("l3_pages_per_object", 1)
+    return cfg["store"] + (f" ({g} pages per object)" if g > 1 else "")
+
+
 def _family(cfg: dict) -> str:
     return {"dsv4": "DSV4", "mla": "MLA + DSA", "hybrid": "recurrent hybrid"}.get(
         cfg.get("family", "dsv4"), cfg.get("family", "?")
@@ -125,7 +133,7 @@ def format_table(r: dict) -> str:
         f"workload: {w['clients']} clients × {w['turns']} turns, {w['system_prompts']} system prompt(s) "
         f"of {w['system_prompt_len']} tokens, user ~{w['user_tokens']}, answer ~{w['gen_tokens']} "
         f"(seed {w['seed']}); tiers: device {cfg['device_pages']} pages, host {cfg['host_pages']} "
-        f"pages, L3 {cfg['store'] or 'none'}; {cfg['write_policy']}, prefetch {cfg['prefetch_policy']}",
+        f"pages, L3 {_l3(cfg)}; {cfg['write_policy']}, prefetch {cfg['prefetch_policy']}",
         f"warm-up {r['warmup_s']:.1f} s (not timed below); cache off {r['cache_off_s']:.1f} s, "
         f"cache on {r['cache_on_s']:.1f} s; compilations in timed steps: {r['compiles_in_timed_steps']}",
         "",
@@ -268,7 +276,7 @@ def _concurrent_table(r: dict) -> str:
         f"think {r['think_ms']:g} ms; {w['system_prompts']} system prompt(s) of "
         f"{w['system_prompt_len']} tokens, user ~{w['user_tokens']}, answer ~{w['gen_tokens']} "
         f"(seed {w['seed']}); tiers: device {cfg['device_pages']} pages, host "
-        f"{cfg['host_pages']} pages, L3 {cfg['store'] or 'none'}; {cfg['write_policy']}, prefetch "
+        f"{cfg['host_pages']} pages, L3 {_l3(cfg)}; {cfg['write_policy']}, prefetch "
         f"{cfg['prefetch_policy']}",
         f"warm-up {r['warmup_s']:.1f} s (not timed below); cache off {r['cache_off_s']:.1f} s, "
         f"cache on {r['cache_on_s']:.1f} s; compilations in timed steps: "
