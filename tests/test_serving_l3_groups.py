@@ -60,6 +60,17 @@ def _files(root, unit):
     return sorted(p for p in root.rglob("*") if p.is_file() and f"/{unit}/" in str(p))
 
 
+def _restored(model, root, g, tokens, want, gen=3, **kw):
+    """A fresh instance over ``root`` serves ``tokens``: ``want`` tokens from L3, the
+    output equal to recomputation, every slot accounted for."""
+    b = _loop(model, FileBackend(root), g, **kw)
+    r = b.serve(tokens, gen)
+    assert r.storage_cached_tokens == want
+    _close_to(r, b.serve_uncached(tokens, gen))
+    b.cache.check_invariants()
+    b.close()
+
+
 def _close_to(r, oracle):
     d = max(
         float(np.abs(r.step_logits - oracle.step_logits).max()),
@@ -77,12 +88,7 @@ def test_whole_groups_are_written_and_a_fresh_instance_restores_them(model, tmp_
     assert not _files(tmp_path, "full")
     names = {p.name for p in _files(tmp_path, "full-x4")}
     assert names == {page_hashes(turn2[: 4 * PAGE], PAGE)[3]}  # keyed by its last page
-    b = _loop(model, FileBackend(tmp_path), 4)
-    r = b.serve(turn2, 3)
-    assert r.storage_cached_tokens == 4 * PAGE
-    _close_to(r, b.serve_uncached(turn2, 3))
-    b.cache.check_invariants()
-    b.close()
+    _restored(model, tmp_path, 4, turn2, 4 * PAGE)
     # the same store read with g = 1 finds none of it (other keys): a miss
     c = _loop(model, FileBackend(tmp_path), 1)
     assert c.serve(turn2, 1).storage_cached_tokens == 0
@@ -107,11 +113,7 @@ def test_a_group_is_written_once_the_sequence_completes_it(model, tmp_path):
     stages = {p.parents[2] for p in _files(tmp_path, "full-x4")}
     assert len(_files(tmp_path, "full-x4")) == 2 * len(stages)  # pages 0-3 and 4-7
     turn3 = np.concatenate([turn2, r2.generated, rng.integers(0, vocab, 5)]).astype(np.int32)
-    b = _loop(model, FileBackend(tmp_path), 4)
-    r = b.serve(turn3, 2)
-    assert r.storage_cached_tokens == 8 * PAGE
-    _close_to(r, b.serve_uncached(turn3, 2))
-    b.close()
+    _restored(model, tmp_path, 4, turn3, 8 * PAGE, gen=2)
 
 
 def test_a_hit_starting_mid_group_loads_the_group_through_scratch_slots(model, tmp_path):
@@ -138,12 +140,7 @@ def test_a_hit_ending_mid_group_uses_the_window_of_its_end(model, tmp_path):
     assert gone
     for p in gone:
         p.unlink()
-    b = _loop(model, FileBackend(tmp_path), 4)
-    r = b.serve(turn2, 3)
-    assert r.storage_cached_tokens == 3 * PAGE
-    _close_to(r, b.serve_uncached(turn2, 3))
-    b.cache.check_invariants()
-    b.close()
+    _restored(model, tmp_path, 4, turn2, 3 * PAGE)
 
 
 @pytest.mark.parametrize("g", [1, 4])
@@ -173,11 +170,7 @@ def test_a_missing_group_ends_the_hit_where_it_starts(model, tmp_path):
     lost = [p for p in _files(tmp_path, "full-x4") if p.name == h7]
     assert lost
     lost[0].unlink()
-    b = _loop(model, FileBackend(tmp_path), 4, backup=False)
-    r = b.serve(turn2, 2)
-    assert r.storage_cached_tokens == 4 * PAGE
-    _close_to(r, b.serve_uncached(turn2, 2))
-    b.close()
+    _restored(model, tmp_path, 4, turn2, 4 * PAGE, gen=2, backup=False)
 
 
 def test_write_back_writes_the_groups_a_leaf_eviction_completes(model, tmp_path):
@@ -208,8 +201,4 @@ def test_write_back_writes_the_groups_a_leaf_eviction_completes(model, tmp_path)
     hb = page_hashes(b[: 6 * PAGE], PAGE)
     assert {p.name for p in _files(tmp_path, "full-x3")} == {hb[2], hb[5]}
     loop.close()
-    c = _loop(model, FileBackend(tmp_path), 3, backup=False)
-    r = c.serve(b, 2)
-    assert r.storage_cached_tokens == 6 * PAGE
-    _close_to(r, c.serve_uncached(b, 2))
-    c.close()
+    _restored(model, tmp_path, 3, b, 6 * PAGE, gen=2, backup=False)

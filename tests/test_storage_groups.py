@@ -6,43 +6,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_storage_threaded import KINDS, POISON, SPEC, _backend, _pools, _slot
 
 from jaxhicache.layer_map import build_layer_maps
-from jaxhicache.pools.host import HostPools
-from jaxhicache.spec import ModelCacheSpec, PageSpace
-from jaxhicache.storage import FileBackend, Namespace, TensorStoreBackend, object_key, page_hashes
+from jaxhicache.spec import PageSpace
+from jaxhicache.storage import FileBackend, Namespace, object_key, page_hashes
 from jaxhicache.storage.format import header_length
-
-SPEC = ModelCacheSpec.tiny_dsv4()
-POISON = 0xEE
-KINDS = ["file_sync", "file_threads", "tensorstore"]
-
-
-def _backend(kind, root):
-    if kind == "file_sync":
-        return FileBackend(root)
-    if kind == "file_threads":
-        return FileBackend(root, io_threads=2, max_in_flight=4)
-    return TensorStoreBackend(str(root), max_in_flight=4)
-
-
-def _pools(maps, fill=None, seed=0, pages=12):
-    h = HostPools(SPEC, maps, pages, pages, reserve_bytes=0)
-    rng = np.random.default_rng(seed)
-    for k in SPEC.kinds():
-        a = h.stacked(k).view(np.uint8)
-        a[...] = rng.integers(1, 256, a.shape, dtype=np.uint8) if fill is None else fill
-    return h
-
-
-def _slot(h, rank, space, slot):
-    return np.concatenate(
-        [
-            np.ascontiguousarray(h.slab(rank, k)[slot]).view(np.uint8).reshape(-1)
-            for k in SPEC.kinds()
-            if k.page_space is space
-        ]
-    )
 
 
 def _setup(g):
@@ -55,7 +24,7 @@ def _setup(g):
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_group_of_pages_is_one_object_keyed_by_its_last_page(tmp_path, kind):
     maps, ns, hs = _setup(3)
-    src = _pools(maps)
+    src = _pools(maps, pages=12)
     be = _backend(kind, tmp_path)
     groups = [hs[2], hs[5], hs[8]]  # pages [0, 9) in groups of 3
     src_ids = [11, 0, 7, 3, 4, 5, 9, 1, 2]  # any slots, in page order
@@ -67,7 +36,7 @@ def test_a_group_of_pages_is_one_object_keyed_by_its_last_page(tmp_path, kind):
         assert (tmp_path / object_key(ns, PageSpace.FULL, h)).exists()
         assert "/full-x3/" in object_key(ns, PageSpace.FULL, h)
     assert not (tmp_path / object_key(ns, PageSpace.FULL, hs[0])).exists()
-    dst = _pools(maps, fill=POISON)
+    dst = _pools(maps, fill=POISON, pages=12)
     dst_ids = [3, 4, 5, 0, 1, 2, 8, 6, 10]
     before = be.stats()
     assert be.get(ns, PageSpace.FULL, groups, dst, 0, dst_ids).all()
@@ -86,7 +55,7 @@ def test_a_group_of_pages_is_one_object_keyed_by_its_last_page(tmp_path, kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_bad_object_fails_its_whole_group_and_leaves_no_unverified_slot(tmp_path, kind):
     maps, ns, hs = _setup(2)
-    src = _pools(maps)
+    src = _pools(maps, pages=12)
     groups = [hs[1], hs[3], hs[5]]
     assert FileBackend(tmp_path).put(ns, PageSpace.FULL, groups, src, 0, list(range(6))).all()
     path = tmp_path / object_key(ns, PageSpace.FULL, hs[3])
@@ -94,7 +63,7 @@ def test_a_bad_object_fails_its_whole_group_and_leaves_no_unverified_slot(tmp_pa
     data[-3] ^= 0x10
     path.write_bytes(bytes(data))
     be = _backend(kind, tmp_path)
-    dst = _pools(maps, fill=POISON)
+    dst = _pools(maps, fill=POISON, pages=12)
     before = be.stats()
     ok = be.get(ns, PageSpace.FULL, groups, dst, 0, [6, 7, 8, 9, 10, 11])
     assert ok.tolist() == [True, False, True]
@@ -113,7 +82,7 @@ def test_a_bad_object_fails_its_whole_group_and_leaves_no_unverified_slot(tmp_pa
 def test_other_groupings_never_read_each_others_objects_and_windows_stay_per_page(tmp_path):
     maps, ns3, hs = _setup(3)
     ns1 = Namespace.for_stage(SPEC, maps[0])
-    src = _pools(maps)
+    src = _pools(maps, pages=12)
     be = FileBackend(tmp_path)
     assert be.put(ns1, PageSpace.FULL, hs[:6], src, 0, list(range(6))).all()
     assert not be.exists(ns3, PageSpace.FULL, [hs[2], hs[5]]).any()
