@@ -38,7 +38,7 @@ def _store(spec: dict):
     return TensorStoreBackend(spec["kvstore"])
 
 
-def _loop(model, store, **kw):
+def _loop(model, store, g=1, **kw):
     from jaxhicache.cache import WritePolicy
     from jaxhicache.cache.l3 import PrefetchPolicy, StorageConfig
     from models.serving import ServingLoop
@@ -48,6 +48,7 @@ def _loop(model, store, **kw):
         prefetch_threshold=16,
         prefetch_policy=PrefetchPolicy.WAIT_COMPLETE,
         cost_model=False,
+        pages_per_object=g,
     )
     return ServingLoop.for_model(
         model,
@@ -122,12 +123,13 @@ def main_mp(mode: str, pp: int, out: Path) -> int:
     me = jax.process_index()
     cfg = TinyDSV4Config.mini(num_layers=6)
     model = PagedModel(cfg, init_params(cfg, 0), mesh=make_mesh(pp))
+    mode, _, g = mode.partition("-g")  # "<mode>-g<pages per object>"
     store = FileBackend(out / "store")
     if me == 1 and mode == "fail-read":
         store = FaultInjectionBackend(store, fail_read=True)
     elif me == 1 and mode == "fail-stat":
         store = FaultInjectionBackend(store, fail_stat=True)
-    loop = _loop(model, store, check_every=1)
+    loop = _loop(model, store, int(g or 1), check_every=1)
     rng = np.random.default_rng(1)
     turn1 = rng.integers(0, cfg.vocab, TURN1).astype(np.int32)
     try:

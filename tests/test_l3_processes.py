@@ -85,13 +85,19 @@ def _run_mp(mode: str, tmp_path: Path, pp: int = 2, processes: int = 2) -> list[
     return [json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(processes)]
 
 
-@pytest.mark.parametrize("mode", ["agree", "fail-read", "fail-stat"])
+@pytest.mark.parametrize("mode", ["agree", "fail-read", "fail-stat", "agree-g3", "fail-read-g3"])
 def test_processes_disagreeing_about_storage_both_miss_and_agree(tmp_path, mode):
     """2 processes, PP 2 (one stage each), one file store. When only process 1's storage
     reads (or existence checks) fail, both processes miss turn 2's L3 prefix, take the
     same decisions (digests compared at every step) and match recomputation. Control
-    (``agree``): without the fault both serve it from L3."""
+    (``agree``): without the fault both serve it from L3. ``-g3``: the 3 pages as one
+    object per stage (``pages_per_object=3``), the same outcomes."""
     infos = _run_mp(mode, tmp_path)
+    units = {p.parent.parent.name for p in (tmp_path / "store").rglob("*") if p.is_file()}
+    assert ("full-x3" in units) == mode.endswith("-g3") and ("full" in units) != (
+        "full-x3" in units
+    )
+    mode = mode.removesuffix("-g3")
     assert infos[0]["digest"] == infos[1]["digest"]
     want = PREFIX if mode == "agree" else 0
     assert [i["storage"] for i in infos] == [want, want], infos
