@@ -7,7 +7,15 @@ import struct
 import numpy as np
 import pytest
 
-from jaxhicache.storage.format import MAGIC, IntegrityError, decode, encode, header_length
+from jaxhicache.storage.format import (
+    MAGIC,
+    HeaderCheck,
+    IntegrityError,
+    checksum,
+    decode,
+    encode,
+    header_length,
+)
 
 KEY = "jaxhicache/v1/m/float-0123456789abcdef/layers-0-3/full/ab/" + "ab" * 32
 
@@ -96,3 +104,43 @@ def test_header_fields_are_little_endian():
     blob = encode(KEY, [memoryview(_payload(5))])
     magic, version, algo, klen, hlen, n, _ = struct.unpack_from("<4sHHIIQQ", blob)
     assert (magic, version, algo, klen, hlen, n) == (MAGIC, 1, 1, len(KEY), header_length(KEY), 5)
+
+
+def _fast_reason(blob, key=KEY, expected=1000):
+    """What the file backend's read loop decides: :class:`HeaderCheck` on the header
+    read, then the checksum of the payload read (``None``: accepted)."""
+    check, kb = HeaderCheck(KEY, expected), key.encode()
+    try:
+        digest = check.digest(key, kb, blob[: check.length], len(blob))
+        if checksum(kb, [blob[check.length :]]) != digest:
+            raise IntegrityError("checksum_mismatch")
+    except IntegrityError as e:
+        return e.reason
+    return None
+
+
+def test_the_per_unit_header_check_decides_as_decode_on_every_header_byte(blob):
+    """Every single-bit flip of every header byte (key and padding included), every
+    cut, a trailing byte and another key: :class:`HeaderCheck` rejects exactly what
+    :func:`decode` rejects, for the same reason (the padding is covered by neither:
+    it is not part of the checksum)."""
+    assert _fast_reason(blob) is None
+    hlen = header_length(KEY)
+    for pos in range(hlen):
+        for bit in (0x01, 0x80):
+            bad = bytearray(blob)
+            bad[pos] ^= bit
+            want = None
+            try:
+                decode(KEY, bytes(bad), 1000)
+            except IntegrityError as e:
+                want = e.reason
+            assert _fast_reason(bytes(bad)) == want, (pos, bit)
+            assert want is not None or pos >= 32 + len(KEY), (pos, bit)
+    for cut in (0, 31, 40, hlen, hlen + 999):
+        assert _fast_reason(blob[:cut]) == _reason(blob[:cut]) == "truncated"
+    assert _fast_reason(blob + b"\x00") == "trailing_bytes"
+    other = KEY.replace("layers-0-3", "layers-3-6")
+    assert _fast_reason(blob, key=other) == _reason(blob, key=other) == "key_mismatch"
+    short = encode(KEY, [memoryview(_payload(999))])
+    assert _fast_reason(short) == _reason(short) == "length_mismatch"

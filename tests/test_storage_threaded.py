@@ -114,9 +114,10 @@ def _counters(st):
 def test_threaded_reads_split_the_pages_among_the_threads_and_count_as_the_default(
     tmp_path, monkeypatch
 ):
-    """``FileBackend(io_threads=3)`` reads a 9-page ``get`` as three tight loops of 3
-    pages on its threads; a flipped, a missing and a truncated object, one in each
-    share, give exactly the default path's pages, slots and counters."""
+    """``FileBackend(io_threads=3)`` reads a 9-page ``get`` as three tight loops (the
+    calling thread's and two I/O threads') over one queue of the pages, each page
+    taken by exactly one loop; a flipped, a missing and a truncated object give
+    exactly the default path's pages, slots and counters."""
     import shutil
     import threading
 
@@ -130,15 +131,24 @@ def test_threaded_reads_split_the_pages_among_the_threads_and_count_as_the_defau
     (tmp_path / "a" / object_key(ns, space, hs[4])).unlink()
     _truncate(tmp_path / "a" / object_key(ns, space, hs[8]))
     shutil.copytree(tmp_path / "a", tmp_path / "b")
-    shares = []
-    read_share = FileBackend._read_share
+    taken = []  # (thread, page) for every page a loop took
+    loops = []  # the thread of every loop
+    read_pages = FileBackend._read_pages
 
-    def spy(self, keys, *a, **kw):
-        shares.append((threading.current_thread().name, len(keys)))
-        return read_share(self, keys, *a, **kw)
+    def spy(self, *a):
+        *args, todo = a
+        name = threading.current_thread().name
+        loops.append(name)
 
-    monkeypatch.setattr(FileBackend, "_read_share", spy)
-    got = {}
+        def pages():
+            for i in todo:
+                taken.append((name, i))
+                yield i
+
+        return read_pages(self, *args, pages())
+
+    monkeypatch.setattr(FileBackend, "_read_pages", spy)
+    got, threads = {}, {}
     for name, be in (
         ("a", FileBackend(tmp_path / "a")),
         ("b", FileBackend(tmp_path / "b", io_threads=3)),
@@ -151,9 +161,13 @@ def test_threaded_reads_split_the_pages_among_the_threads_and_count_as_the_defau
             [_slot(dst, 0, space, i) for i in range(9)],
         )
         be.close()
-    assert shares[0] == ("MainThread", 9)  # the default: one loop on the calling thread
-    assert sorted(n for _, n in shares[1:]) == [3, 3, 3]
-    assert all(t.startswith("jaxhicache-l3") for t, _ in shares[1:])
+        threads[name] = sorted(loops)
+        assert sorted(i for _, i in taken) == list(range(9))  # each page once
+        taken.clear()
+        loops.clear()
+    assert threads["a"] == ["MainThread"]  # the default: one loop on the calling thread
+    assert threads["b"][0] == "MainThread" and len(threads["b"]) == 3
+    assert all(t.startswith("jaxhicache-l3") for t in threads["b"][1:])
     (ok_a, st_a, slots_a), (ok_b, st_b, slots_b) = got["a"], got["b"]
     assert ok_a == ok_b == [i not in (1, 4, 8) for i in range(9)]
     assert st_a == st_b
@@ -165,6 +179,45 @@ def test_threaded_reads_split_the_pages_among_the_threads_and_count_as_the_defau
             np.testing.assert_array_equal(slots_b[i], _slot(src, 0, space, i))
         else:  # never unverified bytes: zeroed (read, then failed) or untouched (absent)
             assert np.isin(slots_b[i], [POISON, 0]).all()
+
+
+def test_a_held_up_io_thread_leaves_its_pages_to_the_other_loops(tmp_path, monkeypatch):
+    """The loops of a threaded ``get`` share one queue of pages: when the I/O
+    threads start late (a busy machine), the calling thread's loop reads every page
+    rather than waiting for a fixed share, and the pages are the same."""
+    import threading
+    import time
+
+    maps = build_layer_maps(SPEC, 1)
+    space = PAGE_SPACES[0]
+    src = _pools(maps, pages=6)
+    ns = Namespace.for_stage(SPEC, maps[0])
+    hs = page_hashes(np.arange(6 * SPEC.page_size) % 991, SPEC.page_size)
+    be = FileBackend(tmp_path, io_threads=2)
+    assert be.put(ns, space, hs, src, 0, list(range(6))).all()
+    taken = []
+    read_pages = FileBackend._read_pages
+
+    def spy(self, *a):
+        *args, todo = a
+        name = threading.current_thread().name
+        if name != "MainThread":
+            time.sleep(0.3)  # held up: the queue is empty by the time it looks
+
+        def pages():
+            for i in todo:
+                taken.append((name, i))
+                yield i
+
+        return read_pages(self, *args, pages())
+
+    monkeypatch.setattr(FileBackend, "_read_pages", spy)
+    dst = _pools(maps, fill=POISON, pages=6)
+    assert be.get(ns, space, hs, dst, 0, list(range(6))).all()
+    be.close()
+    assert taken == [("MainThread", i) for i in range(6)]
+    for i in range(6):
+        np.testing.assert_array_equal(_slot(dst, 0, space, i), _slot(src, 0, space, i))
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -42,7 +42,7 @@ from jaxhicache.spec import PageSpace, PoolKind
 from .existence import ExistsCheck
 from .format import Buffer, header_length
 from .groups import PageGroups
-from .keys import Namespace, check_page_hash, object_key
+from .keys import Namespace, object_key, object_keys
 from .layout import ObjectLayout, StagePages, check_host_ids, plan_units
 from .ops import ExistsQuery, ObjectRead, Pending, _Failed, _leading, _safe
 from .page_io import PageReads, PageWrites, read_direct_sync
@@ -519,9 +519,7 @@ class StorageBackend(abc.ABC):
     def _keys(
         ns: Namespace, units: Sequence[PageSpace | PoolKind], hashes: Sequence[str]
     ) -> list[list[str]]:
-        if isinstance(hashes, str):
-            raise ValueError("hashes must be a sequence of page hashes, not one string")
-        return [[object_key(ns, u, check_page_hash(h)) for u in units] for h in hashes]
+        return object_keys(ns, units, hashes)
 
     def _pipelined(
         self,

@@ -31,13 +31,13 @@ import os
 import shutil
 import struct
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from .backend import ObjectRead, StorageBackend
-from .format import IntegrityError, header_length, verify_header, verify_payload
+from .format import HeaderCheck, IntegrityError, checksum
 from .layout import ObjectLayout, StagePages
 from .ops import Done, Raised
 from .stats import StorageStats
@@ -229,95 +229,107 @@ class FileBackend(StorageBackend):
     def _get_direct_sync(
         self, keys, pages: StagePages, ids, ok, touched, st, corrupt, shards: int = 1
     ) -> None:
-        """:meth:`StorageBackend.get`'s direct path as ``shards`` tight loops, the
-        pages split into contiguous shares, one loop per I/O thread (the checksum
-        releases the GIL: reads, hashes and copies of different shares overlap), or
-        one on the calling thread. Same outcome and counters as the base class's loop."""
+        """:meth:`StorageBackend.get`'s direct path as ``shards`` tight loops over one
+        queue of the pages: the calling thread runs one, I/O threads the others (the
+        reads, the checksum and the copies release the GIL, so the loops overlap; a
+        loop whose thread is held up takes fewer pages). Same outcome and counters as
+        the base class's loop."""
         n = len(ids)
         shards = max(1, min(shards, n))
         if shards == 1 or self._pool is None:
-            self._read_share(keys, pages, ids, ok, touched, st, corrupt)
+            self._read_pages(keys, pages, ids, ok, touched, st, corrupt, range(n))
             return
-        cuts = [n * k // shards for k in range(shards + 1)]
+        todo = _Queue(n)
         found: list[list[tuple[str, bytes]]] = [[] for _ in range(shards)]
         counters = [StorageStats() for _ in range(shards)]
-        futs = [
-            self._pool.submit(
-                self._read_share,
-                keys[a:b],
+
+        def loop(k: int) -> None:
+            self._read_pages(
+                keys,
                 pages,
-                ids[a:b],
-                ok[a:b],  # views: each loop writes its own pages' entries
-                touched[a:b],
+                ids,
+                ok,  # each page's entries are written by the one loop that took it
+                touched,
                 counters[k],
                 lambda key, gen, out=found[k]: out.append((key, gen)),
+                todo,
             )
-            for k, (a, b) in enumerate(itertools.pairwise(cuts))
-        ]
-        for f in futs:
-            f.result()
+
+        futs = [self._pool.submit(loop, k) for k in range(1, shards)]
+        try:
+            loop(0)
+        finally:
+            for f in futs:
+                f.result()
         for c, bad in zip(counters, found, strict=True):
             st.add(c)
             for key, gen in bad:  # deleted (conditionally) and counted on this thread
                 corrupt(key, gen)
 
-    def _read_share(self, keys, pages: StagePages, ids, ok, touched, st, corrupt) -> None:
-        """One loop of the direct path, per object: open, ``fstat``, one ``readv`` into
-        ``[header, slab runs..., staging]``, close, verify the header, hash the buffers,
-        then move the staged parts (compressor state A halves: many short runs) into
-        the slab. An object whose size is not the one expected is not read past its
-        header (it fails verification anyway)."""
-        units = pages.units
+    def _read_pages(
+        self, keys, pages: StagePages, ids, ok, touched, st, corrupt, todo: Iterable[int]
+    ) -> None:
+        """One loop of the direct path over pages ``todo``, per object: open,
+        ``fstat``, one ``readv`` into ``[header, slab runs..., staging]``, close, check
+        the header, hash the buffers, then move the staged parts (compressor state A
+        halves: many short runs) into the slab. An object whose size is not the one
+        expected is not read past its header (it fails verification anyway)."""
         if not keys:
             return
-        hlens = [header_length(k) for k in keys[0]]  # the same for every page of a unit
-        heads = [bytearray(h) for h in hlens]
-        totals = [h + u.nbytes for h, u in zip(hlens, units, strict=True)]
+        checks = [HeaderCheck(k, u.nbytes) for k, u in zip(keys[0], pages.units, strict=True)]
+        heads = [bytearray(c.length) for c in checks]
         staged = [np.empty(n, np.uint8) for n in pages.staged_nbytes]
         smv = [memoryview(b) for b in staged]
-        for i, hid in enumerate(ids):
-            for j, u in enumerate(units):
-                key = keys[i][j]
-                header = heads[j]
-                path = self._prefix + key
-                try:
-                    fd = _open_for_read(path)
-                    if fd is None:
-                        st.missing_objects_total += 1
+        objects = nbytes = 0
+        try:
+            for i in todo:
+                hid = ids[i]
+                for j, check in enumerate(checks):
+                    key = keys[i][j]
+                    header = heads[j]
+                    try:
+                        fd = _open_for_read(self._prefix + key)
+                        if fd is None:
+                            st.missing_objects_total += 1
+                            ok[i] = False
+                            break
+                        try:
+                            fst = os.fstat(fd)
+                            size = fst.st_size
+                            touched[i] = True  # (as the base class: a failed page is scrubbed)
+                            # wrong length: read the header only, which says why
+                            views = (
+                                pages.direct_staged(j, hid, smv[j])
+                                if size == check.length + check.nbytes
+                                else []
+                            )
+                            bufs = [header, *views]
+                            if len(bufs) > _IOV_MAX or os.readv(fd, bufs) < size:
+                                os.lseek(fd, 0, os.SEEK_SET)
+                                _readv_fully(fd, bufs, size)
+                        finally:
+                            os.close(fd)
+                    except Exception:
+                        st.read_errors_total += 1
+                        ok[i] = False
+                        touched[i] = True
+                        break
+                    objects += 1
+                    nbytes += size
+                    kb = key.encode("utf-8")
+                    try:
+                        digest = check.digest(key, kb, header, size)
+                        if checksum(kb, views) != digest:
+                            raise IntegrityError("checksum_mismatch")
+                    except IntegrityError:
+                        corrupt(key, _generation(fst))
                         ok[i] = False
                         break
-                    try:
-                        fst = os.fstat(fd)
-                        size = fst.st_size
-                        touched[i] = True  # (as the base class: a failed page is scrubbed)
-                        bufs: list[memoryview | bytearray]
-                        if size != totals[j]:  # wrong length: the header says why
-                            views = []
-                            bufs = [header]
-                        else:
-                            views = pages.direct_staged(j, hid, smv[j])
-                            bufs = [header, *views]
-                        if len(bufs) > _IOV_MAX or os.readv(fd, bufs) < size:
-                            os.lseek(fd, 0, os.SEEK_SET)
-                            _readv_fully(fd, bufs, size)
-                    finally:
-                        os.close(fd)
-                except Exception:
-                    st.read_errors_total += 1
-                    ok[i] = False
-                    touched[i] = True
-                    break
-                st.read_objects_total += 1
-                st.read_bytes_total += size
-                try:
-                    _, _, digest = verify_header(key, header, size, u.nbytes)
-                    verify_payload(key, views, digest)
-                except IntegrityError:
-                    corrupt(key, _generation(fst))
-                    ok[i] = False
-                    break
-                if pages.staged_nbytes[j]:
-                    pages.unstage(j, hid, staged[j])
+                    if staged[j].size:
+                        pages.unstage(j, hid, staged[j])
+        finally:
+            st.read_objects_total += objects
+            st.read_bytes_total += nbytes
 
     def _start_stat(self, key: str):
         def stat():
@@ -388,6 +400,21 @@ class FileBackend(StorageBackend):
         self._dirs.clear()
         if os.path.isdir(target):
             shutil.rmtree(target)
+
+
+class _Queue:
+    """``0, 1, ..., n - 1``, each handed to exactly one of the loops iterating it."""
+
+    def __init__(self, n: int):
+        self._pages = iter(range(n))
+        self._lock = threading.Lock()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> int:
+        with self._lock:
+            return next(self._pages)
 
 
 def _read_fully(fd: int, mv: memoryview) -> int:

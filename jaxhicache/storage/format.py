@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, final
 
 xxhash: Any
 try:
@@ -37,6 +37,7 @@ except ImportError:  # pragma: no cover - the storage extra is not installed
 __all__ = [
     "FORMAT_VERSION",
     "MAGIC",
+    "HeaderCheck",
     "IntegrityError",
     "checksum",
     "decode",
@@ -51,6 +52,7 @@ MAGIC = b"JHC3"
 FORMAT_VERSION = 1
 _ALGO_XXH3_64 = 1
 _FIXED = struct.Struct("<4sHHIIQQ")  # 32 bytes
+_DIGEST = 24  # offset of the checksum in the header
 _ALIGN = 64
 
 Buffer = bytes | bytearray | memoryview
@@ -138,6 +140,46 @@ def verify_header(
         reason = "truncated" if total < hlen + n else "trailing_bytes"
         raise IntegrityError(reason, f"{total} bytes, header says {hlen + n}")
     return hlen, n, digest
+
+
+@final
+class HeaderCheck:
+    """:func:`verify_header` for many objects of one unit, in two byte comparisons.
+
+    The objects of one unit (page space or sub-pool) of one namespace have keys of
+    one length and payloads of one length, so their headers agree in every field
+    before the checksum; only the key text and the checksum differ. A header that
+    fails the comparison goes to :func:`verify_header` for its reason.
+
+    Args:
+      key: any key of the unit.
+      nbytes: the unit's payload length.
+    """
+
+    def __init__(self, key: str, nbytes: int):
+        kb = key.encode("utf-8")
+        self.length = header_length(key)
+        self.nbytes = nbytes
+        self._klen = len(kb)
+        self._fields = _FIXED.pack(
+            MAGIC, FORMAT_VERSION, _ALGO_XXH3_64, len(kb), self.length, nbytes, 0
+        )
+        self._fields = self._fields[:_DIGEST]
+
+    def digest(self, key: str, kb: bytes, header: Buffer, total: int) -> int:
+        """The checksum stored in ``header`` of a ``total``-byte object read under
+        ``key`` (``kb``: its utf-8 bytes), every other header check passed.
+
+        Raises:
+          IntegrityError: as :func:`verify_header` raises it.
+        """
+        if (
+            total == self.length + self.nbytes
+            and header[:_DIGEST] == self._fields
+            and header[_FIXED.size : _FIXED.size + self._klen] == kb
+        ):
+            return int.from_bytes(header[_DIGEST : _FIXED.size], "little")
+        return verify_header(key, header, total, self.nbytes)[2]
 
 
 def verify_payload(key: str, parts: Sequence[Buffer], digest: int) -> None:

@@ -59,6 +59,7 @@ __all__ = [
     "cache_format",
     "check_page_hash",
     "object_key",
+    "object_keys",
     "page_hashes",
     "tp_sharded_kinds",
 ]
@@ -388,15 +389,41 @@ def object_key(namespace: Namespace, unit: PageSpace | PoolKind, page_hash: str)
       ValueError: ``unit`` is neither a :class:`PageSpace` nor a :class:`PoolKind`,
         or ``page_hash`` is not a page hash.
     """
+    check_page_hash(page_hash)
+    return f"{_unit_prefix(namespace, unit)}{page_hash[:2]}/{page_hash}"
+
+
+def object_keys(
+    namespace: Namespace, units: Sequence[PageSpace | PoolKind], hashes: Sequence[str]
+) -> list[list[str]]:
+    """:func:`object_key` of every unit of every page (each hash checked once).
+
+    Args:
+      namespace: the stage's namespace.
+      units: the key units of one page, in order.
+      hashes: the page hashes.
+
+    Returns:
+      Per hash, the key of each unit.
+
+    Raises:
+      ValueError: as :func:`object_key` raises it, or ``hashes`` is one string.
+    """
+    if isinstance(hashes, str):
+        raise ValueError("hashes must be a sequence of page hashes, not one string")
+    prefixes = [_unit_prefix(namespace, u) for u in units]
+    return [[f"{p}{h[:2]}/{h}" for p in prefixes] for h in map(check_page_hash, hashes)]
+
+
+def _unit_prefix(namespace: Namespace, unit: PageSpace | PoolKind) -> str:
     if not isinstance(unit, PageSpace | PoolKind):
         raise ValueError(f"unit must be a PageSpace or a PoolKind, got {unit!r}")
-    check_page_hash(page_hash)
     tp = (
         f"/tp-{namespace.tp_rank}-of-{namespace.tp_size}" if namespace.unit_is_sharded(unit) else ""
     )
     g = namespace.group(unit)
     name = unit.value if g == 1 else f"{unit.value}-x{g}"
-    return f"{namespace.prefix}{tp}/{name}/{page_hash[:2]}/{page_hash}"
+    return f"{namespace.prefix}{tp}/{name}/"
 
 
 def _format_digest(spec: ModelCacheSpec) -> str:

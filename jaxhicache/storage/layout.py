@@ -440,11 +440,17 @@ class StagePages:
         """
         out: list[memoryview] = []
         off = 0
+        run = None  # where the staged parts just before this one start in ``staging``
         for flat, n, runs in self._plan[j]:
             if runs is None or flat is None:  # staged (both None) or in place (neither)
-                out.append(staging[off : off + n])
+                if run is None:
+                    run = off
+                    out.append(staging[off : off + n])
+                else:  # adjacent staged parts: one buffer (one, longer, hash update)
+                    out[-1] = staging[run : off + n]
                 off += n
             else:
+                run = None
                 base = host_id * n
                 out += [flat[base + a : base + b] for a, b in runs]
         return out

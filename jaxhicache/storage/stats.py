@@ -98,5 +98,8 @@ class StorageStats:
         Args:
           other: the counters to add.
         """
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        for name in _COUNTERS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+_COUNTERS = tuple(f.name for f in dataclasses.fields(StorageStats))
