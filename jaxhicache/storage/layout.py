@@ -352,6 +352,16 @@ class StagePages:
             sum(p.nbytes for p, big in zip(u.parts, self._big[j], strict=True) if not big)
             for j, u in enumerate(self.units)
         ]
+        # per unit, the staged parts' rows of every page at once: ``[pages, ...]`` views
+        # (page h's rows are item h: one index per page, not a view built per page)
+        self._staged = [
+            [
+                (self._every_page(p), p.nbytes)
+                for p, big in zip(u.parts, self._big[j], strict=True)
+                if not big
+            ]
+            for j, u in enumerate(self.units)
+        ]
         # per unit, per part: (flat byte view of the stage, bytes per page, runs) for
         # in-place parts, (None, nbytes, None) for staged ones
         self._plan: list[list[tuple[memoryview | None, int, list[tuple[int, int]] | None]]] = []
@@ -364,6 +374,16 @@ class StagePages:
                 else:
                     plan.append((None, p.nbytes, None))
             self._plan.append(plan)
+
+    def _every_page(self, part: Part) -> np.ndarray | None:
+        """``[pages, *view]``: :meth:`view` of every page at once (page_first slabs)."""
+        if not self._page_first:
+            return None
+        slab = self._slabs[part.kind]
+        v = slab.view()
+        if part.shape:
+            v.shape = (*slab.shape[:2], *part.shape)
+        return v[(slice(None), slice(None), *part.index)] if part.index else v
 
     def view(self, part: Part, host_id: int) -> np.ndarray:
         """One page's stored elements of ``part`` in its slab.
@@ -464,11 +484,10 @@ class StagePages:
           staging: the buffer :meth:`direct_staged` was given, as uint8.
         """
         off = 0
-        for i, p in enumerate(self.units[j].parts):
-            if not self._big[j][i]:
-                v = self.view(p, host_id)
-                v[...] = staging[off : off + p.nbytes].view(v.dtype).reshape(v.shape)
-                off += p.nbytes
+        for every, n in self._staged[j]:
+            v = every[host_id]
+            v[...] = staging[off : off + n].view(v.dtype).reshape(v.shape)
+            off += n
 
     def write(self, j: int, host_id: int, payload: memoryview) -> None:
         """Copies a verified payload of unit ``j`` into page ``host_id`` (one copy per part).
