@@ -13,6 +13,9 @@ against ``numpy.ndarray.tofile`` / ``numpy.fromfile`` of exactly the same bytes
 split into the same files (no header, no checksum, no atomic rename), and
 reported as a ratio (the machines are shared and noisy). Reads are page-cache
 warm for both. Best of ``--reps`` repetitions, alternating ours and the baseline.
+Reads are also timed against a raw ``readv`` of the same files into the same slab
+rows (no header, no check): ``fromfile`` fills a recycled, cache-hot buffer, while a
+load writes cold slab memory, so this is the bound of any read into the slabs.
 
 Also prints stored bytes per page by page space (full vs SWA) for Flash. SWA-space
 objects hold the window rows only (layout version 2: the last ``window - 1`` SWA KV
@@ -129,6 +132,31 @@ def _baseline_read(paths, pool=None, k=1):
     return time.perf_counter() - t0, n
 
 
+def _slab_views(dst, jobs, ids):
+    """The slab rows each baseline file's bytes belong in (``_baseline_write``'s order)."""
+    out = []
+    for r, _s, _ns, units in jobs:
+        pages = StagePages(dst, r, units)
+        for j in range(len(units)):
+            out += [pages.direct(j, int(i)) for i in ids]
+    return out
+
+
+def _baseline_readv(paths, views):
+    """What any read into the slabs costs at least: one ``readv`` of each payload file
+    straight into its slab rows (every part's runs in place), no header, no check, no
+    bookkeeping."""
+    t0 = time.perf_counter()
+    n = 0
+    for p, v in zip(paths, views, strict=True):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            n += os.readv(fd, v)
+        finally:
+            os.close(fd)
+    return time.perf_counter() - t0, n
+
+
 def _backend(kind, path, layout, max_in_flight, io_threads=0):
     if kind == "file":
         return FileBackend(
@@ -148,6 +176,8 @@ def bench_layout(
     payload = pages * sum(u.nbytes for *_, units in jobs for u in units)
     objects = pages * sum(len(units) for *_, units in jobs)
     best = {"w": np.inf, "r": np.inf, "tofile": np.inf, "fromfile": np.inf, "fromfile_k": np.inf}
+    best["readv"] = np.inf
+    slab_views = _slab_views(dst, jobs, ids)
     pool = ThreadPoolExecutor(io_threads) if io_threads else None
     stored = 0
     for k in host_kinds(dst):
@@ -180,6 +210,9 @@ def bench_layout(
             tr, nread = _baseline_read(paths)
             assert nread == payload
             best["fromfile"] = min(best["fromfile"], tr)
+            tr, nread = _baseline_readv(paths, slab_views)
+            assert nread == payload
+            best["readv"] = min(best["readv"], tr)
             if pool is not None:  # the same bytes on as many threads as ours
                 tr, nread = _baseline_read(paths, pool, io_threads)
                 assert nread == payload
@@ -227,6 +260,8 @@ def bench_layout(
         "fromfile_GBps": gb / best["fromfile"],
         "write_vs_tofile": best["tofile"] / best["w"],
         "read_vs_fromfile": best["fromfile"] / best["r"],
+        "readv_into_slab_vs_fromfile": best["fromfile"] / best["readv"],
+        "read_vs_readv_into_slab": best["readv"] / best["r"],
         **threaded,
     }
 
@@ -507,6 +542,15 @@ def main(argv=None) -> dict:
                 else ""
             )
         )
+    print(
+        "raw readv of the same bytes into the same slab rows (no header, no check), "
+        "of fromfile / ours of it:"
+    )
+    for r in results:
+        print(
+            f"  {r['backend']:<13}{r['layout']:<12}{r['readv_into_slab_vs_fromfile']:>7.2f}"
+            f"{r['read_vs_readv_into_slab']:>7.2f}"
+        )
     print("stored bytes per 256-token page (payload), DSV4-Flash:")
     print(f"  {'stage layers':<14}{'full space':>12}{'SWA space':>12}")
     for s in sizes["per_stage"]:
@@ -557,6 +601,7 @@ def main(argv=None) -> dict:
         "read_vs_fromfile_io_threads": threaded and round(threaded["read_vs_fromfile"], 3),
         "read_vs_fromfile_io_threads_same_threads": threaded
         and round(threaded["read_vs_fromfile_threads"], 3),
+        "readv_into_slab_vs_fromfile": default and round(default["readv_into_slab_vs_fromfile"], 3),
         "l3_restore_vs_recompute": round(restore["ratio"], 4),
         "l3_restore": rnd(restore),
         "swa_checkpoints": {
