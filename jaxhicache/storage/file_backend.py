@@ -300,12 +300,12 @@ class FileBackend(StorageBackend):
                             size = fst.st_size
                             touched[i] = True  # (as the base class: a failed page is scrubbed)
                             # wrong length: read the header only, which says why
-                            views = (
+                            views: list[memoryview] = (
                                 pages.direct_staged(j, hid, smv[j])
                                 if size == check.length + check.nbytes
                                 else []
                             )
-                            bufs = [header, *views]
+                            bufs: list[memoryview | bytearray] = [header, *views]
                             if len(bufs) > _IOV_MAX or os.readv(fd, bufs) < size:
                                 os.lseek(fd, 0, os.SEEK_SET)
                                 _readv_fully(fd, bufs, size)

@@ -354,12 +354,14 @@ class StagePages:
         ]
         # per unit, the staged parts' rows of every page at once: ``[pages, ...]`` views
         # (page h's rows are item h: one index per page, not a view built per page)
-        self._staged = [
+        self._staged: list[list[tuple[np.ndarray, int]]] = [
             [
                 (self._every_page(p), p.nbytes)
                 for p, big in zip(u.parts, self._big[j], strict=True)
                 if not big
             ]
+            if self._page_first
+            else []
             for j, u in enumerate(self.units)
         ]
         # per unit, per part: (flat byte view of the stage, bytes per page, runs) for
@@ -375,10 +377,8 @@ class StagePages:
                     plan.append((None, p.nbytes, None))
             self._plan.append(plan)
 
-    def _every_page(self, part: Part) -> np.ndarray | None:
+    def _every_page(self, part: Part) -> np.ndarray:
         """``[pages, *view]``: :meth:`view` of every page at once (page_first slabs)."""
-        if not self._page_first:
-            return None
         slab = self._slabs[part.kind]
         v = slab.view()
         if part.shape:
