@@ -2,7 +2,7 @@
 a corrupt, truncated or foreign object is a counted miss on ``FileBackend(io_threads >
 0)`` (its pipelined direct reads) and on the tensorstore backend (staged reads), never
 a page with unverified bytes. ``FileBackend(io_threads=0)`` (its one-object-at-a-time
-path) is the control the others must match."""
+path) is the control the others must match; threaded writes too."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from jaxhicache.spec import PAGE_SPACES, ModelCacheSpec
 from jaxhicache.storage import (
     FileBackend,
     Namespace,
+    ObjectLayout,
     TensorStoreBackend,
     object_key,
     page_hashes,
@@ -218,6 +219,57 @@ def test_a_held_up_io_thread_leaves_its_pages_to_the_other_loops(tmp_path, monke
     assert taken == [("MainThread", i) for i in range(6)]
     for i in range(6):
         np.testing.assert_array_equal(_slot(dst, 0, space, i), _slot(src, 0, space, i))
+
+
+def test_threaded_writes_share_the_pages_and_count_as_the_default(tmp_path, monkeypatch):
+    """``FileBackend(io_threads=3).put`` writes through three loops (the calling
+    thread's among them) that take pages from one queue, each object written once;
+    with one object per sub-pool and a write that fails mid-page, the pages, the
+    counters and the files written are the default path's (the failed page stops at
+    its failed object)."""
+    import threading
+    import time
+
+    maps = build_layer_maps(SPEC, 1)
+    space = PAGE_SPACES[0]
+    src = _pools(maps, pages=9)
+    ns = Namespace.for_stage(SPEC, maps[0])
+    hs = page_hashes(np.arange(9 * SPEC.page_size) % 991, SPEC.page_size)
+    writers = []
+    write_now = FileBackend._write_now
+
+    def spy(self, key, parts):
+        name = threading.current_thread().name
+        if name != "MainThread" and name not in {t for t, _ in writers}:
+            time.sleep(0.2)  # an I/O thread held up on its first object: the caller goes on
+        writers.append((name, key))
+        return write_now(self, key, parts)
+
+    monkeypatch.setattr(FileBackend, "_write_now", spy)
+    got = {}
+    for name, threads in (("a", 0), ("b", 3)):
+        be = FileBackend(
+            tmp_path / name, io_threads=threads, object_layout=ObjectLayout.PER_SUBPOOL
+        )
+        keys = be._keys(ns, be._unit_names(ns, space), hs)
+        assert len(keys[4]) >= 3
+        (tmp_path / name / keys[4][1] / "x").mkdir(parents=True)  # its rename fails
+        ok = be.put(ns, space, hs, src, 0, list(range(9)))
+        files = sorted(
+            str(p.relative_to(tmp_path / name)) for p in (tmp_path / name).rglob("*") if p.is_file()
+        )
+        got[name] = (ok.tolist(), _counters(be.stats()), files)
+        be.close()
+    (ok_a, st_a, files_a), (ok_b, st_b, files_b) = got["a"], got["b"]
+    assert ok_a == ok_b == [i != 4 for i in range(9)]
+    assert st_a == st_b and st_b["write_errors_total"] == 1
+    assert files_a == files_b and len(files_b) == 8 * len(keys[0]) + 1  # (no *.tmp left)
+    names = [t for t, _ in writers]
+    assert sorted(k for _, k in writers) == sorted(
+        [k for ks in keys for k in ks if k not in keys[4][2:]]
+    )  # each object once; page 4 stops at its failed object
+    assert "MainThread" in names and len(set(names)) <= 3
+    assert all(t == "MainThread" or t.startswith("jaxhicache-l3") for t in names)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -311,7 +311,7 @@ class StorageBackend(abc.ABC):
         pages, ids = self._slots(ns, space, host, rank, host_ids, len(hashes), unique=False)
         keys = self._keys(ns, [u.unit for u in pages.units], hashes)
         writes = PageWrites(keys, pages, ids, self._start_write)
-        self._pipelined(writes.jobs(), writes.start, writes.finish)
+        self._write_pages(writes)
         st = writes.settle(ns.page_size, ns.group(space))
         st.write_seconds_total = time.perf_counter() - t0
         self._merge(st)
@@ -384,6 +384,12 @@ class StorageBackend(abc.ABC):
         st.read_seconds_total = time.perf_counter() - t0
         self._merge(st)
         return reads.ok
+
+    def _write_pages(self, writes: PageWrites) -> None:
+        """Writes every object of one :meth:`put`: pipelined, at most ``max_in_flight``
+        at a time (a backend may override it, as ``FileBackend`` does with threads,
+        with the same outcome and counters)."""
+        self._pipelined(writes.jobs(), writes.start, writes.finish)
 
     def _direct_shards(self, limit: int | None) -> int:
         """How many tight loops (:meth:`_get_direct_sync`) :meth:`get`'s direct reads

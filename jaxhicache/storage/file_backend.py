@@ -42,6 +42,7 @@ from .backend import ObjectRead, StorageBackend
 from .format import HeaderCheck, IntegrityError, checksum
 from .layout import ObjectLayout, StagePages
 from .ops import Done, Raised
+from .page_io import PageWrites
 from .stats import StorageStats
 
 __all__ = ["FileBackend", "default_cache_dir"]
@@ -222,6 +223,43 @@ class FileBackend(StorageBackend):
         finally:
             os.close(fd)
         return ObjectRead(memoryview(header), _generation(st), None, st.st_size)
+
+    def _write_pages(self, writes: PageWrites) -> None:
+        """With I/O threads, a ``put`` runs as ``io_threads`` loops (the calling
+        thread's and ``io_threads - 1`` I/O threads') taking pages from one queue, each
+        encoding (checksum: off the GIL above 64 KiB) and writing its pages' objects in
+        order; otherwise pipelined inline. Same outcome and counters either way."""
+        n = len(writes.keys)
+        loops = min(self._threads, n) if self._pool is not None else 1
+        if loops <= 1:
+            super()._write_pages(writes)
+            return
+        todo = _Queue(n)
+        units = range(len(writes.pages.units))
+        shares = [writes.sibling(self._write_now) for _ in range(loops)]
+
+        def loop(w: PageWrites) -> None:
+            for i in todo:
+                for j in units:
+                    w.finish((i, j), w.start((i, j)))
+
+        assert self._pool is not None
+        futs = [self._pool.submit(loop, w) for w in shares[1:]]
+        try:
+            loop(shares[0])
+        finally:
+            for f in futs:
+                f.result()
+        for w in shares:
+            writes.absorb(w)
+
+    def _write_now(self, key: str, parts: Sequence):
+        # _start_write on the calling thread (a loop of a threaded put)
+        try:
+            self._write(self._path(key), [memoryview(p).cast("B") for p in parts])
+        except Exception as e:
+            return Raised(e)
+        return Done(None)
 
     def _direct_shards(self, limit: int | None) -> int:
         # every direct get runs as tight loops: one on the calling thread, or one per

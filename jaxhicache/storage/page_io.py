@@ -75,6 +75,20 @@ class PageWrites:
         """
         return _jobs(len(self.keys), len(self.pages.units))
 
+    def sibling(self, start_write: Callable[[str, Sequence], Pending]) -> PageWrites:
+        """The same ``put`` with its own outcome and counters, for one of several loops
+        that share its pages (each page written by one loop; :meth:`absorb` merges).
+
+        Args:
+          start_write: the loop's write primitive.
+        """
+        return PageWrites(self.keys, self.pages, self.ids, start_write)
+
+    def absorb(self, other: PageWrites) -> None:
+        """Takes in a :meth:`sibling`'s failed pages and counters."""
+        self.ok &= other.ok
+        self.st.add(other.st)
+
     def start(self, item: Item) -> Pending | None:
         """Encode one object from the slab and start writing it.
 
