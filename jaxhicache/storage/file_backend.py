@@ -19,8 +19,9 @@ file systems, where queue depth matters), and runs a direct ``get`` as
 ``io_threads - 1`` I/O threads', taking pages from one queue (the reads, the
 checksum of buffers over 64 KiB and the copies release the GIL; a loop whose
 thread is held up takes fewer pages). On two free cores ``io_threads=2`` reads
-page-cache-warm objects about 1.5x as fast as one loop. Writes and existence
-checks go through the pipeline either way.
+page-cache-warm objects about 1.5x as fast as one loop. A ``put`` runs the same
+way, each loop encoding (checksum) and writing its pages' objects in order.
+Existence checks and deletes go through the pipeline.
 """
 
 from __future__ import annotations
