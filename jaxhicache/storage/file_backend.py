@@ -263,8 +263,8 @@ class FileBackend(StorageBackend):
         return Done(None)
 
     def _direct_shards(self, limit: int | None) -> int:
-        # every direct get runs as tight loops: one on the calling thread, or one per
-        # I/O thread (at most ``limit``), each over a contiguous share of the pages
+        # every direct get runs as tight loops: one on the calling thread, or (with I/O
+        # threads) ``io_threads`` of them, at most ``limit``, taking pages from one queue
         return 1 if self._pool is None else min(self._threads, limit or self.max_in_flight)
 
     def _get_direct_sync(
