@@ -112,6 +112,32 @@ def _counters(st):
     return {k: v for k, v in st.as_prometheus("").items() if not k.endswith("_seconds_total")}
 
 
+def _spy_read_loops(monkeypatch, taken, loops, hold_up_s=0.0):
+    """Records, for every loop of ``FileBackend``'s direct reads, its thread in
+    ``loops`` and each page it takes as ``(thread, page)`` in ``taken``; loops on I/O
+    threads start ``hold_up_s`` late."""
+    import threading
+    import time
+
+    read_pages = FileBackend._read_pages
+
+    def spy(self, *a):
+        *args, todo = a
+        name = threading.current_thread().name
+        loops.append(name)
+        if name != "MainThread":
+            time.sleep(hold_up_s)
+
+        def pages():
+            for i in todo:
+                taken.append((name, i))
+                yield i
+
+        return read_pages(self, *args, pages())
+
+    monkeypatch.setattr(FileBackend, "_read_pages", spy)
+
+
 def test_threaded_reads_split_the_pages_among_the_threads_and_count_as_the_default(
     tmp_path, monkeypatch
 ):
@@ -120,7 +146,6 @@ def test_threaded_reads_split_the_pages_among_the_threads_and_count_as_the_defau
     taken by exactly one loop; a flipped, a missing and a truncated object give
     exactly the default path's pages, slots and counters."""
     import shutil
-    import threading
 
     maps = build_layer_maps(SPEC, 1)
     space = PAGE_SPACES[0]
@@ -134,21 +159,7 @@ def test_threaded_reads_split_the_pages_among_the_threads_and_count_as_the_defau
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     taken = []  # (thread, page) for every page a loop took
     loops = []  # the thread of every loop
-    read_pages = FileBackend._read_pages
-
-    def spy(self, *a):
-        *args, todo = a
-        name = threading.current_thread().name
-        loops.append(name)
-
-        def pages():
-            for i in todo:
-                taken.append((name, i))
-                yield i
-
-        return read_pages(self, *args, pages())
-
-    monkeypatch.setattr(FileBackend, "_read_pages", spy)
+    _spy_read_loops(monkeypatch, taken, loops)
     got, threads = {}, {}
     for name, be in (
         ("a", FileBackend(tmp_path / "a")),
@@ -186,8 +197,6 @@ def test_a_held_up_io_thread_leaves_its_pages_to_the_other_loops(tmp_path, monke
     """The loops of a threaded ``get`` share one queue of pages: when the I/O
     threads start late (a busy machine), the calling thread's loop reads every page
     rather than waiting for a fixed share, and the pages are the same."""
-    import threading
-    import time
 
     maps = build_layer_maps(SPEC, 1)
     space = PAGE_SPACES[0]
@@ -197,22 +206,7 @@ def test_a_held_up_io_thread_leaves_its_pages_to_the_other_loops(tmp_path, monke
     be = FileBackend(tmp_path, io_threads=2)
     assert be.put(ns, space, hs, src, 0, list(range(6))).all()
     taken = []
-    read_pages = FileBackend._read_pages
-
-    def spy(self, *a):
-        *args, todo = a
-        name = threading.current_thread().name
-        if name != "MainThread":
-            time.sleep(0.3)  # held up: the queue is empty by the time it looks
-
-        def pages():
-            for i in todo:
-                taken.append((name, i))
-                yield i
-
-        return read_pages(self, *args, pages())
-
-    monkeypatch.setattr(FileBackend, "_read_pages", spy)
+    _spy_read_loops(monkeypatch, taken, [], hold_up_s=0.3)  # the queue is empty by then
     dst = _pools(maps, fill=POISON, pages=6)
     assert be.get(ns, space, hs, dst, 0, list(range(6))).all()
     be.close()
